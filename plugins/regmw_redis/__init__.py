@@ -1,0 +1,1 @@
+"""regmw built-in plugin: redis."""

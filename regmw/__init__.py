@@ -1,0 +1,14 @@
+"""regmw: pluggable WSGI middleware for container registries."""
+from .backends import Lease, RateLimitResult, Services, StatResult, repository_key
+from .config import ConfigError, Option, Section
+from .context import RequestContext
+from .errors import Refusal, StorageError
+from .middleware import RegistryMiddleware
+from .plugins import hookimpl
+from .runtime import Runtime, build
+
+__all__ = [
+    "ConfigError", "Lease", "Option", "RateLimitResult", "Refusal", "RegistryMiddleware", "RequestContext",
+    "Runtime", "Section", "Services", "StatResult", "StorageError", "build", "hookimpl", "repository_key",
+]
+__version__ = "0.1.0"

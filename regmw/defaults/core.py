@@ -1,0 +1,143 @@
+"""The core's own configuration and default decision hooks.
+
+``regmw_admit`` here runs the configured :class:`~regmw.backends.Admission`;
+the default admission counts the request against the rate limiter and checks
+the repository's read-only lock, each with its own failure policy.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+from regmw import metrics
+from regmw.backends import Services
+from regmw.config import Option, Section
+from regmw.errors import Refusal, too_many_requests, unavailable
+from regmw.plugins import hookimpl
+from regmw.tokens import TokenVerifier
+
+log = logging.getLogger("regmw.admission")
+
+
+class SequentialAdmission:
+    """Rate limit, then read-only check: one backend call each (the in-process default)."""
+
+    def __init__(self, services: Services) -> None:
+        config = services.config
+        self.rate_limiter = services.rate_limiter
+        self.locks = services.locks
+        self.ratelimit_fail_open = config["ratelimit"]["fail_open"]
+        self.readonly = config["readonly"]
+
+    def admit(self, context) -> Refusal | None:
+        if self.rate_limiter is not None:
+            try:
+                result = self.rate_limiter.hit(context)
+            except Exception as exc:
+                refusal = ratelimit_store_down(exc, self.ratelimit_fail_open)
+                if refusal is not None:
+                    return refusal
+            else:
+                context.response_headers.extend(result.headers())
+                if not result.allowed:
+                    return refused_by_limit(result)
+        if context.is_write and context.repository:
+            try:
+                locked = self.locks.read_only(context.repository)
+            except Exception as exc:
+                return readonly_store_down(exc, context.repository, self.readonly)
+            if locked:
+                return read_only_refusal(context.repository, self.readonly["retry_after"])
+        return None
+
+
+def refused_by_limit(result) -> Refusal:
+    retry = max(1, int(result.reset_after + 0.999))
+    return too_many_requests(f"rate limit {result.rule!r} exceeded", retry)
+
+
+def read_only_refusal(repository: str, retry_after: int) -> Refusal:
+    return unavailable("repository is read-only (migration in progress)", retry_after, {"name": repository})
+
+
+def ratelimit_store_down(exc: Exception, fail_open: bool) -> Refusal | None:
+    if fail_open:
+        log.warning("rate limit store unavailable, failing open: %s", exc)
+        metrics.backend_errors.labels("ratelimit", "fail_open").inc()
+        return None
+    metrics.backend_errors.labels("ratelimit", "fail_closed").inc()
+    return unavailable("rate limiting is unavailable", 5)
+
+
+def readonly_store_down(exc: Exception, repository: str, policy) -> Refusal | None:
+    closed = policy["fail_closed_writes"] and any(
+        fnmatch.fnmatchcase(repository, pattern) for pattern in policy["lockable"]
+    )
+    metrics.backend_errors.labels("readonly", "fail_closed" if closed else "fail_open").inc()
+    log.warning("read-only lock store unavailable (%s): %s", "refusing write" if closed else "allowing write", exc)
+    if closed:
+        return unavailable("cannot check the repository's read-only lock", policy["retry_after"], {"name": repository})
+    return None
+
+
+SECTIONS = [
+    Section(
+        "regmw",
+        "The core: which plugins run and how clients are identified.",
+        {
+            "plugins": Option("list", [], "Built-in plugins to enable: migration, gcs, redis, dbroute (or dotted module paths)."),
+            "entry_points": Option("bool", True, "Load third-party plugins from the `regmw` entry-point group."),
+            "trusted_proxies": Option(
+                "cidrs", [], "Networks whose X-Forwarded-For is believed (e.g. your load balancer). Empty: the socket peer only."
+            ),
+            "ipv6_prefix": Option("int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1),
+            "metrics_path": Option("str", "/-/regmw/metrics", "Path answering Prometheus metrics; empty to disable."),
+            "log_level": Option("str", "INFO", "Log level of the `regmw` loggers.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+        },
+    ),
+    Section(
+        "auth",
+        "Verification of registry bearer tokens (JWT). Claims of tokens that do not verify are ignored.",
+        {
+            "key": Option("str", None, "Verification key: an HMAC secret or a PEM public key."),
+            "key_file": Option("path", None, "File holding the verification key (instead of `key`)."),
+            "algorithms": Option("list", ["RS256", "ES256"], "Accepted JWT algorithms (`none` is never accepted)."),
+            "issuer": Option("str", None, "Required `iss` claim."),
+            "audience": Option("str", None, "Required `aud` claim."),
+            "leeway": Option("float", 0.0, "Seconds of clock skew tolerated on `exp`/`nbf`.", minimum=0),
+        },
+    ),
+    Section(
+        "readonly",
+        "Per-repository read-only mode: writes to a locked repository get 503 UNAVAILABLE.",
+        {
+            "retry_after": Option("int", 60, "Retry-After seconds sent with a read-only refusal.", minimum=1),
+            "fail_closed_writes": Option(
+                "bool", True, "When the lock store is down, refuse writes to `lockable` repositories (reads always pass)."
+            ),
+            "lockable": Option("list", ["*"], "Glob patterns of repositories that can be locked (fail-closed applies to these)."),
+        },
+    ),
+]
+
+
+@hookimpl
+def regmw_config_sections():
+    return SECTIONS
+
+
+@hookimpl
+def regmw_admission(config, services):
+    if services.rate_limiter is None and services.locks is None:
+        return None
+    return SequentialAdmission(services)
+
+
+@hookimpl
+def regmw_admit(context):
+    admission = context.services.admission
+    return admission.admit(context) if admission is not None else None
+
+
+def token_verifier(config) -> TokenVerifier | None:
+    return TokenVerifier.from_config(config["auth"])

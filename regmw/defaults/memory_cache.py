@@ -1,0 +1,99 @@
+"""A bounded in-process cache: LRU + TTL with a hard cap on entries and bytes.
+
+The Go registry's per-instance caches grew without bound and got pods
+OOM-killed; this one evicts the least recently used entries as soon as either
+cap is reached, so its memory is bounded whatever keys go through it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+from regmw.config import Option, Section
+from regmw.plugins import hookimpl
+
+# Per-entry bookkeeping beyond key and value bytes: the OrderedDict node, the
+# tuple and its float, measured with tracemalloc on CPython 3.11.
+ENTRY_OVERHEAD = 200
+
+
+class MemoryCache:
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 * 1024 * 1024, default_ttl: float | None = 300.0):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.default_ttl = default_ttl
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _cost(key: str, value: bytes) -> int:
+        return len(key) + len(value) + ENTRY_OVERHEAD
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                return None
+            value, expires = item
+            if expires and expires < time.monotonic():
+                self._remove(key)
+                return None
+            self._data.move_to_end(key)
+            return value
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        ttl = self.default_ttl if ttl is None else ttl
+        expires = time.monotonic() + ttl if ttl else 0.0
+        cost = self._cost(key, value)
+        if cost > self.max_bytes:
+            return  # larger than the whole cache: not cached at all
+        with self._lock:
+            if key in self._data:
+                self._remove(key)
+            self._data[key] = (value, expires)
+            self._bytes += cost
+            while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
+                oldest = next(iter(self._data))
+                self._remove(oldest)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            if key in self._data:
+                self._remove(key)
+
+    def _remove(self, key: str) -> None:
+        value, _ = self._data.pop(key)
+        self._bytes -= self._cost(key, value)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+
+SECTION = Section(
+    "cache",
+    "The embedded in-process cache, used when no shared cache plugin (redis) is enabled.",
+    {
+        "max_entries": Option("int", 10_000, "Most entries kept; the least recently used go first.", minimum=1),
+        "max_bytes": Option("int", 64 * 1024 * 1024, "Most bytes kept (keys + values + per-entry overhead).", minimum=1024),
+        "default_ttl": Option("float", 300.0, "Seconds an entry lives when the caller gives no TTL; 0 = until evicted.", minimum=0),
+    },
+)
+
+
+@hookimpl
+def regmw_config_sections():
+    return [SECTION]
+
+
+@hookimpl
+def regmw_cache(config):
+    section = config["cache"]
+    return MemoryCache(section["max_entries"], section["max_bytes"], section["default_ttl"] or None)
+
+

@@ -1,0 +1,93 @@
+"""OCI error responses and the exceptions that produce them.
+
+Every refusal regmw makes reaches the client as an OCI distribution error body
+(``{"errors": [{"code": ..., "message": ..., "detail": ...}]}``) with the right
+status and headers, never as a traceback. Hooks refuse either by *returning* a
+:class:`Refusal` (from ``regmw_admit``) or by *raising* one anywhere else.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+STATUS_TEXT = {
+    400: "400 Bad Request",
+    401: "401 Unauthorized",
+    403: "403 Forbidden",
+    404: "404 Not Found",
+    429: "429 Too Many Requests",
+    500: "500 Internal Server Error",
+    502: "502 Bad Gateway",
+    503: "503 Service Unavailable",
+    504: "504 Gateway Timeout",
+}
+
+
+class Refusal(Exception):
+    """An OCI error answer: raise it from a hook, or return it from ``regmw_admit``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        detail: Any = None,
+        headers: Iterable[tuple[str, str]] = (),
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.headers = list(headers)
+        if retry_after is not None:
+            self.headers.append(("Retry-After", str(max(1, int(retry_after)))))
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return json.dumps({"errors": [error]}, separators=(",", ":")).encode()
+
+    def __call__(self, environ: dict, start_response, extra_headers: Iterable[tuple[str, str]] = ()):
+        """Answer as a WSGI application."""
+        body = self.body()
+        headers = [
+            ("Content-Type", "application/json; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Docker-Distribution-API-Version", "registry/2.0"),
+            *self.headers,
+            *extra_headers,
+        ]
+        start_response(STATUS_TEXT.get(self.status, f"{self.status} Error"), headers)
+        return [body] if environ.get("REQUEST_METHOD") != "HEAD" else [b""]
+
+
+def name_invalid(message: str, name: str | None = None) -> Refusal:
+    return Refusal(400, "NAME_INVALID", message, detail={"name": name} if name else None)
+
+
+def unavailable(message: str, retry_after: int, detail: Any = None) -> Refusal:
+    return Refusal(503, "UNAVAILABLE", message, detail=detail, retry_after=retry_after)
+
+
+def too_many_requests(message: str, retry_after: int, headers: Iterable[tuple[str, str]] = ()) -> Refusal:
+    return Refusal(429, "TOOMANYREQUESTS", message, headers=headers, retry_after=retry_after)
+
+
+def denied(message: str) -> Refusal:
+    return Refusal(403, "DENIED", message)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key."""
+
+
+class StorageError(RuntimeError):
+    """The storage backend could not answer (timeout, 5xx, auth). Never means "absent"."""
+
+
+class BackendUnavailable(RuntimeError):
+    """A shared backend (Redis, a database) could not be reached in time."""

@@ -1,0 +1,127 @@
+"""The regmw hook catalogue (pluggy project ``regmw``).
+
+Two kinds, in the order a request meets them:
+
+*Provider hooks* run once at start-up and return a backend object (see
+:mod:`regmw.backends`). They are ``firstresult``: the most recently registered
+plugin that returns something wins, so an enabled plugin (``redis``) overrides
+the embedded default, and a third-party plugin overrides both.
+
+*Decision hooks* run per request, after the path parsed as an OCI API request
+for a valid repository, in this order::
+
+    regmw_admit → regmw_classify → regmw_route_db → (the app) →
+    regmw_response_started → regmw_finish
+
+Implement a hook with the ``regmw.hookimpl`` marker::
+
+    from regmw import hookimpl, Refusal
+
+    @hookimpl
+    def regmw_admit(context):
+        if context.repository and context.repository.startswith("quarantine/"):
+            return Refusal(403, "DENIED", "repository is quarantined")
+
+Every hook is documented with an example in docs/hooks.md.
+"""
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("regmw")
+
+
+# --- start-up -------------------------------------------------------------
+
+
+@hookspec
+def regmw_config_sections():
+    """Return a list of :class:`regmw.config.Section` this plugin reads.
+
+    Sections not declared by any loaded plugin are refused at start-up, so a
+    misspelled ``[rdis]`` is an error, not a silently ignored table.
+    """
+
+
+@hookspec(firstresult=True)
+def regmw_cache(config):
+    """Return the shared :class:`~regmw.backends.Cache`. Default: bounded in-process LRU+TTL."""
+
+
+@hookspec(firstresult=True)
+def regmw_lock_manager(config):
+    """Return the :class:`~regmw.backends.LockManager`. Default: in-process locks."""
+
+
+@hookspec(firstresult=True)
+def regmw_rate_limiter(config):
+    """Return the :class:`~regmw.backends.RateLimiter`, or None when no rules are configured."""
+
+
+@hookspec(firstresult=True)
+def regmw_storage(config):
+    """Return the :class:`~regmw.backends.Storage` used for existence checks. Default: filesystem."""
+
+
+@hookspec(firstresult=True)
+def regmw_admission(config, services):
+    """Return the :class:`~regmw.backends.Admission` that runs rate limits and read-only checks.
+
+    Called after the other providers, with their results in ``services``.
+    """
+
+
+@hookspec(firstresult=True)
+def regmw_db_router(config, services):
+    """Return a database router (see docs/database-routing.md), or None for no routing."""
+
+
+@hookspec
+def regmw_startup(services):
+    """Called once when every backend is built; start background work here."""
+
+
+# --- per request ------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def regmw_admit(context):
+    """Return a :class:`regmw.Refusal` to refuse the request, or None to let it through.
+
+    The first refusal wins; later implementations are not called. The default
+    implementation (registered first, so called last) runs the configured
+    :class:`~regmw.backends.Admission`: rate limits, then the read-only check.
+    """
+
+
+@hookspec(firstresult=True)
+def regmw_classify(context):
+    """Return ``"old"`` or ``"new"`` for the request's repository, or None when not migrating.
+
+    Raise :class:`regmw.Refusal` (e.g. 503 UNAVAILABLE) when the decision cannot
+    be made; a request is never routed on a guess.
+    """
+
+
+@hookspec(firstresult=True)
+def regmw_route_db(context):
+    """Return the database handle the app should use (``environ["regmw.db"]``), or None."""
+
+
+@hookspec
+def regmw_response_started(context, status, headers):
+    """Called when the app starts its response, BEFORE the client sees any of it.
+
+    ``headers`` is the mutable list of ``(name, value)`` pairs about to be sent:
+    append to add headers. Work that a follow-up request must observe (recording
+    the WAL position of a write) belongs here, not in ``regmw_finish``.
+    """
+
+
+@hookspec
+def regmw_finish(context, status):
+    """Called after the response body was sent and closed (or the request was refused).
+
+    Use it for work the client need not wait for: events, metrics, cache
+    invalidation. Exceptions are logged, never sent to the client.
+    """

@@ -1,0 +1,130 @@
+"""The WSGI middleware: one pass per request through the decision hooks.
+
+::
+
+    environ ─► parse OCI route ─► RequestContext ─► regmw_admit ─► regmw_classify
+            ─► regmw_route_db ─► app (or the old/new app) ─► regmw_response_started
+            ─► body streamed ─► regmw_finish
+
+Paths outside ``/v2`` go straight to the app. A refusal at any step is answered
+with an OCI error body, and the app is never called.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+from prometheus_client import make_wsgi_app
+from werkzeug.wsgi import ClosingIterator
+
+from . import metrics
+from .context import RequestContext
+from .errors import Refusal, name_invalid
+from .routes import NotAnApiRequest, parse_path
+from .runtime import Runtime, build
+
+log = logging.getLogger("regmw")
+
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+
+_INTERNAL_ERROR = Refusal(500, "UNKNOWN", "internal error in registry middleware")
+
+
+class RegistryMiddleware:
+    """Wrap a registry WSGI app (or two: ``apps={"old": ..., "new": ...}``).
+
+    ``config`` is a TOML path, a dict of sections, a prepared
+    :class:`~regmw.runtime.Runtime`, or None (``REGMW_CONFIG`` / defaults).
+    When the request was classified and ``apps`` has an entry for its path,
+    that app serves it; otherwise ``app`` does.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        config: str | os.PathLike | Mapping[str, Any] | Runtime | None = None,
+        *,
+        apps: Mapping[str, WSGIApp] | None = None,
+        plugins: Iterable[Any] = (),
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.app = app
+        self.apps = dict(apps or {})
+        self.runtime = config if isinstance(config, Runtime) else build(config, environ=environ, plugins=plugins)
+        self.services = self.runtime.services
+        self.hook = self.runtime.pm.hook
+        self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
+        self._metrics_app = make_wsgi_app(metrics.REGISTRY)
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if not path.startswith("/v2"):
+            if path == self.metrics_path:
+                return self._metrics_app(environ, start_response)
+            return self.app(environ, start_response)
+        try:
+            route = parse_path(path)
+            if route.repository and _encoded_slash(environ):
+                raise name_invalid("encoded '/' in a repository name is not allowed", route.repository)
+        except NotAnApiRequest:
+            return self.app(environ, start_response)
+        except Refusal as refusal:
+            metrics.requests.labels("invalid").inc()
+            return refusal(environ, start_response)
+
+        context = RequestContext(environ, route, self.services)
+        environ["regmw.context"] = context
+        hook = self.hook
+        try:
+            refusal = hook.regmw_admit(context=context)
+            if refusal is None:
+                if route.repository is not None:
+                    context.migration_path = hook.regmw_classify(context=context)
+                context.db = hook.regmw_route_db(context=context)
+        except Refusal as raised:
+            refusal = raised
+        except Exception:
+            log.exception("regmw hook failed for %s %s", context.method, path)
+            refusal = _INTERNAL_ERROR
+        if refusal is not None:
+            metrics.requests.labels("refused").inc()
+            context.status = refusal.status
+            self._finish(context)
+            return refusal(environ, start_response, context.response_headers)
+
+        metrics.requests.labels("admitted").inc()
+        environ["regmw.db"] = context.db
+        app = self.apps.get(context.migration_path, self.app) if self.apps else self.app
+
+        def regmw_start_response(status: str, headers: list, exc_info: Any = None):
+            context.status = int(status[:3])
+            headers = list(headers)
+            headers.extend(context.response_headers)
+            try:
+                hook.regmw_response_started(context=context, status=context.status, headers=headers)
+            except Exception:
+                log.exception("regmw_response_started failed for %s %s", context.method, path)
+            return start_response(status, headers, exc_info)
+
+        try:
+            body = app(environ, regmw_start_response)
+        except BaseException:
+            self._finish(context)
+            raise
+        return ClosingIterator(body, lambda: self._finish(context))
+
+    def _finish(self, context: RequestContext) -> None:
+        try:
+            self.hook.regmw_finish(context=context, status=context.status)
+        except Exception:
+            log.exception("regmw_finish failed")
+
+
+def _encoded_slash(environ: dict) -> bool:
+    """True if the raw request URI hid a '/' (or '.') in the path as %2F (%2E)."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not raw:
+        return False
+    raw_path = raw.split("?", 1)[0].lower()
+    return "%2f" in raw_path or "%2e" in raw_path or "%5c" in raw_path

@@ -1,0 +1,97 @@
+"""The plugin manager: embedded defaults, built-ins named in config, entry points.
+
+Registration order decides precedence for ``firstresult`` hooks (pluggy calls
+the most recently registered plugin first):
+
+1. embedded defaults (:mod:`regmw.defaults`), always, so they answer last;
+2. built-in plugins named in ``[regmw] plugins`` (``redis``, ``gcs``, ...);
+3. third-party plugins from the ``regmw`` entry-point group;
+4. plugin objects passed in code (``RegistryMiddleware(app, plugins=[...])``).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigError
+
+hookimpl = pluggy.HookimplMarker("regmw")
+
+ENTRY_POINT_GROUP = "regmw"
+
+#: built-in plugins that configuration can enable, by name
+BUILTIN_PLUGINS: dict[str, str] = {
+    "migration": "regmw_migration",
+    "gcs": "regmw_gcs",
+    "redis": "regmw_redis",
+    "dbroute": "regmw_dbroute",
+}
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "regmw.defaults.core",
+    "regmw.defaults.memory_cache",
+    "regmw.defaults.local_locks",
+    "regmw.defaults.ratelimit",
+    "regmw.defaults.filesystem",
+)
+
+
+def make_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("regmw")
+    pm.add_hookspecs(hookspecs)
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    return pm
+
+
+def load_plugins(
+    pm: pluggy.PluginManager,
+    builtins: Iterable[str] = (),
+    extra: Iterable[Any] = (),
+    entry_points: bool = True,
+) -> None:
+    """Register built-ins by name, then entry-point plugins, then ``extra`` objects."""
+    for name in builtins:
+        module_name = BUILTIN_PLUGINS.get(name, name if "." in name else None)
+        if module_name is None:
+            known = ", ".join(sorted(BUILTIN_PLUGINS))
+            raise ConfigError(f"regmw.plugins: unknown plugin {name!r} (built-ins: {known}; or a dotted module path)")
+        if pm.get_plugin(module_name) is not None:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"regmw.plugins: plugin {name!r} cannot be imported ({exc}); install its extra: pip install 'regmw[{name}]'"
+            ) from None
+        pm.register(module, name=module_name)
+    if entry_points:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for plugin in extra:
+        if pm.is_registered(plugin):
+            continue
+        pm.register(plugin)
+
+
+def describe(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:
+    """(name, where it came from, hooks it implements) for every registered plugin."""
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinctinfo()}
+    rows = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
+        if name.startswith("regmw.defaults."):
+            origin = "embedded default"
+        elif name in BUILTIN_PLUGINS.values():
+            origin = "built-in"
+        elif id(plugin) in dists:
+            dist = dists[id(plugin)]
+            origin = f"entry point ({dist.project_name} {dist.version})"
+        else:
+            origin = "registered in code"
+        rows.append((name, origin, hooks))
+    return rows

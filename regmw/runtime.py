@@ -1,0 +1,96 @@
+"""Start-up: read configuration, load plugins, validate, build the backends.
+
+Everything that can be wrong with a configuration is found here, before the
+first request, and reported as one :class:`~regmw.errors.ConfigError` line.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import pluggy
+
+from .backends import Services
+from .clients import ClientResolver
+from .config import Config, Section, _as_list, env_name, env_overrides, load_toml, merge, validate
+from .defaults.core import token_verifier
+from .errors import ConfigError
+from .plugins import load_plugins, make_manager
+
+
+@dataclass
+class Runtime:
+    """A configured regmw: the validated config, the plugin manager and the backends."""
+
+    config: Config
+    pm: pluggy.PluginManager
+    services: Services
+
+
+def gather_sections(pm: pluggy.PluginManager) -> dict[str, Section]:
+    sections: dict[str, Section] = {}
+    for impl in pm.hook.regmw_config_sections.get_hookimpls():
+        for section in impl.function() or ():
+            if section.name in sections:
+                raise ConfigError(f"config section [{section.name}] is declared twice ({impl.plugin_name})")
+            if section.owner == "regmw" and not impl.plugin_name.startswith("regmw."):
+                section = Section(section.name, section.help, section.options, impl.plugin_name)
+            sections[section.name] = section
+    return sections
+
+
+def build(
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    plugins: Iterable[Any] = (),
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Runtime:
+    """Build a :class:`Runtime` from a TOML path or a dict, plus environment overrides.
+
+    ``environ`` defaults to ``os.environ``; pass ``{}`` for a hermetic build.
+    ``overrides`` (e.g. from Flask's ``app.config``) win over the file, and the
+    environment wins over both.
+    """
+    environ = os.environ if environ is None else environ
+    if config is None:
+        path = environ.get("REGMW_CONFIG")
+        raw, source = (load_toml(path), str(path)) if path else ({}, "<defaults>")
+    elif isinstance(config, Mapping):
+        raw, source = dict(config), "<dict>"
+    else:
+        raw, source = load_toml(config), str(config)
+    raw = merge(raw, overrides or {})
+
+    core = raw.get("regmw", {}) if isinstance(raw.get("regmw", {}), Mapping) else {}
+    try:
+        builtins = _as_list(environ.get(env_name("regmw", "plugins"), core.get("plugins", [])), None)
+        entry_points = str(environ.get(env_name("regmw", "entry_points"), core.get("entry_points", True))).lower()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: regmw.plugins: {exc}") from None
+    pm = make_manager()
+    load_plugins(pm, builtins, plugins, entry_points not in ("false", "0", "no", "off"))
+    sections = gather_sections(pm)
+    validated = validate(merge(raw, env_overrides(sections, environ)), sections, source)
+    logging.getLogger("regmw").setLevel(validated["regmw"]["log_level"])
+    return Runtime(validated, pm, build_services(validated, pm))
+
+
+def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
+    hook = pm.hook
+    services = Services(
+        config=config,
+        pm=pm,
+        cache=hook.regmw_cache(config=config),
+        locks=hook.regmw_lock_manager(config=config),
+        rate_limiter=hook.regmw_rate_limiter(config=config),
+        storage=hook.regmw_storage(config=config),
+        token_verifier=token_verifier(config),
+        extras={"clients": ClientResolver(config["regmw"]["trusted_proxies"], config["regmw"]["ipv6_prefix"])},
+    )
+    services.admission = hook.regmw_admission(config=config, services=services)
+    services.db_router = hook.regmw_db_router(config=config, services=services)
+    hook.regmw_startup(services=services)
+    return services
