@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -135,4 +135,8 @@ class Services:
     admission: Admission | None = None
     db_router: Any = None
     token_verifier: Any = None
+    #: functions ``context -> cache key | None`` whose values an Admission that
+    #: talks to the cache anyway should read on the same round trip into
+    #: ``context.prefetched[key]`` (the classification plugin registers one).
+    prefetch: list[Callable[[Any], str | None]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)

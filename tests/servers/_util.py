@@ -1,0 +1,59 @@
+"""Helpers for fixtures that own real servers: free ports, waiting, skip-or-fail."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+
+def services_required() -> bool:
+    return os.environ.get("REGMW_REQUIRE_SERVICES", "") not in ("", "0", "false")
+
+
+def unavailable(reason: str):
+    """Skip the test, or fail it when CI requires every real service."""
+    if services_required():
+        pytest.fail(f"required service unavailable: {reason}")
+    pytest.skip(reason)
+
+
+def need_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} not on PATH")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1", proc: subprocess.Popen | None = None) -> None:
+    """Poll until something accepts on ``port`` (a readiness check, not a timing sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Stop a server we started, by PID."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
