@@ -78,7 +78,7 @@ def load_plugins(
 
 def describe(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:
     """(name, where it came from, hooks it implements) for every registered plugin."""
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinctinfo()}
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     rows = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:

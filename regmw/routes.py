@@ -64,10 +64,10 @@ def parse_path(path: str) -> Route:
     rest = path[4:]
     if rest in ("_catalog", "_catalog/"):
         return Route("catalog")
-    match = _TAIL.search(rest)
+    match = _TAIL.search("/" + rest)  # the leading "/" lets an empty name match, then fail the grammar
     if match is None:
         raise _unknown(rest)
-    name = rest[: match.start()]
+    name = rest[: match.start() - 1] if match.start() else ""
     check_name(name)
     groups = match.groupdict()
     if groups["manifests"]:

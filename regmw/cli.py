@@ -1,0 +1,192 @@
+"""The ``regmw`` command line.
+
+``regmw plugins``         which plugins are loaded and which hooks each implements
+``regmw check-config F``  validate a configuration file (exit 2 with one line on error)
+``regmw config-docs``     print the configuration reference (docs/configuration.md)
+``regmw serve``           run regmw in front of a registry app or as a gateway
+``regmw demo``            a working registry front on 127.0.0.1 with embedded defaults
+``regmw readonly ...``    set, clear and list per-repository read-only locks
+``regmw migrate-mark R``  record that repository R has been migrated (classification "new")
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .errors import ConfigError
+
+USAGE_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return USAGE_ERROR
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"regmw: configuration error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regmw", description="Pluggable WSGI middleware for container registries.")
+    parser.add_argument("-c", "--config", help="TOML configuration file (default: $REGMW_CONFIG, else defaults)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    cmd = sub.add_parser("plugins", help="list loaded plugins and the hooks each implements")
+    cmd.set_defaults(func=cmd_plugins)
+
+    cmd = sub.add_parser("check-config", help="validate a configuration file")
+    cmd.add_argument("file")
+    cmd.set_defaults(func=cmd_check_config)
+
+    cmd = sub.add_parser("config-docs", help="print the configuration reference as Markdown")
+    cmd.add_argument("--check", metavar="FILE", help="exit 1 if FILE differs from the generated reference")
+    cmd.set_defaults(func=cmd_config_docs)
+
+    cmd = sub.add_parser("serve", help="serve regmw in front of a registry (gateway, reference registry or --app)")
+    cmd.add_argument("--host", default="127.0.0.1")
+    cmd.add_argument("--port", type=int, default=5000)
+    cmd.add_argument("--app", help="module:attribute of a WSGI registry app to wrap")
+    cmd.add_argument("--registry-root", help="serve the bundled reference registry on this directory")
+    cmd.set_defaults(func=cmd_serve)
+
+    cmd = sub.add_parser("demo", help="run a registry front on 127.0.0.1 with every embedded default enabled")
+    cmd.add_argument("--port", type=int, default=5000)
+    cmd.add_argument("--root", help="registry storage directory (default: a new temporary directory)")
+    cmd.add_argument("--self-test", action="store_true", help="push and pull a tiny image through it, print the decisions, exit")
+    cmd.set_defaults(func=cmd_demo)
+
+    cmd = sub.add_parser("readonly", help="per-repository read-only locks")
+    ro = cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
+    act = ro.add_parser("set", help="make REPO read-only for --ttl seconds")
+    act.add_argument("repository")
+    act.add_argument("--ttl", type=float, default=3600.0)
+    act.add_argument("--owner", help="lock owner (default: regmw-cli@<host>)")
+    act = ro.add_parser("clear", help="clear REPO's read-only lock (any owner unless --owner)")
+    act.add_argument("repository")
+    act.add_argument("--owner")
+    ro.add_parser("list", help="list read-only repositories and the seconds left")
+    cmd.set_defaults(func=cmd_readonly)
+
+    cmd = sub.add_parser("migrate-mark", help="record that REPO was migrated (classification becomes new)")
+    cmd.add_argument("repository")
+    cmd.set_defaults(func=cmd_migrate_mark)
+    return parser
+
+
+def _runtime(args):
+    from .runtime import build
+
+    return build(args.config)
+
+
+def cmd_plugins(args) -> int:
+    from .plugins import describe
+
+    runtime = _runtime(args)
+    for name, origin, hooks in describe(runtime.pm):
+        print(f"{name}  ({origin})")
+        for hook in hooks:
+            print(f"    {hook}")
+    return 0
+
+
+def cmd_check_config(args) -> int:
+    from .runtime import build
+
+    runtime = build(args.file)
+    enabled = ", ".join(runtime.config["regmw"]["plugins"]) or "embedded defaults only"
+    print(f"{args.file}: ok ({enabled})")
+    return 0
+
+
+def cmd_config_docs(args) -> int:
+    from .config import render_markdown
+    from .plugins import BUILTIN_PLUGINS, load_plugins, make_manager
+    from .runtime import gather_sections
+
+    pm = make_manager()
+    load_plugins(pm, BUILTIN_PLUGINS, entry_points=False)
+    text = render_markdown(gather_sections(pm).values()) + "\n"
+    if args.check:
+        with open(args.check, encoding="utf-8") as handle:
+            if handle.read() != text:
+                print(f"{args.check} is out of date: run `regmw config-docs > {args.check}`", file=sys.stderr)
+                return 1
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_readonly(args) -> int:
+    import socket
+
+    from .routes import check_name
+    from .errors import Refusal
+
+    locks = _runtime(args).services.locks
+    if args.action == "list":
+        for repository, seconds in sorted(locks.list_read_only().items()):
+            print(f"{repository}\t{seconds:.0f}s")
+        return 0
+    try:
+        repository = check_name(args.repository)
+    except Refusal as refusal:
+        print(f"regmw: {refusal.message}: {args.repository!r}", file=sys.stderr)
+        return USAGE_ERROR
+    if args.action == "set":
+        owner = args.owner or f"regmw-cli@{socket.gethostname()}"
+        lease = locks.set_read_only(repository, args.ttl, owner)
+        if lease is None:
+            print(f"regmw: {repository} is already read-only under another owner", file=sys.stderr)
+            return 1
+        print(f"{repository} read-only for {args.ttl:.0f}s (owner {lease.owner}, token {lease.token})")
+        return 0
+    if locks.clear_read_only(repository, args.owner):
+        print(f"{repository} writable")
+        return 0
+    print(f"regmw: {repository} was not read-only" + (f" under owner {args.owner}" if args.owner else ""), file=sys.stderr)
+    return 1
+
+
+def cmd_migrate_mark(args) -> int:
+    from .errors import Refusal
+    from .routes import check_name
+
+    try:
+        repository = check_name(args.repository)
+    except Refusal as refusal:
+        print(f"regmw: {refusal.message}: {args.repository!r}", file=sys.stderr)
+        return USAGE_ERROR
+    runtime = _runtime(args)
+    try:
+        from regmw_migration import mark_migrated
+    except ImportError:
+        print("regmw: the migration plugin is not installed", file=sys.stderr)
+        return USAGE_ERROR
+    mark_migrated(runtime.services, repository)
+    print(f"{repository} marked as migrated (new)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    return serve(args)
+
+
+def cmd_demo(args) -> int:
+    from .demo.run import demo
+
+    return demo(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Configuration: validation errors name the key, env and Flask overrides work."""
+import pytest
+from flask import Flask
+from werkzeug.test import Client
+
+from regmw import ConfigError, build
+from regmw.cli import main
+
+
+def write(tmp_path, text):
+    path = tmp_path / "regmw.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[cache]\nmax_entrys = 5\n", "unknown key cache.max_entrys"),
+        ("[rdis]\nurl = 'redis://x'\n", "unknown section [rdis]"),
+        ("[cache]\nmax_entries = 'many'\n", "cache.max_entries"),
+        ("[cache]\nmax_entries = 0\n", "cache.max_entries: must be at least 1"),
+        ("[ratelimit]\nfail_open = 'maybe'\n", "ratelimit.fail_open: must be true or false"),
+        ("[ratelimit]\nstrategy = 'leaky'\n", "ratelimit.strategy: must be one of"),
+        ("[[ratelimit.rules]]\nby = 'client'\nlimit = 'lots'\n", "ratelimit.rules: rules[0].limit 'lots' is not a limit"),
+        ("[[ratelimit.rules]]\nby = 'planet'\nlimit = '1/second'\n", "rules[0].by must be one of"),
+        ("[regmw]\ntrusted_proxies = ['not-a-network']\n", "regmw.trusted_proxies"),
+        ("[regmw]\nplugins = ['nosuch']\n", "unknown plugin 'nosuch'"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        build(path, environ={})
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_check_config_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    path = write(tmp_path, "[cache]\nmax_entrys = 5\n")
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cache.max_entrys" in err and "Traceback" not in err
+
+
+def test_check_config_ok(tmp_path, capsys):
+    path = write(tmp_path, "[cache]\nmax_entries = 5\n")
+    assert main(["check-config", str(path)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_bad_url_is_refused_at_start(tmp_path):
+    from regmw.config import Option, Section, validate
+
+    sections = {"x": Section("x", "test", {"url": Option("url", None, "", schemes=("redis", "rediss"))})}
+    with pytest.raises(ConfigError, match="x.url: not a URL"):
+        validate({"x": {"url": "http://nope"}}, sections)
+    with pytest.raises(ConfigError, match="missing required option x.url"):
+        validate({}, {"x": Section("x", "t", {"url": Option("url", required=True)})})
+
+
+def test_environment_overrides_file(tmp_path):
+    path = write(tmp_path, "[cache]\nmax_entries = 5\n[regmw]\nipv6_prefix = 48\n")
+    runtime = build(path, environ={"REGMW_CACHE_MAX_ENTRIES": "7", "REGMW_IPV6_PREFIX": "56"})
+    assert runtime.config["cache"]["max_entries"] == 7
+    assert runtime.services.cache.max_entries == 7
+    assert runtime.config["regmw"]["ipv6_prefix"] == 56
+
+
+def test_environment_override_is_validated():
+    with pytest.raises(ConfigError, match="cache.max_entries"):
+        build({}, environ={"REGMW_CACHE_MAX_ENTRIES": "-3"})
+
+
+def test_flask_extension_reads_app_config():
+    from regmw.flask import RegMW, current_context
+
+    app = Flask(__name__)
+    app.config["REGMW"] = {"ratelimit": {"rules": [{"by": "global", "limit": "1/minute"}]}}
+    app.config["REGMW_CACHE_MAX_ENTRIES"] = 3
+
+    @app.route("/v2/<path:rest>")
+    def anything(rest):
+        return {"repository": current_context().repository}
+
+    extension = RegMW(app)
+    assert extension.middleware.services.cache.max_entries == 3
+    client = Client(app)
+    assert client.get("/v2/a/b/tags/list").json == {"repository": "a/b"}
+    assert client.get("/v2/a/b/tags/list").status_code == 429
+
+
+def test_flask_extension_rejects_bad_keys():
+    from regmw.flask import RegMW
+
+    app = Flask(__name__)
+    app.config["REGMW"] = {"cache": {"size": 1}}
+    with pytest.raises(ConfigError, match="unknown key cache.size"):
+        RegMW().init_app(app)
+
+
+def test_generated_configuration_reference_is_current():
+    assert main(["config-docs", "--check", "docs/configuration.md"]) == 0

@@ -1,0 +1,71 @@
+"""The embedded cache stays under its caps whatever goes through it."""
+import threading
+import tracemalloc
+
+from regmw.defaults.memory_cache import MemoryCache
+
+
+def test_lru_eviction_and_ttl(monkeypatch):
+    cache = MemoryCache(max_entries=2, max_bytes=1 << 20, default_ttl=None)
+    cache.set("a", b"1")
+    cache.set("b", b"2")
+    assert cache.get("a") == b"1"  # a is now most recently used
+    cache.set("c", b"3")
+    assert cache.get("b") is None and cache.get("a") == b"1" and cache.get("c") == b"3"
+
+    now = [1000.0]
+    monkeypatch.setattr("regmw.defaults.memory_cache.time.monotonic", lambda: now[0])
+    cache.set("t", b"x", ttl=5)
+    assert cache.get("t") == b"x"
+    now[0] += 6
+    assert cache.get("t") is None
+
+
+def test_byte_cap_is_enforced():
+    cache = MemoryCache(max_entries=10**9, max_bytes=50_000)
+    for index in range(1000):
+        cache.set(f"k{index}", b"v" * 500)
+        assert cache.size_bytes <= 50_000
+    assert 0 < len(cache) < 100
+    cache.set("huge", b"x" * 100_000)  # bigger than the cache: not stored, nothing evicted for it
+    assert cache.get("huge") is None
+
+
+def test_a_million_distinct_keys_stay_under_the_memory_cap():
+    cap = 8 * 1024 * 1024
+    cache = MemoryCache(max_entries=10**9, max_bytes=cap, default_ttl=300)
+    value = b"new"
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        peak_held = 0
+        for index in range(1_000_000):
+            cache.set(f"{{repository:group/project-{index}}}:path", value)
+            if index % 50_000 == 0:
+                peak_held = max(peak_held, tracemalloc.get_traced_memory()[0] - baseline)
+        held = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+    assert cache.size_bytes <= cap
+    # real memory follows the accounted size: within 1.5x of the cap, not a million entries' worth
+    assert max(held, peak_held) < cap * 1.5, (held, peak_held)
+    assert len(cache) < 1_000_000 // 10
+
+
+def test_concurrent_use_keeps_the_books_straight():
+    cache = MemoryCache(max_entries=100, max_bytes=1 << 20)
+
+    def worker(offset):
+        for index in range(2000):
+            cache.set(f"{offset}-{index % 150}", b"x" * (index % 7))
+            cache.get(f"{offset}-{(index * 7) % 150}")
+            if index % 5 == 0:
+                cache.delete(f"{offset}-{index % 150}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(cache) <= 100
+    assert cache.size_bytes == sum(cache._cost(k, v) for k, (v, _) in cache._data.items())

@@ -1,0 +1,250 @@
+"""The middleware's request flow: hook order, refusals, pass-through, streaming."""
+import json
+
+import pytest
+from werkzeug.test import Client
+
+from regmw import Refusal, RegistryMiddleware, hookimpl
+
+
+def plain_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"app:" + environ["PATH_INFO"].encode()]
+
+
+class Recorder:
+    """A plugin that records every decision hook call, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def regmw_admit(self, context):
+        self.calls.append(("admit", context.repository))
+
+    @hookimpl
+    def regmw_classify(self, context):
+        self.calls.append(("classify", context.repository))
+        return "new"
+
+    @hookimpl
+    def regmw_route_db(self, context):
+        self.calls.append(("route_db", context.migration_path))
+        return "db-handle"
+
+    @hookimpl
+    def regmw_response_started(self, context, status, headers):
+        self.calls.append(("response_started", status))
+        headers.append(("X-Seen", "1"))
+
+    @hookimpl
+    def regmw_finish(self, context, status):
+        self.calls.append(("finish", status))
+
+
+def make(app=plain_app, config=None, plugins=(), **kwargs):
+    return RegistryMiddleware(app, config or {}, plugins=plugins, environ={}, **kwargs)
+
+
+def test_hooks_run_in_order_and_the_app_sees_the_decisions():
+    recorder = Recorder()
+    seen = {}
+
+    def app(environ, start_response):
+        context = environ["regmw.context"]
+        seen.update(path=context.migration_path, db=environ["regmw.db"], repo=context.repository)
+        recorder.calls.append(("app", None))
+        return plain_app(environ, start_response)
+
+    response = Client(make(app, plugins=[recorder])).get("/v2/group/project/manifests/latest", buffered=True)
+    assert response.status_code == 200
+    assert response.headers["X-Seen"] == "1"
+    assert [name for name, _ in recorder.calls] == [
+        "admit", "classify", "route_db", "app", "response_started", "finish",
+    ]
+    assert seen == {"path": "new", "db": "db-handle", "repo": "group/project"}
+
+
+def test_finish_runs_after_the_streamed_body_closes():
+    recorder = Recorder()
+    events = []
+
+    def streaming_app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+        def body():
+            for index in range(3):
+                events.append(f"chunk{index}")
+                yield b"x"
+        return body()
+
+    middleware = make(streaming_app, plugins=[recorder])
+    iterator = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/v2/a/blobs/sha256:" + "0" * 64,
+                           "wsgi.input": None}, lambda status, headers, exc_info=None: None)
+    first = next(iter(iterator))
+    assert first == b"x"
+    assert ("finish", 200) not in recorder.calls  # body still streaming
+    list(iterator)
+    iterator.close()
+    assert recorder.calls[-1] == ("finish", 200)
+    assert events == ["chunk0", "chunk1", "chunk2"]
+
+
+def test_paths_outside_v2_pass_through_untouched():
+    recorder = Recorder()
+    response = Client(make(plugins=[recorder])).get("/healthz")
+    assert response.data == b"app:/healthz"
+    assert recorder.calls == []
+
+
+def test_refusal_from_admit_is_an_oci_body_and_the_app_is_not_called():
+    class Deny:
+        @hookimpl
+        def regmw_admit(self, context):
+            return Refusal(403, "DENIED", "no entry", retry_after=7)
+
+    called = []
+
+    def app(environ, start_response):
+        called.append(True)
+        return plain_app(environ, start_response)
+
+    recorder = Recorder()
+    response = Client(make(app, plugins=[recorder, Deny()])).put("/v2/a/manifests/latest")
+    assert response.status_code == 403
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["Retry-After"] == "7"
+    assert json.loads(response.data) == {"errors": [{"code": "DENIED", "message": "no entry"}]}
+    assert called == []
+    # the first refusal wins: the recorder (registered earlier, called later) never saw admit
+    assert ("admit", "a") not in recorder.calls
+    assert recorder.calls == [("finish", 403)]
+
+
+def test_refusal_raised_in_classify_becomes_503():
+    class Broken:
+        @hookimpl
+        def regmw_classify(self, context):
+            raise Refusal(503, "UNAVAILABLE", "storage down", retry_after=3)
+
+    response = Client(make(plugins=[Broken()])).get("/v2/a/manifests/latest")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "3"
+    assert json.loads(response.data)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_a_bug_in_a_hook_is_an_oci_500_not_a_traceback():
+    class Buggy:
+        @hookimpl
+        def regmw_route_db(self, context):
+            raise KeyError("oops")
+
+    response = Client(make(plugins=[Buggy()])).get("/v2/a/manifests/latest")
+    assert response.status_code == 500
+    body = json.loads(response.data)
+    assert body["errors"][0]["code"] == "UNKNOWN"
+    assert "oops" not in response.get_data(as_text=True)
+    assert "Traceback" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "path, raw",
+    [
+        ("/v2/Upper/manifests/latest", None),
+        ("/v2/../secret/manifests/latest", None),
+        ("/v2/a/b/manifests/latest", "/v2/a%2Fb/manifests/latest"),
+        ("/v2/a/../b/manifests/latest", "/v2/a/%2e%2e/b/manifests/latest"),
+    ],
+)
+def test_hostile_names_get_name_invalid_and_never_reach_the_app(path, raw):
+    called = []
+
+    def app(environ, start_response):
+        called.append(True)
+        return plain_app(environ, start_response)
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path}
+    if raw:
+        environ["RAW_URI"] = raw
+    status = []
+    body = b"".join(make(app)(environ, lambda s, h, e=None: status.append(s)))
+    assert status[0].startswith("400")
+    assert json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
+    assert called == []
+
+
+def test_head_refusal_has_no_body():
+    response = Client(make()).head("/v2/UPPER/manifests/latest")
+    assert response.status_code == 400
+    assert response.data == b""
+
+
+def test_dispatch_by_migration_path():
+    class Classifier:
+        @hookimpl
+        def regmw_classify(self, context):
+            return "old" if context.repository.startswith("legacy/") else "new"
+
+    def named(name):
+        def app(environ, start_response):
+            start_response("200 OK", [])
+            return [name.encode()]
+        return app
+
+    client = Client(make(named("default"), plugins=[Classifier()], apps={"old": named("old"), "new": named("new")}))
+    assert client.get("/v2/legacy/x/tags/list").data == b"old"
+    assert client.get("/v2/fresh/x/tags/list").data == b"new"
+    assert client.get("/v2/").data == b"default"  # no repository: not classified
+
+
+def test_rate_limit_headers_and_429():
+    config = {"ratelimit": {"rules": [{"by": "repository", "limit": "2/minute"}]}}
+    client = Client(make(config=config))
+    first = client.get("/v2/a/tags/list")
+    assert first.headers["RateLimit-Limit"] == "2"
+    assert first.headers["RateLimit-Remaining"] == "1"
+    assert client.get("/v2/a/tags/list").status_code == 200
+    refused = client.get("/v2/a/tags/list")
+    assert refused.status_code == 429
+    assert json.loads(refused.data)["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert refused.headers["Retry-After"].isdigit() and 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["RateLimit-Remaining"] == "0"
+    assert client.get("/v2/b/tags/list").status_code == 200  # another repository has its own budget
+
+
+def test_read_only_lock_refuses_writes_and_passes_reads():
+    middleware = make()
+    middleware.services.locks.set_read_only("frozen/repo", ttl=60, owner="test")
+    client = Client(middleware)
+    refused = client.put("/v2/frozen/repo/manifests/latest", data=b"{}")
+    assert refused.status_code == 503
+    assert json.loads(refused.data)["errors"][0]["code"] == "UNAVAILABLE"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert client.get("/v2/frozen/repo/manifests/latest").status_code == 200
+    assert client.put("/v2/other/repo/manifests/latest", data=b"{}").status_code == 200
+    assert middleware.services.locks.clear_read_only("frozen/repo", owner="someone-else") is False
+    assert middleware.services.locks.clear_read_only("frozen/repo", owner="test") is True
+    assert client.put("/v2/frozen/repo/manifests/latest", data=b"{}").status_code == 200
+
+
+def test_lock_store_down_fails_closed_for_writes_open_for_reads():
+    class DownLocks:
+        def read_only(self, repository):
+            raise ConnectionError("lock store down")
+
+    middleware = make()
+    middleware.services.admission.locks = DownLocks()
+    client = Client(middleware)
+    assert client.put("/v2/a/manifests/latest", data=b"{}").status_code == 503
+    assert client.get("/v2/a/manifests/latest").status_code == 200
+
+    open_middleware = make(config={"readonly": {"fail_closed_writes": False}})
+    open_middleware.services.admission.locks = DownLocks()
+    assert Client(open_middleware).put("/v2/a/manifests/latest", data=b"{}").status_code == 200
+
+
+def test_metrics_endpoint():
+    client = Client(make())
+    client.get("/v2/a/tags/list")
+    text = client.get("/-/regmw/metrics").get_data(as_text=True)
+    assert "regmw_requests_total" in text

@@ -1,0 +1,78 @@
+"""Plugin loading: entry points from an installed distribution, `regmw plugins`."""
+import importlib
+import sys
+import textwrap
+
+import pytest
+from werkzeug.test import Client
+
+from regmw import RegistryMiddleware, build
+from regmw.cli import main
+
+
+@pytest.fixture
+def installed_plugin(tmp_path, monkeypatch):
+    """A third-party distribution on sys.path, registering `regmw_hello` in the `regmw` group.
+
+    This is what `pip install` leaves behind (a module plus a .dist-info with
+    entry_points.txt); importlib.metadata finds it exactly as it finds a
+    pip-installed plugin.
+    """
+    (tmp_path / "regmw_hello.py").write_text(textwrap.dedent('''
+        from regmw import Option, Refusal, Section, hookimpl
+
+        @hookimpl
+        def regmw_config_sections():
+            return [Section("hello", "greeting plugin", {"banned": Option("list", [], "banned repositories")})]
+
+        @hookimpl
+        def regmw_admit(context):
+            if context.repository in context.services.config["hello"]["banned"]:
+                return Refusal(403, "DENIED", "banned by hello")
+
+        @hookimpl
+        def regmw_response_started(context, status, headers):
+            headers.append(("X-Hello", context.repository or "-"))
+    '''))
+    dist = tmp_path / "regmw_hello-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: regmw-hello\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[regmw]\nhello = regmw_hello\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield
+    sys.modules.pop("regmw_hello", None)
+
+
+def app(environ, start_response):
+    start_response("200 OK", [])
+    return [b"ok"]
+
+
+def test_entry_point_plugin_is_loaded_and_its_hooks_and_config_work(installed_plugin):
+    middleware = RegistryMiddleware(app, {"hello": {"banned": ["bad/repo"]}}, environ={})
+    client = Client(middleware)
+    ok = client.get("/v2/good/repo/tags/list")
+    assert ok.headers["X-Hello"] == "good/repo"
+    assert client.get("/v2/bad/repo/tags/list").status_code == 403
+
+
+def test_entry_points_can_be_disabled(installed_plugin):
+    with pytest.raises(Exception, match="unknown section \\[hello\\]"):
+        build({"regmw": {"entry_points": False}, "hello": {}}, environ={})
+
+
+def test_regmw_plugins_lists_builtins_and_entry_points(installed_plugin, capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "regmw.defaults.memory_cache  (embedded default)" in out
+    assert "hello  (entry point (regmw-hello 1.0))" in out
+    hello_block = out.split("hello  (entry point")[1]
+    assert "regmw_admit" in hello_block and "regmw_response_started" in hello_block
+
+
+def test_builtin_plugins_are_enabled_by_name(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('[regmw]\nplugins = ["migration"]\n')
+    assert main(["--config", str(config), "plugins"]) == 0
+    assert "regmw_migration  (built-in)" in capsys.readouterr().out
