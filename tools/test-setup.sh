@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Prepare a fresh machine to run the test suite: the real registry and client
+# the end-to-end tests drive (Debian's docker-registry and skopeo), Redis and
+# PostgreSQL running, and a virtualenv in .venv with regmw[test] installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v skopeo >/dev/null || ! command -v docker-registry >/dev/null || ! command -v redis-server >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-registry skopeo redis-server >/dev/null
+fi
+
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+echo "test environment ready: .venv (redis $(redis-cli -h 127.0.0.1 ping), postgres $(pg_isready -h 127.0.0.1 >/dev/null && echo up))"
