@@ -1,0 +1,144 @@
+"""The one-round-trip hot path: rate limits, read-only check and cache prefetch in one EVALSHA.
+
+Without it a request through regmw on Redis would pay a round trip per
+feature (``limits`` alone pays three per rule: INCR, GET, TTL). Here the
+request's rate-limit counters, its repository's read-only lock (writes only)
+and the cache keys other plugins registered in ``services.prefetch`` (the
+classification) go to Redis as one script call; the values read come back in
+``context.prefetched`` so the classification hook does not ask again.
+
+Failure policy is the core's (:mod:`regmw.defaults.core`): when the script
+fails, rate limiting fails open or closed per ``[ratelimit] fail_open``, the
+read-only check per ``[readonly]``, and every prefetch key is a miss (stored
+as None, so the cache is not asked a second time while Redis is down).
+
+Redis Cluster: a script's keys must share one slot, and one request's keys do
+not (its client's counter, its repository's lock, its classification entry).
+This module targets single-node and Sentinel Redis; on Cluster the keys would
+have to be grouped by slot and sent as one pipeline of per-slot scripts
+(one round trip per node involved), or every key put under the repository's
+hash tag, which would make per-client limits per-repository.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from regmw.backends import RateLimitResult, Services
+from regmw.defaults.core import (
+    ratelimit_store_down,
+    read_only_refusal,
+    readonly_store_down,
+    refused_by_limit,
+)
+from regmw.defaults.ratelimit import Rule
+from regmw.errors import Refusal
+
+from . import scripts
+from .cache import RedisCache
+from .errors import REDIS_DOWN, report
+
+
+class RedisAdmission:
+    """A :class:`regmw.backends.Admission` that asks Redis once per request."""
+
+    def __init__(
+        self,
+        services: Services,
+        client: redis.Redis,
+        rules: list[Rule],
+        ratelimit_prefix: str,
+        lock_key: Callable[[str], str] | None,
+        cache: RedisCache | None,
+    ) -> None:
+        config = services.config
+        self.script = client.register_script(scripts.ADMIT)
+        self.rules = rules
+        self.prefix = ratelimit_prefix + ":"
+        self.lock_key = lock_key
+        self.locks = services.locks  # used only when they are not in this Redis
+        self.cache = cache
+        self.prefetch = services.prefetch  # the live list: plugins may register at start-up
+        self.ratelimit_fail_open = config["ratelimit"]["fail_open"]
+        self.readonly = config["readonly"]
+
+    def admit(self, context: Any) -> Refusal | None:
+        repository = context.repository
+        check_lock = bool(context.is_write and repository)
+        keys: list[str] = []
+        args: list[Any] = ["0", 0]
+        if check_lock and self.lock_key is not None:
+            keys.append(self.lock_key(repository))
+            args[0] = "1"
+        counted = []
+        for rule in self.rules:
+            identity = rule.identity(context)
+            if identity is None:
+                continue
+            for item in rule.items:
+                keys.append(self.prefix + item.key_for(rule.name, identity))
+                args += [item.amount, item.get_expiry() * 1000]
+                counted.append((rule, item))
+        args[1] = len(counted)
+        wanted: list[str] = []
+        if self.cache is not None:
+            for function in self.prefetch:
+                key = function(context)
+                if key is not None and key not in context.prefetched and key not in wanted:
+                    wanted.append(key)
+            keys += [self.cache.full_key(key) for key in wanted]
+        if not keys:
+            return self._separate_lock_check(context) if check_lock else None
+
+        try:
+            reply = self.script(keys=keys, args=args)
+        except REDIS_DOWN as exc:
+            return self._redis_down(context, exc, wanted, bool(counted), check_lock and self.lock_key is not None)
+
+        locked, n_counted = reply[0], reply[1]
+        tightest: RateLimitResult | None = None
+        for index in range(n_counted):
+            rule, item = counted[index]
+            count, pttl = reply[2 + 2 * index], reply[3 + 2 * index]
+            result = RateLimitResult(count <= item.amount, item.amount, item.amount - count, pttl / 1000.0, rule.name)
+            if not result.allowed:
+                tightest = result
+                break
+            if tightest is None or result.remaining < tightest.remaining:
+                tightest = result
+        for key, value in zip(wanted, reply[2 + 2 * n_counted:]):
+            context.prefetched[key] = value
+        if tightest is not None:
+            context.response_headers.extend(tightest.headers())
+            if not tightest.allowed:
+                return refused_by_limit(tightest)
+        if locked:
+            return read_only_refusal(repository, self.readonly["retry_after"])
+        if check_lock and self.lock_key is None:
+            return self._separate_lock_check(context)
+        return None
+
+    def _redis_down(self, context: Any, exc: Exception, wanted: list[str], limited: bool, lock: bool) -> Refusal | None:
+        if wanted:
+            report("cache", "miss", exc)
+            for key in wanted:
+                context.prefetched[key] = None
+        if limited:
+            refusal = ratelimit_store_down(exc, self.ratelimit_fail_open)
+            if refusal is not None:
+                return refusal
+        if lock:
+            return readonly_store_down(exc, context.repository, self.readonly)
+        if context.is_write and context.repository and self.lock_key is None:
+            return self._separate_lock_check(context)
+        return None
+
+    def _separate_lock_check(self, context: Any) -> Refusal | None:
+        """Read-only check on a lock manager that is not this Redis (another plugin's)."""
+        try:
+            locked = self.locks.read_only(context.repository)
+        except Exception as exc:  # noqa: BLE001 - any backend's failure gets the same policy
+            return readonly_store_down(exc, context.repository, self.readonly)
+        return read_only_refusal(context.repository, self.readonly["retry_after"]) if locked else None

@@ -1,0 +1,48 @@
+"""The shared cache on Redis: bytes in, bytes out, with a TTL; an error is a miss.
+
+Values are stored as the raw bytes the caller gives (callers already encode
+compactly, e.g. one byte for a classification), so Redis holds no pickles and
+any language can read them. Keys are ``<namespace>:cache:<key>``; a
+repository's keys come in as ``{repository:<name>}:...`` (see
+:func:`regmw.backends.repository_key`), so its hash tag survives the prefix.
+"""
+from __future__ import annotations
+
+import redis
+
+from .errors import REDIS_DOWN, report
+
+
+class RedisCache:
+    """A :class:`regmw.backends.Cache`: GET / SET PX / DEL, never raising for Redis errors."""
+
+    def __init__(self, client: redis.Redis, prefix: str, default_ttl: float = 300.0) -> None:
+        self.client = client
+        self.prefix = prefix + ":"
+        self.default_ttl = default_ttl
+
+    def full_key(self, key: str) -> str:
+        """The Redis key holding ``key`` (the admission script reads prefetch keys by it)."""
+        return self.prefix + key
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.client.get(self.prefix + key)
+        except REDIS_DOWN as exc:
+            report("cache", "miss", exc)
+            return None
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        ttl = self.default_ttl if ttl is None else ttl
+        try:
+            self.client.set(self.prefix + key, value, px=max(1, int(ttl * 1000)))
+        except REDIS_DOWN as exc:
+            report("cache", "dropped", exc)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete(self.prefix + key)
+        except REDIS_DOWN as exc:
+            # The entry may outlive its truth until its TTL: callers keep TTLs short
+            # for values that can change (classification "old").
+            report("cache", "delete_failed", exc)

@@ -1,0 +1,222 @@
+"""Read-only locks and cluster semaphores shared by every instance through Redis.
+
+Same contract as :class:`regmw.defaults.local_locks.LocalLockManager`:
+
+- ``set_read_only`` takes the lock atomically (``SET NX PX``); only its owner
+  may extend it, and it expires on its own if the holder dies;
+- ``clear_read_only(repo, owner)`` is a compare-and-delete (Lua), so a holder
+  whose lock expired and was re-taken cannot delete the new holder's lock;
+  ``owner=None`` is the operator's override and clears whoever holds it;
+- every lease carries a fencing token from ``INCR`` that only grows, per
+  repository (per semaphore), so storage can reject a stale holder's writes;
+- ``cluster_slot`` is a counting semaphore (a sorted set of owners scored by
+  expiry, taken in one script), renewed in a background thread while held;
+  ``lease.lost`` is set when renewal fails, so the worker can stop.
+
+Key layout (``<ns>`` = ``[redis] namespace``)::
+
+    <ns>:{repository:<name>}:readonly        owner, with PX expiry
+    <ns>:{repository:<name>}:readonly:fence  fencing counter
+    <ns>:{slot:<name>}:holders               zset owner -> expiry (server ms)
+    <ns>:{slot:<name>}:fence                 fencing counter
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import redis
+
+from regmw.backends import Lease, repository_key
+from regmw.defaults.local_locks import SlotUnavailable
+from regmw.errors import BackendUnavailable
+
+from . import scripts
+from .errors import REDIS_DOWN
+
+log = logging.getLogger("regmw.redis.locks")
+
+__all__ = ["LeaseRenewer", "RedisLockManager", "SlotUnavailable"]
+
+_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def default_owner() -> str:
+    """``<host>:<pid>``: one process's locks are its own, and say where they came from."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseRenewer(threading.Thread):
+    """Calls ``renew()`` every ``ttl / 3`` until stopped; sets ``lost`` when the lease is gone.
+
+    ``renew`` returns False when Redis says the lease is no longer ours (lost at
+    once); when it raises a Redis error, the lease is kept until its TTL has
+    passed since the last successful renewal, because until then no one else
+    can have taken it.
+    """
+
+    def __init__(self, renew: Callable[[], bool], ttl: float, lost: threading.Event, name: str) -> None:
+        super().__init__(name=f"regmw-lease-{name}", daemon=True)
+        self.renew = renew
+        self.ttl = ttl
+        self.lost = lost
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        last_ok = time.monotonic()
+        while not self.stopped.wait(self.ttl / 3):
+            try:
+                if self.renew():
+                    last_ok = time.monotonic()
+                    continue
+                log.warning("lease %s lost: Redis no longer lists it", self.name)
+            except REDIS_DOWN as exc:
+                if time.monotonic() - last_ok < self.ttl:
+                    log.warning("lease %s not renewed (%s); retrying", self.name, exc)
+                    continue
+                log.warning("lease %s lost: not renewed for %.1fs", self.name, self.ttl)
+            self.lost.set()
+            return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self is not threading.current_thread():
+            self.join()
+
+
+class RedisLockManager:
+    """A :class:`regmw.backends.LockManager` on one Redis (single node or Sentinel master)."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+        self._set_read_only = client.register_script(scripts.SET_READ_ONLY)
+        self._release = client.register_script(scripts.RELEASE_IF_OWNER)
+        self._renew = client.register_script(scripts.RENEW_IF_OWNER)
+        self._acquire_slot = client.register_script(scripts.ACQUIRE_SLOT)
+        self._renew_slot = client.register_script(scripts.RENEW_SLOT)
+        self._count_slots = client.register_script(scripts.COUNT_SLOTS)
+
+    # --- keys ---------------------------------------------------------------
+
+    def read_only_key(self, repository: str) -> str:
+        return f"{self.namespace}:{repository_key(repository, 'readonly')}"
+
+    def _fence_key(self, repository: str) -> str:
+        return f"{self.namespace}:{repository_key(repository, 'readonly', 'fence')}"
+
+    def _slot_keys(self, name: str) -> list[str]:
+        return [f"{self.namespace}:{{slot:{name}}}:holders", f"{self.namespace}:{{slot:{name}}}:fence"]
+
+    # --- read-only mode -------------------------------------------------------
+
+    def read_only(self, repository: str) -> bool:
+        """Raises a Redis error when Redis cannot answer (the caller's failure policy applies)."""
+        return bool(self.client.exists(self.read_only_key(repository)))
+
+    def set_read_only(self, repository: str, ttl: float, owner: str | None = None) -> Lease | None:
+        """Lock ``repository`` for ``ttl`` seconds; None when another owner holds it."""
+        owner = owner or default_owner()
+        token = self._set_read_only(
+            keys=[self.read_only_key(repository), self._fence_key(repository)], args=[owner, _ms(ttl)]
+        )
+        if token is None:
+            return None
+        return Lease(repository, owner, int(token), ttl)
+
+    def clear_read_only(self, repository: str, owner: str | None = None) -> bool:
+        """Release the lock; only ``owner``'s lock when given (compare-and-delete), any when None."""
+        key = self.read_only_key(repository)
+        if owner is None:
+            return bool(self.client.delete(key))
+        return bool(self._release(keys=[key], args=[owner]))
+
+    def list_read_only(self) -> dict[str, float]:
+        """Every locked repository and its seconds left (SCAN: an operator's command, not a hot path)."""
+        head = f"{self.namespace}:{{repository:"
+        tail = "}:readonly"
+        pattern = head.translate(_GLOB_SPECIAL) + "*" + tail
+        keys = [key.decode() for key in self.client.scan_iter(match=pattern, count=1000)]
+        if not keys:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.pttl(key)
+        found = {}
+        for key, ttl in zip(keys, pipe.execute()):
+            if ttl is not None and ttl > 0:
+                found[key[len(head):-len(tail)]] = ttl / 1000.0
+        return found
+
+    @contextmanager
+    def hold_read_only(self, repository: str, ttl: float = 60.0, owner: str | None = None) -> Iterator[Lease]:
+        """Python API: keep ``repository`` read-only while the block runs (renewed; released after).
+
+        If this process dies, the lock expires ``ttl`` seconds later. Raises
+        :class:`SlotUnavailable` when another owner holds the lock.
+        """
+        owner = owner or f"{default_owner()}:{uuid.uuid4().hex[:8]}"
+        lease = self.set_read_only(repository, ttl, owner)
+        if lease is None:
+            raise SlotUnavailable(f"{repository} is read-only under another owner")
+        lease.lost = threading.Event()
+        renewer = LeaseRenewer(
+            lambda: self._renew(keys=[self.read_only_key(repository)], args=[owner, _ms(ttl)]) == 1,
+            ttl, lease.lost, repository,
+        )
+        renewer.start()
+        try:
+            yield lease
+        finally:
+            renewer.stop()
+            try:
+                self.clear_read_only(repository, owner)
+            except REDIS_DOWN as exc:
+                log.warning("could not release read-only lock of %s (expires in %.0fs): %s", repository, ttl, exc)
+
+    # --- cluster semaphores ------------------------------------------------------
+
+    @contextmanager
+    def cluster_slot(self, name: str, max_holders: int, ttl: float = 30.0) -> Iterator[Lease]:
+        """Hold one of ``max_holders`` slots of ``name`` across every process using this Redis.
+
+        Raises :class:`SlotUnavailable` when all are held and
+        :class:`regmw.errors.BackendUnavailable` when Redis cannot answer.
+        While held, the slot is renewed every ``ttl / 3``; ``lease.lost`` is set
+        if that fails, and the holder must then stop its work.
+        """
+        holders, fence = self._slot_keys(name)
+        owner = f"{default_owner()}:{uuid.uuid4().hex[:12]}"
+        try:
+            token = self._acquire_slot(keys=[holders, fence], args=[owner, max_holders, _ms(ttl)])
+        except REDIS_DOWN as exc:
+            raise BackendUnavailable(f"cannot take a slot of {name!r}: {exc}") from exc
+        if token is None:
+            raise SlotUnavailable(f"all {max_holders} slots of {name!r} are held")
+        lease = Lease(name, owner, int(token), ttl, threading.Event())
+        renewer = LeaseRenewer(
+            lambda: self._renew_slot(keys=[holders], args=[owner, _ms(ttl)]) == 1, ttl, lease.lost, name
+        )
+        renewer.start()
+        try:
+            yield lease
+        finally:
+            renewer.stop()
+            try:
+                self.client.zrem(holders, owner)
+            except REDIS_DOWN as exc:
+                log.warning("could not release slot of %s (expires in %.0fs): %s", name, ttl, exc)
+
+    def slot_holders(self, name: str) -> int:
+        """How many live holders ``name`` has now."""
+        return int(self._count_slots(keys=[self._slot_keys(name)[0]]))
