@@ -1,0 +1,325 @@
+"""A small reference registry: enough of the OCI distribution API for a real client.
+
+Why it exists: ``regmw demo`` and the tests need a registry application to put
+the middleware in front of, in-process, without Go or Docker. It is not a
+production registry (no auth, no garbage collection, sha256 only), but it
+speaks the protocol the way ``registry:2`` does, so ``skopeo copy`` pushes to
+and pulls from it, and it stores data in distribution's filesystem layout
+(:mod:`regmw.demo.layout`) so regmw's filesystem storage stat works on it.
+
+Endpoints (``<name>`` may contain slashes)::
+
+    GET        /v2/
+    HEAD, GET  /v2/<name>/blobs/<digest>                    (DELETE too)
+    POST       /v2/<name>/blobs/uploads/                    ?digest= (monolithic), ?mount=&from= (mount)
+    GET, PATCH, PUT, DELETE  /v2/<name>/blobs/uploads/<uuid>   PUT needs ?digest=
+    HEAD, GET, PUT, DELETE   /v2/<name>/manifests/<tag or digest>
+    GET        /v2/<name>/tags/list                         ?n=&last=
+
+Blob bodies are streamed in both directions (64 KiB at a time); only manifests
+(at most 4 MiB) are read whole. Errors are OCI error bodies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+from flask import Flask, Response, request, send_file
+
+from .layout import TAG_RE, Layout, append_stream, file_digest, parse_digest, valid_name
+
+MAX_MANIFEST = 4 * 1024 * 1024
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+# One pattern per resource, tried in order (uploads before blobs).
+_ROUTES = [
+    ("uploads", re.compile(r"(?P<name>.+)/blobs/uploads/(?P<ref>[^/]*)")),
+    ("blobs", re.compile(r"(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
+    ("manifests", re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
+    ("tags", re.compile(r"(?P<name>.+)/tags/(?P<ref>list)")),
+]
+_STATUS = {
+    "BLOB_UNKNOWN": 404, "BLOB_UPLOAD_UNKNOWN": 404, "MANIFEST_UNKNOWN": 404, "NAME_UNKNOWN": 404,
+    "DIGEST_INVALID": 400, "MANIFEST_INVALID": 400, "MANIFEST_BLOB_UNKNOWN": 400, "NAME_INVALID": 400,
+    "TAG_INVALID": 400, "SIZE_INVALID": 400, "BLOB_UPLOAD_INVALID": 400, "UNSUPPORTED": 405,
+}
+
+
+def oci_error(
+    code: str, message: str, detail: Any = None, status: int | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    """An OCI distribution error response: ``{"errors": [{"code", "message", "detail"}]}``."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        error["detail"] = detail
+    status = status or _STATUS.get(code, 400)
+    return Response(json.dumps({"errors": [error]}), status, mimetype="application/json", headers=headers)
+
+
+def create_app(root: str) -> Flask:
+    """A Flask app serving a registry stored under ``root`` (distribution's filesystem layout)."""
+    app = Flask("regmw.demo.registry")
+    app.config["REGISTRY_ROOT"] = os.path.abspath(root)
+    store = Layout(root)
+    handlers = _Handlers(store)
+
+    @app.after_request
+    def api_version(response: Response) -> Response:
+        response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+        if response.headers.get("Content-Length") == "0":
+            response.headers.remove("Content-Type")  # an empty answer has no type (Flask adds text/html)
+        return response
+
+    @app.route("/v2/", methods=["GET"])
+    def base() -> Response:
+        return Response("{}", 200, mimetype="application/json")
+
+    @app.route("/v2/<path:rest>", methods=["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"])
+    def api(rest: str) -> Response:
+        for resource, pattern in _ROUTES:
+            match = pattern.fullmatch(rest)
+            if match:
+                name, ref = match.group("name"), match.group("ref")
+                if not valid_name(name):
+                    return oci_error("NAME_INVALID", "invalid repository name", {"name": name[:256]})
+                handler = getattr(handlers, f"{resource}_{request.method.lower()}", None)
+                if handler is None:
+                    return oci_error("UNSUPPORTED", f"{request.method} is not supported on {resource}")
+                return handler(name, ref)
+        return oci_error("NAME_UNKNOWN", "unknown API path", {"path": rest[:256]}, status=404)
+
+    return app
+
+
+class _Handlers:
+    """One method per (resource, HTTP method); HEAD goes to the GET handler (Flask drops the body)."""
+
+    def __init__(self, store: Layout) -> None:
+        self.store = store
+
+    # --- blobs --------------------------------------------------------------
+
+    def blobs_get(self, name: str, digest: str) -> Response:
+        if parse_digest(digest) is None:
+            return oci_error("DIGEST_INVALID", "invalid digest", {"digest": digest[:128]})
+        path = self.store.linked_blob(name, digest)
+        if path is None:
+            return oci_error("BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest})
+        # send_file streams the file (wsgi.file_wrapper) and honours Range requests.
+        response = send_file(path, mimetype="application/octet-stream", conditional=True, etag=digest, max_age=0)
+        response.headers["Docker-Content-Digest"] = digest
+        response.headers.remove("Content-Disposition")
+        return response
+
+    blobs_head = blobs_get
+
+    def blobs_delete(self, name: str, digest: str) -> Response:
+        if self.store.linked_blob(name, digest) is None:
+            return oci_error("BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest[:128]})
+        os.unlink(self.store.layer_link(name, parse_digest(digest)))
+        return Response(status=202, headers={"Docker-Content-Digest": digest})
+
+    # --- uploads ------------------------------------------------------------
+
+    def uploads_post(self, name: str, ref: str) -> Response:
+        if ref:
+            return oci_error("UNSUPPORTED", "POST to an existing upload")
+        mount, source = request.args.get("mount"), request.args.get("from")
+        if mount and source and valid_name(source) and self.store.linked_blob(source, mount):
+            self.store.link_blob(name, mount)
+            return _blob_created(name, mount)
+        # A mount that cannot be served falls back to a new upload, as distribution does.
+        upload_id = self.store.start_upload(name)
+        digest = request.args.get("digest")
+        if digest is not None and not mount:
+            return self._finish(name, upload_id, digest)
+        return _upload_accepted(name, upload_id, 0)
+
+    def uploads_get(self, name: str, upload_id: str) -> Response:
+        data = self.store.upload_data(name, upload_id)
+        if data is None:
+            return _upload_unknown(upload_id)
+        return _upload_accepted(name, upload_id, os.path.getsize(data), status=204)
+
+    def uploads_patch(self, name: str, upload_id: str) -> Response:
+        data = self.store.upload_data(name, upload_id)
+        if data is None:
+            return _upload_unknown(upload_id)
+        size = os.path.getsize(data)
+        content_range = request.headers.get("Content-Range")
+        if content_range:
+            match = re.fullmatch(r"(?:bytes[ =])?(\d+)-(\d+)", content_range.strip())
+            if match is None or int(match.group(1)) != size:
+                return oci_error("BLOB_UPLOAD_INVALID", "content range does not continue the upload",
+                                 {"range": content_range[:64]}, 416, _upload_headers(name, upload_id, size))
+        size += append_stream(data, request.stream, request.content_length)
+        return _upload_accepted(name, upload_id, size)
+
+    def uploads_put(self, name: str, upload_id: str) -> Response:
+        if self.store.upload_data(name, upload_id) is None:
+            return _upload_unknown(upload_id)
+        return self._finish(name, upload_id, request.args.get("digest"))
+
+    def uploads_delete(self, name: str, upload_id: str) -> Response:
+        if self.store.upload_data(name, upload_id) is None:
+            return _upload_unknown(upload_id)
+        self.store.end_upload(name, upload_id)
+        return Response(status=204)
+
+    def _finish(self, name: str, upload_id: str, digest: str | None) -> Response:
+        """Append the request body, verify the digest, move the data into the blob store."""
+        data = self.store.upload_data(name, upload_id)
+        if not digest or parse_digest(digest) is None:
+            return oci_error("DIGEST_INVALID", "a sha256 digest parameter is required", {"digest": (digest or "")[:128]})
+        append_stream(data, request.stream, request.content_length)
+        actual = file_digest(data)
+        if actual != digest:
+            self.store.end_upload(name, upload_id)
+            return oci_error("DIGEST_INVALID", "provided digest did not match uploaded content",
+                             {"expected": digest, "actual": actual})
+        self.store.commit(name, data, digest)
+        self.store.end_upload(name, upload_id)
+        return _blob_created(name, digest)
+
+    # --- manifests ----------------------------------------------------------
+
+    def manifests_get(self, name: str, reference: str) -> Response:
+        digest = self._resolve(name, reference)
+        if digest is None:
+            return oci_error("MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "reference": reference[:128]})
+        with open(self.store.blob_data(parse_digest(digest)), "rb") as handle:
+            body = handle.read()
+        return Response(body, 200, content_type=_media_type(body), headers={"Docker-Content-Digest": digest, "ETag": f'"{digest}"'})
+
+    manifests_head = manifests_get
+
+    def manifests_put(self, name: str, reference: str) -> Response:
+        if ":" not in reference and TAG_RE.fullmatch(reference) is None:
+            return oci_error("TAG_INVALID", "manifest tag is invalid", {"tag": reference[:128]})
+        body = request.stream.read(MAX_MANIFEST + 1)
+        if len(body) > MAX_MANIFEST:
+            return oci_error("MANIFEST_INVALID", "manifest is larger than 4 MiB", status=413)
+        try:
+            manifest = json.loads(body)
+        except ValueError as exc:
+            return oci_error("MANIFEST_INVALID", f"manifest is not JSON: {exc}")
+        if not isinstance(manifest, dict):
+            return oci_error("MANIFEST_INVALID", "manifest is not a JSON object")
+        missing = self._missing_references(name, manifest)
+        if missing:
+            return oci_error("MANIFEST_BLOB_UNKNOWN", "manifest references unknown content", {"digest": missing})
+        digest = self.store.put_content(body)
+        if ":" in reference and reference != digest:
+            return oci_error("DIGEST_INVALID", "manifest digest does not match its reference",
+                             {"expected": reference[:128], "actual": digest})
+        hex_ = parse_digest(digest)
+        self.store.write_link(self.store.revision_link(name, hex_), digest)
+        if ":" not in reference:
+            self.store.write_link(self.store.tag_index(name, reference, hex_), digest)
+            self.store.write_link(self.store.tag_current(name, reference), digest)
+        return Response(status=201, headers={
+            "Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest, "Content-Length": "0",
+        })
+
+    def manifests_delete(self, name: str, reference: str) -> Response:
+        digest = self._resolve(name, reference)
+        if digest is None:
+            return oci_error("MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "reference": reference[:128]})
+        if ":" in reference:
+            # Deleting a manifest removes it and every tag pointing at it.
+            os.unlink(self.store.revision_link(name, parse_digest(digest)))
+            for tag in self._tags(name):
+                if self.store.read_link(self.store.tag_current(name, tag)) == digest:
+                    _remove_tree(os.path.join(self.store.tags_dir(name), tag))
+        else:
+            _remove_tree(os.path.join(self.store.tags_dir(name), reference))
+        return Response(status=202)
+
+    def _resolve(self, name: str, reference: str) -> str | None:
+        """The digest a tag or digest reference names in ``name``, if the manifest exists."""
+        if ":" in reference:
+            hex_ = parse_digest(reference)
+            if hex_ is None or self.store.read_link(self.store.revision_link(name, hex_)) != reference:
+                return None
+            return reference
+        if TAG_RE.fullmatch(reference) is None:
+            return None
+        return self.store.read_link(self.store.tag_current(name, reference))
+
+    def _missing_references(self, name: str, manifest: dict) -> list[str]:
+        missing = []
+        for child in manifest.get("manifests") or ():
+            digest = str(child.get("digest", ""))
+            if self._resolve(name, digest) is None:
+                missing.append(digest)
+        blobs = [manifest["config"]] if isinstance(manifest.get("config"), dict) else []
+        for layer in [*blobs, *(manifest.get("layers") or ())]:
+            digest = str(layer.get("digest", ""))
+            if not layer.get("urls") and self.store.linked_blob(name, digest) is None:
+                missing.append(digest)
+        return missing
+
+    # --- tags ---------------------------------------------------------------
+
+    def tags_get(self, name: str, _: str) -> Response:
+        tags = self._tags(name)
+        if not tags and not os.path.isdir(self.store.repo(name)):
+            return oci_error("NAME_UNKNOWN", "repository name not known to registry", {"name": name})
+        last = request.args.get("last")
+        if last:
+            tags = [tag for tag in tags if tag > last]
+        headers = {}
+        n = request.args.get("n", type=int)
+        if n is not None and 0 <= n < len(tags):
+            tags = tags[:n]
+            headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[-1] if tags else ""}>; rel="next"'
+        return Response(json.dumps({"name": name, "tags": tags}), 200, mimetype="application/json", headers=headers)
+
+    def _tags(self, name: str) -> list[str]:
+        try:
+            entries = os.listdir(self.store.tags_dir(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(tag for tag in entries if os.path.exists(self.store.tag_current(name, tag)))
+
+
+def _media_type(body: bytes) -> str:
+    """The manifest's own ``mediaType``, as distribution answers; OCI types when it has none."""
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        return OCI_MANIFEST
+    media_type = manifest.get("mediaType") if isinstance(manifest, dict) else None
+    if isinstance(media_type, str) and media_type:
+        return media_type
+    return OCI_INDEX if isinstance(manifest, dict) and "manifests" in manifest else OCI_MANIFEST
+
+
+def _blob_created(name: str, digest: str) -> Response:
+    return Response(status=201, headers={
+        "Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest, "Content-Length": "0",
+    })
+
+
+def _upload_headers(name: str, upload_id: str, size: int) -> dict[str, str]:
+    return {
+        "Location": f"/v2/{name}/blobs/uploads/{upload_id}",
+        "Range": f"0-{max(0, size - 1)}",
+        "Docker-Upload-UUID": upload_id,
+    }
+
+
+def _upload_accepted(name: str, upload_id: str, size: int, status: int = 202) -> Response:
+    return Response(status=status, headers={**_upload_headers(name, upload_id, size), "Content-Length": "0"})
+
+
+def _upload_unknown(upload_id: str) -> Response:
+    return oci_error("BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry", {"uuid": upload_id[:64]})
+
+
+def _remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

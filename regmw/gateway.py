@@ -1,0 +1,390 @@
+"""Run regmw as a gateway: a streaming WSGI reverse proxy to existing registries.
+
+Why: a registry fleet that cannot host the middleware in-process (a Go
+registry, a vendor appliance) still gets classification, rate limits and
+read-only locks by putting ``RegistryMiddleware(Gateway(...))`` in front of it.
+During a storage migration there are two upstreams, and the middleware's
+``apps={"old": ..., "new": ...}`` dispatch picks one per request from
+``context.migration_path``; :func:`create_gateway` builds exactly that from the
+``[gateway]`` configuration section declared here.
+
+What the proxy guarantees, because registry clients depend on it:
+
+* bodies stream both ways, 64 KiB at a time, whether the client sent a
+  Content-Length or ``Transfer-Encoding: chunked`` (a layer push is never
+  held in memory);
+* method, path and the raw query string pass unchanged (the ``?_state=``
+  token in a PATCH Location must survive), hop-by-hop headers are dropped;
+* the client's Host is forwarded, so the upstream builds Location headers that
+  point back at the gateway; any Location that still names the upstream is
+  rewritten to the gateway;
+* an unreachable upstream answers 502, a timeout 504, both with an OCI error
+  body (code ``UNAVAILABLE``), never a traceback.
+
+Connections come from a small keep-alive pool per upstream (standard library
+``http.client`` only, so the core stays light).
+"""
+from __future__ import annotations
+
+import http.client
+import logging
+import select
+import ssl
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from .config import Option, Section
+from .errors import ConfigError, Refusal
+from .plugins import hookimpl
+
+log = logging.getLogger("regmw.gateway")
+
+CHUNK = 64 * 1024
+
+#: Headers that describe one connection, not the message (RFC 9110 7.6.1), and
+#: ``Expect`` (http.client cannot do 100-continue; the WSGI server already did).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect",
+})
+#: Set by the WSGI server that answers the client; forwarding them would duplicate them.
+_SERVER_SET = frozenset({"date", "server"})
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer in time."""
+
+    def __init__(self, message: str, timed_out: bool) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to one upstream, shared by all threads.
+
+    At most ``size`` idle connections are kept; a request that finds none opens
+    a new one. A connection is returned only after its response was read to the
+    end and the upstream did not ask to close it.
+    """
+
+    def __init__(self, scheme: str, host: str, port: int, timeout: float, size: int = 16,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.scheme, self.host, self.port = scheme, host, port
+        self.timeout = timeout
+        self.size = size
+        self.ssl_context = ssl_context
+        self._idle: deque[http.client.HTTPConnection] = deque()
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection and whether it was reused (a reused one may have been closed upstream)."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._new(), False
+            if _alive(conn):
+                return conn, True
+            conn.close()
+
+    def put(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self.size:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = list(self._idle), deque()
+        for conn in idle:
+            conn.close()
+
+    def _new(self) -> http.client.HTTPConnection:
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ssl_context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+
+def _alive(conn: http.client.HTTPConnection) -> bool:
+    """An idle connection is dead if its socket is readable (EOF or stray bytes)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+class Gateway:
+    """A WSGI app that forwards every request to ``upstream`` (``http(s)://host:port[/prefix]``)."""
+
+    def __init__(self, upstream: str, *, timeout: float = 60.0, pool_size: int = 16,
+                 preserve_host: bool = True, verify_tls: bool = True) -> None:
+        parts = urlsplit(upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"gateway upstream must be an http(s) URL with a host, not {upstream!r}")
+        self.upstream = upstream
+        self.netloc = parts.netloc
+        self.prefix = parts.path.rstrip("/")
+        self.preserve_host = preserve_host
+        context = None
+        if parts.scheme == "https":
+            context = ssl.create_default_context()
+            if not verify_tls:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.pool = ConnectionPool(parts.scheme, parts.hostname, port, timeout, pool_size, context)
+
+    def __repr__(self) -> str:
+        return f"<Gateway {self.upstream}>"
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        target = self._target(environ)
+        headers = self._request_headers(environ)
+        body = _RequestBody(environ, method)
+        try:
+            conn, response = self._exchange(method, target, headers, body)
+        except UpstreamError as exc:
+            log.warning("gateway %s %s -> %s: %s", method, target, self.netloc, exc)
+            if exc.timed_out:
+                refusal = Refusal(504, "UNAVAILABLE", "upstream registry did not answer in time")
+            else:
+                refusal = Refusal(502, "UNAVAILABLE", "upstream registry is unreachable")
+            return refusal(environ, start_response)
+        except _ClientGone:
+            return Refusal(400, "UNKNOWN", "request body ended before its Content-Length")(environ, start_response)
+        status = f"{response.status} {response.reason or _phrase(response.status)}"
+        start_response(status, self._response_headers(environ, response))
+        return _ResponseBody(self.pool, conn, response)
+
+    # --- request ------------------------------------------------------------
+
+    def _target(self, environ: dict) -> str:
+        # PATH_INFO is decoded (latin-1 code points for bytes); quote it back the way a client sends it.
+        raw = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1")
+        target = self.prefix + quote(raw, safe="/:@!$&'()*+,;=~")
+        query = environ.get("QUERY_STRING")
+        return f"{target}?{query}" if query else target  # the raw query, untouched
+
+    def _request_headers(self, environ: dict) -> list[tuple[str, str]]:
+        named_hops = {item.strip().lower() for item in environ.get("HTTP_CONNECTION", "").split(",")}
+        headers: list[tuple[str, str]] = []
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                name = key[5:].replace("_", "-").title()
+            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                name = key.replace("_", "-").title()
+            else:
+                continue
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in named_hops or lower in ("host", "content-length") or not value:
+                continue
+            headers.append((name, value))
+        headers.append(("Host", environ.get("HTTP_HOST") if self.preserve_host and environ.get("HTTP_HOST") else self.netloc))
+        peer = environ.get("REMOTE_ADDR")
+        if peer:
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+            headers = [(n, v) for n, v in headers if n != "X-Forwarded-For"]
+            headers.append(("X-Forwarded-For", f"{forwarded}, {peer}" if forwarded else peer))
+        if "HTTP_X_FORWARDED_PROTO" not in environ:
+            headers.append(("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http")))
+        return headers
+
+    def _exchange(self, method: str, target: str, headers: list[tuple[str, str]], body: _RequestBody):
+        """Send the request and read the response head; retry once on a stale pooled connection."""
+        for attempt in (1, 2):
+            conn, reused = self.pool.get()
+            try:
+                conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+                for name, value in headers:
+                    conn.putheader(name, value)
+                body.send(conn)
+                return conn, conn.getresponse()
+            except _ClientGone:
+                conn.close()
+                raise
+            except TimeoutError as exc:
+                conn.close()
+                raise UpstreamError(f"timed out: {exc}", timed_out=True) from None
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                # A keep-alive connection the upstream closed meanwhile: replay if nothing was consumed.
+                if attempt == 1 and reused and not body.consumed:
+                    continue
+                raise UpstreamError(f"{type(exc).__name__}: {exc}", timed_out=False) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- response -----------------------------------------------------------
+
+    def _response_headers(self, environ: dict, response: http.client.HTTPResponse) -> list[tuple[str, str]]:
+        named_hops = {item.strip().lower() for item in (response.getheader("Connection") or "").split(",")}
+        headers = []
+        for name, value in response.getheaders():
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in named_hops or lower in _SERVER_SET:
+                continue
+            if lower == "location":
+                value = self._rewrite_location(environ, value)
+            headers.append((name, value))
+        return headers
+
+    def _rewrite_location(self, environ: dict, location: str) -> str:
+        """Point a Location that names the upstream back at the gateway (query kept as is)."""
+        parts = urlsplit(location)
+        if not parts.netloc or parts.netloc != self.netloc:
+            return location
+        path = parts.path
+        if self.prefix and path.startswith(self.prefix + "/"):
+            path = path[len(self.prefix):]
+        host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
+        scheme = environ.get("wsgi.url_scheme", "http")
+        return f"{scheme}://{host}{path}" + (f"?{parts.query}" if parts.query else "")
+
+
+class _ClientGone(Exception):
+    """The client's request body ended early: nothing useful can be forwarded."""
+
+
+class _RequestBody:
+    """The client's body, forwarded as it arrives: fixed length, chunked, or none."""
+
+    def __init__(self, environ: dict, method: str) -> None:
+        self.stream = environ.get("wsgi.input")
+        self.consumed = False
+        try:
+            self.length: int | None = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            self.length = 0
+        self.chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if self.chunked:
+            self.length = None
+        self.announce = self.chunked or self.length or method in ("POST", "PUT", "PATCH")
+
+    def send(self, conn: http.client.HTTPConnection) -> None:
+        if self.chunked:
+            conn.putheader("Transfer-Encoding", "chunked")
+        elif self.announce:
+            conn.putheader("Content-Length", str(self.length))
+        conn.endheaders()
+        if self.chunked:
+            for chunk in self._chunks():
+                conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            conn.send(b"0\r\n\r\n")
+        elif self.length:
+            for chunk in self._chunks():
+                conn.send(chunk)
+
+    def _chunks(self) -> Iterator[bytes]:
+        remaining = self.length
+        while remaining is None or remaining > 0:
+            chunk = self.stream.read(CHUNK if remaining is None else min(CHUNK, remaining))
+            if not chunk:
+                if remaining:
+                    raise _ClientGone()
+                return
+            self.consumed = True
+            if remaining is not None:
+                remaining -= len(chunk)
+            yield chunk
+
+
+class _ResponseBody:
+    """The upstream's body as a WSGI iterable; gives the connection back to the pool when read to the end."""
+
+    def __init__(self, pool: ConnectionPool, conn: http.client.HTTPConnection, response: http.client.HTTPResponse):
+        self.pool, self.conn, self.response = pool, conn, response
+        self.done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = self.response.read(CHUNK)
+            except (OSError, http.client.HTTPException):
+                # Headers are out: the only honest signal left is a broken body.
+                log.warning("gateway: upstream body failed mid-stream", exc_info=True)
+                raise
+            if not chunk:
+                self.done = True
+                return
+            yield chunk
+
+    def close(self) -> None:
+        if self.done and not self.response.will_close:
+            self.response.close()
+            self.pool.put(self.conn)
+        else:
+            self.conn.close()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+# --- configuration ---------------------------------------------------------
+
+_URL = ("http", "https")
+
+SECTION = Section(
+    "gateway",
+    "Gateway mode (`regmw serve` in front of existing registries): where requests are proxied.",
+    {
+        "upstream": Option("url", None, "The registry every request goes to (and, during a migration, requests "
+                                        "that are not about one repository, such as `/v2/`).", schemes=_URL),
+        "old_upstream": Option("url", None, "During a migration: the registry serving repositories classified `old`.",
+                               schemes=_URL),
+        "new_upstream": Option("url", None, "During a migration: the registry serving repositories classified `new`.",
+                               schemes=_URL),
+        "timeout": Option("float", 60.0, "Seconds to wait for the upstream to connect or to send the next bytes; "
+                                         "then 504.", minimum=0.01),
+        "pool_size": Option("int", 16, "Idle keep-alive connections kept per upstream.", minimum=0),
+        "preserve_host": Option("bool", True, "Forward the client's Host header, so the upstream's Location headers "
+                                              "name the gateway."),
+        "verify_tls": Option("bool", True, "Verify https upstreams' certificates."),
+    },
+)
+
+
+@hookimpl
+def regmw_config_sections():
+    return [SECTION]
+
+
+def create_gateway(config: Any) -> tuple[Gateway, dict[str, Gateway]]:
+    """Build ``(app, apps)`` for ``RegistryMiddleware(app, runtime, apps=apps)`` from ``[gateway]``.
+
+    ``config`` is a validated :class:`~regmw.config.Config` (or a Runtime, or a
+    mapping with a ``gateway`` table). With only ``upstream``, ``apps`` is
+    empty. With ``old_upstream`` and ``new_upstream``, ``apps`` maps ``old`` and
+    ``new`` to them and ``app`` (for unclassified requests) is ``upstream``, or
+    the old one when no ``upstream`` is given.
+    """
+    config = getattr(config, "config", config)
+    section: Mapping[str, Any] = config["gateway"]
+    options = {key: section.get(key, SECTION.options[key].default)
+               for key in ("timeout", "pool_size", "preserve_host", "verify_tls")}
+    old, new, upstream = section.get("old_upstream"), section.get("new_upstream"), section.get("upstream")
+    if bool(old) != bool(new):
+        missing = "gateway.new_upstream" if old else "gateway.old_upstream"
+        raise ConfigError(f"{missing} is required when the other of old_upstream/new_upstream is set")
+    if not (upstream or old):
+        raise ConfigError("gateway.upstream (or gateway.old_upstream and gateway.new_upstream) is required to run a gateway")
+    apps: dict[str, Gateway] = {}
+    if old:
+        apps = {"old": Gateway(old, **options), "new": Gateway(new, **options)}
+    app = Gateway(upstream, **options) if upstream else apps["old"]
+    return app, apps

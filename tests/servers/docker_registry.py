@@ -1,0 +1,69 @@
+"""A real registry (distribution v2.8, Debian's ``docker-registry``) on a free port, owned by the test run.
+
+Filesystem storage in a temp dir, deletes enabled; started with
+``docker-registry serve CONFIG.yml`` and stopped by PID. Without the binary the
+fixture uses ``REGMW_TEST_REGISTRY_URL`` (then ``root`` is None), else skips
+(fails under ``REGMW_REQUIRE_SERVICES=1``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ._util import free_port, stop, unavailable, wait_for_port
+
+CONFIG = """\
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {root}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+"""
+
+
+@dataclass
+class DockerRegistry:
+    url: str
+    port: int
+    root: Path | None
+    proc: subprocess.Popen | None = None
+
+
+@pytest.fixture
+def docker_registry(tmp_path):
+    """A fresh ``docker-registry`` with its own storage root; killed at teardown."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        url = os.environ.get("REGMW_TEST_REGISTRY_URL")
+        if not url:
+            unavailable("docker-registry not on PATH (apt-get install docker-registry) and REGMW_TEST_REGISTRY_URL unset")
+        yield DockerRegistry(url.rstrip("/"), int(url.rsplit(":", 1)[1].split("/")[0]), None)
+        return
+    root = tmp_path / "registry-storage"
+    root.mkdir()
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(CONFIG.format(root=root, port=port))
+    log = open(tmp_path / "registry.log", "wb")
+    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc=proc)
+        yield DockerRegistry(f"http://127.0.0.1:{port}", port, root, proc)
+    finally:
+        stop(proc)
+        log.close()
