@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.local_locks",
     "regmw.defaults.ratelimit",
     "regmw.defaults.filesystem",
+    "regmw.gateway",
 )
 
 
