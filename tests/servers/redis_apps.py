@@ -1,0 +1,136 @@
+"""Test apps and process workers for the Redis plugin's tests (importable, so ``spawn`` can run them).
+
+``make_middleware(url)`` builds the real middleware with ``[regmw] plugins = ["redis"]``
+in front of :func:`registry_app`, a stand-in registry that answers 200/201 and,
+when ``REGMW_TEST_ADMITTED`` names a Redis URL, counts every request it was
+actually given (``test:admitted:<METHOD>``) so tests see what got through.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+from werkzeug.test import Client
+
+from regmw import RegistryMiddleware, hookimpl, repository_key
+
+
+_clients: dict[str, redis.Redis] = {}
+
+
+def registry_app(environ: dict, start_response) -> list[bytes]:
+    url = environ.get("regmw.test.admitted_url")
+    if url:
+        if url not in _clients:
+            _clients[url] = redis.Redis.from_url(url)
+        _clients[url].incr(f"test:admitted:{environ['REQUEST_METHOD']}")
+    status = "201 Created" if environ["REQUEST_METHOD"] in ("PUT", "POST") else "200 OK"
+    start_response(status, [("Content-Type", "application/json")])
+    return [b"{}"]
+
+
+def class_key(context: Any) -> str | None:
+    """The classification cache key the migration plugin would read (a stand-in)."""
+    return repository_key(context.repository, "class") if context.repository else None
+
+
+class PrefetchClassification:
+    """A tiny plugin: registers :func:`class_key` for prefetch, as the migration plugin does."""
+
+    @hookimpl
+    def regmw_startup(self, services):
+        services.prefetch.append(class_key)
+
+
+def redis_config(url: str, **sections: dict) -> dict:
+    config: dict[str, dict] = {
+        "regmw": {"plugins": ["redis"], "entry_points": False},
+        "redis": {"url": url, "socket_timeout": 0.5, "connect_timeout": 0.5},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+def make_middleware(url: str, prefetch: bool = True, admitted_url: str | None = None, **sections: dict) -> RegistryMiddleware:
+    app = registry_app
+    if admitted_url:
+        def app(environ, start_response):  # noqa: F811 - the counting variant
+            environ["regmw.test.admitted_url"] = admitted_url
+            return registry_app(environ, start_response)
+    plugins = [PrefetchClassification()] if prefetch else []
+    return RegistryMiddleware(app, redis_config(url, **sections), plugins=plugins, environ={})
+
+
+# --- process workers (run under multiprocessing "spawn") ------------------------
+
+
+def ratelimit_worker(url: str, hot_path: str, rule: dict, requests: int, results) -> None:
+    middleware = make_middleware(url, redis={"hot_path": hot_path}, ratelimit={"rules": [rule]})
+    client = Client(middleware)
+    statuses = Counter(client.get("/v2/team/app/manifests/latest").status_code for _ in range(requests))
+    results.put(dict(statuses))
+
+
+def readonly_holder(url: str, repository: str, ttl: float, ready, release) -> None:
+    from regmw_redis.connection import redis_client
+
+    middleware = make_middleware(url, prefetch=False)
+    locks = middleware.services.locks
+    with locks.hold_read_only(repository, ttl, owner="holder-process"):
+        redis_client(middleware.runtime.config).set("test:holder:pid", os.getpid())
+        ready.set()
+        release.wait(120)  # until the test SIGKILLs us (or gives up)
+
+
+def writer(url: str, repository: str, requests: int, results) -> None:
+    middleware = make_middleware(url, prefetch=False, admitted_url=url)
+    client = Client(middleware)
+    statuses: Counter = Counter()
+    for _ in range(requests):
+        response = client.put(f"/v2/{repository}/manifests/latest", data=b"{}")
+        statuses[response.status_code] += 1
+        if response.status_code == 503:
+            assert response.json["errors"][0]["code"] == "UNAVAILABLE"
+            assert response.headers["Retry-After"].isdigit()
+    results.put(dict(statuses))
+
+
+def slot_worker(url: str, name: str, max_holders: int, successes: int, attempts: int, results) -> None:
+    """Take ``name``'s slot ``successes`` times; inside, count holders in Redis and wait for company."""
+    from regmw_redis.locks import SlotUnavailable
+
+    middleware = make_middleware(url, prefetch=False)
+    locks = middleware.services.locks
+    r = redis.Redis.from_url(url)
+    done = refused = 0
+    peak = 0
+    for _ in range(attempts):
+        if done >= successes:
+            break
+        try:
+            with locks.cluster_slot(name, max_holders, ttl=10):
+                inside = r.incr("test:slot:inside")
+                peak = max(peak, inside)
+                r.execute_command("WAIT", 0, 0)  # a round trip of "work"
+                for _ in range(200):  # stay a little, so holders overlap (bounded)
+                    now = int(r.get("test:slot:inside") or 0)
+                    peak = max(peak, now)
+                    if now >= max_holders:
+                        break
+                r.decr("test:slot:inside")
+                done += 1
+        except SlotUnavailable:
+            refused += 1
+            time.sleep(0.001)  # back off before retrying (not a timing assertion)
+    results.put({"done": done, "refused": refused, "peak": peak})
+
+
+def slot_holder(url: str, name: str, ttl: float, ready, release) -> None:
+    middleware = make_middleware(url, prefetch=False)
+    with middleware.services.locks.cluster_slot(name, 1, ttl=ttl):
+        ready.set()
+        release.wait(120)
