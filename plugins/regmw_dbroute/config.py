@@ -1,0 +1,169 @@
+"""The ``[database]`` section and the settings object the router is built from.
+
+Everything that can be wrong with it is found at start-up: URLs are checked by
+the schema, and :func:`settings_from_config` checks the one cross-field rule
+the read-your-writes guarantee rests on (see ``lsn_ttl``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from regmw.config import Option, Section
+from regmw.errors import ConfigError
+
+PG_SCHEMES = ("postgresql", "postgresql+psycopg2", "postgres")
+
+
+def _check_urls(urls: list[str]) -> list[str]:
+    from urllib.parse import urlsplit
+
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in PG_SCHEMES or not parts.netloc:
+            raise ValueError(f"{url!r} is not a postgresql:// URL")
+    return urls
+
+
+SECTION = Section(
+    "database",
+    "Database routing (plugin `dbroute`): writes to the primary, reads to an up-to-date replica.",
+    {
+        "primary": Option(
+            "url", None,
+            "SQLAlchemy URL of the primary (`postgresql://user:pass@host:5432/db`). Every write goes here.",
+            required=True, schemes=PG_SCHEMES,
+        ),
+        "replicas": Option(
+            "list", [],
+            "SQLAlchemy URLs of the streaming replicas that may serve reads. Empty: everything goes to the primary.",
+            check=_check_urls,
+        ),
+        "discovery": Option(
+            "str", "static",
+            "Where the replica list comes from: `static` = the `replicas` option. The router asks its discovery "
+            "again at every health check, so a DNS-based discovery can be added without touching routing.",
+            choices=("static",),
+        ),
+        "pool_size": Option("int", 5, "Connections kept open per database by the request pools.", minimum=1),
+        "max_overflow": Option("int", 10, "Extra connections a request pool may open under load.", minimum=0),
+        "pool_timeout": Option(
+            "float", 5.0, "Seconds a request waits for a free pooled connection before failing.", minimum=0.1
+        ),
+        "pool_recycle": Option(
+            "float", 1800.0, "Seconds after which a pooled connection is replaced (survives idle-killing proxies).",
+            minimum=1,
+        ),
+        "pre_ping": Option(
+            "bool", True,
+            "Test a pooled replica connection before handing it out, so a restarted replica costs a retry "
+            "on the next connection, not an error in the app.",
+        ),
+        "connect_timeout": Option(
+            "int", 2,
+            "libpq `connect_timeout` in seconds (libpq treats 1 as 2). Bounds how long a request, the health "
+            "check or the write-position recording waits for a dead server.",
+            minimum=1,
+        ),
+        "statement_timeout": Option(
+            "float", 30.0, "Server-side `statement_timeout` in seconds for routed connections; 0 = none.", minimum=0
+        ),
+        "health_interval": Option(
+            "float", 1.0, "Seconds between two health checks of the primary and every replica.", minimum=0.05
+        ),
+        "max_byte_lag": Option(
+            "int", 16 * 1024 * 1024,
+            "A replica whose replay position is more than this many WAL bytes behind the primary is quarantined.",
+            minimum=0,
+        ),
+        "max_replay_lag": Option(
+            "float", 30.0,
+            "A replica that has not replayed WAL the primary wrote this many seconds ago is quarantined.",
+            minimum=0,
+        ),
+        "failure_threshold": Option(
+            "int", 3, "Consecutive failed checks or connections after which a replica is quarantined.", minimum=1
+        ),
+        "reintegrate_after": Option(
+            "int", 2, "Consecutive good health checks a quarantined replica needs before it serves reads again.",
+            minimum=1,
+        ),
+        "replay_position_max_age": Option(
+            "float", 0.05,
+            "Seconds a replica's replay position read on the request path is reused before it is asked again. "
+            "A replica is only chosen for a repository with a recorded write when a known position has reached it.",
+            minimum=0,
+        ),
+        "lsn_ttl": Option(
+            "float", 600.0,
+            "Seconds a repository's recorded write position is kept. Must exceed max_replay_lag + "
+            "3 × health_interval: a replica that still lacks an expired position would have been quarantined.",
+            minimum=1,
+        ),
+        "store": Option(
+            "str", "auto",
+            "Where write positions are shared: `auto` = Redis when the `redis` plugin is enabled or `store_url` "
+            "is set, else `memory` (one process only); `redis`; `memory`.",
+            choices=("auto", "redis", "memory"),
+        ),
+        "store_url": Option(
+            "str", "",
+            "Redis URL for the position store when the `redis` plugin does not provide the connection.",
+        ),
+        "store_timeout": Option(
+            "float", 0.25, "Socket timeout in seconds of the position store's own Redis connection.", minimum=0.01
+        ),
+        "store_retry": Option(
+            "float", 1.0,
+            "After a store error, seconds during which reads go straight to the primary without trying the store.",
+            minimum=0,
+        ),
+    },
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated ``[database]`` section as attributes (see :data:`SECTION` for meanings)."""
+
+    primary: str
+    replicas: tuple[str, ...]
+    discovery: str
+    pool_size: int
+    max_overflow: int
+    pool_timeout: float
+    pool_recycle: float
+    pre_ping: bool
+    connect_timeout: int
+    statement_timeout: float
+    health_interval: float
+    max_byte_lag: int
+    max_replay_lag: float
+    failure_threshold: int
+    reintegrate_after: int
+    replay_position_max_age: float
+    lsn_ttl: float
+    store: str
+    store_url: str
+    store_timeout: float
+    store_retry: float
+
+    @property
+    def health_staleness(self) -> float:
+        """A replica whose last good check is older than this is not used (the checker may be stuck)."""
+        return 3 * self.health_interval + self.connect_timeout
+
+
+def settings_from_config(section: Mapping[str, Any]) -> Settings:
+    values = dict(section)
+    values["replicas"] = tuple(values.get("replicas") or ())
+    settings = Settings(**values)
+    floor = settings.max_replay_lag + settings.health_staleness
+    if settings.lsn_ttl <= floor:
+        raise ConfigError(
+            f"database.lsn_ttl: must exceed max_replay_lag + 3 × health_interval + connect_timeout "
+            f"(= {floor:g}s), or a replica could serve a read of a write whose position already expired "
+            f"(got {settings.lsn_ttl:g})"
+        )
+    return settings

@@ -1,0 +1,195 @@
+"""Where the WAL position of each repository's latest write is shared.
+
+Two implementations of one small interface, :class:`PositionStore`:
+
+* :class:`RedisPositionStore`: shared by every instance. ``advance`` is a Lua
+  compare-and-set that keeps the MAXIMUM position (two writes finishing out of
+  order never move a repository's position backwards) and refreshes the TTL.
+* :class:`MemoryPositionStore`: one process (the embedded default), same
+  semantics under a lock.
+
+Besides per-repository positions, a store has a *floor* and an *epoch marker*.
+A store that lost its data (a Redis restart without persistence, a fresh
+process) has no marker; the router then records the primary's current position
+as the floor before trusting the store, so writes whose positions were lost are
+still covered: a read needs a replica that reached max(repository position, floor).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from regmw.backends import repository_key
+
+from .lsn import from_key, to_key
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not answer; the router then never trusts a replica for the read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """What the store knows for one repository."""
+
+    repository: int | None  # the latest recorded write position, if any
+    floor: int | None  # the position recorded when the store was (re)initialised
+    initialized: bool  # False: the store lost its data (or is new); set a floor first
+
+    @property
+    def required(self) -> int | None:
+        values = [value for value in (self.repository, self.floor) if value]
+        return max(values) if values else None
+
+
+@runtime_checkable
+class PositionStore(Protocol):
+    """Shared write positions. Every method raises :class:`StoreUnavailable` on failure."""
+
+    def get(self, repository: str | None) -> Positions: ...
+
+    def advance(self, repository: str, lsn: int, ttl: float) -> int: ...
+
+    def initialize(self, floor: int, ttl: float) -> None: ...
+
+
+class MemoryPositionStore:
+    """In-process positions: correct for one process, which is all it can see."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._positions: dict[str, tuple[int, float]] = {}
+        self._floor: tuple[int, float] | None = None
+        self._initialized = False
+        self._lock = threading.Lock()
+        self._sweep_at = 0.0
+
+    def get(self, repository: str | None) -> Positions:
+        now = time.monotonic()
+        entry = self._positions.get(repository) if repository else None
+        floor = self._floor
+        return Positions(
+            entry[0] if entry and entry[1] > now else None,
+            floor[0] if floor and floor[1] > now else None,
+            self._initialized,
+        )
+
+    def advance(self, repository: str, lsn: int, ttl: float) -> int:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._positions.get(repository)
+            current = entry[0] if entry and entry[1] > now else 0
+            kept = max(current, lsn)
+            self._positions[repository] = (kept, now + ttl)
+            if now >= self._sweep_at:  # bounded memory: drop expired entries now and then
+                self._sweep_at = now + ttl
+                for key in [key for key, (_, expires) in self._positions.items() if expires <= now]:
+                    del self._positions[key]
+            return kept
+
+    def initialize(self, floor: int, ttl: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            current = self._floor[0] if self._floor and self._floor[1] > now else 0
+            self._floor = (max(current, floor), now + ttl)
+            self._initialized = True
+
+
+# KEYS[1] = position key; ARGV[1] = 16-hex-digit LSN, ARGV[2] = TTL in ms.
+# Compares the two 32-bit halves as numbers: exact, unlike one Lua double.
+_ADVANCE = """
+local current = redis.call('GET', KEYS[1])
+local function greater(a, b)
+  local ah, bh = tonumber(string.sub(a, 1, 8), 16), tonumber(string.sub(b, 1, 8), 16)
+  if ah ~= bh then return ah > bh end
+  return tonumber(string.sub(a, 9, 16), 16) > tonumber(string.sub(b, 9, 16), 16)
+end
+if (not current) or string.len(current) ~= 16 or greater(ARGV[1], current) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return current
+"""
+
+
+class RedisPositionStore:
+    """Positions in Redis, shared by every regmw instance.
+
+    Keys: ``<namespace>:{repository:<name>}:lsn`` per repository (the core's
+    hash-tagged key, so it sits in the repository's Redis Cluster slot), and
+    ``<namespace>:{dbroute}:floor`` / ``:epoch`` for the floor and the marker.
+    ``key_for`` builds a full key from the un-namespaced parts.
+    """
+
+    kind = "redis"
+
+    def __init__(self, client: Any, key_for) -> None:
+        self.client = client
+        self._key_for = key_for
+        self._floor_key = key_for("{dbroute}:floor")
+        self._epoch_key = key_for("{dbroute}:epoch")
+        self._advance = client.register_script(_ADVANCE)
+
+    def key(self, repository: str) -> str:
+        return self._key_for(repository_key(repository, "lsn"))
+
+    def get(self, repository: str | None) -> Positions:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            if repository:
+                pipe.get(self.key(repository))
+            pipe.get(self._floor_key)
+            pipe.exists(self._epoch_key)
+            values = pipe.execute()
+        except Exception as exc:  # redis.RedisError, OSError
+            raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
+        if not repository:
+            values.insert(0, None)
+        return Positions(from_key(values[0]), from_key(values[1]), bool(values[2]))
+
+    def advance(self, repository: str, lsn: int, ttl: float) -> int:
+        try:
+            kept = self._advance(keys=[self.key(repository)], args=[to_key(lsn), max(1, int(ttl * 1000))])
+        except Exception as exc:
+            raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
+        return from_key(kept) or lsn
+
+    def initialize(self, floor: int, ttl: float) -> None:
+        try:
+            self._advance(keys=[self._floor_key], args=[to_key(floor), max(1, int(ttl * 1000))])
+            self.client.set(self._epoch_key, b"1")
+        except Exception as exc:
+            raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
+
+
+def make_store(settings, config, services) -> PositionStore:
+    """The store ``[database] store`` asks for: the redis plugin's connection, ``store_url``, or memory."""
+    redis_enabled = services is not None and services.pm.has_plugin("regmw_redis")
+    kind = settings.store
+    if kind == "auto":
+        kind = "redis" if (redis_enabled or settings.store_url) else "memory"
+    if kind == "memory":
+        return MemoryPositionStore()
+    if settings.store_url:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = redis.Redis.from_url(
+            settings.store_url,
+            socket_timeout=settings.store_timeout,
+            socket_connect_timeout=settings.store_timeout,
+            retry=Retry(NoBackoff(), 1),  # re-dial a dead pooled connection once, no backoff sleep
+        )
+        return RedisPositionStore(client, lambda key: f"regmw:{key}")
+    if not redis_enabled:
+        from regmw.errors import ConfigError
+
+        raise ConfigError("database.store: redis needs the `redis` plugin enabled or database.store_url set")
+    from regmw_redis.connection import namespaced, redis_client
+
+    return RedisPositionStore(redis_client(config), lambda key: namespaced(config, key))

@@ -1,0 +1,396 @@
+"""Database routing against a REAL PostgreSQL primary and a REAL streaming replica.
+
+Requests go through :class:`regmw.RegistryMiddleware` in front of a small
+Flask app that writes and reads a table through ``environ["regmw.db"]``. Every
+read answers with ``inet_server_port()``, so the tests see which server
+actually served it, not just what the router claims. The replica replays with
+a 200 ms ``recovery_min_apply_delay``, so a read that went to it too early
+WOULD be stale. State changes are awaited by polling with a deadline.
+"""
+from __future__ import annotations
+
+import itertools
+import subprocess
+import time
+
+import pytest
+from flask import Flask, jsonify, request
+from sqlalchemy import text
+from werkzeug.test import Client
+
+from regmw.middleware import RegistryMiddleware
+from regmw_dbroute import DbHandle, Router
+from regmw_dbroute.flask import db_session
+from regmw_dbroute.flask import init_app as dbroute_init_app
+from regmw_dbroute.lsn import from_key
+
+from .servers._util import need_binary, stop, wait_for_port
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
+
+_counter = itertools.count(1)
+
+
+def make_app() -> Flask:
+    app = Flask("dbroute-test")
+    dbroute_init_app(app)
+
+    @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "PUT"])
+    def manifest(name, reference):
+        handle: DbHandle = request.environ["regmw.db"]
+        if request.method == "PUT":
+            handle.execute(
+                text("INSERT INTO kv (repo, value) VALUES (:r, :v) "
+                     "ON CONFLICT (repo) DO UPDATE SET value = EXCLUDED.value"),
+                {"r": name, "v": int(request.get_data())},
+            )
+            return "", 201
+        row = handle.execute(
+            text("SELECT (SELECT value FROM kv WHERE repo = :r), inet_server_port()"), {"r": name}
+        )[0]
+        return jsonify(value=row[0], port=row[1], role=handle.role, reason=handle.reason)
+
+    @app.get("/v2/<path:name>/tags/list")
+    def tags(name):
+        session = db_session()
+        row = session.execute(
+            text("SELECT (SELECT value FROM kv WHERE repo = :r), inet_server_port()"), {"r": name}
+        ).one()
+        return jsonify(value=row[0], port=row[1], role=current_role())
+
+    def current_role():
+        return request.environ["regmw.db"].role
+
+    return app
+
+
+def db_config(cluster, **overrides) -> dict:
+    database = {
+        "primary": cluster.primary_url,
+        "replicas": [cluster.replica_url],
+        "health_interval": 0.1,
+        "max_replay_lag": 1.0,
+        "max_byte_lag": 64 * 1024 * 1024,
+        "failure_threshold": 2,
+        "reintegrate_after": 2,
+        "connect_timeout": 2,
+        "lsn_ttl": 60.0,
+        "replay_position_max_age": 0.02,
+        "store": "memory",
+    }
+    database.update(overrides)
+    return {"regmw": {"plugins": ["dbroute"], "entry_points": False}, "database": database}
+
+
+class Registry:
+    """A middleware-wrapped app plus helpers; closes its router at teardown."""
+
+    def __init__(self, config: dict) -> None:
+        self.middleware = RegistryMiddleware(make_app(), config, environ={})
+        self.client = Client(self.middleware)
+        self.router: Router = self.middleware.services.db_router
+
+    def put(self, repo: str, value: int) -> int:
+        return self.client.put(f"/v2/{repo}/manifests/latest", data=str(value)).status_code
+
+    def get(self, repo: str) -> dict:
+        response = self.client.get(f"/v2/{repo}/manifests/latest")
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return response.get_json()
+
+    def close(self) -> None:
+        self.router.close()
+
+
+@pytest.fixture
+def cluster(pg_cluster):
+    pg_cluster.sql("primary", "CREATE TABLE IF NOT EXISTS kv (repo text PRIMARY KEY, value bigint NOT NULL)")
+    pg_cluster.wait_replica_caught_up()
+    return pg_cluster
+
+
+@pytest.fixture
+def registry(cluster):
+    reg = Registry(db_config(cluster))
+    yield reg
+    reg.close()
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}/r{next(_counter)}-{int(time.time() * 1000) % 100000}"
+
+
+# --- the rule -----------------------------------------------------------------
+
+
+def test_write_then_immediate_read_never_stale(registry, cluster):
+    repo = unique("ryw")
+    served = {"primary": 0, "replica": 0}
+    replica_behind = 0
+    for value in range(1, 41):
+        assert registry.put(repo, value) == 201
+        answer = registry.get(repo)
+        assert answer["value"] == value, f"stale read after write {value}: {answer}"
+        served[answer["role"]] += 1
+        port = cluster.primary_port if answer["role"] == "primary" else cluster.replica_port
+        assert answer["port"] == port
+        # Reading the replica directly, bypassing regmw, shows it really was behind.
+        replica_behind += cluster.sql("replica", "SELECT value FROM kv WHERE repo = %s", repo) != [(value,)]
+    # So the test could have caught a stale read, and routing had to use the primary.
+    assert replica_behind > 0 and served["primary"] > 0
+    # Once the replica caught up, reads of the repository go to it again.
+    answer = wait_until(lambda: (a := registry.get(repo))["role"] == "replica" and a, what="read on replica")
+    assert answer["value"] == 40 and answer["port"] == cluster.replica_port
+
+
+def test_reads_without_recent_writes_go_to_the_replica(registry, cluster):
+    repo = unique("quiet")
+    cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 7)", repo)  # not through regmw: no position
+    cluster.wait_replica_caught_up()
+    for _ in range(20):
+        answer = registry.get(repo)
+        assert (answer["value"], answer["port"], answer["role"]) == (7, cluster.replica_port, "replica")
+        # no position for the repository (the start-up floor, long reached, may count as "caught-up")
+        assert answer["reason"] in ("no-position", "caught-up")
+
+
+def test_flask_session_helper_uses_the_routed_database(registry, cluster):
+    repo = unique("session")
+    assert registry.put(repo, 5) == 201
+    response = registry.client.get(f"/v2/{repo}/tags/list")
+    assert response.status_code == 200
+    assert response.get_json()["value"] == 5  # immediately after the write: never stale
+    cluster.wait_replica_caught_up()
+    answer = wait_until(lambda: (a := registry.client.get(f"/v2/{repo}/tags/list").get_json())["role"] == "replica" and a,
+                        what="session read on the replica")
+    assert answer["port"] == cluster.replica_port and answer["value"] == 5
+
+
+def test_writes_go_to_the_primary_and_record_the_maximum_position(registry, cluster):
+    repo = unique("writes")
+    assert registry.put(repo, 1) == 201
+    first = registry.router.store.get(repo).repository
+    assert first is not None
+    assert registry.put(repo, 2) == 201
+    second = registry.router.store.get(repo).repository
+    assert second > first
+    registry.router.store.advance(repo, first, 60)  # an out-of-order, older position
+    assert registry.router.store.get(repo).repository == second
+
+
+# --- failures ---------------------------------------------------------------------
+
+
+def test_replica_stopped_reads_served_by_primary(registry, cluster):
+    repo = unique("stopped")
+    cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 3)", repo)
+    cluster.wait_replica_caught_up()
+    assert registry.get(repo)["port"] == cluster.replica_port
+    cluster.stop_replica()
+    for _ in range(15):  # right away: the handle retries failed replica reads on the primary
+        answer = registry.get(repo)
+        assert answer["value"] == 3 and answer["port"] == cluster.primary_port
+    state = registry.router.replica_state()
+    wait_until(lambda: state.quarantined, what="replica quarantined")
+    assert registry.get(repo)["reason"] == "no-replica"
+
+    cluster.start_replica()
+    wait_until(lambda: state.eligible(time.monotonic()), what="replica reintegrated")
+    answer = wait_until(lambda: (a := registry.get(repo))["role"] == "replica" and a, what="read on replica")
+    assert answer["port"] == cluster.replica_port and answer["value"] == 3
+
+
+@pytest.mark.parametrize("how", ["pause-replay", "apply-delay"])
+def test_lagging_replica_quarantined_then_reintegrated(registry, cluster, how):
+    state = registry.router.replica_state()
+    assert state.eligible(time.monotonic()) and not state.quarantined
+    quiet = unique("lagq")
+    cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 1)", quiet)
+    cluster.wait_replica_caught_up()
+    if how == "pause-replay":
+        cluster.pause_replay()
+    else:
+        cluster.set_apply_delay("3s")  # ALTER SYSTEM + pg_reload_conf on the replica
+    repo = unique("lag")
+    assert registry.put(repo, 1) == 201  # WAL the replica will not replay for a while
+    wait_until(lambda: state.quarantined, what="replica quarantined for lag")
+    assert "replay lag" in state.reason
+    answer = registry.get(quiet)  # even a repository without writes avoids the lagging replica
+    assert answer["port"] == cluster.primary_port and answer["reason"] == "no-replica"
+    assert registry.get(repo)["value"] == 1
+
+    if how == "pause-replay":
+        cluster.resume_replay()
+    # (with a 3 s delay the replica catches up by itself once the delay passed)
+    wait_until(lambda: not state.quarantined, timeout=30, what="replica reintegrated")
+    answer = wait_until(lambda: (a := registry.get(quiet))["role"] == "replica" and a, what="read on replica")
+    assert answer["port"] == cluster.replica_port
+
+
+def test_primary_down_writes_fail_fast_with_503(registry, cluster):
+    repo = unique("down")
+    assert registry.put(repo, 1) == 201
+    cluster.stop_primary()
+    started = time.monotonic()
+    response = registry.client.put(f"/v2/{repo}/manifests/latest", data="2")
+    assert response.status_code == 503
+    assert response.get_json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert time.monotonic() - started < 10  # connect timeout 2 s: an answer, not a hang
+    # Once the primary is known down, the route hook refuses writes before the app runs.
+    wait_until(lambda: not registry.router.primary_state.up, what="primary marked down")
+    started = time.monotonic()
+    response = registry.client.put(f"/v2/{repo}/manifests/latest", data="3")
+    assert response.status_code == 503 and response.headers.get("Retry-After")
+    assert response.get_json()["errors"][0]["detail"]["database"] == registry.router.primary.name
+    assert time.monotonic() - started < 3
+    # Reads of a repository without a recorded write still work from the replica.
+    quiet_answer = registry.client.get("/v2/never/written/manifests/latest")
+    assert quiet_answer.status_code == 200 and quiet_answer.get_json()["port"] == cluster.replica_port
+    cluster.start_primary()
+    wait_until(lambda: registry.put(repo, 4) == 201, what="writes accepted again")
+
+
+# --- the shared (Redis) store -------------------------------------------------------
+
+
+def redis_config(cluster, redis_url: str) -> dict:
+    config = db_config(cluster, store="auto")
+    config["regmw"]["plugins"] = ["redis", "dbroute"]
+    config["redis"] = {"url": redis_url}
+    # The redis plugin's read-only check would refuse writes while Redis is down;
+    # these tests are about the database routing, so let writes through.
+    config["readonly"] = {"fail_closed_writes": False}
+    return config
+
+
+def start_redis_on(port: int, tmp_path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [need_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, proc=proc)
+    return proc
+
+
+def test_redis_store_shares_positions_between_instances(cluster, redis_server):
+    proc, url = redis_server
+    writer, reader = Registry(redis_config(cluster, url)), Registry(redis_config(cluster, url))
+    try:
+        assert writer.router.store.kind == "redis"
+        repo = unique("shared")
+        primary_reads = 0
+        for value in range(1, 21):
+            assert writer.put(repo, value) == 201
+            answer = reader.get(repo)  # ANOTHER instance reads right after the write
+            assert answer["value"] == value, f"stale read through the second instance: {answer}"
+            primary_reads += answer["role"] == "primary"
+        assert primary_reads > 0
+        import redis
+
+        client = redis.Redis.from_url(url)
+        key = f"regmw:{{repository:{repo}}}:lsn"
+        raw = client.get(key)
+        assert raw is not None and len(raw) == 16
+        assert from_key(raw) == writer.router.store.get(repo).repository
+        assert 0 < client.pttl(key) <= 60_000
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_redis_store_keeps_the_maximum_exactly(cluster, redis_server):
+    _, url = redis_server
+    reg = Registry(redis_config(cluster, url))
+    try:
+        store = reg.router.store
+        big = (1 << 60) + 3  # beyond a Lua double's exact range: compared by halves
+        assert store.advance("cas/a", big, 30) == big
+        assert store.advance("cas/a", big - 1, 30) == big
+        assert store.advance("cas/a", big + 1, 30) == big + 1
+        assert store.get("cas/a").repository == big + 1
+    finally:
+        reg.close()
+
+
+def test_store_down_reads_go_to_primary_never_stale(cluster, tmp_path, redis_server):
+    """Redis dies; the writing instance dies too; Redis comes back empty. No read is stale."""
+    proc, url = redis_server
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    config = redis_config(cluster, url)
+    config["database"].update(max_replay_lag=10.0, store_retry=0.2)
+    writer, reader = Registry(config), Registry(config)
+    restarted = None
+    try:
+        quiet = unique("sd-quiet")
+        cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 9)", quiet)
+        cluster.wait_replica_caught_up()
+        assert reader.get(quiet)["port"] == cluster.replica_port
+        cluster.pause_replay()  # from now on, any read served by the replica would be stale
+
+        stop(proc)  # Redis is gone
+        answer = reader.get(quiet)
+        assert answer == {"value": 9, "port": cluster.primary_port, "role": "primary",
+                          "reason": "store-unavailable"}
+        repo = unique("sd-write")
+        for value in range(1, 6):  # writes still work; their positions cannot be stored
+            assert writer.put(repo, value) == 201
+            assert writer.get(repo)["value"] == value
+            assert reader.get(repo)["value"] == value
+        assert writer.router.status()["pending"] >= 1
+        writer.close()  # the writing instance dies with its pending positions
+
+        # Redis comes back EMPTY (no persistence). The reader finds no epoch
+        # marker and sets a floor at the primary's current position, which
+        # covers the write nobody could record.
+        restarted = start_redis_on(port, tmp_path)
+        wait_until(lambda: time.monotonic() >= reader.router._store_down_until, what="store retry window over")
+        answer = reader.get(repo)
+        assert answer["value"] == 5, f"stale read after the store lost its data: {answer}"
+        assert answer["role"] == "primary" and answer["reason"] == "replicas-behind"
+        import redis
+
+        client = redis.Redis.from_url(url)
+        assert client.exists("regmw:{dbroute}:epoch") and client.get("regmw:{dbroute}:floor")
+
+        cluster.resume_replay()
+        answer = wait_until(lambda: (a := reader.get(repo))["role"] == "replica" and a, what="replica reads resume")
+        assert answer["value"] == 5
+    finally:
+        writer.close()
+        reader.close()
+        if restarted is not None:
+            stop(restarted)
+
+
+def test_positions_recorded_while_store_down_are_flushed_later(cluster, tmp_path, redis_server):
+    proc, url = redis_server
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    reg = Registry(redis_config(cluster, url))
+    restarted = None
+    try:
+        stop(proc)
+        repo = unique("flush")
+        assert reg.put(repo, 1) == 201
+        assert reg.router.status()["pending"] == 1
+        assert reg.get(repo)["reason"] in ("unrecorded-write", "store-unavailable")
+        restarted = start_redis_on(port, tmp_path)
+        wait_until(lambda: reg.router.status()["pending"] == 0, what="pending position flushed by the checker")
+        import redis
+
+        stored = from_key(redis.Redis.from_url(url).get(f"regmw:{{repository:{repo}}}:lsn"))
+        assert stored is not None and stored >= 1
+    finally:
+        reg.close()
+        if restarted is not None:
+            stop(restarted)
