@@ -321,7 +321,8 @@ class _ResponseBody:
             yield chunk
 
     def close(self) -> None:
-        if self.done and not self.response.will_close:
+        # isclosed(): http.client saw the last byte (Content-Length reached, or the last chunk).
+        if (self.done or self.response.isclosed()) and not self.response.will_close:
             self.response.close()
             self.pool.put(self.conn)
         else:

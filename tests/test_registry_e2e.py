@@ -71,7 +71,7 @@ def skopeo(tmp_path):
     def copy(src: str, dst: str) -> None:
         cmd = [binary, "--policy", str(policy), "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
                "--retry-times", "0", src, dst]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
         assert result.returncode == 0, f"skopeo copy {src} {dst} failed:\n{result.stderr[-3000:]}"
 
     return copy
@@ -216,7 +216,7 @@ def test_gateway_dispatches_old_and_new_upstreams(tmp_path, serve_wsgi, docker_r
         assert not (docker_registry.root / "docker/registry/v2/repositories/new/app").exists()
     # Each repository reads back from where it was written.
     for name in ("new/app", "old/app"):
-        status, headers, body = get(url, f"/v2/{name}/blobs/{digest}")
+        status, _headers, body = get(url, f"/v2/{name}/blobs/{digest}")
         assert status == 200 and body == data
     assert {path for _, _, repo, _, _, path in recorder.seen if repo == "new/app"} == {"new"}
     assert {path for _, _, repo, _, _, path in recorder.seen if repo == "old/app"} == {"old"}

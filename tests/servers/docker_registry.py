@@ -59,11 +59,10 @@ def docker_registry(tmp_path):
     port = free_port()
     config = tmp_path / "registry.yml"
     config.write_text(CONFIG.format(root=root, port=port))
-    log = open(tmp_path / "registry.log", "wb")
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, proc=proc)
-        yield DockerRegistry(f"http://127.0.0.1:{port}", port, root, proc)
-    finally:
-        stop(proc)
-        log.close()
+    with open(tmp_path / "registry.log", "wb") as log:
+        proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, proc=proc)
+            yield DockerRegistry(f"http://127.0.0.1:{port}", port, root, proc)
+        finally:
+            stop(proc)

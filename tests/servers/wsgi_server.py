@@ -6,7 +6,7 @@ with keep-alive and chunked bodies, instead of an in-process test client.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from werkzeug.serving import make_server
@@ -21,7 +21,8 @@ def serve_wsgi() -> Callable:
 
     def start(app) -> str:
         server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, name=f"wsgi-{server.server_port}", daemon=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  name=f"wsgi-{server.server_port}", daemon=True)
         thread.start()
         servers.append((server, thread))
         wait_for_port(server.server_port)

@@ -1,0 +1,144 @@
+"""What one request costs in regmw's middleware, against the bare app, measured side by side.
+
+Both sides are called in-process through a WSGI call loop (no sockets), so the
+difference is the middleware alone: route parsing, the request context, the
+admit (one in-memory rate-limit rule) / classify / route-db / response-started
+/ finish hooks, with the embedded defaults (``[regmw] plugins = []``, memory
+rate limiter, filesystem storage). Rounds alternate bare and regmw (and their
+order) so drift in CPU speed hits both alike.
+
+    python benchmarks/core_overhead.py [--rounds 20] [--requests 2000] [--json] [--profile]
+
+With ``--json`` the last line is
+``{"bare": {"rps": x, "p50_ms": x}, "regmw": {"rps": x, "p50_ms": x}, "overhead_us_p50": x}``.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from regmw import RegistryMiddleware
+
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "config": {}, "layers": []}).encode()
+HEADERS = [("Content-Type", "application/vnd.oci.image.manifest.v1+json"), ("Content-Length", str(len(MANIFEST))),
+           ("Docker-Content-Digest", "sha256:" + "0" * 64)]
+
+
+def trivial_registry(environ: dict, start_response: Callable) -> list[bytes]:
+    """The cheapest possible registry: every request gets the same manifest."""
+    start_response("200 OK", HEADERS)
+    return [MANIFEST]
+
+
+def make_environ(path: str) -> dict:
+    return {
+        "REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SCRIPT_NAME": "",
+        "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "5000", "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "10.1.2.3", "HTTP_HOST": "registry.example", "HTTP_ACCEPT": HEADERS[0][1],
+        "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(b""), "wsgi.errors": sys.stderr,
+    }
+
+
+def _start_response(status, headers, exc_info=None):
+    return None
+
+
+def run_round(app: Callable, template: dict, count: int) -> tuple[list[int], int]:
+    """``count`` requests; returns per-request nanoseconds and the round's wall time."""
+    latencies = []
+    clock = time.perf_counter_ns
+    begin = clock()
+    for _ in range(count):
+        environ = dict(template)
+        start = clock()
+        body = app(environ, _start_response)
+        for _chunk in body:
+            pass
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+        latencies.append(clock() - start)
+    return latencies, clock() - begin
+
+
+def build_middleware(root: str) -> RegistryMiddleware:
+    config = {
+        "regmw": {"plugins": [], "entry_points": False},
+        "storage": {"root": root},
+        "ratelimit": {"rules": [{"by": "client", "limit": "1000000000/minute", "name": "bench"}]},
+    }
+    return RegistryMiddleware(trivial_registry, config, environ={})
+
+
+def measure(rounds: int, requests: int, path: str) -> dict:
+    with tempfile.TemporaryDirectory() as root:
+        apps = {"bare": trivial_registry, "regmw": build_middleware(root)}
+        template = make_environ(path)
+        for app in apps.values():  # warm-up: imports, caches, first-call paths
+            run_round(app, template, min(500, requests))
+        samples: dict[str, list[int]] = {name: [] for name in apps}
+        wall: dict[str, int] = dict.fromkeys(apps, 0)
+        for index in range(rounds):
+            order = list(apps) if index % 2 == 0 else list(reversed(apps))
+            for name in order:
+                latencies, elapsed = run_round(apps[name], template, requests)
+                samples[name].extend(latencies)
+                wall[name] += elapsed
+    result = {
+        name: {"rps": round(len(samples[name]) / (wall[name] / 1e9), 1),
+               "p50_ms": round(statistics.median(samples[name]) / 1e6, 6)}
+        for name in apps
+    }
+    overhead = (statistics.median(samples["regmw"]) - statistics.median(samples["bare"])) / 1e3
+    return {**result, "overhead_us_p50": round(overhead, 2)}
+
+
+def profile(requests: int, path: str, top: int = 25) -> str:
+    """cProfile of the middleware path only, sorted by own time."""
+    with tempfile.TemporaryDirectory() as root:
+        app = build_middleware(root)
+        template = make_environ(path)
+        run_round(app, template, 500)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run_round(app, template, requests)
+        profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per round and side")
+    parser.add_argument("--path", default="/v2/group/project/manifests/latest")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of the middleware path")
+    args = parser.parse_args(argv)
+
+    result = measure(args.rounds, args.requests, args.path)
+    bare, regmw = result["bare"], result["regmw"]
+    print(f"GET {args.path}, {args.rounds} interleaved rounds x {args.requests} requests per side, in-process WSGI")
+    print(f"  bare app : {bare['rps']:>10.0f} req/s   p50 {bare['p50_ms'] * 1000:8.2f} us")
+    print(f"  regmw    : {regmw['rps']:>10.0f} req/s   p50 {regmw['p50_ms'] * 1000:8.2f} us")
+    print(f"  overhead : {result['overhead_us_p50']:.2f} us per request at p50 "
+          f"(throughput ratio regmw/bare {regmw['rps'] / bare['rps']:.3f})")
+    if args.profile:
+        print(profile(args.requests * 5, args.path))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The reference registry's API, in-process (werkzeug's test client): the paths a push does not take."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from werkzeug.test import Client
+
+from regmw.demo.registry import create_app
+
+REPO = "group/project"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def client(tmp_path):
+    return Client(create_app(str(tmp_path)))
+
+
+def error_code(response) -> str:
+    return json.loads(response.get_data())["errors"][0]["code"]
+
+
+def upload(client, name: str, data: bytes) -> str:
+    response = client.post(f"/v2/{name}/blobs/uploads/", query_string={"digest": sha(data)}, data=data)
+    assert response.status_code == 201, response.get_data()
+    assert response.headers["Docker-Content-Digest"] == sha(data)
+    return sha(data)
+
+
+def put_manifest(client, name: str, ref: str, blobs: list[str]):
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blobs[0], "size": 1},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": 1} for d in blobs[1:]],
+    }).encode()
+    return manifest, client.put(f"/v2/{name}/manifests/{ref}", data=manifest,
+                                content_type="application/vnd.oci.image.manifest.v1+json")
+
+
+def test_base_and_api_version(client):
+    response = client.get("/v2/")
+    assert response.status_code == 200 and response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+def test_unknown_blob(client):
+    digest = sha(b"nothing")
+    for method in ("GET", "HEAD"):
+        response = client.open(f"/v2/{REPO}/blobs/{digest}", method=method)
+        assert response.status_code == 404
+    assert error_code(client.get(f"/v2/{REPO}/blobs/{digest}")) == "BLOB_UNKNOWN"
+    assert error_code(client.get(f"/v2/{REPO}/blobs/sha256:short")) == "DIGEST_INVALID"
+
+
+def test_blob_is_per_repository(client):
+    digest = upload(client, "a/one", b"layer")
+    assert client.get(f"/v2/a/one/blobs/{digest}").get_data() == b"layer"
+    assert client.head(f"/v2/a/one/blobs/{digest}").headers["Content-Length"] == "5"
+    assert client.get(f"/v2/a/two/blobs/{digest}").status_code == 404  # stored, but not linked there
+
+
+def test_chunked_upload_and_bad_digest(client):
+    data = b"x" * 1000 + b"y" * 1000
+    started = client.post(f"/v2/{REPO}/blobs/uploads/")
+    assert started.status_code == 202 and started.headers["Range"] == "0-0"
+    location, uuid = started.headers["Location"], started.headers["Docker-Upload-UUID"]
+    first = client.patch(location, data=data[:1000], headers={"Content-Range": "0-999"})
+    assert first.status_code == 202 and first.headers["Range"] == "0-999"
+    assert first.headers["Docker-Upload-UUID"] == uuid
+    # A chunk that does not continue the upload is refused with the current range.
+    gap = client.patch(location, data=data[1000:], headers={"Content-Range": "1500-2499"})
+    assert gap.status_code == 416 and gap.headers["Range"] == "0-999"
+    assert client.get(location).status_code == 204
+    assert client.patch(location, data=data[1000:]).headers["Range"] == "0-1999"
+    # PUT without a digest, then with a wrong one: DIGEST_INVALID, nothing stored, upload gone.
+    assert error_code(client.put(location)) == "DIGEST_INVALID"
+    wrong = client.put(location, query_string={"digest": sha(b"other")})
+    assert wrong.status_code == 400 and error_code(wrong) == "DIGEST_INVALID"
+    assert client.get(f"/v2/{REPO}/blobs/{sha(b'other')}").status_code == 404
+    assert client.get(f"/v2/{REPO}/blobs/{sha(data)}").status_code == 404
+    assert error_code(client.get(location)) == "BLOB_UPLOAD_UNKNOWN"
+
+
+def test_put_completes_upload_with_final_chunk(client):
+    location = client.post(f"/v2/{REPO}/blobs/uploads/").headers["Location"]
+    client.patch(location, data=b"abc")
+    done = client.put(location, query_string={"digest": sha(b"abcdef")}, data=b"def")
+    assert done.status_code == 201 and done.headers["Location"] == f"/v2/{REPO}/blobs/{sha(b'abcdef')}"
+    assert client.get(done.headers["Location"]).get_data() == b"abcdef"
+
+
+def test_cross_repository_mount(client):
+    digest = upload(client, "src/repo", b"shared layer")
+    mounted = client.post(f"/v2/{REPO}/blobs/uploads/", query_string={"mount": digest, "from": "src/repo"})
+    assert mounted.status_code == 201 and mounted.headers["Docker-Content-Digest"] == digest
+    assert client.get(f"/v2/{REPO}/blobs/{digest}").get_data() == b"shared layer"
+    # Not in the source repository: falls back to a normal upload.
+    fallback = client.post(f"/v2/{REPO}/blobs/uploads/", query_string={"mount": sha(b"no"), "from": "src/repo"})
+    assert fallback.status_code == 202 and fallback.headers["Docker-Upload-UUID"]
+
+
+def test_manifest_put_get_delete(client):
+    blobs = [upload(client, REPO, b"config"), upload(client, REPO, b"layer")]
+    manifest, response = put_manifest(client, REPO, "v1", blobs)
+    digest = sha(manifest)
+    assert response.status_code == 201 and response.headers["Docker-Content-Digest"] == digest
+    for ref in ("v1", digest):
+        got = client.get(f"/v2/{REPO}/manifests/{ref}")
+        assert got.get_data() == manifest
+        assert got.headers["Content-Type"] == "application/vnd.oci.image.manifest.v1+json"
+        assert got.headers["Docker-Content-Digest"] == digest
+        head = client.head(f"/v2/{REPO}/manifests/{ref}")
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(len(manifest))
+    assert client.put(f"/v2/{REPO}/manifests/v2", data=manifest).status_code == 201
+    assert json.loads(client.get(f"/v2/{REPO}/tags/list").get_data()) == {"name": REPO, "tags": ["v1", "v2"]}
+    page = client.get(f"/v2/{REPO}/tags/list", query_string={"n": 1})
+    assert json.loads(page.get_data())["tags"] == ["v1"] and 'rel="next"' in page.headers["Link"]
+
+    assert client.delete(f"/v2/{REPO}/manifests/v2").status_code == 202  # a tag: only the tag goes
+    assert client.get(f"/v2/{REPO}/manifests/{digest}").status_code == 200
+    assert client.delete(f"/v2/{REPO}/manifests/{digest}").status_code == 202  # the manifest and its tags
+    for ref in ("v1", digest):
+        gone = client.get(f"/v2/{REPO}/manifests/{ref}")
+        assert gone.status_code == 404 and error_code(gone) == "MANIFEST_UNKNOWN"
+    assert client.delete(f"/v2/{REPO}/manifests/{digest}").status_code == 404
+    assert json.loads(client.get(f"/v2/{REPO}/tags/list").get_data())["tags"] == []
+
+
+def test_manifest_errors(client):
+    _, missing = put_manifest(client, REPO, "latest", [sha(b"config")])
+    assert missing.status_code == 400 and error_code(missing) == "MANIFEST_BLOB_UNKNOWN"
+    assert error_code(client.put(f"/v2/{REPO}/manifests/latest", data=b"not json")) == "MANIFEST_INVALID"
+    blobs = [upload(client, REPO, b"config")]
+    _, wrong = put_manifest(client, REPO, sha(b"something else"), blobs)
+    assert error_code(wrong) == "DIGEST_INVALID"
+    assert error_code(client.get(f"/v2/{REPO}/manifests/nope")) == "MANIFEST_UNKNOWN"
+    assert error_code(client.get("/v2/never/pushed/tags/list")) == "NAME_UNKNOWN"
+
+
+@pytest.mark.parametrize("path", ["/v2/UPPER/tags/list", "/v2/a/../b/tags/list", "/v2/a//b/tags/list"])
+def test_invalid_names(client, path):
+    response = client.get(path)
+    assert response.status_code in (400, 404)
+    assert error_code(response) in ("NAME_INVALID", "NAME_UNKNOWN")
+
+
+def test_unsupported_method(client):
+    assert error_code(client.post(f"/v2/{REPO}/manifests/latest")) == "UNSUPPORTED"
