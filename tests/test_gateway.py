@@ -145,3 +145,64 @@ def test_create_gateway_config(tmp_path):
         build({"gateway": {"upstream": "ftp://x"}}, environ={})
     env = build({}, environ={"REGMW_GATEWAY_UPSTREAM": "http://127.0.0.1:5001"})
     assert create_gateway(env)[0].netloc == "127.0.0.1:5001"
+
+
+class RawUpstream:
+    """A socket server that answers each connection once (keep-alive implied) and then hangs up,
+    or, with ``answer=False``, hangs up without answering."""
+
+    def __init__(self, answer: bool = True) -> None:
+        import socket
+        import threading
+
+        self.answer = answer
+        self.accepted = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if self.answer:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_stale_pooled_connection_is_replaced(serve_wsgi):
+    upstream = RawUpstream()
+    gateway = Gateway(upstream.url, timeout=5)
+    url = serve_wsgi(gateway)
+    try:
+        for _ in range(4):  # each reuse finds the pooled connection closed by the upstream
+            response, body = request(url, "GET", "/v2/")
+            assert (response.status, body) == (200, b"ok")
+        assert upstream.accepted == 4
+    finally:
+        gateway.close()
+        upstream.close()
+
+
+def test_upstream_hanging_up_is_502(serve_wsgi):
+    upstream = RawUpstream(answer=False)
+    gateway = Gateway(upstream.url, timeout=5)
+    try:
+        response, body = request(serve_wsgi(gateway), "GET", "/v2/")
+        assert response.status == 502 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        gateway.close()
+        upstream.close()
