@@ -35,13 +35,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flask import Flask, jsonify, request  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from werkzeug.test import Client  # noqa: E402
+from flask import Flask, jsonify, request
+from sqlalchemy import create_engine, text
+from werkzeug.test import Client
 
-from regmw.middleware import RegistryMiddleware  # noqa: E402
-from regmw.plugins import hookimpl  # noqa: E402
-from tests.servers.postgres_replication import ReplicationCluster  # noqa: E402
+from regmw.middleware import RegistryMiddleware
+from regmw.plugins import hookimpl
+from tests.servers.postgres_replication import ReplicationCluster
 
 REPOSITORIES = [f"bench/repo-{index:03d}" for index in range(100)]
 WRITE_SHARE = 0.05

@@ -15,14 +15,14 @@ import time
 
 import pytest
 from flask import Flask, jsonify, request
-from sqlalchemy import text
-from werkzeug.test import Client
-
-from regmw.middleware import RegistryMiddleware
 from regmw_dbroute import DbHandle, Router
 from regmw_dbroute.flask import db_session
 from regmw_dbroute.flask import init_app as dbroute_init_app
 from regmw_dbroute.lsn import from_key
+from sqlalchemy import text
+from werkzeug.test import Client
+
+from regmw.middleware import RegistryMiddleware
 
 from .servers._util import need_binary, stop, wait_for_port
 
@@ -284,7 +284,7 @@ def start_redis_on(port: int, tmp_path) -> subprocess.Popen:
 
 
 def test_redis_store_shares_positions_between_instances(cluster, redis_server):
-    proc, url = redis_server
+    _proc, url = redis_server
     writer, reader = Registry(redis_config(cluster, url)), Registry(redis_config(cluster, url))
     try:
         assert writer.router.store.kind == "redis"

@@ -4,13 +4,13 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from regmw.errors import ConfigError
-from regmw.runtime import build
 from regmw_dbroute.config import settings_from_config
 from regmw_dbroute.health import PrimaryHistory, ReplicaState
 from regmw_dbroute.lsn import format_lsn, from_key, parse_lsn, to_key
 from regmw_dbroute.store import MemoryPositionStore, Positions
+
+from regmw.errors import ConfigError
+from regmw.runtime import build
 
 
 def test_lsn_round_trip_and_numeric_order():
@@ -45,8 +45,8 @@ def test_history_window_is_bounded_but_keeps_the_latest():
 
 
 def make_state(**overrides) -> ReplicaState:
-    values = dict(name="r1", max_byte_lag=1000, max_replay_lag=2.0, failure_threshold=3,
-                  reintegrate_after=2, staleness=5.0)
+    values = {"name": "r1", "max_byte_lag": 1000, "max_replay_lag": 2.0, "failure_threshold": 3,
+                  "reintegrate_after": 2, "staleness": 5.0}
     values.update(overrides)
     return ReplicaState(**values)
 

@@ -34,7 +34,14 @@ class PrimaryUnavailable(BackendUnavailable):
     """The primary could not be reached; the write (or the fallback read) cannot be served."""
 
 
+#: SQLSTATE of a statement cancelled by ``statement_timeout``: the query is slow, not the server
+#: unreachable, and running it again on the primary would only double the load.
+QUERY_CANCELED = "57014"
+
+
 def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) == QUERY_CANCELED:
+        return False
     if isinstance(exc, CONNECTION_ERRORS):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

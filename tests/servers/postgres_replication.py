@@ -73,7 +73,7 @@ class ReplicationCluster:
             cwd=self.root, capture_output=True, text=True, check=check, timeout=120,
         )
 
-    def start(self) -> "ReplicationCluster":
+    def start(self) -> ReplicationCluster:
         self._pg("initdb", "-D", str(self.primary_dir), "-A", "trust", "-U", "postgres", "--no-sync")
         self._append_conf(self.primary_dir, {
             "wal_level": "replica",
@@ -100,8 +100,7 @@ class ReplicationCluster:
     @staticmethod
     def _append_conf(datadir: Path, settings: dict[str, str]) -> None:
         with open(datadir / "postgresql.conf", "a") as conf:
-            for key, value in settings.items():
-                conf.write(f"{key} = {value}\n")
+            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
 
     def start_server(self, datadir: Path) -> None:
         self._pg("pg_ctl", "-D", str(datadir), "-l", f"{datadir}.log", "-w", "-t", "30", "start")
@@ -198,7 +197,7 @@ class ReplicationCluster:
             try:
                 if predicate():
                     return
-            except Exception as exc:  # the server may be starting
+            except Exception as exc:  # noqa: BLE001 - the server may be starting
                 last_error = exc
             time.sleep(interval)
         raise TimeoutError(f"{what} not reached after {timeout}s (last error: {last_error})")
