@@ -7,9 +7,10 @@ then use them through ``context.services``. Embedded defaults live in
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -86,7 +87,7 @@ class RateLimitResult:
 
 @runtime_checkable
 class RateLimiter(Protocol):
-    def hit(self, context: "RequestContext") -> RateLimitResult: ...
+    def hit(self, context: RequestContext) -> RateLimitResult: ...
 
 
 @runtime_checkable
@@ -99,7 +100,7 @@ class Storage(Protocol):
 
     def prefix_exists(self, prefix: str) -> bool: ...
 
-    def stat(self, path: str) -> "StatResult | None": ...
+    def stat(self, path: str) -> StatResult | None: ...
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Admission(Protocol):
     own and may fill ``context.prefetched`` with cache values it read on the way.
     """
 
-    def admit(self, context: "RequestContext") -> "Refusal | None": ...
+    def admit(self, context: RequestContext) -> Refusal | None: ...
 
 
 @dataclass

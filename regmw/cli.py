@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import ConfigError
 
@@ -128,8 +128,8 @@ def cmd_config_docs(args) -> int:
 def cmd_readonly(args) -> int:
     import socket
 
-    from .routes import check_name
     from .errors import Refusal
+    from .routes import check_name
 
     locks = _runtime(args).services.locks
     if args.action == "list":

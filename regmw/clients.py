@@ -9,8 +9,8 @@ host usually owns a whole /64 and could otherwise dodge a per-IP limit.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 
 class ClientResolver:

@@ -17,8 +17,9 @@ import ipaddress
 import json
 import os
 import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError

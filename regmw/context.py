@@ -19,11 +19,22 @@ _UNSET = object()
 
 class RequestContext:
     __slots__ = (
-        "environ", "method", "route", "is_write", "services", "migration_path", "db",
-        "prefetched", "response_headers", "status", "notes", "_claims", "_client",
+        "_claims",
+        "_client",
+        "db",
+        "environ",
+        "is_write",
+        "method",
+        "migration_path",
+        "notes",
+        "prefetched",
+        "response_headers",
+        "route",
+        "services",
+        "status",
     )
 
-    def __init__(self, environ: dict, route: Route, services: "Services") -> None:
+    def __init__(self, environ: dict, route: Route, services: Services) -> None:
         self.environ = environ
         self.method: str = environ.get("REQUEST_METHOD", "GET").upper()
         self.route = route

@@ -8,7 +8,8 @@ status and headers, never as a traceback. Hooks refuse either by *returning* a
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 STATUS_TEXT = {
     400: "400 Bad Request",

@@ -7,7 +7,8 @@ Configuration comes from ``app.config``: ``REGMW_CONFIG`` (a TOML path),
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .context import RequestContext
 from .middleware import RegistryMiddleware

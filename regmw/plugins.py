@@ -11,7 +11,8 @@ the most recently registered plugin first):
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pluggy
 

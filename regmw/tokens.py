@@ -31,7 +31,7 @@ class TokenVerifier:
         self.leeway = leeway
 
     @classmethod
-    def from_config(cls, section: dict[str, Any]) -> "TokenVerifier | None":
+    def from_config(cls, section: dict[str, Any]) -> TokenVerifier | None:
         key = section.get("key")
         if section.get("key_file"):
             with open(section["key_file"], encoding="utf-8") as handle:
@@ -42,7 +42,7 @@ class TokenVerifier:
 
     def verify(self, authorization: str | None) -> dict[str, Any] | None:
         """Return the verified claims of an ``Authorization: Bearer`` header, else None."""
-        if not authorization or not authorization[:7].lower() == "bearer ":
+        if not authorization or authorization[:7].lower() != "bearer ":
             return None
         token = authorization[7:].strip()
         required = ["exp"] + (["iss"] if self.issuer else []) + (["aud"] if self.audience else [])

@@ -176,6 +176,33 @@ def test_flask_session_helper_uses_the_routed_database(registry, cluster):
     assert answer["port"] == cluster.replica_port and answer["value"] == 5
 
 
+def test_position_is_recorded_before_the_client_sees_the_response(cluster):
+    """The app streams its body; by the time the first byte is produced the position is stored."""
+    seen = {}
+    app = make_app()
+
+    @app.put("/v2/<path:name>/blobs/uploads/<uid>")
+    def streamed_write(name, uid):
+        handle = request.environ["regmw.db"]
+        handle.execute(text("INSERT INTO kv (repo, value) VALUES (:r, 1) ON CONFLICT (repo) DO NOTHING"), {"r": name})
+        router = request.environ["regmw.context"].services.db_router
+
+        def body():  # runs after start_response, before any byte reaches the client
+            seen["position"] = router.store.get(name).repository
+            yield b"ok"
+
+        return app.response_class(body(), status=201)
+
+    middleware = RegistryMiddleware(app, db_config(cluster), environ={})
+    try:
+        repo = unique("stream")
+        response = Client(middleware).put(f"/v2/{repo}/blobs/uploads/abc")
+        assert response.status_code == 201
+        assert seen["position"] is not None
+    finally:
+        middleware.services.db_router.close()
+
+
 def test_writes_go_to_the_primary_and_record_the_maximum_position(registry, cluster):
     repo = unique("writes")
     assert registry.put(repo, 1) == 201
@@ -191,11 +218,21 @@ def test_writes_go_to_the_primary_and_record_the_maximum_position(registry, clus
 # --- failures ---------------------------------------------------------------------
 
 
-def test_replica_stopped_reads_served_by_primary(registry, cluster):
+@pytest.fixture(params=["pre-ping", "no-pre-ping"])
+def registry_ping(request, cluster):
+    """With pre-ping a dead pooled connection fails at connect(); without, inside execute()."""
+    reg = Registry(db_config(cluster, pre_ping=request.param == "pre-ping"))
+    yield reg
+    reg.close()
+
+
+def test_replica_stopped_reads_served_by_primary(registry_ping, cluster):
+    registry = registry_ping
     repo = unique("stopped")
     cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 3)", repo)
     cluster.wait_replica_caught_up()
-    assert registry.get(repo)["port"] == cluster.replica_port
+    for _ in range(3):  # leaves pooled connections to the replica behind
+        assert registry.get(repo)["port"] == cluster.replica_port
     cluster.stop_replica()
     for _ in range(15):  # right away: the handle retries failed replica reads on the primary
         answer = registry.get(repo)

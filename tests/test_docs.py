@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def python_blocks(doc: str) -> list[str]:
     text = (ROOT / doc).read_text()
-    return [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "@hookimpl" in block]
+    return [block for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "@hookimpl" in block]
 
 
 def as_module(source: str, name: str) -> types.ModuleType:

@@ -98,7 +98,8 @@ SECTION = Section(
         "lsn_ttl": Option(
             "float", 600.0,
             "Seconds a repository's recorded write position is kept. Must exceed max_replay_lag + "
-            "3 × health_interval: a replica that still lacks an expired position would have been quarantined.",
+            "3 × health_interval + connect_timeout: a replica still lacking an expired position would have "
+            "been quarantined by then.",
             minimum=1,
         ),
         "store": Option(

@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from regmw.backends import Lease
 from regmw.plugins import hookimpl

@@ -34,7 +34,7 @@ class Rule:
     items: tuple[limits.RateLimitItem, ...]
     methods: str = "any"
 
-    def identity(self, context: "RequestContext") -> str | None:
+    def identity(self, context: RequestContext) -> str | None:
         """The value this rule counts under for ``context``, or None if it does not apply."""
         if self.methods == "write" and not context.is_write:
             return None
@@ -86,7 +86,7 @@ class LimitsRateLimiter:
         self.storage = storage_from_string(storage_uri, **storage_options)
         self.strategy = STRATEGIES[strategy](self.storage)
 
-    def hit(self, context: "RequestContext") -> RateLimitResult:
+    def hit(self, context: RequestContext) -> RateLimitResult:
         tightest: RateLimitResult | None = None
         for rule in self.rules:
             identity = rule.identity(context)

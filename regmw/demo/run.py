@@ -1,0 +1,157 @@
+"""``regmw demo``: a registry front on 127.0.0.1 with every embedded default enabled.
+
+Two reference registries (``old`` and ``new`` storage roots) sit behind one
+regmw middleware that classifies each repository (filesystem prefix checks +
+verified bearer-token flag), rate-limits in memory, honours read-only locks,
+and logs every decision. ``--self-test`` pushes and pulls through it over HTTP
+and checks the decisions, then exits (0 when all held).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+from typing import Any
+
+import jwt
+from werkzeug.serving import make_server
+
+from regmw import RegistryMiddleware, hookimpl
+
+from .client import DemoClient
+from .registry import create_app
+
+log = logging.getLogger("regmw.demo")
+
+LAYOUT = "docker/registry/v2"
+
+
+class DecisionLog:
+    """A demo plugin: one log line per request with every decision regmw made."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    @hookimpl
+    def regmw_finish(self, context, status):
+        remaining = dict(context.response_headers).get("RateLimit-Remaining", "-")
+        line = (f"{context.method:6} {context.repository or '/':16} {context.resource:9} "
+                f"path={context.migration_path or '-':3}  status={status}  ratelimit-remaining={remaining}")
+        self.lines.append(line)
+        log.info(line)
+
+
+def demo_config(root: str, secret: str) -> dict[str, Any]:
+    return {
+        "regmw": {"plugins": ["migration"], "entry_points": False},
+        "storage": {"root": root},
+        "migration": {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"},
+        "auth": {"key": secret, "algorithms": ["HS256"], "issuer": "regmw-demo", "audience": "regmw-demo"},
+        "ratelimit": {"rules": [
+            {"name": "per-client", "by": "client", "limit": "100/second"},
+            {"name": "writes-per-repository", "by": "repository", "methods": "write", "limit": "50/minute"},
+        ]},
+    }
+
+
+def build_demo(root: str, secret: str) -> tuple[RegistryMiddleware, DecisionLog]:
+    decisions = DecisionLog()
+    apps = {"old": create_app(os.path.join(root, "old")), "new": create_app(os.path.join(root, "new"))}
+    middleware = RegistryMiddleware(apps["old"], demo_config(root, secret), apps=apps, plugins=[decisions], environ={})
+    return middleware, decisions
+
+
+def demo_token(secret: str, repository: str, eligible: bool) -> str:
+    """A registry bearer token granting push/pull on ``repository`` with its migration flag."""
+    claims = {
+        "iss": "regmw-demo", "aud": "regmw-demo", "sub": "demo-user", "exp": int(time.time()) + 600,
+        "access": [{"type": "repository", "name": repository, "actions": ["pull", "push"], "migration_eligible": eligible}],
+    }
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def demo(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    root = args.root or tempfile.mkdtemp(prefix="regmw-demo-")
+    secret = secrets.token_urlsafe(32)
+    middleware, decisions = build_demo(root, secret)
+    server = make_server("127.0.0.1", args.port, middleware, threaded=True)
+    port = server.server_port
+    log.info("regmw demo: registry front on http://127.0.0.1:%d (storage %s)", port, root)
+    log.info("old repositories live under %s/old, new ones under %s/new", root, root)
+    if not args.self_test:
+        log.info("push with: skopeo copy --dest-tls-verify=false oci:DIR docker://127.0.0.1:%d/group/project:latest", port)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        failures = self_test(port, secret, middleware)
+    finally:
+        server.shutdown()
+    print()
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    print(f"self-test: {len(CHECKS) - len(failures)} of {len(CHECKS)} checks held; "
+          f"{len(decisions.lines)} requests went through regmw")
+    return 1 if failures else 0
+
+
+CHECKS = (
+    "push to a repository with no token lands on the old path",
+    "pull it back byte-identical",
+    "a verified token with migration_eligible=true sends a new repository to the new path",
+    "an existing old repository stays old even with an eligible token",
+    "a forged token is ignored (repository stays old)",
+    "a read-only repository refuses writes with 503 and serves reads",
+    "an invalid repository name gets 400 NAME_INVALID",
+    "the write rate limit answers 429 with Retry-After",
+)
+
+
+def self_test(port: int, secret: str, middleware: RegistryMiddleware) -> list[str]:
+    failures: list[str] = []
+
+    def check(index: int, ok: bool) -> None:
+        log.info("%s %s", "ok  " if ok else "FAIL", CHECKS[index])
+        if not ok:
+            failures.append(CHECKS[index])
+
+    layer = os.urandom(64 * 1024)
+    anonymous = DemoClient("127.0.0.1", port)
+    answers = anonymous.push_image("legacy/app", "v1", layer)
+    check(0, all(a.status == 201 for a in answers) and answers[-1].headers.get("regmw-migration-path") == "old")
+    check(1, anonymous.pull_layer("legacy/app", "v1") == layer)
+
+    eligible = DemoClient("127.0.0.1", port, demo_token(secret, "fresh/app", True))
+    answers = eligible.push_image("fresh/app", "v1", layer)
+    check(2, all(a.status == 201 for a in answers) and answers[-1].headers.get("regmw-migration-path") == "new"
+          and eligible.pull_layer("fresh/app", "v1") == layer)
+
+    old_but_eligible = DemoClient("127.0.0.1", port, demo_token(secret, "legacy/app", True))
+    check(3, old_but_eligible.request("GET", "/v2/legacy/app/tags/list").headers.get("regmw-migration-path") == "old")
+
+    forged = DemoClient("127.0.0.1", port, demo_token("not-the-secret", "forged/app", True))
+    answers = forged.push_image("forged/app", "v1", layer)
+    check(4, answers[-1].status == 201 and answers[-1].headers.get("regmw-migration-path") == "old")
+
+    middleware.services.locks.set_read_only("legacy/app", ttl=60, owner="demo")
+    write = anonymous.push_image("legacy/app", "v2", layer)[0]
+    read = anonymous.request("GET", "/v2/legacy/app/manifests/v1", headers={"Accept": "*/*"})
+    check(5, write.status == 503 and write.error_code == "UNAVAILABLE" and "retry-after" in write.headers
+          and read.status == 200)
+    middleware.services.locks.clear_read_only("legacy/app")
+
+    bad = anonymous.request("GET", "/v2/Bad..Name/tags/list")
+    check(6, bad.status == 400 and bad.error_code == "NAME_INVALID")
+
+    statuses = [anonymous.request("POST", "/v2/busy/app/blobs/uploads/") for _ in range(51)]
+    limited = [a for a in statuses if a.status == 429]
+    check(7, bool(limited) and limited[0].error_code == "TOOMANYREQUESTS" and limited[0].headers.get("retry-after", "").isdigit())
+    return failures

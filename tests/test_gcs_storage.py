@@ -1,0 +1,208 @@
+"""The GCS plugin against the in-process GCS emulator, counting real HTTP requests."""
+from __future__ import annotations
+
+import json
+import socket
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+from regmw_gcs import GCSStorage, naive_stat
+from regmw_gcs.client import make_retry
+
+import regmw
+from regmw.errors import ConfigError, StorageError
+from tests.servers.gcs_emulator import count_requests
+
+REPOS = "docker/registry/v2/repositories"
+
+
+def storage_for(emulator, **extra) -> GCSStorage:
+    runtime = regmw.build({"regmw": {"plugins": ["gcs"]}, "gcs": emulator.gcs_section(**extra)}, environ={})
+    storage = runtime.services.storage
+    assert isinstance(storage, GCSStorage)
+    return storage
+
+
+@pytest.fixture
+def seeded(gcs_emulator):
+    gcs_emulator.put(
+        f"{REPOS}/direct/file",                                  # an object right under the repository
+        f"{REPOS}/group/deep/_layers/sha256/aa/link",            # only sub-prefixes
+        f"{REPOS}/group/deep/_manifests/revisions/sha256/bb/link",
+        f"{REPOS}/foobar/_layers/sha256/cc/link",                # foobar exists, foo does not
+        f"{REPOS}/other/_uploads/u1/startedat",
+    )
+    storage = storage_for(gcs_emulator)
+    log = count_requests(storage.client)
+    return storage, log
+
+
+def query(url: str) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(url).query)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("direct", True), ("group/deep", True), ("missing", False), ("foo", False), ("foobar", True), ("group", True)],
+    ids=["existing", "sub-prefix-only", "missing", "foo-not-foobar", "foobar", "parent-of-repo"],
+)
+def test_prefix_check_is_one_request(seeded, name, expected):
+    storage, log = seeded
+    assert storage.prefix_exists(f"{REPOS}/{name}/") is expected
+    assert log.count == 1
+    method, url, size = log.entries[0]
+    params = query(url)
+    assert method == "GET"
+    assert urlsplit(url).path.endswith(f"/b/{storage.bucket_name}/o")
+    assert params["prefix"] == [f"{REPOS}/{name}/"]
+    assert params["delimiter"] == ["/"]
+    assert params["maxResults"] == ["1"]
+    assert params["fields"] == ["items(name),prefixes,nextPageToken"]
+    if name != "direct":  # the emulator ignores `fields`, so a direct object comes with full metadata
+        assert size < 300  # a small answer, whatever the repository holds below
+
+
+def test_prefix_without_trailing_slash_still_matches_whole_names(seeded):
+    storage, log = seeded
+    assert storage.prefix_exists(f"{REPOS}/foo") is False  # foobar must not count
+    assert query(log.entries[0][1])["prefix"] == [f"{REPOS}/foo/"]
+
+
+def test_root_prefixes_every_key(gcs_emulator):
+    gcs_emulator.put(f"reg/root/{REPOS}/inside/_layers/x")
+    storage = storage_for(gcs_emulator, root="/reg/root/")
+    assert storage.root == "reg/root"
+    assert storage.prefix_exists(f"{REPOS}/inside/") is True
+    assert storage_for(gcs_emulator).prefix_exists(f"{REPOS}/inside/") is False
+
+
+def test_a_prefix_only_first_page_is_read_once(seeded):
+    """Real GCS answers maxResults=1 with one prefix AND a nextPageToken (0 items).
+
+    The emulator never paginates, so the token is added to its real answer here.
+    google-cloud-storage's item iterator would then fetch a second page; the
+    plugin must read exactly one.
+    """
+    storage, log = seeded
+    http = storage.client._http
+    counted = http.request
+
+    def with_page_token(method, url, *args, **kwargs):
+        response = counted(method, url, *args, **kwargs)
+        if "delimiter" in url and "pageToken" not in url:
+            body = json.loads(response.content)
+            body["nextPageToken"] = "more"
+            response._content = json.dumps(body).encode()
+        return response
+
+    http.request = with_page_token
+    assert storage.prefix_exists(f"{REPOS}/group/deep/") is True
+    assert log.count == 1
+
+    # The naive way to read the same iterator makes a second request: the trap is real.
+    log.reset()
+    iterator = storage.client.list_blobs(
+        storage.bucket_name, prefix=f"{REPOS}/group/deep/", delimiter="/", max_results=1, retry=None
+    )
+    list(iterator)
+    assert log.count == 2
+
+
+def test_stat_file_directory_and_missing(seeded):
+    storage, log = seeded
+    result = storage.stat(f"{REPOS}/direct/file")
+    assert result is not None and not result.is_dir and result.size == 1 and result.modified
+    assert log.count == 1  # the metadata GET found it
+
+    log.reset()
+    result = storage.stat(f"{REPOS}/group/deep")
+    assert result is not None and result.is_dir
+    assert log.count == 2
+    get, listing = log.entries
+    assert "/o/" in urlsplit(get[1]).path
+    params = query(listing[1])
+    assert params["prefix"] == [f"{REPOS}/group/deep/"]
+    assert params["delimiter"] == ["/"] and params["maxResults"] == ["1"]
+    assert params["fields"] == ["items(name),prefixes,nextPageToken"]
+
+    log.reset()
+    assert storage.stat(f"{REPOS}/nothing/here") is None
+    assert log.count == 2
+
+
+def test_naive_stat_lists_everything_with_full_metadata(seeded, gcs_emulator):
+    storage, log = seeded
+    gcs_emulator.put(*(f"{REPOS}/big/_layers/sha256/{i:04d}/link" for i in range(30)))
+    log.reset()
+    assert naive_stat(storage, f"{REPOS}/big").is_dir
+    assert log.count == 2
+    params = query(log.entries[1][1])
+    assert "delimiter" not in params and "fields" not in params and params["projection"] == ["full"]
+    naive_bytes = log.bytes
+
+    log.reset()
+    assert storage.prefix_exists(f"{REPOS}/big/")
+    assert log.bytes * 20 < naive_bytes
+
+
+def test_missing_bucket_is_an_error_not_absent(gcs_emulator):
+    storage = storage_for(gcs_emulator, bucket="no-such-bucket")
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        storage.prefix_exists(f"{REPOS}/x/")
+    with pytest.raises(StorageError):
+        storage.stat(f"{REPOS}/x")
+
+
+def test_stopped_emulator_is_an_error(gcs_emulator):
+    storage = storage_for(gcs_emulator)
+    assert storage.prefix_exists(f"{REPOS}/x/") is False
+    gcs_emulator.stop()
+    with pytest.raises(StorageError):
+        storage.prefix_exists(f"{REPOS}/x/")
+    with pytest.raises(StorageError):
+        storage.stat(f"{REPOS}/x")
+
+
+def test_unanswered_request_times_out_as_an_error(gcs_emulator):
+    """A server that accepts and never answers: the configured timeout ends the wait."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        storage = storage_for(gcs_emulator, endpoint=f"http://127.0.0.1:{port}", timeout=0.2)
+        with pytest.raises(StorageError, match="Timeout"):
+            storage.prefix_exists(f"{REPOS}/x/")
+
+
+def test_transient_errors_are_retried(seeded):
+    storage, _ = seeded
+    storage = GCSStorage(storage.client, storage.bucket_name, timeout=5.0,
+                         retry=make_retry({"retry_deadline": 5.0, "retry_initial": 0.001,
+                                           "retry_maximum": 0.001, "retry_multiplier": 1.0}))
+    http = storage.client._http
+    counted = http.request
+    failures = []
+
+    def flaky(method, url, *args, **kwargs):
+        if len(failures) < 2:
+            failures.append(url)
+            raise requests.ConnectionError("connection reset (injected)")
+        return counted(method, url, *args, **kwargs)
+
+    http.request = flaky
+    assert storage.prefix_exists(f"{REPOS}/direct/") is True
+    assert len(failures) == 2
+
+
+def test_retry_settings():
+    assert make_retry({"retry_deadline": 0}) is None
+    retry = make_retry({"retry_deadline": 3.0, "retry_initial": 0.5, "retry_maximum": 4.0, "retry_multiplier": 3.0})
+    assert retry.timeout == 3.0 and retry._initial == 0.5 and retry._maximum == 4.0 and retry._multiplier == 3.0
+
+
+def test_config_requires_a_bucket():
+    with pytest.raises(ConfigError, match="gcs.bucket"):
+        regmw.build({"regmw": {"plugins": ["gcs"]}}, environ={})
+    with pytest.raises(ConfigError, match="gcs.root"):
+        regmw.build({"regmw": {"plugins": ["gcs"]}, "gcs": {"bucket": "b", "root": "a//b"}}, environ={})

@@ -1,0 +1,213 @@
+"""Read-only locks and cluster slots on Redis, across real processes."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+import pytest
+import redis
+
+from regmw import build
+from regmw.cli import main as cli
+from regmw.errors import BackendUnavailable
+from regmw_redis.locks import RedisLockManager, SlotUnavailable
+from tests.servers import redis_apps
+from tests.servers._util import stop
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _locks(url: str) -> RedisLockManager:
+    runtime = build({"regmw": {"plugins": ["redis"], "entry_points": False}, "redis": {"url": url}}, environ={})
+    assert isinstance(runtime.services.locks, RedisLockManager)
+    return runtime.services.locks
+
+
+def _poll(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_read_only_owner_semantics_and_fencing(redis_server):
+    _, url = redis_server
+    locks = _locks(url)
+    first = locks.set_read_only("team/app", 30, "alice")
+    assert first is not None and first.owner == "alice"
+    assert locks.read_only("team/app") and not locks.read_only("team/other")
+    assert locks.set_read_only("team/app", 30, "bob") is None  # SET NX: held by alice
+    again = locks.set_read_only("team/app", 60, "alice")  # the owner may extend
+    assert again is not None and again.token > first.token  # fencing tokens only grow
+    assert not locks.clear_read_only("team/app", "bob")  # compare-and-delete: not bob's
+    assert locks.read_only("team/app")
+    assert locks.clear_read_only("team/app", "alice")
+    assert not locks.read_only("team/app")
+    third = locks.set_read_only("team/app", 30, "bob")
+    assert third is not None and third.token > again.token
+    assert locks.clear_read_only("team/app")  # owner None: the operator's override
+    raw = redis.Redis.from_url(url)
+    assert raw.get("regmw:{repository:team/app}:readonly:fence") == str(third.token).encode()
+
+
+def test_read_only_expires_and_lists_with_ttl(redis_server):
+    _, url = redis_server
+    locks = _locks(url)
+    locks.set_read_only("a/one", 0.1, "x")
+    locks.set_read_only("b/two", 100, "x")
+    listed = locks.list_read_only()
+    assert set(listed) <= {"a/one", "b/two"} and 99 < listed["b/two"] <= 100
+    assert _poll(lambda: not locks.read_only("a/one"))
+    assert locks.list_read_only().keys() == {"b/two"}
+    assert locks.set_read_only("a/one", 10, "y") is not None  # expired: anyone may take it
+
+
+def test_cli_readonly_against_redis(redis_server, tmp_path, capsys):
+    _, url = redis_server
+    config = tmp_path / "regmw.toml"
+    config.write_text(f'[regmw]\nplugins = ["redis"]\nentry_points = false\n[redis]\nurl = "{url}"\n')
+    assert cli(["-c", str(config), "readonly", "set", "team/app", "--ttl", "3600"]) == 0
+    assert "team/app read-only for 3600s" in capsys.readouterr().out
+    assert _locks(url).read_only("team/app")
+    assert cli(["-c", str(config), "readonly", "set", "team/app", "--owner", "someone-else"]) == 1
+    assert cli(["-c", str(config), "readonly", "list"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("team/app\t") and 3590 <= int(line.split("\t")[1].rstrip("s")) <= 3600
+    assert cli(["-c", str(config), "readonly", "clear", "team/app"]) == 0
+    assert not _locks(url).read_only("team/app")
+    assert cli(["-c", str(config), "readonly", "clear", "team/app"]) == 1
+
+
+def test_no_write_admitted_while_locked_and_lock_expires_after_holder_sigkill(redis_server):
+    _, url = redis_server
+    raw = redis.Redis.from_url(url)
+    ready, release = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=redis_apps.readonly_holder, args=(url, "team/app", 1.5, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30), "holder did not take the lock"
+        results = SPAWN.Queue()
+        writers = [SPAWN.Process(target=redis_apps.writer, args=(url, "team/app", 40, results)) for _ in range(4)]
+        for process in writers:
+            process.start()
+        statuses = [results.get(timeout=60) for _ in writers]
+        for process in writers:
+            process.join(30)
+            assert process.exitcode == 0
+        assert holder.is_alive()  # the lock was held (and renewed past its 1.5 s TTL) throughout
+        assert statuses == [{503: 40}] * 4
+        assert raw.get("test:admitted:PUT") is None  # the app never saw a write
+
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        locks = _locks(url)
+        assert locks.read_only("team/app")  # not released: the holder died holding it
+        assert _poll(lambda: not locks.read_only("team/app"), 10), "lock outlived its TTL"
+        writers = [SPAWN.Process(target=redis_apps.writer, args=(url, "team/app", 5, results)) for _ in range(2)]
+        for process in writers:
+            process.start()
+        assert [results.get(timeout=60) for _ in writers] == [{201: 5}] * 2
+        for process in writers:
+            process.join(30)
+        assert int(raw.get("test:admitted:PUT")) == 10
+    finally:
+        release.set()
+        if holder.is_alive():
+            holder.kill()
+        holder.join(10)
+
+
+def test_semaphore_never_exceeds_n_holders_across_8_processes(redis_server):
+    _, url = redis_server
+    results = SPAWN.Queue()
+    workers = [
+        SPAWN.Process(target=redis_apps.slot_worker, args=(url, "gc", 2, 5, 20_000, results)) for _ in range(8)
+    ]
+    for process in workers:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for process in workers:
+        process.join(30)
+        assert process.exitcode == 0
+    assert sum(o["done"] for o in outcomes) == 40  # every worker got its turns
+    assert max(o["peak"] for o in outcomes) == 2  # two at once happened, three never
+    assert sum(o["refused"] for o in outcomes) > 0  # and the semaphore did turn workers away
+    assert _locks(url).slot_holders("gc") == 0
+
+
+def test_slot_of_a_sigkilled_holder_frees_after_ttl(redis_server):
+    _, url = redis_server
+    ready, release = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=redis_apps.slot_holder, args=(url, "compactor", 1.0, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        locks = _locks(url)
+        with pytest.raises(SlotUnavailable):
+            with locks.cluster_slot("compactor", 1, ttl=5):
+                pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        assert _poll(lambda: locks.slot_holders("compactor") == 0, 10)
+        with locks.cluster_slot("compactor", 1, ttl=5) as lease:
+            assert lease.token >= 2 and not lease.lost.is_set()
+    finally:
+        release.set()
+        if holder.is_alive():
+            holder.kill()
+        holder.join(10)
+
+
+def test_lease_is_renewed_while_held_and_loss_is_detected(redis_server):
+    proc, url = redis_server
+    locks = _locks(url)
+    raw = redis.Redis.from_url(url)
+    with locks.cluster_slot("gc", 1, ttl=0.3) as lease:
+        # renewed: still held after several TTLs (polled, not slept)
+        start = time.monotonic()
+        assert _poll(lambda: time.monotonic() - start > 1.0 and locks.slot_holders("gc") == 1, 5)
+        assert not lease.lost.is_set()
+        raw.delete("regmw:{slot:gc}:holders")  # taken away (as an expiry during a long pause would)
+        assert lease.lost.wait(5)
+    with locks.cluster_slot("gc", 1, ttl=0.3) as lease:
+        stop(proc)  # Redis gone: renewal fails until the TTL has passed, then the lease is lost
+        assert lease.lost.wait(5)
+    with pytest.raises(BackendUnavailable):
+        with locks.cluster_slot("gc", 1):
+            pass
+
+
+def test_hold_read_only_python_api(redis_server):
+    _, url = redis_server
+    locks = _locks(url)
+    with locks.hold_read_only("team/app", ttl=0.3) as lease:
+        start = time.monotonic()
+        assert _poll(lambda: time.monotonic() - start > 1.0 and locks.read_only("team/app"), 5)
+        assert not lease.lost.is_set()
+        with pytest.raises(SlotUnavailable):
+            with locks.hold_read_only("team/app", ttl=5):
+                pass
+    assert not locks.read_only("team/app")
+
+
+def test_read_only_check_from_threads_is_consistent(redis_server):
+    """Many threads of one process share the pool; every answer is right."""
+    _, url = redis_server
+    locks = _locks(url)
+    locks.set_read_only("team/app", 30, "x")
+    answers = []
+
+    def check():
+        answers.extend(locks.read_only("team/app") for _ in range(50))
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert answers == [True] * 400
