@@ -54,7 +54,14 @@ class RegistryMiddleware:
         self.apps = dict(apps or {})
         self.runtime = config if isinstance(config, Runtime) else build(config, environ=environ, plugins=plugins)
         self.services = self.runtime.services
-        self.hook = self.runtime.pm.hook
+        hook = self.runtime.pm.hook
+        # Hooks nobody implements are skipped outright: the plugin set is fixed
+        # once the runtime is built, and an empty pluggy call still costs ~2 us.
+        self._admit = _implemented(hook.regmw_admit)
+        self._classify = _implemented(hook.regmw_classify)
+        self._route_db = _implemented(hook.regmw_route_db)
+        self._response_started = _implemented(hook.regmw_response_started)
+        self._finish_hook = _implemented(hook.regmw_finish)
         self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
         self._metrics_app = make_wsgi_app(metrics.REGISTRY)
 
@@ -76,13 +83,13 @@ class RegistryMiddleware:
 
         context = RequestContext(environ, route, self.services)
         environ["regmw.context"] = context
-        hook = self.hook
         try:
-            refusal = hook.regmw_admit(context=context)
+            refusal = self._admit(context=context) if self._admit else None
             if refusal is None:
-                if route.repository is not None:
-                    context.migration_path = hook.regmw_classify(context=context)
-                context.db = hook.regmw_route_db(context=context)
+                if route.repository is not None and self._classify:
+                    context.migration_path = self._classify(context=context)
+                if self._route_db:
+                    context.db = self._route_db(context=context)
         except Refusal as raised:
             refusal = raised
         except Exception:
@@ -97,13 +104,15 @@ class RegistryMiddleware:
         metrics.requests.labels("admitted").inc()
         environ["regmw.db"] = context.db
         app = self.apps.get(context.migration_path, self.app) if self.apps else self.app
+        response_started = self._response_started
 
         def regmw_start_response(status: str, headers: list, exc_info: Any = None):
             context.status = int(status[:3])
             headers = list(headers)
             headers.extend(context.response_headers)
             try:
-                hook.regmw_response_started(context=context, status=context.status, headers=headers)
+                if response_started:
+                    response_started(context=context, status=context.status, headers=headers)
             except Exception:
                 log.exception("regmw_response_started failed for %s %s", context.method, path)
             return start_response(status, headers, exc_info)
@@ -116,10 +125,17 @@ class RegistryMiddleware:
         return ClosingIterator(body, lambda: self._finish(context))
 
     def _finish(self, context: RequestContext) -> None:
+        if not self._finish_hook:
+            return
         try:
-            self.hook.regmw_finish(context=context, status=context.status)
+            self._finish_hook(context=context, status=context.status)
         except Exception:
             log.exception("regmw_finish failed")
+
+
+def _implemented(caller: Any) -> Any:
+    """The hook caller if any plugin implements the hook, else None."""
+    return caller if caller.get_hookimpls() else None
 
 
 def _encoded_slash(environ: dict) -> bool:
