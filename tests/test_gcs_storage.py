@@ -63,6 +63,15 @@ def test_prefix_check_is_one_request(seeded, name, expected):
         assert size < 300  # a small answer, whatever the repository holds below
 
 
+def test_client_makes_no_background_requests(seeded):
+    """google-cloud-storage 3.x would fetch bucket metadata in background threads (first use, every 404)."""
+    storage, log = seeded
+    assert storage.client._bucket_metadata_cache is None
+    for _ in range(3):
+        storage.stat(f"{REPOS}/absent/object")
+    assert log.count == 6
+
+
 def test_prefix_without_trailing_slash_still_matches_whole_names(seeded):
     storage, log = seeded
     assert storage.prefix_exists(f"{REPOS}/foo") is False  # foobar must not count
@@ -154,10 +163,10 @@ def test_missing_bucket_is_an_error_not_absent(gcs_emulator):
         storage.stat(f"{REPOS}/x")
 
 
-def test_stopped_emulator_is_an_error(gcs_emulator):
-    storage = storage_for(gcs_emulator)
+def test_stopped_emulator_is_an_error(own_gcs_emulator):
+    storage = storage_for(own_gcs_emulator)
     assert storage.prefix_exists(f"{REPOS}/x/") is False
-    gcs_emulator.stop()
+    own_gcs_emulator.stop()
     with pytest.raises(StorageError):
         storage.prefix_exists(f"{REPOS}/x/")
     with pytest.raises(StorageError):

@@ -1,0 +1,118 @@
+"""Existence checks on GCS that cost one small request whatever the repository's size.
+
+``prefix_exists`` is ONE ``objects.list`` call: ``prefix=<p>/`` (the trailing
+slash keeps ``foo`` from matching ``foobar``), ``delimiter=/`` (objects deeper
+than one level collapse into a handful of ``prefixes``), ``maxResults=1`` and a
+partial response of ``items(name),prefixes,nextPageToken``. Anything on the
+page, an object or a sub-prefix, means the prefix exists.
+
+The iterator google-cloud-storage returns would fetch a SECOND page when the
+first one holds only a prefix and a ``nextPageToken`` (it keeps paging until it
+has ``max_results`` *items*, and prefixes are not items). We therefore read
+exactly one page from ``iterator.pages`` and never iterate items across pages.
+
+Every failure (timeout, 5xx after retries, auth, a missing bucket) raises
+:class:`regmw.errors.StorageError`: an error is never reported as "absent".
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from google.api_core.exceptions import GoogleAPIError, NotFound
+from google.auth.exceptions import GoogleAuthError
+from requests.exceptions import RequestException
+
+from regmw import metrics
+from regmw.backends import StatResult
+from regmw.errors import StorageError
+
+from .client import make_client, make_retry
+
+log = logging.getLogger("regmw.gcs")
+
+#: what a failed GCS call can raise; all of it becomes StorageError
+GCS_ERRORS = (GoogleAPIError, GoogleAuthError, RequestException, OSError, ValueError)
+
+PREFIX_FIELDS = "items(name),prefixes,nextPageToken"
+
+
+class GCSStorage:
+    """:class:`regmw.backends.Storage` on a GCS bucket, keys relative to ``root``."""
+
+    driver = "gcs"
+
+    def __init__(self, client: Any, bucket: str, root: str = "", timeout: float = 5.0, retry: Any = None) -> None:
+        self.client = client
+        self.bucket_name = bucket
+        self.bucket = client.bucket(bucket)  # no request: a local handle
+        self.root = root.strip("/")
+        self.timeout = timeout
+        self.retry = retry
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> "GCSStorage":
+        return cls(make_client(section), section["bucket"], section["root"], section["timeout"], make_retry(section))
+
+    def key(self, path: str) -> str:
+        """The object name for ``path`` (relative to the root), without leading slashes."""
+        path = path.lstrip("/")
+        return f"{self.root}/{path}" if self.root else path
+
+    def dir_key(self, path: str) -> str:
+        """The listing prefix for ``path``: its key with exactly one trailing slash."""
+        return self.key(path).rstrip("/") + "/"
+
+    def prefix_exists(self, prefix: str) -> bool:
+        """True if any object or sub-prefix lies under ``prefix/``. Exactly one HTTP request."""
+        metrics.storage_requests.labels(self.driver).inc()
+        return self._list_one(self.dir_key(prefix))
+
+    def stat(self, path: str) -> StatResult | None:
+        """The compound Stat: object metadata GET, then (if no such object) one names-only list.
+
+        Returns a file result, a directory result (something lies under
+        ``path/``), or None. At most two HTTP requests, both small.
+        """
+        metrics.storage_requests.labels(self.driver).inc()
+        key = self.key(path)
+        blob = self.get_object(key, "noAcl")
+        if blob is not None:
+            modified = blob.updated.timestamp() if blob.updated else None
+            return StatResult(path, False, int(blob.size or 0), modified)
+        if self._list_one(key.rstrip("/") + "/"):
+            return StatResult(path, True)
+        return None
+
+    def get_object(self, key: str, projection: str = "noAcl") -> Any:
+        """The object's metadata (one GET), or None when there is no such object."""
+        blob = self.bucket.blob(key)
+        try:
+            blob.reload(projection=projection, timeout=self.timeout, retry=self.retry)
+        except NotFound:
+            return None
+        except GCS_ERRORS as exc:
+            raise StorageError(f"gcs: cannot stat gs://{self.bucket_name}/{key}: {_describe(exc)}") from exc
+        return blob
+
+    def _list_one(self, prefix: str) -> bool:
+        try:
+            iterator = self.client.list_blobs(
+                self.bucket_name,
+                prefix=prefix,
+                delimiter="/",
+                max_results=1,
+                fields=PREFIX_FIELDS,
+                timeout=self.timeout,
+                retry=self.retry,
+            )
+            page = next(iterator.pages, None)  # ONE page: never let the iterator fetch another
+        except GCS_ERRORS as exc:
+            raise StorageError(f"gcs: cannot list gs://{self.bucket_name}/{prefix}: {_describe(exc)}") from exc
+        if page is None:
+            return False
+        return page.num_items > 0 or bool(page.prefixes)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
