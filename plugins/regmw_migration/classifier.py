@@ -1,0 +1,149 @@
+"""Per-request classification: cache (or the admission's prefetch), then storage, then the decision.
+
+Cached facts, under ``repository_key(<name>, "migration")``:
+
+* ``b"old"``: the repository exists under the old prefix. Expires after
+  ``old_ttl`` (repositories get migrated) and is overwritten by
+  :meth:`Classifier.mark_migrated`.
+* ``b"new"``: nothing under the old prefix and something under the new one,
+  or the repository was marked migrated. Permanent by default: a new
+  repository never goes back.
+
+Absence is never cached: a repository that does not exist yet is about to be
+created under one prefix or the other, and a stale "absent" would misroute it.
+Concurrent look-ups of one repository share one storage request (see
+:mod:`.singleflight`). When storage cannot answer, the request is refused with
+503 UNAVAILABLE and Retry-After; it is never routed on a guess.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from regmw import metrics
+from regmw.backends import Services, repository_key
+from regmw.errors import BackendUnavailable, Refusal, unavailable
+
+from .decision import (
+    STATE_ABSENT, STATE_NEW, STATE_NOT_OLD, STATE_OLD, decide, needs_new_prefix, token_flag,
+)
+from .singleflight import SingleFlight
+
+log = logging.getLogger("regmw.migration")
+
+HEADER = "Regmw-Migration-Path"
+CACHED = {b"old": STATE_OLD, b"new": STATE_NEW}
+PERMANENT = 0  # Cache.set ttl 0: no expiry
+
+
+class Classifier:
+    """Old/new classification for one configured runtime (kept in ``services.extras["migration"]``)."""
+
+    def __init__(self, services: Services, section: Mapping[str, Any]) -> None:
+        self.services = services
+        self.cache = services.cache
+        self.storage = services.storage
+        self.old_root = section["old_root"]
+        self.new_root = section["new_root"]
+        self.paused = section["paused"]
+        self.old_ttl = section["old_ttl"]
+        self.new_ttl = section["new_ttl"] or PERMANENT
+        self.header = section["response_header"]
+        self.retry_after = section["retry_after"]
+        self.flights = SingleFlight(section["max_inflight"], section["wait_timeout"])
+
+    # --- keys and prefixes ------------------------------------------------
+
+    @staticmethod
+    def cache_key(repository: str) -> str:
+        return repository_key(repository, "migration")
+
+    def prefetch_key(self, context: Any) -> str | None:
+        """For ``services.prefetch``: the key an admission should read on its round trip."""
+        return self.cache_key(context.repository) if context.repository else None
+
+    def old_prefix(self, repository: str) -> str:
+        return f"{self.old_root}/repositories/{repository}/"
+
+    def new_prefix(self, repository: str) -> str:
+        return f"{self.new_root}/repositories/{repository}/"
+
+    # --- the request path -------------------------------------------------
+
+    def classify(self, context: Any) -> str:
+        repository = context.repository
+        key = self.cache_key(repository)
+        state = CACHED.get(self._cached(context, key) or b"")
+        source = "cache" if state else "storage"
+        flag = None
+        if state != STATE_OLD:
+            flag = token_flag(context.token_claims, repository, needs_push=context.is_write)
+            if state is None:
+                state = self._lookup(repository, key, needs_new_prefix(flag, self.paused))
+        path, reason = decide(state, flag, self.paused)
+        if reason in ("old_prefix", "new_prefix"):
+            reason = source
+        metrics.classifications.labels(path, reason).inc()
+        if self.header:
+            context.response_headers.append((HEADER, path))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s: %s (decided by %s; state %s, token flag %s)",
+                      context.method, repository, path, reason, state, flag)
+        return path
+
+    def _cached(self, context: Any, key: str) -> bytes | None:
+        if key in context.prefetched:
+            return context.prefetched[key]  # None: a known miss, do not ask again
+        try:
+            return self.cache.get(key)
+        except Exception as exc:  # a cache is allowed to fail: a miss
+            log.warning("classification cache unavailable, asking storage: %s", exc)
+            metrics.backend_errors.labels("cache", "miss").inc()
+            return None
+
+    def _lookup(self, repository: str, key: str, need_new: bool) -> str:
+        """The repository's state from storage, one coalesced request per prefix asked."""
+        try:
+            if self.flights.do(("old", repository), lambda: self._probe(key, self.old_prefix(repository), STATE_OLD)):
+                return STATE_OLD
+            if not need_new:
+                return STATE_NOT_OLD
+            if self.flights.do(("new", repository), lambda: self._probe(key, self.new_prefix(repository), STATE_NEW)):
+                return STATE_NEW
+            return STATE_ABSENT
+        except Refusal:
+            raise
+        except Exception as exc:
+            log.warning("cannot classify %s, storage did not answer: %s", repository, exc)
+            metrics.backend_errors.labels("storage", "unavailable").inc()
+            raise unavailable(
+                "cannot classify the repository: storage is unavailable", self.retry_after, {"name": repository}
+            ) from exc
+
+    def _probe(self, key: str, prefix: str, state: str) -> bool:
+        """One storage request (run by the flight's leader), caching a positive answer."""
+        if self.storage is None:
+            raise RuntimeError("no storage backend configured")
+        found = self.storage.prefix_exists(prefix)
+        if found:
+            self._store(key, state)
+        return found
+
+    def _store(self, key: str, state: str) -> None:
+        ttl = self.old_ttl if state == STATE_OLD else self.new_ttl
+        try:
+            self.cache.set(key, state.encode(), ttl)
+        except Exception as exc:
+            log.warning("classification cache unavailable, not caching %s: %s", key, exc)
+            metrics.backend_errors.labels("cache", "not_cached").inc()
+
+    # --- migration events -------------------------------------------------
+
+    def mark_migrated(self, repository: str) -> None:
+        """Record that ``repository`` now lives under the new prefix: cached "new", replacing "old"."""
+        key = self.cache_key(repository)
+        self.cache.set(key, STATE_NEW.encode(), self.new_ttl)
+        if self.cache.get(key) != STATE_NEW.encode():  # a cache drops writes it cannot make
+            raise BackendUnavailable(f"the cache did not keep the migration mark of {repository}")
+        log.info("%s marked as migrated (new)", repository)
+

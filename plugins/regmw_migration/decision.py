@@ -1,0 +1,69 @@
+"""The migration decision, as a pure function of what storage and the token say.
+
+::
+
+    exists under OLD prefix?  ── yes ──► old
+       no
+    verified token's access[].migration_eligible for this repository?
+       ├─ true  ──► new   (paused: only if the repository is already new, else old)
+       ├─ false ──► old
+       └─ absent ──► exists under NEW prefix? ── yes ──► new, no ──► old
+
+The flag is read only from claims :mod:`regmw.tokens` verified (signature,
+expiry, issuer, audience); the caller passes ``None`` claims for anything else.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from regmw.tokens import access_entry
+
+log = logging.getLogger("regmw.migration")
+
+OLD = "old"
+NEW = "new"
+
+# What storage (or the cache) told us about a repository.
+STATE_OLD = "old"          # something lies under the old prefix
+STATE_NEW = "new"          # nothing under old, something under new (or marked migrated)
+STATE_ABSENT = "absent"    # nothing under either
+STATE_NOT_OLD = "not-old"  # nothing under old; the new prefix was not asked (not needed)
+
+
+def token_flag(claims: dict[str, Any] | None, repository: str, needs_push: bool) -> bool | None:
+    """The ``migration_eligible`` flag the verified token grants ``repository``, or None.
+
+    ``needs_push``: prefer the access entry that grants push (for a
+    cross-repository mount, the destination repository is the one that needs
+    push; the source's entry names another repository and never counts).
+    """
+    entry = access_entry(claims, repository, "push") if needs_push else None
+    entry = entry or access_entry(claims, repository)
+    if entry is None or "migration_eligible" not in entry:
+        return None
+    flag = entry["migration_eligible"]
+    if not isinstance(flag, bool):
+        log.warning("ignoring non-boolean migration_eligible %r for %s", flag, repository)
+        return None
+    return flag
+
+
+def needs_new_prefix(flag: bool | None, paused: bool) -> bool:
+    """Whether the decision needs to know if the repository exists under the new prefix."""
+    return flag is None or (flag and paused)
+
+
+def decide(state: str, flag: bool | None, paused: bool) -> tuple[str, str]:
+    """(path, reason) for a repository in ``state`` and a token ``flag``."""
+    if state == STATE_OLD:
+        return OLD, "old_prefix"
+    if flag is True:
+        if paused and state != STATE_NEW:
+            return OLD, "paused"
+        return NEW, "token"
+    if flag is False:
+        return OLD, "token"
+    if state == STATE_NEW:
+        return NEW, "new_prefix"
+    return OLD, "absent"
