@@ -631,3 +631,39 @@ def test_single_flight_waiters_give_up():
         flights.do("k", lambda: 0)  # the leader is held at its gate: the wait must end on its own
     release.set()
     thread.join(30)
+
+
+# --- with the shared Redis cache and its one-round-trip admission ---------------------------
+
+
+def test_redis_admission_prefetches_the_classification(layout, redis_server):
+    """Warm requests: one Redis round trip (the admission script read the value), zero storage requests."""
+    import redis as redis_py
+    from regmw_redis.connection import ROUND_TRIPS
+
+    _, url = redis_server
+    config = config_for(layout)
+    config["regmw"]["plugins"] = ["gcs", "migration", "redis"]
+    config["redis"] = {"url": url}
+    mw = RegistryMiddleware(named_app("main"), config, apps={"old": named_app("old"), "new": named_app("new")},
+                            environ={})
+    storage_requests = count_requests(mw.services.storage.client)
+    client = Client(mw)
+    assert_routed(client.get("/v2/group/legacy/manifests/latest"), "old")
+    assert_routed(client.get("/v2/group/migrated/manifests/latest"), "new")
+    assert storage_requests.count == 3
+
+    raw = redis_py.Redis.from_url(url)
+    assert raw.pttl(mw.services.cache.full_key(repository_key("group/migrated", "migration"))) == -1  # permanent
+    assert 0 < raw.pttl(mw.services.cache.full_key(repository_key("group/legacy", "migration"))) <= 300_000
+
+    storage_requests.reset()
+    for name, path in (("group/legacy", "old"), ("group/migrated", "new")):
+        before = ROUND_TRIPS._value.get()
+        assert_routed(client.get(f"/v2/{name}/manifests/latest"), path)
+        assert ROUND_TRIPS._value.get() - before == 1
+    assert storage_requests.count == 0
+
+    mark_migrated(mw.services, "group/legacy")  # seen by every instance sharing this Redis
+    other = Client(RegistryMiddleware(named_app("main"), config, apps={"new": named_app("new")}, environ={}))
+    assert_routed(other.get("/v2/group/legacy/manifests/latest"), "new")
