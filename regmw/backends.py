@@ -30,7 +30,10 @@ def repository_key(repository: str, *parts: str) -> str:
 
 @runtime_checkable
 class Cache(Protocol):
-    """A shared, bounded byte cache. Errors are misses: ``get`` returns None, ``set`` drops."""
+    """A shared, bounded byte cache. Errors are misses: ``get`` returns None, ``set`` drops.
+
+    ``set``'s ``ttl``: None = the backend's default TTL, 0 = no expiry (kept until evicted).
+    """
 
     def get(self, key: str) -> bytes | None: ...
 

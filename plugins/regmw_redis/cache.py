@@ -35,7 +35,7 @@ class RedisCache:
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         ttl = self.default_ttl if ttl is None else ttl
         try:
-            self.client.set(self.prefix + key, value, px=max(1, int(ttl * 1000)))
+            self.client.set(self.prefix + key, value, px=max(1, int(ttl * 1000)) if ttl else None)  # 0: no expiry
         except REDIS_DOWN as exc:
             report("cache", "dropped", exc)
 
