@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import make_wsgi_app
-from werkzeug.wsgi import ClosingIterator
 
 from . import metrics
 from .context import RequestContext
@@ -28,6 +27,8 @@ from .runtime import Runtime, build
 log = logging.getLogger("regmw")
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+
+_ADMITTED, _REFUSED, _INVALID = (metrics.requests.labels(outcome) for outcome in ("admitted", "refused", "invalid"))
 
 _INTERNAL_ERROR = Refusal(500, "UNKNOWN", "internal error in registry middleware")
 
@@ -78,7 +79,7 @@ class RegistryMiddleware:
         except NotAnApiRequest:
             return self.app(environ, start_response)
         except Refusal as refusal:
-            metrics.requests.labels("invalid").inc()
+            _INVALID.inc()
             return refusal(environ, start_response)
 
         context = RequestContext(environ, route, self.services)
@@ -96,12 +97,12 @@ class RegistryMiddleware:
             log.exception("regmw hook failed for %s %s", context.method, path)
             refusal = _INTERNAL_ERROR
         if refusal is not None:
-            metrics.requests.labels("refused").inc()
+            _REFUSED.inc()
             context.status = refusal.status
             self._finish(context)
             return refusal(environ, start_response, context.response_headers)
 
-        metrics.requests.labels("admitted").inc()
+        _ADMITTED.inc()
         environ["regmw.db"] = context.db
         app = self.apps.get(context.migration_path, self.app) if self.apps else self.app
         response_started = self._response_started
@@ -122,7 +123,7 @@ class RegistryMiddleware:
         except BaseException:
             self._finish(context)
             raise
-        return ClosingIterator(body, lambda: self._finish(context))
+        return _Closing(body, self._finish, context)
 
     def _finish(self, context: RequestContext) -> None:
         if not self._finish_hook:
@@ -131,6 +132,28 @@ class RegistryMiddleware:
             self._finish_hook(context=context, status=context.status)
         except Exception:
             log.exception("regmw_finish failed")
+
+
+class _Closing:
+    """The app's body iterable, with ``regmw_finish`` run once when the server closes it."""
+
+    __slots__ = ("_body", "_finish", "_context")
+
+    def __init__(self, body: Iterable[bytes], finish: Callable[[RequestContext], None], context: RequestContext):
+        self._body, self._finish, self._context = body, finish, context
+
+    def __iter__(self):
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            finish, self._finish = self._finish, None
+            if finish is not None:
+                finish(self._context)
 
 
 def _implemented(caller: Any) -> Any:

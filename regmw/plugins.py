@@ -86,7 +86,7 @@ def describe(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:
         if plugin is None:
             continue
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
-        if name.startswith("regmw.defaults."):
+        if name in DEFAULT_PLUGINS:
             origin = "embedded default"
         elif name in BUILTIN_PLUGINS.values():
             origin = "built-in"
