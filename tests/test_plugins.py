@@ -73,6 +73,6 @@ def test_regmw_plugins_lists_builtins_and_entry_points(installed_plugin, capsys)
 
 def test_builtin_plugins_are_enabled_by_name(tmp_path, capsys):
     config = tmp_path / "c.toml"
-    config.write_text('[regmw]\nplugins = ["migration"]\n')
+    config.write_text('[regmw]\nplugins = ["migration"]\n[migration]\nnew_root = "gitlab/v2"\n')
     assert main(["--config", str(config), "plugins"]) == 0
     assert "regmw_migration  (built-in)" in capsys.readouterr().out

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import jwt
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from regmw import RegistryMiddleware, hookimpl
 
@@ -42,6 +42,13 @@ class DecisionLog:
                 f"path={context.migration_path or '-':3}  status={status}  ratelimit-remaining={remaining}")
         self.lines.append(line)
         log.info(line)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """The decision log already has a line per request; skip werkzeug's access log."""
+
+    def log_request(self, code="-", size="-") -> None:
+        pass
 
 
 def demo_config(root: str, secret: str) -> dict[str, Any]:
@@ -78,7 +85,7 @@ def demo(args) -> int:
     root = args.root or tempfile.mkdtemp(prefix="regmw-demo-")
     secret = secrets.token_urlsafe(32)
     middleware, decisions = build_demo(root, secret)
-    server = make_server("127.0.0.1", args.port, middleware, threaded=True)
+    server = make_server("127.0.0.1", args.port, middleware, threaded=True, request_handler=_QuietHandler)
     port = server.server_port
     log.info("regmw demo: registry front on http://127.0.0.1:%d (storage %s)", port, root)
     log.info("old repositories live under %s/old, new ones under %s/new", root, root)
@@ -137,7 +144,7 @@ def self_test(port: int, secret: str, middleware: RegistryMiddleware) -> list[st
     old_but_eligible = DemoClient("127.0.0.1", port, demo_token(secret, "legacy/app", True))
     check(3, old_but_eligible.request("GET", "/v2/legacy/app/tags/list").headers.get("regmw-migration-path") == "old")
 
-    forged = DemoClient("127.0.0.1", port, demo_token("not-the-secret", "forged/app", True))
+    forged = DemoClient("127.0.0.1", port, demo_token("a-forger-does-not-know-the-demo-secret", "forged/app", True))
     answers = forged.push_image("forged/app", "v1", layer)
     check(4, answers[-1].status == 201 and answers[-1].headers.get("regmw-migration-path") == "old")
 
