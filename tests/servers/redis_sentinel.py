@@ -41,7 +41,7 @@ class SentinelGroup:
         for _, port in self.sentinels:
             try:
                 host, master_port = redis.Redis(port=port, socket_timeout=1).sentinel_get_master_addr_by_name(self.service)
-                return host, int(master_port)
+                return host.decode() if isinstance(host, bytes) else host, int(master_port)
             except (redis.RedisError, TypeError):
                 continue
         return None
