@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from limits.limits import safe_string
 
 from regmw.backends import RateLimitResult, Services
 from regmw.defaults.core import (
@@ -57,6 +58,13 @@ class RedisAdmission:
         self.script = client.register_script(scripts.ADMIT)
         self.rules = rules
         self.prefix = ratelimit_prefix + ":"
+        # Per (rule, limit): the key around the identity, built once. The same
+        # names as ``limits`` (``item.key_for(rule, identity)``), so both hot
+        # paths count the same windows.
+        self.counters = [
+            (rule, item, *self._key_parts(rule, item), item.amount, item.get_expiry() * 1000)
+            for rule in rules for item in rule.items
+        ]
         self.lock_key = lock_key
         self.locks = services.locks  # used only when they are not in this Redis
         self.cache = cache
@@ -73,14 +81,16 @@ class RedisAdmission:
             keys.append(self.lock_key(repository))
             args[0] = "1"
         counted = []
-        for rule in self.rules:
-            identity = rule.identity(context)
+        identities: dict[Rule, str | None] = {}
+        for rule, item, head, tail, amount, expiry_ms in self.counters:
+            if rule not in identities:
+                identities[rule] = rule.identity(context)
+            identity = identities[rule]
             if identity is None:
                 continue
-            for item in rule.items:
-                keys.append(self.prefix + item.key_for(rule.name, identity))
-                args += [item.amount, item.get_expiry() * 1000]
-                counted.append((rule, item))
+            keys.append(head + safe_string(identity) + tail)
+            args += [amount, expiry_ms]
+            counted.append((rule, item))
         args[1] = len(counted)
         wanted: list[str] = []
         if self.cache is not None:
@@ -108,7 +118,7 @@ class RedisAdmission:
                 break
             if tightest is None or result.remaining < tightest.remaining:
                 tightest = result
-        for key, value in zip(wanted, reply[2 + 2 * n_counted:]):
+        for key, value in zip(wanted, reply[2 + 2 * n_counted:], strict=True):
             context.prefetched[key] = value
         if tightest is not None:
             context.response_headers.extend(tightest.headers())
@@ -119,6 +129,11 @@ class RedisAdmission:
         if check_lock and self.lock_key is None:
             return self._separate_lock_check(context)
         return None
+
+    def _key_parts(self, rule: Rule, item: Any) -> tuple[str, str]:
+        marker = "\x00identity\x00"
+        head, tail = item.key_for(rule.name, marker).split(marker)
+        return self.prefix + head, tail
 
     def _redis_down(self, context: Any, exc: Exception, wanted: list[str], limited: bool, lock: bool) -> Refusal | None:
         if wanted:

@@ -153,7 +153,7 @@ class RedisLockManager:
         for key in keys:
             pipe.pttl(key)
         found = {}
-        for key, ttl in zip(keys, pipe.execute()):
+        for key, ttl in zip(keys, pipe.execute(), strict=True):
             if ttl is not None and ttl > 0:
                 found[key[len(head):-len(tail)]] = ttl / 1000.0
         return found

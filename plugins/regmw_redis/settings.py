@@ -47,6 +47,10 @@ SECTION = Section(
             minimum=0,
         ),
         "client_name": Option("str", "regmw", "CLIENT SETNAME of regmw's connections (shows in CLIENT LIST)."),
+        "protocol": Option(
+            "int", 2, "RESP protocol version spoken to Redis (2 parses faster in redis-py; 3 if your proxy needs it).",
+            check=lambda value: value if value in (2, 3) else (_ for _ in ()).throw(ValueError("must be 2 or 3")),
+        ),
         "tls_ca_file": Option("path", None, "CA bundle verifying the server's certificate for rediss://."),
         "cache_ttl": Option("float", 300.0, "Seconds a cache entry lives when the caller gives no TTL.", minimum=0.001),
         "hot_path": Option(
