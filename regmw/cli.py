@@ -131,7 +131,14 @@ def cmd_readonly(args) -> int:
     from .errors import Refusal
     from .routes import check_name
 
+    from .defaults.local_locks import LocalLockManager
+
     locks = _runtime(args).services.locks
+    if isinstance(locks, LocalLockManager):
+        # A lock set here would live and die with this command's own process.
+        print("regmw: readonly needs a shared lock store (enable the redis plugin); the embedded locks "
+              "live inside each server process (use services.locks.set_read_only there)", file=sys.stderr)
+        return USAGE_ERROR
     if args.action == "list":
         for repository, seconds in sorted(locks.list_read_only().items()):
             print(f"{repository}\t{seconds:.0f}s")
@@ -165,13 +172,22 @@ def cmd_migrate_mark(args) -> int:
     except Refusal as refusal:
         print(f"regmw: {refusal.message}: {args.repository!r}", file=sys.stderr)
         return USAGE_ERROR
+    from .defaults.memory_cache import MemoryCache
+    from .errors import BackendUnavailable
+
     runtime = _runtime(args)
+    if isinstance(runtime.services.cache, MemoryCache):
+        # The mark would land in this command's own process and vanish with it.
+        print("regmw: migrate-mark needs a shared cache (enable the redis plugin); the embedded cache "
+              "lives inside each server process", file=sys.stderr)
+        return USAGE_ERROR
     try:
         from regmw_migration import mark_migrated
-    except ImportError:
-        print("regmw: the migration plugin is not installed", file=sys.stderr)
-        return USAGE_ERROR
-    mark_migrated(runtime.services, repository)
+
+        mark_migrated(runtime.services, repository)
+    except BackendUnavailable as exc:
+        print(f"regmw: could not record the mark: {exc}", file=sys.stderr)
+        return 1
     print(f"{repository} marked as migrated (new)")
     return 0
 

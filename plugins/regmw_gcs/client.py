@@ -5,12 +5,26 @@ from typing import Any, Mapping
 
 from google.api_core.retry import Retry
 from google.cloud import storage
+from google.auth.exceptions import DefaultCredentialsError
 from google.cloud.storage.retry import DEFAULT_RETRY
+
+from regmw.errors import ConfigError
 
 
 def make_client(section: Mapping[str, Any]) -> storage.Client:
-    """A client for the configured endpoint and credentials; it makes no request by itself."""
-    return quiet(_client(section))
+    """A client for the configured endpoint and credentials; it makes no request by itself.
+
+    Missing or unreadable credentials stop start-up with one line naming the
+    options, not a traceback at the first request.
+    """
+    try:
+        return quiet(_client(section))
+    except (DefaultCredentialsError, OSError, ValueError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"gcs: cannot build a GCS client ({first_line}); set gcs.credentials_file, "
+            "Application Default Credentials, or gcs.anonymous = true for an emulator"
+        ) from None
 
 
 def quiet(client: storage.Client) -> storage.Client:

@@ -6,8 +6,6 @@ seconds; one warning per second per feature says as much as a thousand.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
 import redis
 
@@ -18,16 +16,7 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 log = logging.getLogger("regmw.redis")
 
-_last_logged: dict[str, float] = {}
-_lock = threading.Lock()
-
 
 def report(feature: str, action: str, exc: BaseException, interval: float = 1.0) -> None:
     """Count the error in ``regmw_backend_errors_total{backend=feature, action}``; log at most once per interval."""
-    metrics.backend_errors.labels(feature, action).inc()
-    now = time.monotonic()
-    with _lock:
-        if now - _last_logged.get(feature, -interval) < interval:
-            return
-        _last_logged[feature] = now
-    log.warning("redis unavailable for %s (%s): %s: %s", feature, action, type(exc).__name__, exc)
+    metrics.report_backend_error(feature, action, exc, log, interval)

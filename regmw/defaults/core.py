@@ -61,20 +61,15 @@ def read_only_refusal(repository: str, retry_after: int) -> Refusal:
 
 
 def ratelimit_store_down(exc: Exception, fail_open: bool) -> Refusal | None:
-    if fail_open:
-        log.warning("rate limit store unavailable, failing open: %s", exc)
-        metrics.backend_errors.labels("ratelimit", "fail_open").inc()
-        return None
-    metrics.backend_errors.labels("ratelimit", "fail_closed").inc()
-    return unavailable("rate limiting is unavailable", 5)
+    metrics.report_backend_error("ratelimit", "fail_open" if fail_open else "fail_closed", exc, log)
+    return None if fail_open else unavailable("rate limiting is unavailable", 5)
 
 
 def readonly_store_down(exc: Exception, repository: str, policy) -> Refusal | None:
     closed = policy["fail_closed_writes"] and any(
         fnmatch.fnmatchcase(repository, pattern) for pattern in policy["lockable"]
     )
-    metrics.backend_errors.labels("readonly", "fail_closed" if closed else "fail_open").inc()
-    log.warning("read-only lock store unavailable (%s): %s", "refusing write" if closed else "allowing write", exc)
+    metrics.report_backend_error("readonly", "fail_closed" if closed else "fail_open", exc, log)
     if closed:
         return unavailable("cannot check the repository's read-only lock", policy["retry_after"], {"name": repository})
     return None

@@ -1,0 +1,39 @@
+"""CLI commands that need a shared store refuse to pretend without one; with Redis they work."""
+from regmw.cli import main
+
+
+def test_readonly_and_migrate_mark_refuse_the_in_process_defaults(capsys):
+    assert main(["readonly", "set", "group/app"]) == 2
+    assert "shared lock store" in capsys.readouterr().err
+    assert main(["readonly", "set", "Bad..Name"]) == 2
+
+
+def test_migrate_mark_refuses_the_in_process_cache(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('[regmw]\nplugins = ["migration"]\n[migration]\nnew_root = "gitlab/v2"\n')
+    assert main(["-c", str(config), "migrate-mark", "group/app"]) == 2
+    assert "shared cache" in capsys.readouterr().err
+    assert main(["-c", str(config), "migrate-mark", "../etc"]) == 2
+
+
+def test_migrate_mark_through_redis_changes_what_servers_decide(tmp_path, redis_server, capsys):
+    from werkzeug.test import Client
+
+    from regmw import RegistryMiddleware
+
+    _, url = redis_server
+    (tmp_path / "old/repositories/group/app").mkdir(parents=True)
+    (tmp_path / "old/repositories/group/app/x").write_text("x")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[regmw]\nplugins = ["migration", "redis"]\n[redis]\nurl = "{url}"\n'
+                      f'[storage]\nroot = "{tmp_path}"\n[migration]\nold_root = "old"\nnew_root = "new"\n')
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [b""]
+
+    server = Client(RegistryMiddleware(app, str(config), environ={}))
+    assert server.get("/v2/group/app/tags/list").headers["Regmw-Migration-Path"] == "old"
+    assert main(["-c", str(config), "migrate-mark", "group/app"]) == 0
+    assert "marked as migrated" in capsys.readouterr().out
+    assert server.get("/v2/group/app/tags/list").headers["Regmw-Migration-Path"] == "new"
