@@ -7,14 +7,27 @@ driven by concurrent HTTP/1.1 keep-alive clients over loopback:
 ``bare``              the app alone;
 ``flask_limiter``     the app behind Flask-Limiter with ONE Redis-backed limit (fixed window);
 ``regmw``             the app behind regmw with a per-client rate limit, the read-only
-                      check (on writes) and a cached classification, all on Redis,
-                      ``[redis] hot_path = "script"`` (one EVALSHA per request);
+                      check (on writes) and the REAL classification plugin
+                      (``[regmw] plugins = ["migration", "redis"]``) over the embedded
+                      filesystem storage, ``[redis] hot_path = "script"`` (one EVALSHA
+                      per request, which also prefetches the cached classification);
 ``regmw_limits_path`` the same through ``limits`` (``hot_path = "limits"``): several round trips.
 
-The workload is 4 GETs to 1 PUT of a manifest, the same for every server.
+The storage is a temporary directory holding the benchmarked repositories under
+the old layout (``<root>/old/repositories/<name>/_manifests/...``;
+``[storage] root = <root>``, ``[migration] old_root = "old"``, ``new_root = "new"``),
+so the first request for a repository asks storage and caches "old" in Redis,
+and every later one is classified from the value the admission script prefetched.
+Before measuring, the driver checks that the regmw servers answer with
+``Regmw-Migration-Path: old`` (a misconfiguration fails the run), and during the
+measured phase it counts those headers and the storage requests made.
+
+The workload is 4 GETs to 1 PUT of a manifest, spread over the repositories
+(one per client connection), the same for every server.
 Redis round trips are counted at the connection in each server process
 (``redis.connection.Connection.send_packed_command``: one call per command
-packet, so a pipeline or a script counts once).
+packet, so a pipeline or a script counts once); storage requests are counted
+at ``FilesystemStorage.prefix_exists`` / ``stat``.
 
     python benchmarks/overhead_bench.py [--requests 3000] [--concurrency 8] [--rounds 2] [--json]
 
@@ -37,7 +50,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("bare", "flask_limiter", "regmw", "regmw_limits_path")
-REPOSITORY = "team/app"
+REPOSITORIES = ("team/app", "team/api", "library/alpine", "group/sub/web")
+MIGRATION_HEADER = "Regmw-Migration-Path"
 LIMIT = "1000000/hour"  # never reached: we measure the cost of counting, not refusals
 
 
@@ -59,7 +73,32 @@ def _count_round_trips() -> list[int]:
     return counter
 
 
-def _flask_app(counter: list[int]):
+def _count_storage_requests() -> list[int]:
+    """Count every request the embedded filesystem storage answers in this process."""
+    from regmw.defaults.filesystem import FilesystemStorage
+
+    counter = [0]
+    for name in ("prefix_exists", "stat"):
+        original = getattr(FilesystemStorage, name)
+
+        def counting(self, key, _original=original):
+            counter[0] += 1
+            return _original(self, key)
+
+        setattr(FilesystemStorage, name, counting)
+    return counter
+
+
+def make_storage(root: str) -> None:
+    """The benchmarked repositories under the OLD layout of a registry's filesystem storage."""
+    for repository in REPOSITORIES:
+        tags = os.path.join(root, "old", "repositories", repository, "_manifests", "tags", "latest", "current")
+        os.makedirs(tags, exist_ok=True)
+        with open(os.path.join(tags, "link"), "w") as handle:
+            handle.write("sha256:" + "0" * 64)
+
+
+def _flask_app(counter: list[int], storage_counter: list[int]):
     from flask import Flask, jsonify
 
     app = Flask("registry")
@@ -68,47 +107,22 @@ def _flask_app(counter: list[int]):
     def registry(rest):
         return jsonify(path=rest), 200
 
-    @app.route("/-/bench/round-trips")
-    def round_trips():
-        return jsonify(count=counter[0])
+    @app.route("/-/bench/counters")
+    def counters():
+        return jsonify(redis=counter[0], storage=storage_counter[0])
 
     return app
 
 
-class _StandInClassifier:
-    """A cached classification in the style of regmw_migration: prefetched, else cache.get.
-
-    (A stand-in so the benchmark measures the Redis path alone, without a storage backend.)
-    """
-
-    def __init__(self):
-        from regmw import hookimpl, repository_key
-
-        self.key = lambda context: repository_key(context.repository, "class") if context.repository else None
-
-        @hookimpl
-        def regmw_startup(services):
-            services.prefetch.append(self.key)
-            services.cache.set(repository_key(REPOSITORY, "class"), b"new", ttl=3600)
-
-        @hookimpl
-        def regmw_classify(context):
-            key = self.key(context)
-            value = context.prefetched[key] if key in context.prefetched else context.services.cache.get(key)
-            return value.decode() if value else "old"
-
-        self.regmw_startup = regmw_startup
-        self.regmw_classify = regmw_classify
-
-
-def serve(kind: str, port: int, redis_url: str) -> None:
+def serve(kind: str, port: int, redis_url: str, storage_root: str) -> None:
     import logging
 
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log in the measured path
     counter = _count_round_trips()
-    app = _flask_app(counter)
+    storage_counter = _count_storage_requests()
+    app = _flask_app(counter, storage_counter)
     wsgi = app
     if kind == "flask_limiter":
         from flask_limiter import Limiter
@@ -116,17 +130,20 @@ def serve(kind: str, port: int, redis_url: str) -> None:
 
         limiter = Limiter(get_remote_address, app=app, storage_uri=redis_url, default_limits=[LIMIT],
                           strategy="fixed-window")
-        limiter.exempt(app.view_functions["round_trips"])
+        limiter.exempt(app.view_functions["counters"])
     elif kind.startswith("regmw"):
         from regmw import RegistryMiddleware
 
         sys.path.insert(0, os.path.join(ROOT, "plugins"))
         config = {
-            "regmw": {"plugins": ["redis"], "entry_points": False, "log_level": "ERROR"},
+            "regmw": {"plugins": ["migration", "redis"], "entry_points": False, "log_level": "ERROR"},
             "redis": {"url": redis_url, "hot_path": "limits" if kind == "regmw_limits_path" else "script"},
             "ratelimit": {"rules": [{"name": "per-client", "by": "client", "limit": LIMIT}]},
+            "storage": {"root": storage_root},
+            # "old" answers live a day: the whole run is classified from the cache after the first request
+            "migration": {"old_root": "old", "new_root": "new", "old_ttl": 86400},
         }
-        middleware = RegistryMiddleware(app.wsgi_app, config, plugins=[_StandInClassifier()], environ={})
+        middleware = RegistryMiddleware(app.wsgi_app, config, environ={})
         app.wsgi_app = middleware
     server = make_server("127.0.0.1", port, wsgi, threaded=True)
     print("ready", flush=True)
@@ -169,6 +186,25 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def check_classified(port: int, kind: str) -> None:
+    """Fail loudly unless a regmw server classifies every benchmarked repository (GET and PUT) as old."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for repository in REPOSITORIES:
+            for method, body in (("GET", None), ("PUT", b"{}")):
+                conn.request(method, f"/v2/{repository}/manifests/latest", body=body,
+                             headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                text = response.read()
+                got = response.getheader(MIGRATION_HEADER)
+                if response.status != 200 or got != "old":
+                    raise RuntimeError(f"{kind}: {method} {repository} answered {response.status} with "
+                                       f"{MIGRATION_HEADER}: {got!r}, expected 200 and 'old' ({text[:200]!r}); "
+                                       "is the migration plugin configured?")
+    finally:
+        conn.close()
+
+
 def _get_json(port: int, path: str) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", path)
@@ -181,14 +217,15 @@ def drive(port: int, requests: int, concurrency: int, deadline_s: float = 30.0) 
     """Send ``requests`` (4 GET : 1 PUT) over ``concurrency`` keep-alive connections."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    paths: dict[str, int] = {}
     lock = threading.Lock()
     per_worker = requests // concurrency
     stop_at = time.monotonic() + deadline_s
-    path = f"/v2/{REPOSITORY}/manifests/latest"
 
-    def worker() -> None:
+    def worker(number: int) -> None:
+        path = f"/v2/{REPOSITORIES[number % len(REPOSITORIES)]}/manifests/latest"
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        mine, codes = [], {}
+        mine, codes, seen = [], {}, {}
         for index in range(per_worker):
             if time.monotonic() > stop_at:
                 break
@@ -199,13 +236,18 @@ def drive(port: int, requests: int, concurrency: int, deadline_s: float = 30.0) 
             response.read()
             mine.append(time.perf_counter() - start)
             codes[response.status] = codes.get(response.status, 0) + 1
+            migration_path = response.getheader(MIGRATION_HEADER)
+            if migration_path is not None:
+                seen[migration_path] = seen.get(migration_path, 0) + 1
         conn.close()
         with lock:
             latencies.extend(mine)
             for code, count in codes.items():
                 statuses[code] = statuses.get(code, 0) + count
+            for value, count in seen.items():
+                paths[value] = paths.get(value, 0) + count
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(number,)) for number in range(concurrency)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -219,6 +261,7 @@ def drive(port: int, requests: int, concurrency: int, deadline_s: float = 30.0) 
         "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 3),
         "requests": len(latencies),
         "statuses": statuses,
+        "migration_paths": paths,
     }
 
 
@@ -231,9 +274,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--storage-root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, args.redis_url)
+        serve(args.serve, args.port, args.redis_url, args.storage_root)
         return 0
 
     procs: list[subprocess.Popen] = []
@@ -253,33 +297,44 @@ def main(argv=None) -> int:
             procs.append(redis_proc)
             _wait_port(redis_port, redis_proc)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        storage_root = os.path.join(tmp, "storage")
+        make_storage(storage_root)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "plugins"),
                                                              os.environ.get("PYTHONPATH", "")]))
         ports = {}
         for kind in KINDS:
             port = _free_port()
             proc = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--serve", kind, "--port", str(port), "--redis-url", redis_url],
+                [sys.executable, os.path.abspath(__file__), "--serve", kind, "--port", str(port), "--redis-url", redis_url,
+                 "--storage-root", storage_root],
                 env=env, stdout=subprocess.DEVNULL,
             )
             procs.append(proc)
             _wait_port(port, proc)
             ports[kind] = port
+            if kind.startswith("regmw"):
+                check_classified(port, kind)
 
         best: dict[str, dict] = {}
         for round_index in range(args.rounds):
             for kind in KINDS:
                 port = ports[kind]
                 drive(port, max(200, args.requests // 10), args.concurrency)  # warm up: connections, scripts
-                before = _get_json(port, "/-/bench/round-trips")["count"]
+                before = _get_json(port, "/-/bench/counters")
                 result = drive(port, args.requests, args.concurrency)
-                after = _get_json(port, "/-/bench/round-trips")["count"]
-                result["redis_round_trips_per_request"] = round((after - before) / max(1, result["requests"]), 3)
+                after = _get_json(port, "/-/bench/counters")
+                measured = max(1, result["requests"])
+                result["redis_round_trips_per_request"] = round((after["redis"] - before["redis"]) / measured, 3)
+                result["storage_requests_per_request"] = round((after["storage"] - before["storage"]) / measured, 3)
+                if kind.startswith("regmw") and result["migration_paths"] != {"old": result["requests"]}:
+                    raise RuntimeError(f"{kind}: {MIGRATION_HEADER} headers {result['migration_paths']} "
+                                       f"for {result['requests']} requests, expected all 'old'")
                 if kind not in best or result["p50_ms"] < best[kind]["p50_ms"]:
                     best[kind] = result
                 print(f"round {round_index + 1} {kind:18s} {result['rps']:8.1f} req/s  p50 {result['p50_ms']:7.3f} ms  "
                       f"p99 {result['p99_ms']:7.3f} ms  redis round trips/request "
-                      f"{result['redis_round_trips_per_request']:.2f}  statuses {result['statuses']}", flush=True)
+                      f"{result['redis_round_trips_per_request']:.2f}  storage requests/request "
+                      f"{result['storage_requests_per_request']:.3f}  statuses {result['statuses']}", flush=True)
     finally:
         for proc in reversed(procs):
             _stop(proc)
@@ -289,7 +344,8 @@ def main(argv=None) -> int:
     for kind in KINDS:
         result = best[kind]
         print(f"best  {kind:18s} {result['rps']:8.1f} req/s  p50 {result['p50_ms']:7.3f} ms  p99 {result['p99_ms']:7.3f} ms  "
-              f"round trips/request {result['redis_round_trips_per_request']:.2f}")
+              f"round trips/request {result['redis_round_trips_per_request']:.2f}  "
+              f"storage requests/request {result['storage_requests_per_request']:.3f}")
     ratio = best["regmw"]["p50_ms"] / best["flask_limiter"]["p50_ms"]
     print(f"regmw p50 / flask_limiter p50 = {ratio:.3f}  (target <= 1.0; round trips target 1)")
     if args.json:
@@ -299,12 +355,14 @@ def main(argv=None) -> int:
         print(json.dumps({
             "bare": pick("bare"),
             "flask_limiter": pick("flask_limiter", "redis_round_trips_per_request"),
-            "regmw": pick("regmw", "redis_round_trips_per_request"),
+            "regmw": pick("regmw", "redis_round_trips_per_request", "storage_requests_per_request"),
             "regmw_vs_flask_limiter_p50_ratio": round(ratio, 3),
-            "regmw_limits_path": pick("regmw_limits_path", "redis_round_trips_per_request"),
+            "regmw_limits_path": pick("regmw_limits_path", "redis_round_trips_per_request",
+                                      "storage_requests_per_request"),
             "regmw_limits_path_vs_flask_limiter_p50_ratio": round(
                 best["regmw_limits_path"]["p50_ms"] / best["flask_limiter"]["p50_ms"], 3),
-            "workload": "4 GET : 1 PUT manifest, keep-alive, loopback",
+            "workload": f"4 GET : 1 PUT manifest over {len(REPOSITORIES)} repositories, keep-alive, loopback",
+            "classification": "regmw_migration over filesystem storage, cached in Redis (all old)",
         }))
     return 0
 
