@@ -33,11 +33,15 @@ class Cache(Protocol):
     """A shared, bounded byte cache. Errors are misses: ``get`` returns None, ``set`` drops.
 
     ``set``'s ``ttl``: None = the backend's default TTL, 0 = no expiry (kept until evicted).
+    ``add`` stores only if the key is absent (Redis ``SET NX``): a slow writer of
+    a stale answer must not overwrite a newer one (a migration mark).
     """
 
     def get(self, key: str) -> bytes | None: ...
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None: ...
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool: ...
 
     def delete(self, key: str) -> None: ...
 

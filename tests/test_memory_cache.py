@@ -69,3 +69,16 @@ def test_concurrent_use_keeps_the_books_straight():
         thread.join()
     assert len(cache) <= 100
     assert cache.size_bytes == sum(cache._cost(k, v) for k, (v, _) in cache._data.items())
+
+
+def test_add_only_stores_an_absent_or_expired_key(monkeypatch):
+    now = [50.0]
+    monkeypatch.setattr("regmw.defaults.memory_cache.time.monotonic", lambda: now[0])
+    cache = MemoryCache()
+    assert cache.add("k", b"new", ttl=0) is True
+    assert cache.add("k", b"old", ttl=10) is False
+    assert cache.get("k") == b"new"
+    cache.set("t", b"old", ttl=5)
+    now[0] += 6
+    assert cache.add("t", b"again", ttl=5) is True  # the old entry had expired
+    assert cache.get("t") == b"again"

@@ -46,19 +46,29 @@ class MemoryCache:
             return value
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        self._store(key, value, ttl, replace=True)
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        return self._store(key, value, ttl, replace=False)
+
+    def _store(self, key: str, value: bytes, ttl: float | None, replace: bool) -> bool:
         ttl = self.default_ttl if ttl is None else ttl
         expires = time.monotonic() + ttl if ttl else 0.0
         cost = self._cost(key, value)
         if cost > self.max_bytes:
-            return  # larger than the whole cache: not cached at all
+            return False  # larger than the whole cache: not cached at all
         with self._lock:
             if key in self._data:
+                current_expiry = self._data[key][1]
+                if not replace and not (current_expiry and current_expiry < time.monotonic()):
+                    return False
                 self._remove(key)
             self._data[key] = (value, expires)
             self._bytes += cost
             while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
                 oldest = next(iter(self._data))
                 self._remove(oldest)
+        return True
 
     def delete(self, key: str) -> None:
         with self._lock:
