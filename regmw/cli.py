@@ -69,9 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     act.add_argument("repository")
     act.add_argument("--ttl", type=float, default=3600.0)
     act.add_argument("--owner", help="lock owner (default: regmw-cli@<host>)")
-    act = ro.add_parser("clear", help="clear REPO's read-only lock (any owner unless --owner)")
+    act = ro.add_parser("clear", help="clear REPO's read-only lock held by --owner (default: this CLI's owner)")
     act.add_argument("repository")
-    act.add_argument("--owner")
+    act.add_argument("--owner", help="the owner that set the lock (default: regmw-cli@<host>)")
+    act.add_argument("--force", action="store_true", help="clear it whoever holds it (operator override)")
     ro.add_parser("list", help="list read-only repositories and the seconds left")
     cmd.set_defaults(func=cmd_readonly)
 
@@ -148,18 +149,20 @@ def cmd_readonly(args) -> int:
     except Refusal as refusal:
         print(f"regmw: {refusal.message}: {args.repository!r}", file=sys.stderr)
         return USAGE_ERROR
+    owner = args.owner or f"regmw-cli@{socket.gethostname()}"
     if args.action == "set":
-        owner = args.owner or f"regmw-cli@{socket.gethostname()}"
         lease = locks.set_read_only(repository, args.ttl, owner)
         if lease is None:
             print(f"regmw: {repository} is already read-only under another owner", file=sys.stderr)
             return 1
         print(f"{repository} read-only for {args.ttl:.0f}s (owner {lease.owner}, token {lease.token})")
         return 0
-    if locks.clear_read_only(repository, args.owner):
+    # Locks are released by their owner; --force is the operator's explicit override.
+    if locks.clear_read_only(repository, None if args.force else owner):
         print(f"{repository} writable")
         return 0
-    print(f"regmw: {repository} was not read-only" + (f" under owner {args.owner}" if args.owner else ""), file=sys.stderr)
+    hint = "" if args.force else f" under owner {owner} (--force clears any owner's lock)"
+    print(f"regmw: {repository} was not read-only{hint}", file=sys.stderr)
     return 1
 
 

@@ -68,9 +68,6 @@ class Config(Mapping[str, Mapping[str, Any]]):
     def __len__(self) -> int:
         return len(self._values)
 
-    def get_option(self, section: str, key: str, default: Any = None) -> Any:
-        return self._values.get(section, {}).get(key, default)
-
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dict(values) for name, values in self._values.items()}
 

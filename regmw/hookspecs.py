@@ -7,8 +7,9 @@ Two kinds, in the order a request meets them:
 plugin that returns something wins, so an enabled plugin (``redis``) overrides
 the embedded default, and a third-party plugin overrides both.
 
-*Decision hooks* run per request, after the path parsed as an OCI API request
-for a valid repository, in this order::
+*Decision hooks* run per API request whose path parsed (a repository name
+that fails the grammar never reaches them; ``/v2/`` and ``/v2/_catalog`` do,
+with ``context.repository`` None, and skip ``regmw_classify``), in this order::
 
     regmw_admit → regmw_classify → regmw_route_db → (the app) →
     regmw_response_started → regmw_finish

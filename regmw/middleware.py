@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -71,6 +72,9 @@ class RegistryMiddleware:
         if not path.startswith("/v2"):
             if path == self.metrics_path:
                 return self._metrics_app(environ, start_response)
+            if ("/." in path or "//" in path) and _reaches_api(path):
+                # /x/../v2/... would skip every check here, then be normalised into an API call upstream
+                return name_invalid("path with dot or empty segments")(environ, start_response)
             return self.app(environ, start_response)
         try:
             route = parse_path(path)
@@ -85,6 +89,8 @@ class RegistryMiddleware:
         context = RequestContext(environ, route, self.services)
         environ["regmw.context"] = context
         try:
+            if route.resource == "uploads" and "from=" in environ.get("QUERY_STRING", ""):
+                context.mount_from  # noqa: B018 - validates the mount source's name (NAME_INVALID)
             refusal = self._admit(context=context) if self._admit else None
             if refusal is None:
                 if route.repository is not None and self._classify:
@@ -159,6 +165,11 @@ class _Closing:
 def _implemented(caller: Any) -> Any:
     """The hook caller if any plugin implements the hook, else None."""
     return caller if caller.get_hookimpls() else None
+
+
+def _reaches_api(path: str) -> bool:
+    normalised = posixpath.normpath("/" + path.lstrip("/"))
+    return normalised == "/v2" or normalised.startswith("/v2/")
 
 
 def _encoded_slash(environ: dict) -> bool:

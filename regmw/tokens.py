@@ -12,6 +12,8 @@ from typing import Any
 
 import jwt
 
+from .errors import ConfigError
+
 log = logging.getLogger("regmw.tokens")
 
 
@@ -32,13 +34,33 @@ class TokenVerifier:
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> TokenVerifier | None:
+        """Build from ``[auth]``; a missing key file or a key no algorithm accepts is a ConfigError now."""
         key = section.get("key")
         if section.get("key_file"):
-            with open(section["key_file"], encoding="utf-8") as handle:
-                key = handle.read()
+            try:
+                with open(section["key_file"], encoding="utf-8") as handle:
+                    key = handle.read()
+            except OSError as exc:
+                raise ConfigError(f"auth.key_file: cannot read {section['key_file']}: {exc.strerror}") from None
         if not key:
             return None
-        return cls(key, section["algorithms"], section.get("issuer"), section.get("audience"), section["leeway"])
+        verifier = cls(key, section["algorithms"], section.get("issuer"), section.get("audience"), section["leeway"])
+        verifier._check_key()
+        return verifier
+
+    def _check_key(self) -> None:
+        """Refuse at start-up a key that none of the configured algorithms can use (a bad PEM, say)."""
+        algorithms = jwt.algorithms.get_default_algorithms()
+        unknown = [alg for alg in self.algorithms if alg not in algorithms]
+        if unknown or not self.algorithms:
+            raise ConfigError(f"auth.algorithms: unsupported {unknown or 'empty list'}")
+        for name in self.algorithms:
+            try:
+                algorithms[name].prepare_key(self.key)
+                return
+            except (jwt.InvalidKeyError, ValueError, TypeError):
+                continue
+        raise ConfigError(f"auth.key: not a usable key for any of {', '.join(self.algorithms)}")
 
     def verify(self, authorization: str | None) -> dict[str, Any] | None:
         """Return the verified claims of an ``Authorization: Bearer`` header, else None."""

@@ -37,3 +37,20 @@ def test_migrate_mark_through_redis_changes_what_servers_decide(tmp_path, redis_
     assert main(["-c", str(config), "migrate-mark", "group/app"]) == 0
     assert "marked as migrated" in capsys.readouterr().out
     assert server.get("/v2/group/app/tags/list").headers["Regmw-Migration-Path"] == "new"
+
+
+def test_readonly_clear_releases_only_its_own_lock_unless_forced(tmp_path, redis_server, capsys):
+    _, url = redis_server
+    config = tmp_path / "c.toml"
+    config.write_text(f'[regmw]\nplugins = ["redis"]\n[redis]\nurl = "{url}"\n')
+    assert main(["-c", str(config), "readonly", "set", "team/app", "--owner", "migrator-7"]) == 0
+    assert main(["-c", str(config), "readonly", "clear", "team/app"]) == 1  # held by migrator-7, not by the CLI
+    assert "--force" in capsys.readouterr().err
+    assert main(["-c", str(config), "readonly", "list"]) == 0
+    assert capsys.readouterr().out.startswith("team/app\t")
+    assert main(["-c", str(config), "readonly", "clear", "team/app", "--owner", "migrator-7"]) == 0
+    assert main(["-c", str(config), "readonly", "set", "team/app", "--owner", "migrator-8"]) == 0
+    assert main(["-c", str(config), "readonly", "clear", "team/app", "--force"]) == 0
+    capsys.readouterr()
+    assert main(["-c", str(config), "readonly", "list"]) == 0
+    assert capsys.readouterr().out == ""

@@ -2,6 +2,7 @@
 import re
 import types
 from pathlib import Path
+from wsgiref.validate import validator
 
 import pytest
 from werkzeug.test import Client
@@ -30,11 +31,13 @@ def app(environ, start_response):
 def test_readme_plugin_example_works_when_pasted():
     (source,) = python_blocks("README.md")
     plugin = as_module(source, "my_plugin")
-    client = Client(RegistryMiddleware(app, {}, plugins=[plugin], environ={}))
-    refused = client.put("/v2/archive/old/manifests/v1", data=b"{}")
+    client = Client(validator(RegistryMiddleware(app, {}, plugins=[plugin], environ={})))
+    assert client.get("/v2/", buffered=True).status_code == 200  # no repository: the example must cope
+    assert client.post("/v2/_catalog", buffered=True).status_code == 200
+    refused = client.put("/v2/archive/old/manifests/v1", data=b"{}", buffered=True)
     assert refused.status_code == 403
     assert refused.json["errors"][0]["code"] == "DENIED"
-    served = client.get("/v2/archive/old/manifests/v1")
+    served = client.get("/v2/archive/old/manifests/v1", buffered=True)
     assert served.status_code == 200 and served.headers["X-Served-Repository"] == "archive/old"
 
 
@@ -45,9 +48,12 @@ def test_every_hook_example_registers_and_serves(doc, capsys):
     for index, source in enumerate(blocks):
         plugin = as_module(source, f"example_{index}")
         config = {"quota": {"full": ["big/monorepo"]}} if "quota" in source else {}
-        client = Client(RegistryMiddleware(app, config, plugins=[plugin], environ={}))
+        client = Client(validator(RegistryMiddleware(app, config, plugins=[plugin], environ={})))
         for method in ("get", "put"):
-            response = getattr(client, method)("/v2/big/monorepo/manifests/latest", data=b"{}")
+            response = getattr(client, method)("/v2/big/monorepo/manifests/latest", data=b"{}", buffered=True)
             assert response.status_code in (200, 403), (doc, index, response.data)
+        # repository-less API requests reach the hooks too (context.repository is None)
+        assert client.get("/v2/", buffered=True).status_code == 200, (doc, index)
+        assert client.post("/v2/_catalog", buffered=True).status_code == 200, (doc, index)
         if "quota" in source:
-            assert client.put("/v2/big/monorepo/manifests/latest").status_code == 403
+            assert client.put("/v2/big/monorepo/manifests/latest", buffered=True).status_code == 403

@@ -248,3 +248,31 @@ def test_metrics_endpoint():
     client.get("/v2/a/tags/list")
     text = client.get("/-/regmw/metrics").get_data(as_text=True)
     assert "regmw_requests_total" in text
+
+
+@pytest.mark.parametrize("path", ["/x/../v2/a/manifests/latest", "/static/..//v2/", "//v2/a/tags/list", "/./v2/a/tags/list"])
+def test_dot_segments_that_lead_into_the_api_are_refused(path):
+    called = []
+
+    def app(environ, start_response):
+        called.append(True)
+        return plain_app(environ, start_response)
+
+    status = []
+    body = b"".join(make(app)({"REQUEST_METHOD": "GET", "PATH_INFO": path}, lambda s, h, e=None: status.append(s)))
+    assert status[0].startswith("400") and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
+    assert called == []
+
+
+@pytest.mark.parametrize("path", ["/static/./app.js", "/a//b", "/x/../y"])
+def test_dot_segments_elsewhere_pass_through(path):
+    assert Client(make()).get(path).data == b"app:" + path.encode()
+
+
+def test_mount_source_name_is_checked():
+    client = Client(make())
+    digest = "sha256:" + "a" * 64
+    bad = client.post(f"/v2/dest/app/blobs/uploads/?mount={digest}&from=../../etc")
+    assert bad.status_code == 400 and bad.json["errors"][0]["code"] == "NAME_INVALID"
+    good = client.post(f"/v2/dest/app/blobs/uploads/?mount={digest}&from=src/app")
+    assert good.status_code == 200

@@ -29,9 +29,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import BinaryIO
 
-COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
-NAME_RE = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")
-TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+from regmw.routes import MAX_NAME_LENGTH, NAME_RE  # one grammar for the registry and the middleware
+
 SHA256_RE = re.compile(r"sha256:([a-f0-9]{64})")
 UUID_RE = re.compile(r"[a-f0-9-]{36}")
 CHUNK = 64 * 1024
@@ -44,7 +43,7 @@ def parse_digest(digest: str) -> str | None:
 
 
 def valid_name(name: str) -> bool:
-    return len(name) <= 255 and NAME_RE.fullmatch(name) is not None
+    return len(name) <= MAX_NAME_LENGTH and NAME_RE.fullmatch(name) is not None
 
 
 class Layout:
