@@ -85,6 +85,7 @@ class RecordingCache(MemoryCache):
         super().__init__()
         self.gets: list[str] = []
         self.sets: list[tuple[str, bytes, float | None]] = []
+        self.adds: list[tuple[str, bytes, float | None]] = []
 
     def get(self, key):
         self.gets.append(key)
@@ -93,6 +94,10 @@ class RecordingCache(MemoryCache):
     def set(self, key, value, ttl=None):
         self.sets.append((key, value, ttl))
         super().set(key, value, ttl)
+
+    def add(self, key, value, ttl=None):
+        self.adds.append((key, value, ttl))
+        return super().add(key, value, ttl)
 
 
 class RecordingCachePlugin:
@@ -166,8 +171,8 @@ def assert_routed(response, path: str) -> None:
         ("group/legacy", [grant("group/legacy", True)], "old", 1),     # old prefix wins over the flag
         ("group/both", [], "old", 1),                                  # old prefix wins over the new prefix
         ("group/fresh", [grant("group/fresh", True)], "new", 1),       # flag true
-        ("group/fresh", [grant("group/fresh", False)], "old", 1),      # flag false
-        ("group/migrated", [grant("group/migrated", False)], "old", 1),  # flag false beats the new prefix
+        ("group/fresh", [grant("group/fresh", False)], "old", 2),      # flag false, not under new
+        ("group/migrated", [grant("group/migrated", False)], "new", 2),  # new is permanent: beats a false flag
         ("group/migrated", [grant("group/migrated")], "new", 2),       # no flag, exists under new
         ("group/fresh", [grant("group/fresh")], "old", 2),             # no flag, nowhere
         ("group/foo", [], "old", 2),                                   # foobar under old does not make foo old
@@ -181,6 +186,29 @@ def test_decision_with_a_verified_token(harness, repository, access, expected, s
     response = harness.get(repository, bearer(token(*access)))
     assert_routed(response, expected)
     assert harness.requests.count == storage_requests
+
+
+def test_cached_new_wins_over_a_false_flag_without_storage_requests(harness):
+    """A repository known new (cached, or marked migrated) stays new whatever a token says."""
+    assert_routed(harness.get("group/migrated"), "new")
+    mark_migrated(harness.services, "group/marked")  # new by mark, nothing in storage
+    harness.requests.reset()
+    for repository in ("group/migrated", "group/marked"):
+        response = harness.get(repository, bearer(token(grant(repository, False))))
+        assert_routed(response, "new")
+    assert harness.requests.count == 0
+
+
+def test_cold_new_prefix_wins_over_a_false_flag(harness):
+    """Not cached: a false flag costs one extra prefix check, which finds the repository under new."""
+    false_flag = bearer(token(grant("group/migrated", False)))
+    assert_routed(harness.get("group/migrated", false_flag), "new")
+    assert harness.requests.count == 2  # old prefix, then new prefix
+    key = repository_key("group/migrated", "migration")
+    assert (key, b"new", 0) in harness.cache.sets  # cached as permanent
+    harness.requests.reset()
+    assert_routed(harness.get("group/migrated", false_flag), "new")
+    assert harness.requests.count == 0
 
 
 def test_no_token_is_no_flag(harness):
@@ -217,7 +245,7 @@ def test_cache_hit_makes_no_storage_request(harness):
     assert_routed(harness.get("group/legacy"), "old")
     assert_routed(harness.get("group/migrated"), "new")
     assert harness.requests.count == 3
-    assert (key_old, b"old", 300.0) in harness.cache.sets  # "old" expires
+    assert (key_old, b"old", 300.0) in harness.cache.adds  # "old" expires (and is added only if absent)
     assert (key_new, b"new", 0) in harness.cache.sets     # "new" is permanent (0: no expiry)
 
     harness.requests.reset()
@@ -241,14 +269,14 @@ def test_absence_is_never_cached(harness, layout):
     harness.requests.reset()
     assert_routed(harness.get("group/later"), "new")
     assert harness.requests.count == 2
-    assert not [s for s in harness.cache.sets if s[1] not in (b"old", b"new")]
+    assert not [s for s in harness.cache.sets + harness.cache.adds if s[1] not in (b"old", b"new")]
 
 
 def test_old_ttl_is_configurable(layout):
     h = Harness(layout, old_ttl=42, new_ttl=7)
     h.get("group/legacy")
     h.get("group/migrated")
-    assert [s[2] for s in h.cache.sets] == [42.0, 7.0]
+    assert [s[2] for s in h.cache.adds + h.cache.sets] == [42.0, 7.0]
 
 
 def test_cache_outage_falls_through_to_storage(layout):
@@ -257,6 +285,9 @@ def test_cache_outage_falls_through_to_storage(layout):
             raise ConnectionError("cache down")
 
         def set(self, key, value, ttl=None):
+            raise ConnectionError("cache down")
+
+        def add(self, key, value, ttl=None):
             raise ConnectionError("cache down")
 
         def delete(self, key):
@@ -469,6 +500,39 @@ def test_mark_migrated_replaces_a_cached_old(harness):
     harness.requests.reset()
     assert_routed(harness.get("group/both"), "new")
     assert harness.requests.count == 0
+
+
+def test_lookup_in_flight_cannot_overwrite_a_fresh_migration_mark(layout):
+    """The look-up sees the old prefix; before it caches "old", the repository is migrated
+    (old objects deleted, new ones written) and marked. Its stale "old" must not replace the mark.
+
+    Deterministic: the storage wrapper runs the migration between the look-up's
+    storage answer and its cache write.
+    """
+    h = Harness(layout)
+    storage = h.services.storage
+    real = storage.prefix_exists
+    old_names = repo_objects(OLD_ROOT, "group/moving")
+    layout.put(*old_names)
+    migrated = []
+
+    def migrate_while_in_flight(prefix):
+        found = real(prefix)
+        if prefix == h.classifier.old_prefix("group/moving") and not migrated:
+            layout.put(*repo_objects(NEW_ROOT, "group/moving"))
+            for name in old_names:
+                layout.client.bucket(layout.bucket).blob(name).delete()
+            mark_migrated(h.services, "group/moving")
+            migrated.append(prefix)
+        return found
+
+    storage.prefix_exists = migrate_while_in_flight
+    assert_routed(h.get("group/moving"), "old")  # this request was decided before the migration ended
+    assert migrated
+    h.requests.reset()
+    assert_routed(h.get("group/moving"), "new")  # the mark stands
+    assert h.requests.count == 0
+    assert h.cache.get(repository_key("group/moving", "migration")) == b"new"
 
 
 def test_mark_migrated_needs_the_plugin():

@@ -118,6 +118,57 @@ def test_a_prefix_only_first_page_is_read_once(seeded):
     assert log.count == 2
 
 
+def _empty_pages_first(storage, empty_pages: int) -> list[str]:
+    """Answer the first ``empty_pages`` listings with no items, no prefixes and a nextPageToken.
+
+    Real GCS may return fewer than maxResults entries, even none, with a
+    continuation token. The emulator never paginates, so this one response body
+    is faked (only what the emulator cannot do); every request still goes to
+    the emulator and is counted, and later pages are its real answers.
+    """
+    http = storage.client._http
+    counted = http.request
+    urls: list[str] = []
+
+    def empty_with_token(method, url, *args, **kwargs):
+        response = counted(method, url, *args, **kwargs)
+        if "delimiter" in url:
+            urls.append(url)
+            if len(urls) <= empty_pages:
+                response._content = json.dumps({"kind": "storage#objects", "nextPageToken": f"t{len(urls)}"}).encode()
+        return response
+
+    http.request = empty_with_token
+    return urls
+
+
+@pytest.mark.parametrize(("name", "expected"), [("group/deep", True), ("direct", True), ("missing", False)])
+def test_an_empty_page_with_a_token_is_followed_not_absent(seeded, name, expected):
+    storage, log = seeded
+    urls = _empty_pages_first(storage, 1)
+    assert storage.prefix_exists(f"{REPOS}/{name}/") is expected
+    assert log.count == 2
+    assert "pageToken" not in query(urls[0]) and query(urls[1])["pageToken"] == ["t1"]
+    assert query(urls[1])["maxResults"] == ["1"] and query(urls[1])["prefix"] == [f"{REPOS}/{name}/"]
+
+
+def test_empty_pages_with_tokens_are_followed_a_bounded_number_of_times(seeded):
+    storage, log = seeded
+    _empty_pages_first(storage, 3)
+    assert storage.prefix_exists(f"{REPOS}/group/deep/") is True  # the 4th page holds the answer
+    assert log.count == 4
+
+    log.reset()
+    _empty_pages_first(storage, 100)
+    with pytest.raises(StorageError, match="empty pages"):
+        storage.prefix_exists(f"{REPOS}/group/deep/")  # never "absent" on a guess
+    assert log.count == 4
+    log.reset()
+    with pytest.raises(StorageError, match="empty pages"):
+        storage.stat(f"{REPOS}/group/deep")
+    assert log.count == 5  # the metadata GET, then the bounded listing
+
+
 def test_stat_file_directory_and_missing(seeded):
     storage, log = seeded
     result = storage.stat(f"{REPOS}/direct/file")

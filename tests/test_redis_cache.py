@@ -61,3 +61,34 @@ def test_redis_down_is_a_miss_counted_in_metrics(redis_server):
     cache.delete("k")
     assert _errors("miss") == misses + 1
     assert _errors("dropped") == dropped + 1
+
+
+def test_add_stores_only_if_absent(redis_server):
+    _, url = redis_server
+    cache = _cache(url, cache_ttl=42)
+    raw = redis.Redis.from_url(url)
+    key = repository_key("group/app", "migration")
+    full = "regmw:cache:{repository:group/app}:migration"
+    assert cache.add(key, b"new", ttl=0) is True  # ttl 0: no expiry
+    assert raw.pttl(full) == -1
+    assert cache.add(key, b"old", ttl=60) is False  # present: not overwritten, TTL untouched
+    assert cache.get(key) == b"new" and raw.pttl(full) == -1
+    cache.delete(key)
+    assert cache.add(key, b"old", ttl=60) is True
+    assert 0 < raw.pttl(full) <= 60_000
+    assert cache.add("default", b"x") is True  # ttl None: the default TTL
+    assert 40_000 < raw.pttl("regmw:cache:default") <= 42_000
+    cache.set("short", b"a", ttl=0.05)  # an expired entry is absent
+    deadline = time.monotonic() + 5
+    while not cache.add("short", b"b", ttl=60) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.get("short") == b"b"
+
+
+def test_add_with_redis_down_is_false_and_counted(redis_server):
+    proc, url = redis_server
+    cache = _cache(url)
+    stop(proc)
+    failed = _errors("add_failed")
+    assert cache.add("k", b"v") is False
+    assert _errors("add_failed") == failed + 1

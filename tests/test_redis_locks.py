@@ -209,3 +209,149 @@ def test_read_only_check_from_threads_is_consistent(redis_server):
     for thread in threads:
         thread.join(30)
     assert answers == [True] * 400
+
+
+def _record_renewals(locks: RedisLockManager, url: str, holders_key: str, owner_of) -> list[tuple[float, float]]:
+    """Wrap the slot renewal: after each one Redis accepted, record the slot's server-side expiry.
+
+    Each record is ``(lower bound of the expiry on this process's monotonic clock,
+    send time of the renewal)``: the expiry score and the server's TIME are read
+    together, and a TIME taken after local ``t0`` maps to a local time >= ``t0``.
+    """
+    raw = redis.Redis.from_url(url, socket_timeout=0.5)
+    renew = locks._renew_slot
+    records: list[tuple[float, float]] = []
+
+    def recording(keys, args):
+        sent = time.monotonic()
+        result = renew(keys=keys, args=args)
+        if result == 1:
+            try:
+                t0 = time.monotonic()
+                pipe = raw.pipeline(transaction=False)
+                pipe.time()
+                pipe.zscore(holders_key, owner_of())
+                (seconds, micros), score = pipe.execute()
+                records.append((t0 + (score - (seconds * 1000 + micros / 1000)) / 1000, sent))
+            except redis.RedisError:  # Redis went away between the renewal and the read
+                records.append((sent + args[1] / 1000, sent))  # the server ran it no earlier than it was sent
+        return result
+
+    locks._renew_slot = recording
+    return records
+
+
+def test_slot_loss_is_declared_before_the_server_could_expire_it(redis_server):
+    """Redis stops: ``lease.lost`` is set strictly before the slot's server-side expiry.
+
+    Otherwise another process could take the slot while this one still works: N+1 holders.
+    """
+    proc, url = redis_server
+    locks = _locks(url)
+    owner = []
+    records = _record_renewals(locks, url, "regmw:{slot:gc}:holders", lambda: owner[0])
+    ttl = 1.5
+    with locks.cluster_slot("gc", 1, ttl=ttl) as lease:
+        owner.append(lease.owner)
+        assert _poll(lambda: len(records) >= 2, 10), "the slot was not renewed"
+        stop(proc)
+        assert not lease.lost.is_set()
+        assert lease.lost.wait(10)
+        lost_at = time.monotonic()  # no earlier than the moment the event was set
+    expiry, sent = records[-1]  # the last renewal Redis accepted before it stopped
+    assert sent + ttl <= expiry + 0.05  # the server's expiry is (about) no earlier than send time + ttl
+    assert lost_at < expiry, f"lost {lost_at - expiry:+.3f}s after the server-side expiry"
+    assert lost_at < sent + ttl
+
+
+def test_slot_loss_is_declared_in_time_even_when_a_renewal_hangs(redis_server):
+    """A Redis that accepts connections but never answers (paused behind a frozen link):
+
+    the renewal blocks for its whole socket timeout, longer than the margin, and
+    the loss must still be declared before the slot's expiry.
+    """
+    _, url = redis_server
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    proxy = _FreezableProxy(port)
+    try:
+        runtime = build({"regmw": {"plugins": ["redis"], "entry_points": False},
+                         "redis": {"url": f"redis://127.0.0.1:{proxy.port}/0", "socket_timeout": 3.0,
+                                   "connect_timeout": 3.0}}, environ={})
+        locks = runtime.services.locks
+        owner = []
+        records = _record_renewals(locks, url, "regmw:{slot:gc}:holders", lambda: owner[0])
+        ttl = 1.5
+        with locks.cluster_slot("gc", 1, ttl=ttl) as lease:
+            owner.append(lease.owner)
+            assert _poll(lambda: len(records) >= 1, 10), "the slot was not renewed"
+            proxy.freeze()  # renewals now hang for their 3 s socket timeout (x2 with the retry)
+            assert lease.lost.wait(10)
+            lost_at = time.monotonic()
+            proxy.close()  # unblock the hung renewal, so leaving the block does not wait for its timeouts
+        expiry, sent = records[-1]  # the last renewal Redis accepted (one held by the freeze only extends it)
+        assert lost_at < expiry, f"lost {lost_at - expiry:+.3f}s after the server-side expiry"
+        assert lost_at < sent + ttl
+    finally:
+        proxy.close()
+
+
+class _FreezableProxy:
+    """A TCP relay to a real Redis whose traffic can be held (a network partition, in-process)."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.closed = threading.Event()
+        self.sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, source, destination) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            while not self.flowing.wait(0.05):  # hold the bytes while frozen
+                if self.closed.is_set():
+                    return
+            try:
+                destination.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        self.flowing.set()
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass

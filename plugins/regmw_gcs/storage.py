@@ -9,7 +9,14 @@ page, an object or a sub-prefix, means the prefix exists.
 The iterator google-cloud-storage returns would fetch a SECOND page when the
 first one holds only a prefix and a ``nextPageToken`` (it keeps paging until it
 has ``max_results`` *items*, and prefixes are not items). We therefore read
-exactly one page from ``iterator.pages`` and never iterate items across pages.
+pages from ``iterator.pages`` ourselves and stop at the first that holds
+anything: normally the first, so one request.
+
+GCS may answer with fewer than ``maxResults`` entries, even none, and still a
+``nextPageToken``: an empty page WITH a token says nothing about absence. Such
+a page is followed for at most :data:`MAX_EMPTY_PAGES` more pages; still empty
+with a token after that, the check raises :class:`StorageError` rather than
+guess "absent". Only an empty page without a token means absent.
 
 Every failure (timeout, 5xx after retries, auth, a missing bucket) raises
 :class:`regmw.errors.StorageError`: an error is never reported as "absent".
@@ -35,6 +42,9 @@ log = logging.getLogger("regmw.gcs")
 GCS_ERRORS = (GoogleAPIError, GoogleAuthError, RequestException, OSError, ValueError)
 
 PREFIX_FIELDS = "items(name),prefixes,nextPageToken"
+
+#: extra pages followed when a page is empty but carries a nextPageToken
+MAX_EMPTY_PAGES = 3
 
 
 class GCSStorage:
@@ -64,7 +74,11 @@ class GCSStorage:
         return self.key(path).rstrip("/") + "/"
 
     def prefix_exists(self, prefix: str) -> bool:
-        """True if any object or sub-prefix lies under ``prefix/``. Exactly one HTTP request."""
+        """True if any object or sub-prefix lies under ``prefix/``.
+
+        One HTTP request, unless GCS answers with an empty page and a
+        continuation token (then at most :data:`MAX_EMPTY_PAGES` more).
+        """
         metrics.storage_requests.labels(self.driver).inc()
         return self._list_one(self.dir_key(prefix))
 
@@ -106,12 +120,24 @@ class GCSStorage:
                 timeout=self.timeout,
                 retry=self.retry,
             )
-            page = next(iterator.pages, None)  # ONE page: never let the iterator fetch another
+            pages = iterator.pages
+            for number in range(1 + MAX_EMPTY_PAGES):
+                if number:
+                    metrics.storage_requests.labels(self.driver).inc()
+                page = next(pages, None)  # one page at a time: never let the iterator run on by itself
+                if page is None:
+                    return False
+                if page.num_items > 0 or page.prefixes:
+                    return True
+                if not iterator.next_page_token:
+                    return False  # empty and nothing more: absent
+                log.debug("gs://%s/%s: empty page with a nextPageToken, following it", self.bucket_name, prefix)
         except GCS_ERRORS as exc:
             raise StorageError(f"gcs: cannot list gs://{self.bucket_name}/{prefix}: {_describe(exc)}") from exc
-        if page is None:
-            return False
-        return page.num_items > 0 or bool(page.prefixes)
+        raise StorageError(
+            f"gcs: cannot list gs://{self.bucket_name}/{prefix}: {1 + MAX_EMPTY_PAGES} empty pages, "
+            "each with a nextPageToken (existence unknown)"
+        )
 
 
 def _describe(exc: BaseException) -> str:

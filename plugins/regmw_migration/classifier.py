@@ -4,7 +4,9 @@ Cached facts, under ``repository_key(<name>, "migration")``:
 
 * ``b"old"``: the repository exists under the old prefix. Expires after
   ``old_ttl`` (repositories get migrated) and is overwritten by
-  :meth:`Classifier.mark_migrated`.
+  :meth:`Classifier.mark_migrated`. Written only if the key is absent
+  (``Cache.add``, SET NX), so a look-up still in flight when the repository
+  is migrated cannot put "old" back over the fresh "new" mark.
 * ``b"new"``: nothing under the old prefix and something under the new one,
   or the repository was marked migrated. Permanent by default: a new
   repository never goes back.
@@ -130,9 +132,19 @@ class Classifier:
         return found
 
     def _store(self, key: str, state: str) -> None:
-        ttl = self.old_ttl if state == STATE_OLD else self.new_ttl
+        """Cache what storage said. "old" only if the key is absent (``Cache.add``).
+
+        A look-up that saw the old prefix may finish after the repository was
+        migrated and marked "new" (:meth:`mark_migrated`); written with ``set``,
+        its stale "old" would replace the mark and route the repository old for
+        ``old_ttl``. "new" is never stale (permanent), so it is ``set``.
+        """
         try:
-            self.cache.set(key, state.encode(), ttl)
+            if state == STATE_OLD:
+                if not self.cache.add(key, state.encode(), self.old_ttl):
+                    log.debug("not caching old for %s: the cache already holds an answer", key)
+            else:
+                self.cache.set(key, state.encode(), self.new_ttl)
         except Exception as exc:
             log.warning("classification cache unavailable, not caching %s: %s", key, exc)
             metrics.backend_errors.labels("cache", "not_cached").inc()

@@ -4,10 +4,17 @@
 
     exists under OLD prefix?  ── yes ──► old
        no
+    known new (cached "new": found under the new prefix, or marked migrated)? ── yes ──► new
+       no
     verified token's access[].migration_eligible for this repository?
        ├─ true  ──► new   (paused: only if the repository is already new, else old)
-       ├─ false ──► old
+       ├─ false ──► exists under NEW prefix? ── yes ──► new (permanent), no ──► old
        └─ absent ──► exists under NEW prefix? ── yes ──► new, no ──► old
+
+"new" is permanent: a false flag cannot demote a repository that already lives
+under the new prefix (routing it old would orphan its data there, and a push
+to old would then make it "exists under old → old" for good). A false flag
+costs one extra prefix check, only for a repository not already known new.
 
 The flag is read only from claims :mod:`regmw.tokens` verified (signature,
 expiry, issuer, audience); the caller passes ``None`` claims for anything else.
@@ -50,8 +57,11 @@ def token_flag(claims: dict[str, Any] | None, repository: str, needs_push: bool)
 
 
 def needs_new_prefix(flag: bool | None, paused: bool) -> bool:
-    """Whether the decision needs to know if the repository exists under the new prefix."""
-    return flag is None or (flag and paused)
+    """Whether the decision needs to know if the repository exists under the new prefix.
+
+    Only a true flag with migration running can do without: it routes new either way.
+    """
+    return flag is not True or paused
 
 
 def decide(state: str, flag: bool | None, paused: bool) -> tuple[str, str]:
@@ -62,8 +72,8 @@ def decide(state: str, flag: bool | None, paused: bool) -> tuple[str, str]:
         if paused and state != STATE_NEW:
             return OLD, "paused"
         return NEW, "token"
+    if state == STATE_NEW:  # permanent: wins over a false flag
+        return NEW, "new_prefix"
     if flag is False:
         return OLD, "token"
-    if state == STATE_NEW:
-        return NEW, "new_prefix"
     return OLD, "absent"

@@ -14,7 +14,7 @@ from .errors import REDIS_DOWN, report
 
 
 class RedisCache:
-    """A :class:`regmw.backends.Cache`: GET / SET PX / DEL, never raising for Redis errors."""
+    """A :class:`regmw.backends.Cache`: GET / SET PX / SET NX PX / DEL, never raising for Redis errors."""
 
     def __init__(self, client: redis.Redis, prefix: str, default_ttl: float = 300.0) -> None:
         self.client = client
@@ -38,6 +38,21 @@ class RedisCache:
             self.client.set(self.prefix + key, value, px=max(1, int(ttl * 1000)) if ttl else None)  # 0: no expiry
         except REDIS_DOWN as exc:
             report("cache", "dropped", exc)
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` is absent (``SET NX``); True when stored.
+
+        A Redis error stores nothing and returns False (counted as ``add_failed``):
+        the caller's stale answer is simply not cached.
+        """
+        ttl = self.default_ttl if ttl is None else ttl
+        try:
+            return bool(
+                self.client.set(self.prefix + key, value, nx=True, px=max(1, int(ttl * 1000)) if ttl else None)
+            )
+        except REDIS_DOWN as exc:
+            report("cache", "add_failed", exc)
+            return False
 
     def delete(self, key: str) -> None:
         try:

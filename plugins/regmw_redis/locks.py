@@ -11,7 +11,8 @@ Same contract as :class:`regmw.defaults.local_locks.LocalLockManager`:
   repository (per semaphore), so storage can reject a stale holder's writes;
 - ``cluster_slot`` is a counting semaphore (a sorted set of owners scored by
   expiry, taken in one script), renewed in a background thread while held;
-  ``lease.lost`` is set when renewal fails, so the worker can stop.
+  ``lease.lost`` is set when renewal fails, ``ttl / 3`` BEFORE the slot could
+  expire on the server, so the worker can stop before anyone else may start.
 
 Key layout (``<ns>`` = ``[redis] namespace``)::
 
@@ -57,41 +58,95 @@ def default_owner() -> str:
 
 
 class LeaseRenewer(threading.Thread):
-    """Calls ``renew()`` every ``ttl / 3`` until stopped; sets ``lost`` when the lease is gone.
+    """Renews a lease every ``ttl / 3`` until stopped; sets ``lost`` BEFORE Redis could drop it.
 
-    ``renew`` returns False when Redis says the lease is no longer ours (lost at
-    once); when it raises a Redis error, the lease is kept until its TTL has
-    passed since the last successful renewal, because until then no one else
-    can have taken it.
+    A renewal sent at local time ``s`` makes the server keep the lease until at
+    least ``s + ttl`` (the server executes it no earlier than it was sent), so
+    the last renewal Redis is known to have accepted bounds the expiry from
+    below. The lease is declared lost, locally:
+
+    - at once when ``renew()`` returns False (Redis no longer lists it);
+    - on the second consecutive failed renewal (a Redis error);
+    - at the latest ``ttl - interval`` after the last successful renewal (or the
+      acquisition) was SENT, whatever the renew call is doing: a watchdog
+      thread enforces that deadline, so a renewal stuck in a socket timeout
+      cannot delay it. The remaining ``interval`` is the margin for pauses and
+      clock drift, during which no one else can have taken the lease.
+
+    ``sent_at``: ``time.monotonic()`` taken just before the acquiring command
+    was sent.
     """
 
-    def __init__(self, renew: Callable[[], bool], ttl: float, lost: threading.Event, name: str) -> None:
+    def __init__(
+        self, renew: Callable[[], bool], ttl: float, lost: threading.Event, name: str,
+        sent_at: float | None = None, socket_timeout: float | None = None,
+    ) -> None:
         super().__init__(name=f"regmw-lease-{name}", daemon=True)
         self.renew = renew
         self.ttl = ttl
+        self.interval = ttl / 3
         self.lost = lost
         self.stopped = threading.Event()
+        self._cond = threading.Condition()
+        self.deadline = (time.monotonic() if sent_at is None else sent_at) + self.ttl - self.interval
+        self._watchdog = threading.Thread(target=self._watch, name=f"regmw-lease-watch-{name}", daemon=True)
+        if socket_timeout is not None and socket_timeout >= self.interval:
+            log.warning(
+                "lease %s: Redis socket timeout %.3fs is not below the %.3fs loss margin (ttl/3): a stuck renewal "
+                "cannot delay the loss, but it leaves fewer chances to renew; use a longer ttl", name,
+                socket_timeout, self.interval,
+            )
+
+    def start(self) -> None:
+        self._watchdog.start()
+        super().start()
+
+    def _declare_lost(self, why: str) -> None:
+        if not self.lost.is_set() and not self.stopped.is_set():
+            log.warning("lease %s lost: %s", self.name, why)
+            self.lost.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while not self.stopped.is_set() and not self.lost.is_set():
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        if not self.stopped.is_set() and not self.lost.is_set():
+            self._declare_lost(f"no renewal accepted within {self.ttl - self.interval:.3f}s of sending it")
 
     def run(self) -> None:
-        last_ok = time.monotonic()
-        while not self.stopped.wait(self.ttl / 3):
+        failures = 0
+        while not self.stopped.wait(self.interval) and not self.lost.is_set():
+            sent = time.monotonic()  # BEFORE sending: the server's expiry is at least sent + ttl
             try:
-                if self.renew():
-                    last_ok = time.monotonic()
-                    continue
-                log.warning("lease %s lost: Redis no longer lists it", self.name)
+                ok = self.renew()
             except REDIS_DOWN as exc:
-                if time.monotonic() - last_ok < self.ttl:
-                    log.warning("lease %s not renewed (%s); retrying", self.name, exc)
-                    continue
-                log.warning("lease %s lost: not renewed for %.1fs", self.name, self.ttl)
-            self.lost.set()
-            return
+                failures += 1
+                if failures >= 2:
+                    self._declare_lost(f"{failures} consecutive renewals failed ({exc})")
+                    return
+                log.warning("lease %s not renewed (%s); retrying", self.name, exc)
+                continue
+            if not ok:
+                self._declare_lost("Redis no longer lists it")
+                return
+            failures = 0
+            with self._cond:
+                if not self.lost.is_set():
+                    self.deadline = max(self.deadline, sent + self.ttl - self.interval)
+                    self._cond.notify_all()
 
     def stop(self) -> None:
         self.stopped.set()
+        with self._cond:
+            self._cond.notify_all()
         if self is not threading.current_thread():
             self.join()
+            self._watchdog.join()
 
 
 class RedisLockManager:
@@ -106,6 +161,17 @@ class RedisLockManager:
         self._acquire_slot = client.register_script(scripts.ACQUIRE_SLOT)
         self._renew_slot = client.register_script(scripts.RENEW_SLOT)
         self._count_slots = client.register_script(scripts.COUNT_SLOTS)
+
+    def _socket_timeout(self) -> float | None:
+        """The longest one attempt of a command can block: read/connect timeout times (retries + 1)."""
+        pool = self.client.connection_pool
+        kwargs = getattr(pool, "connection_kwargs", {})
+        timeouts = [t for t in (kwargs.get("socket_timeout"), kwargs.get("socket_connect_timeout")) if t]
+        if not timeouts:
+            return None
+        retry = kwargs.get("retry")
+        attempts = 1 + (getattr(retry, "_retries", 0) or 0)
+        return max(timeouts) * attempts
 
     # --- keys ---------------------------------------------------------------
 
@@ -166,13 +232,14 @@ class RedisLockManager:
         :class:`SlotUnavailable` when another owner holds the lock.
         """
         owner = owner or f"{default_owner()}:{uuid.uuid4().hex[:8]}"
+        sent = time.monotonic()
         lease = self.set_read_only(repository, ttl, owner)
         if lease is None:
             raise SlotUnavailable(f"{repository} is read-only under another owner")
         lease.lost = threading.Event()
         renewer = LeaseRenewer(
             lambda: self._renew(keys=[self.read_only_key(repository)], args=[owner, _ms(ttl)]) == 1,
-            ttl, lease.lost, repository,
+            ttl, lease.lost, repository, sent, self._socket_timeout(),
         )
         renewer.start()
         try:
@@ -193,10 +260,12 @@ class RedisLockManager:
         Raises :class:`SlotUnavailable` when all are held and
         :class:`regmw.errors.BackendUnavailable` when Redis cannot answer.
         While held, the slot is renewed every ``ttl / 3``; ``lease.lost`` is set
-        if that fails, and the holder must then stop its work.
+        when renewal fails (see :class:`LeaseRenewer`: before the server could
+        drop the slot), and the holder must then stop its work.
         """
         holders, fence = self._slot_keys(name)
         owner = f"{default_owner()}:{uuid.uuid4().hex[:12]}"
+        sent = time.monotonic()  # before sending: the slot's expiry is at least sent + ttl
         try:
             token = self._acquire_slot(keys=[holders, fence], args=[owner, max_holders, _ms(ttl)])
         except REDIS_DOWN as exc:
@@ -205,7 +274,8 @@ class RedisLockManager:
             raise SlotUnavailable(f"all {max_holders} slots of {name!r} are held")
         lease = Lease(name, owner, int(token), ttl, threading.Event())
         renewer = LeaseRenewer(
-            lambda: self._renew_slot(keys=[holders], args=[owner, _ms(ttl)]) == 1, ttl, lease.lost, name
+            lambda: self._renew_slot(keys=[holders], args=[owner, _ms(ttl)]) == 1, ttl, lease.lost, name,
+            sent, self._socket_timeout(),
         )
         renewer.start()
         try:
