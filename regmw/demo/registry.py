@@ -29,7 +29,9 @@ from typing import Any
 
 from flask import Flask, Response, request, send_file
 
-from .layout import TAG_RE, Layout, append_stream, file_digest, parse_digest, valid_name
+from regmw.routes import TAG_RE
+
+from .layout import Layout, append_stream, file_digest, parse_digest, valid_name
 
 MAX_MANIFEST = 4 * 1024 * 1024
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
