@@ -1,0 +1,76 @@
+"""`regmw serve` and the `regmw.wsgi` entry point, as real processes on real sockets."""
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from regmw.demo.registry import create_app
+
+from .servers._util import free_port, stop, wait_for_port
+
+
+def get(url: str) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+@pytest.fixture
+def run_regmw(tmp_path):
+    procs = []
+
+    def start(*args: str, env: dict | None = None) -> str:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "regmw.cli", *args, "--port", str(port)],
+                                env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(proc)
+        wait_for_port(port, proc=proc, timeout=20)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for proc in procs:
+        stop(proc)
+
+
+def test_serve_reference_registry(tmp_path, run_regmw):
+    config = tmp_path / "regmw.toml"
+    config.write_text('[[ratelimit.rules]]\nby = "client"\nlimit = "100/minute"\n')
+    base = run_regmw("--config", str(config), "serve", "--registry-root", str(tmp_path / "data"))
+    status, headers, _ = get(base + "/v2/")
+    assert status == 200 and headers["RateLimit-Limit"] == "100"
+    status, _, body = get(base + "/v2/Bad..Name/tags/list")
+    assert status == 400 and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
+
+
+def test_serve_as_gateway_in_front_of_a_registry(tmp_path, run_regmw, serve_wsgi):
+    upstream = serve_wsgi(create_app(str(tmp_path / "upstream")))
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[gateway]\nupstream = "{upstream}"\n[[ratelimit.rules]]\nby = "repository"\nlimit = "5/minute"\n')
+    base = run_regmw("--config", str(config), "serve")
+    status, headers, body = get(base + "/v2/team/app/tags/list")
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"  # answered by the upstream
+    assert headers["RateLimit-Remaining"] == "4"  # counted by regmw on the way
+
+
+def test_serve_without_anything_to_serve_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "regmw.cli", "serve", "--port", "0"],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "REGMW_CONFIG": ""})
+    assert result.returncode == 2
+    assert "gateway.upstream" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wsgi_entry_point_reads_regmw_config(tmp_path):
+    config = tmp_path / "regmw.toml"
+    config.write_text('[regmw]\nlog_level = "WARNING"\n')
+    code = ("from werkzeug.test import Client; import regmw.wsgi as w; "
+            "r = Client(w.application).get('/v2/'); print(r.status_code, w.application.runtime.config.source)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "REGMW_CONFIG": str(config), "REGMW_REGISTRY_ROOT": str(tmp_path / "d")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["200", str(config)]
