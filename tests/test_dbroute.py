@@ -431,3 +431,150 @@ def test_positions_recorded_while_store_down_are_flushed_later(cluster, tmp_path
         reg.close()
         if restarted is not None:
             stop(restarted)
+
+
+# --- pools: recording positions never needs (or waits for) a request connection ------------
+
+
+def held_connection_app(how: str) -> Flask:
+    """A write whose connection stays checked out until after ``start_response``.
+
+    ``handle``: the connection comes from ``handle.connect()`` (regmw closes it
+    in ``regmw_finish``); ``engine``: straight from ``handle.engine``, unknown to
+    the handle, closed when the body is done.
+    """
+    app = make_app()
+
+    @app.put("/v2/<path:name>/blobs/uploads/<uid>")
+    def held_write(name, uid):
+        handle = request.environ["regmw.db"]
+        conn = handle.connect() if how == "handle" else handle.engine.connect()
+        conn.execute(text("INSERT INTO kv (repo, value) VALUES (:r, 1) ON CONFLICT (repo) DO NOTHING"), {"r": name})
+        conn.commit()
+
+        def body():  # runs after start_response: the connection is still checked out then
+            try:
+                yield b"ok"
+            finally:
+                if how == "engine":
+                    conn.close()
+
+        return app.response_class(body(), status=201)
+
+    return app
+
+
+@pytest.mark.parametrize("how", ["handle", "engine"])
+def test_write_position_recorded_while_the_request_holds_the_only_pooled_connection(cluster, how):
+    """pool_size=1, max_overflow=0: the request pool is empty when the position is read."""
+    config = db_config(cluster, pool_size=1, max_overflow=0, pool_timeout=1.0)
+    middleware = RegistryMiddleware(held_connection_app(how), config, environ={})
+    router: Router = middleware.services.db_router
+    try:
+        client = Client(middleware)
+        for attempt in range(3):
+            repo = unique(f"held-{how}")
+            with client.put(f"/v2/{repo}/blobs/uploads/u{attempt}") as response:
+                assert response.status_code == 201
+                assert response.get_data() == b"ok"
+            assert router.primary_state.up, router.primary_state.reason
+            assert router.status()["pending"] == 0
+            position = router.store.get(repo).repository
+            assert position is not None
+            primary_now = int(cluster.sql("primary", "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")[0][0])
+            assert position <= primary_now
+        with client.get(f"/v2/{repo}/manifests/latest") as response:  # the follow-up read is not stale
+            assert response.status_code == 200 and response.get_json()["value"] == 1
+    finally:
+        router.close()
+
+
+def test_a_pool_timeout_never_marks_the_primary_down(cluster):
+    reg = Registry(db_config(cluster, pool_size=1, max_overflow=0, pool_timeout=0.2))
+    router = reg.router
+    repo = unique("pooltimeout")
+    held = router.primary.engine.connect()  # the only request connection
+    try:
+        # The write's own connect() times out: that request gets a 503 ...
+        response = reg.client.put(f"/v2/{repo}/manifests/latest", data="1")
+        assert response.status_code == 503
+        response.close()
+        # ... but the primary is not down: other requests and the checker go on.
+        assert router.primary_state.up, router.primary_state.reason
+        assert router.route(repo, is_write=True).role == "primary"
+
+        # The position pool exhausted too: the position is unknown (kept pending), the primary still up.
+        position_conns = [router.primary.position_engine.connect() for _ in range(2)]
+        try:
+            assert router.record_write(repo) is None
+            assert router.primary_state.up, router.primary_state.reason
+            assert router.status()["pending"] == 1
+            assert router.route(repo, is_write=False).reason == "unrecorded-write"
+        finally:
+            for conn in position_conns:
+                conn.close()
+    finally:
+        held.close()
+    wait_until(lambda: router.status()["pending"] == 0, what="unknown position flushed by the checker")
+    assert router.store.get(repo).repository is not None
+    reg.close()
+
+
+# --- the store's namespace -------------------------------------------------------------------
+
+
+def test_position_keys_use_the_configured_namespace(cluster, redis_server):
+    """Deployments sharing one Redis keep their positions apart."""
+    import redis
+
+    _proc, url = redis_server
+    a = Registry(db_config(cluster, store="auto", store_url=url, store_namespace="team-a"))
+    config_b = redis_config(cluster, url)  # the redis plugin's namespace, with and without store_url
+    config_b["redis"]["namespace"] = "team-b"
+    b = Registry(config_b)
+    config_c = redis_config(cluster, url)
+    config_c["redis"]["namespace"] = "team-c"
+    config_c["database"]["store_url"] = url
+    c = Registry(config_c)
+    try:
+        repo = unique("ns")
+        for value, reg in enumerate((a, b, c), start=1):
+            assert reg.router.store.kind == "redis"
+            assert reg.put(repo, value) == 201
+        client = redis.Redis.from_url(url)
+        positions = {ns: client.get(f"{ns}:{{repository:{repo}}}:lsn") for ns in ("team-a", "team-b", "team-c")}
+        assert all(raw is not None for raw in positions.values()), positions
+        assert from_key(positions["team-a"]) < from_key(positions["team-b"]) < from_key(positions["team-c"])
+        for ns in ("team-a", "team-b", "team-c"):
+            assert client.exists(f"{ns}:{{dbroute}}:epoch") and client.get(f"{ns}:{{dbroute}}:floor")
+        assert not client.keys("regmw:*")
+        assert a.router.store.get(repo).repository == from_key(positions["team-a"])
+    finally:
+        a.close()
+        b.close()
+        c.close()
+
+
+# --- dead pooled connections are discarded quietly -----------------------------------------
+
+
+def test_a_dead_pooled_connection_is_discarded_without_a_traceback(registry, cluster, caplog):
+    """A connection whose backend died while checked out fails its reset rollback on return."""
+    import logging
+
+    engine = registry.router.primary.engine
+    raw = engine.raw_connection()
+    cursor = raw.cursor()
+    cursor.execute("SELECT pg_backend_pid()")  # opens a transaction the return to the pool rolls back
+    pid = cursor.fetchone()[0]
+    cursor.close()
+    cluster.sql("primary", "SELECT pg_terminate_backend(%s)", pid)
+    cluster.wait_for(lambda: not cluster.sql("primary", "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pid),
+                     what="backend gone")
+    with caplog.at_level(logging.DEBUG, logger="sqlalchemy.pool"):
+        raw.close()
+    noisy = [r for r in caplog.records if r.name.startswith("sqlalchemy") and r.levelno >= logging.WARNING]
+    assert not noisy, [r.getMessage() for r in noisy]
+    with engine.connect() as conn:  # the dead connection was not handed out again
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+    assert registry.router.primary_state.up

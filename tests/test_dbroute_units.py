@@ -129,7 +129,7 @@ def section(**overrides):
         "pool_timeout": 5.0, "pool_recycle": 1800.0, "pre_ping": True, "connect_timeout": 2,
         "statement_timeout": 30.0, "health_interval": 1.0, "max_byte_lag": 1, "max_replay_lag": 30.0,
         "failure_threshold": 3, "reintegrate_after": 2, "replay_position_max_age": 0.05, "lsn_ttl": 600.0,
-        "store": "memory", "store_url": "", "store_timeout": 0.25, "store_retry": 1.0,
+        "store": "memory", "store_url": "", "store_namespace": "", "store_timeout": 0.25, "store_retry": 1.0,
     }
     runtime_values.update(overrides)
     return runtime_values
@@ -146,6 +146,7 @@ def test_lsn_ttl_must_outlive_the_quarantine_window():
     ({**BASE, "replicas": ["mysql://x@h/db"]}, "database.replicas"),
     ({**BASE, "store": "etcd"}, "database.store"),
     ({**BASE, "max_replay_lag": -1}, "database.max_replay_lag"),
+    ({**BASE, "store_namespace": "team{a}"}, "database.store_namespace"),
 ])
 def test_bad_database_section_is_refused_at_start_up(database, message):
     with pytest.raises(ConfigError, match=message):
@@ -157,3 +158,29 @@ def test_every_option_is_documented():
 
     for key, option in SECTION.options.items():
         assert len(option.help) > 20, key
+
+
+def test_flush_keeps_a_newer_pending_position_added_while_flushing():
+    """flush_pending drops only the entry it stored, never one a concurrent write added meanwhile."""
+    from regmw_dbroute.router import Router
+
+    class StoreWithAWriteDuringAdvance(MemoryPositionStore):
+        def advance(self, repository, lsn, ttl):
+            kept = super().advance(repository, lsn, ttl)
+            if self.during_advance is not None:
+                hook, self.during_advance = self.during_advance, None
+                hook()  # another request's write of the same repository fails to reach the store
+            return kept
+
+    store = StoreWithAWriteDuringAdvance()
+    router = Router(settings_from_config(section()), store)
+    try:
+        router._add_pending("a/b", 100)
+        store.during_advance = lambda: router._add_pending("a/b", 200)
+        assert router.flush_pending() == 1  # 100 stored; 200 is still only known here
+        assert store.get("a/b").repository == 100
+        assert router._pending["a/b"][0] == 200
+        assert router.flush_pending() == 0
+        assert store.get("a/b").repository == 200
+    finally:
+        router.close()

@@ -63,7 +63,7 @@ def regmw_response_started(context, status, headers):
         return
     router = context.services.db_router
     if isinstance(router, Router):
-        router.record_write(context.repository)
+        router.record_write(context.repository, context.db)
 
 
 @hookimpl

@@ -26,6 +26,12 @@ def _check_urls(urls: list[str]) -> list[str]:
     return urls
 
 
+def _check_namespace(value: str) -> str:
+    if any(char in value for char in "{} "):
+        raise ValueError("must not contain braces or spaces (braces would become a Redis Cluster hash tag)")
+    return value
+
+
 SECTION = Section(
     "database",
     "Database routing (plugin `dbroute`): writes to the primary, reads to an up-to-date replica.",
@@ -112,6 +118,14 @@ SECTION = Section(
             "str", "",
             "Redis URL for the position store when the `redis` plugin does not provide the connection.",
         ),
+        "store_namespace": Option(
+            "str", "",
+            "Prefix of the position store's Redis keys (`<namespace>:{repository:<name>}:lsn`, "
+            "`<namespace>:{dbroute}:floor`). Empty: the `[redis] namespace` when the `redis` plugin is enabled, "
+            "else `regmw`. Deployments sharing one Redis (e.g. through `store_url`) need different namespaces, "
+            "or their positions and floors mix.",
+            check=_check_namespace,
+        ),
         "store_timeout": Option(
             "float", 0.25, "Socket timeout in seconds of the position store's own Redis connection.", minimum=0.01
         ),
@@ -147,6 +161,7 @@ class Settings:
     lsn_ttl: float
     store: str
     store_url: str
+    store_namespace: str
     store_timeout: float
     store_retry: float
 

@@ -135,9 +135,25 @@ class DbHandle:
         primary = self._router.primary
         try:
             return primary.engine.connect()
+        except PoolTimeout as exc:  # this instance is busy; the primary is not down (primary_failed ignores it)
+            raise PrimaryUnavailable(
+                f"no free connection to the database primary {primary.name} within pool_timeout: {exc}"
+            ) from exc
         except CONNECTION_ERRORS as exc:
             self._router.primary_failed(exc)
             raise PrimaryUnavailable(f"database primary {primary.name} is unavailable: {exc}") from exc
+
+    def open_primary_connection(self) -> Connection | None:
+        """A connection to the primary this handle holds open right now, if any (``None`` otherwise).
+
+        The router reads a write's WAL position on it: the request already
+        holds it, so recording the position needs no second pooled connection.
+        """
+        primary_engine = self._router.primary.engine
+        for conn in reversed(self._opened):
+            if conn.engine is primary_engine and not conn.closed and not conn.invalidated:
+                return conn
+        return None
 
     def close(self) -> None:
         """Return everything this handle opened to its pool (called by ``regmw_finish``)."""

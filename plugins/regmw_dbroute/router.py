@@ -18,7 +18,11 @@ UNAVAILABLE instead of hanging or reading stale data.
 
 After a write (:meth:`Router.record_write`, called from ``regmw_response_started``,
 before the client sees the response) the primary's ``pg_current_wal_insert_lsn()``
-is stored for the repository, keeping the maximum.
+is stored for the repository, keeping the maximum. It is read on the primary
+connection the request still holds, or else through the primary's small
+``position_engine`` pool, never through the request pool the writes hold. A
+pool timeout (every pooled connection busy) means this instance is loaded,
+not that a server is down: it never marks the primary (or a replica) down.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from typing import Any
 
 from prometheus_client import Counter
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from regmw import metrics
 from regmw.errors import Refusal, unavailable
@@ -39,7 +44,7 @@ from .discovery import ReplicaDiscovery, make_discovery
 from .handle import CONNECTION_ERRORS, DbHandle
 from .health import HealthChecker, PrimaryHistory, PrimaryState, ReplicaState
 from .lsn import format_lsn
-from .nodes import Node
+from .nodes import Node, wal_lsn_on
 from .store import MemoryPositionStore, Positions, PositionStore, StoreUnavailable, make_store
 
 log = logging.getLogger("regmw.dbroute")
@@ -176,7 +181,7 @@ class Router:
         try:
             in_recovery, replayed = node.replay_status(engine=node.engine)
         except CONNECTION_ERRORS as exc:
-            state.record_failure(_short(exc))
+            self.replica_failed(node, exc)  # (a pool timeout is not counted against the replica)
             return None
         finally:
             state.probe_lock.release()
@@ -188,16 +193,18 @@ class Router:
 
     # --- write positions ----------------------------------------------------------
 
-    def record_write(self, repository: str) -> int | None:
+    def record_write(self, repository: str, handle: DbHandle | None = None) -> int | None:
         """Store the primary's insert position for ``repository``; never raises.
 
-        If the store is down the position is kept locally (``pending``): this
-        instance sends reads of the repository to the primary until it has put
-        the position in the store, or the position's TTL passed.
+        The position is read on the primary connection ``handle`` (the
+        request's) still holds, if any, else through the primary's
+        ``position_engine``. If it cannot be read, or the store is down, it is
+        kept locally (``pending``): this instance sends reads of the repository
+        to the primary until it has put a position in the store, or the TTL passed.
         """
         ttl = self.settings.lsn_ttl
         try:
-            lsn = self.primary.current_wal_lsn(insert=True, engine=self.primary.engine)
+            lsn = self._write_position(handle)
         except SQLAlchemyError as exc:
             self.primary_failed(exc)
             POSITIONS.labels("unknown").inc()
@@ -215,6 +222,17 @@ class Router:
             return lsn
         POSITIONS.labels("stored").inc()
         return kept
+
+    def _write_position(self, handle: DbHandle | None) -> int:
+        """``pg_current_wal_insert_lsn()``, on the request's own primary connection when it holds one."""
+        conn = handle.open_primary_connection() if isinstance(handle, DbHandle) else None
+        if conn is not None:
+            try:
+                return wal_lsn_on(conn, insert=True)
+            except SQLAlchemyError as exc:  # e.g. the app left its transaction aborted: use the position pool
+                log.debug("WAL position not readable on the request's connection (%s); using the position pool",
+                          _short(exc))
+        return self.primary.current_wal_lsn(insert=True, engine=self.primary.position_engine)
 
     def _add_pending(self, repository: str, lsn: int | None) -> None:
         expires = time.monotonic() + self.settings.lsn_ttl
@@ -235,9 +253,10 @@ class Router:
         now = time.monotonic()
         with self._pending_lock:
             items = list(self._pending.items())
-        for repository, (lsn, expires) in items:
+        for repository, entry in items:
+            lsn, expires = entry
             if expires <= now:
-                self._drop_pending(repository, (lsn, expires))
+                self._drop_pending(repository, entry)
                 continue
             try:
                 if lsn is None:  # the write's own position was never read: today's covers it
@@ -245,17 +264,20 @@ class Router:
                 self.store.advance(repository, lsn, max(1.0, expires - now))
             except (StoreUnavailable, SQLAlchemyError):
                 break  # still down: try again at the next health check
-            self._drop_pending(repository, self._pending.get(repository))
+            # Only the entry just stored: a write that failed to store meanwhile replaced
+            # it with a newer (or unknown) position, which must stay pending.
+            self._drop_pending(repository, entry)
         return len(self._pending)
 
-    def _drop_pending(self, repository: str, entry: Any) -> None:
+    def _drop_pending(self, repository: str, entry: tuple[int | None, float]) -> None:
+        """Forget ``repository``'s pending position if it is still exactly ``entry``."""
         with self._pending_lock:
             if self._pending.get(repository) == entry:
                 del self._pending[repository]
 
     def _initialize_store(self, positions: Positions) -> Positions:
         """The store lost its data (or is new): every committed write is covered by today's position."""
-        floor = self.primary.current_wal_lsn(insert=True, engine=self.primary.engine)
+        floor = self.primary.current_wal_lsn(insert=True, engine=self.primary.position_engine)
         self.store.initialize(floor, self.settings.lsn_ttl)
         log.warning("position store had no epoch marker; floor set to %s", format_lsn(floor))
         return Positions(positions.repository, max(floor, positions.floor or 0), True)
@@ -269,11 +291,18 @@ class Router:
     # --- failures reported by handles ----------------------------------------------
 
     def replica_failed(self, node: Node, exc: BaseException) -> None:
+        if isinstance(exc, PoolTimeout):  # this instance's pool is busy; the replica may be fine
+            return
         for candidate, state in self._replicas:
             if candidate is node:
                 state.record_failure(_short(exc))
 
     def primary_failed(self, exc: BaseException) -> None:
+        """Mark the primary down, unless ``exc`` is only a pool timeout (a busy instance, not a down server)."""
+        if isinstance(exc, PoolTimeout):
+            log.warning("no free pooled connection to the primary within pool_timeout (not marked down): %s",
+                        _short(exc))
+            return
         self.primary_state.mark(False, _short(exc))
 
     def _primary_usable(self) -> bool:

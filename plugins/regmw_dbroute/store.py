@@ -121,8 +121,9 @@ class RedisPositionStore:
 
     Keys: ``<namespace>:{repository:<name>}:lsn`` per repository (the core's
     hash-tagged key, so it sits in the repository's Redis Cluster slot), and
-    ``<namespace>:{dbroute}:floor`` / ``:epoch`` for the floor and the marker.
-    ``key_for`` builds a full key from the un-namespaced parts.
+    ``<namespace>:{dbroute}:floor`` / ``:epoch`` for the floor and the marker,
+    ``<namespace>`` being :func:`store_namespace`. ``key_for`` builds a full key
+    from the un-namespaced parts.
     """
 
     kind = "redis"
@@ -166,6 +167,15 @@ class RedisPositionStore:
             raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
 
 
+def store_namespace(settings, config, redis_enabled: bool) -> str:
+    """``[database] store_namespace``, else the ``[redis] namespace`` (redis plugin enabled), else ``regmw``."""
+    if settings.store_namespace:
+        return settings.store_namespace
+    if redis_enabled:
+        return config["redis"]["namespace"]
+    return "regmw"
+
+
 def make_store(settings, config, services) -> PositionStore:
     """The store ``[database] store`` asks for: the redis plugin's connection, ``store_url``, or memory."""
     redis_enabled = services is not None and services.pm.has_plugin("regmw_redis")
@@ -174,6 +184,7 @@ def make_store(settings, config, services) -> PositionStore:
         kind = "redis" if (redis_enabled or settings.store_url) else "memory"
     if kind == "memory":
         return MemoryPositionStore()
+    namespace = store_namespace(settings, config, redis_enabled)
     if settings.store_url:
         import redis
         from redis.backoff import NoBackoff
@@ -185,11 +196,11 @@ def make_store(settings, config, services) -> PositionStore:
             socket_connect_timeout=settings.store_timeout,
             retry=Retry(NoBackoff(), 1),  # re-dial a dead pooled connection once, no backoff sleep
         )
-        return RedisPositionStore(client, lambda key: f"regmw:{key}")
+        return RedisPositionStore(client, lambda key: f"{namespace}:{key}")
     if not redis_enabled:
         from regmw.errors import ConfigError
 
         raise ConfigError("database.store: redis needs the `redis` plugin enabled or database.store_url set")
-    from regmw_redis.connection import namespaced, redis_client
+    from regmw_redis.connection import redis_client
 
-    return RedisPositionStore(redis_client(config), lambda key: namespaced(config, key))
+    return RedisPositionStore(redis_client(config), lambda key: f"{namespace}:{key}")
