@@ -237,19 +237,12 @@ class RedisLockManager:
         if lease is None:
             raise SlotUnavailable(f"{repository} is read-only under another owner")
         lease.lost = threading.Event()
-        renewer = LeaseRenewer(
-            lambda: self._renew(keys=[self.read_only_key(repository)], args=[owner, _ms(ttl)]) == 1,
-            ttl, lease.lost, repository, sent, self._socket_timeout(),
-        )
-        renewer.start()
-        try:
+        with self._renewed(
+            lease, sent,
+            renew=lambda: self._renew(keys=[self.read_only_key(repository)], args=[owner, _ms(ttl)]) == 1,
+            release=lambda: self.clear_read_only(repository, owner),
+        ):
             yield lease
-        finally:
-            renewer.stop()
-            try:
-                self.clear_read_only(repository, owner)
-            except REDIS_DOWN as exc:
-                log.warning("could not release read-only lock of %s (expires in %.0fs): %s", repository, ttl, exc)
 
     # --- cluster semaphores ------------------------------------------------------
 
@@ -273,19 +266,30 @@ class RedisLockManager:
         if token is None:
             raise SlotUnavailable(f"all {max_holders} slots of {name!r} are held")
         lease = Lease(name, owner, int(token), ttl, threading.Event())
-        renewer = LeaseRenewer(
-            lambda: self._renew_slot(keys=[holders], args=[owner, _ms(ttl)]) == 1, ttl, lease.lost, name,
-            sent, self._socket_timeout(),
-        )
+        with self._renewed(
+            lease, sent,
+            renew=lambda: self._renew_slot(keys=[holders], args=[owner, _ms(ttl)]) == 1,
+            release=lambda: self.client.zrem(holders, owner),
+        ):
+            yield lease
+
+    @contextmanager
+    def _renewed(self, lease: Lease, sent: float, renew, release) -> Iterator[None]:
+        """Renew ``lease`` in the background while the block runs, then release it (best effort).
+
+        ``sent`` is when the acquiring command was sent: the server-side expiry
+        is at least ``sent + ttl``, which is what loss detection counts from.
+        """
+        renewer = LeaseRenewer(renew, lease.ttl, lease.lost, lease.name, sent, self._socket_timeout())
         renewer.start()
         try:
-            yield lease
+            yield
         finally:
             renewer.stop()
             try:
-                self.client.zrem(holders, owner)
+                release()
             except REDIS_DOWN as exc:
-                log.warning("could not release slot of %s (expires in %.0fs): %s", name, ttl, exc)
+                log.warning("could not release %s (expires in %.0fs): %s", lease.name, lease.ttl, exc)
 
     def slot_holders(self, name: str) -> int:
         """How many live holders ``name`` has now."""
