@@ -16,9 +16,9 @@ import pluggy
 from .backends import Services
 from .clients import ClientResolver
 from .config import Config, Section, _as_list, env_name, env_overrides, load_toml, merge, validate
-from .defaults.core import token_verifier
 from .errors import ConfigError
 from .plugins import load_plugins, make_manager
+from .tokens import TokenVerifier
 
 
 @dataclass
@@ -88,7 +88,7 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
         locks=hook.regmw_lock_manager(config=config),
         rate_limiter=hook.regmw_rate_limiter(config=config),
         storage=hook.regmw_storage(config=config),
-        token_verifier=token_verifier(config),
+        token_verifier=TokenVerifier.from_config(config["auth"]),
         extras={"clients": ClientResolver(config["regmw"]["trusted_proxies"], config["regmw"]["ipv6_prefix"])},
     )
     services.admission = hook.regmw_admission(config=config, services=services)

@@ -14,7 +14,6 @@ from regmw.backends import Services
 from regmw.config import Option, Section
 from regmw.errors import Refusal, too_many_requests, unavailable
 from regmw.plugins import hookimpl
-from regmw.tokens import TokenVerifier
 
 log = logging.getLogger("regmw.admission")
 
@@ -132,7 +131,3 @@ def regmw_admission(config, services):
 def regmw_admit(context):
     admission = context.services.admission
     return admission.admit(context) if admission is not None else None
-
-
-def token_verifier(config) -> TokenVerifier | None:
-    return TokenVerifier.from_config(config["auth"])
