@@ -143,6 +143,7 @@ class Services:
     admission: Admission | None = None
     db_router: Any = None
     token_verifier: Any = None
+    clients: Any = None  # regmw.clients.ClientResolver: who the client is, for rate limits
     #: functions ``context -> cache key | None`` whose values an Admission that
     #: talks to the cache anyway should read on the same round trip into
     #: ``context.prefetched[key]`` (the classification plugin registers one).

@@ -65,7 +65,7 @@ class RequestContext:
     def client(self) -> str:
         """The client's rate-limit identity (see :mod:`regmw.clients`)."""
         if self._client is None:
-            self._client = self.services.extras["clients"].client_key(self.environ)
+            self._client = self.services.clients.client_key(self.environ)
         return self._client
 
     @property

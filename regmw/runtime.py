@@ -89,7 +89,7 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
         rate_limiter=hook.regmw_rate_limiter(config=config),
         storage=hook.regmw_storage(config=config),
         token_verifier=TokenVerifier.from_config(config["auth"]),
-        extras={"clients": ClientResolver(config["regmw"]["trusted_proxies"], config["regmw"]["ipv6_prefix"])},
+        clients=ClientResolver(config["regmw"]["trusted_proxies"], config["regmw"]["ipv6_prefix"]),
     )
     services.admission = hook.regmw_admission(config=config, services=services)
     services.db_router = hook.regmw_db_router(config=config, services=services)
