@@ -2,9 +2,10 @@
 
 Both sides are called in-process through a WSGI call loop (no sockets), so the
 difference is the middleware alone: route parsing, the request context, the
-admit (one in-memory rate-limit rule) / classify / route-db / response-started
-/ finish hooks, with the embedded defaults (``[regmw] plugins = []``, memory
-rate limiter, filesystem storage). Rounds alternate bare and regmw (and their
+admit hook (one in-memory rate-limit rule) and the response wrapper, with the
+embedded defaults (``[regmw] plugins = []``, memory rate limiter, filesystem
+storage); the other decision hooks have no implementation there, so the
+middleware skips them. Rounds alternate bare and regmw (and their
 order) so drift in CPU speed hits both alike.
 
     python benchmarks/core_overhead.py [--rounds 20] [--requests 2000] [--json] [--profile]

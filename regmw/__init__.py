@@ -2,12 +2,13 @@
 from .backends import Lease, RateLimitResult, Services, StatResult, repository_key
 from .config import ConfigError, Option, Section
 from .context import RequestContext
-from .errors import Refusal, StorageError
+from .errors import BackendUnavailable, Refusal, SlotUnavailable, StorageError
 from .middleware import RegistryMiddleware
 from .plugins import hookimpl
-from .runtime import Runtime, build
+from .runtime import Runtime, build, cluster_slot, default_runtime
 
 __all__ = [
+    "BackendUnavailable", "SlotUnavailable", "cluster_slot", "default_runtime",
     "ConfigError", "Lease", "Option", "RateLimitResult", "Refusal", "RegistryMiddleware", "RequestContext",
     "Runtime", "Section", "Services", "StatResult", "StorageError", "build", "hookimpl", "repository_key",
 ]

@@ -35,48 +35,52 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    config_help = "TOML configuration file (default: $REGMW_CONFIG, else defaults)"
     parser = argparse.ArgumentParser(prog="regmw", description="Pluggable WSGI middleware for container registries.")
-    parser.add_argument("-c", "--config", help="TOML configuration file (default: $REGMW_CONFIG, else defaults)")
+    parser.add_argument("-c", "--config", help=config_help)
+    # `regmw serve --config F` works as well as `regmw --config F serve`
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    cmd = sub.add_parser("plugins", help="list loaded plugins and the hooks each implements")
+    cmd = sub.add_parser("plugins", parents=[common], help="list loaded plugins and the hooks each implements")
     cmd.set_defaults(func=cmd_plugins)
 
-    cmd = sub.add_parser("check-config", help="validate a configuration file")
+    cmd = sub.add_parser("check-config", parents=[common], help="validate a configuration file")
     cmd.add_argument("file")
     cmd.set_defaults(func=cmd_check_config)
 
-    cmd = sub.add_parser("config-docs", help="print the configuration reference as Markdown")
+    cmd = sub.add_parser("config-docs", parents=[common], help="print the configuration reference as Markdown")
     cmd.add_argument("--check", metavar="FILE", help="exit 1 if FILE differs from the generated reference")
     cmd.set_defaults(func=cmd_config_docs)
 
-    cmd = sub.add_parser("serve", help="serve regmw in front of a registry (gateway, reference registry or --app)")
+    cmd = sub.add_parser("serve", parents=[common], help="serve regmw in front of a registry (gateway, reference registry or --app)")
     cmd.add_argument("--host", default="127.0.0.1")
     cmd.add_argument("--port", type=int, default=5000)
     cmd.add_argument("--app", help="module:attribute of a WSGI registry app to wrap")
     cmd.add_argument("--registry-root", help="serve the bundled reference registry on this directory")
     cmd.set_defaults(func=cmd_serve)
 
-    cmd = sub.add_parser("demo", help="run a registry front on 127.0.0.1 with every embedded default enabled")
+    cmd = sub.add_parser("demo", parents=[common], help="run a registry front on 127.0.0.1 with every embedded default enabled")
     cmd.add_argument("--port", type=int, default=5000)
     cmd.add_argument("--root", help="registry storage directory (default: a new temporary directory)")
     cmd.add_argument("--self-test", action="store_true", help="push and pull a tiny image through it, print the decisions, exit")
     cmd.set_defaults(func=cmd_demo)
 
-    cmd = sub.add_parser("readonly", help="per-repository read-only locks")
+    cmd = sub.add_parser("readonly", parents=[common], help="per-repository read-only locks")
     ro = cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
-    act = ro.add_parser("set", help="make REPO read-only for --ttl seconds")
+    act = ro.add_parser("set", parents=[common], help="make REPO read-only for --ttl seconds")
     act.add_argument("repository")
     act.add_argument("--ttl", type=float, default=3600.0)
     act.add_argument("--owner", help="lock owner (default: regmw-cli@<host>)")
-    act = ro.add_parser("clear", help="clear REPO's read-only lock held by --owner (default: this CLI's owner)")
+    act = ro.add_parser("clear", parents=[common], help="clear REPO's read-only lock held by --owner (default: this CLI's owner)")
     act.add_argument("repository")
     act.add_argument("--owner", help="the owner that set the lock (default: regmw-cli@<host>)")
     act.add_argument("--force", action="store_true", help="clear it whoever holds it (operator override)")
-    ro.add_parser("list", help="list read-only repositories and the seconds left")
+    ro.add_parser("list", parents=[common], help="list read-only repositories and the seconds left")
     cmd.set_defaults(func=cmd_readonly)
 
-    cmd = sub.add_parser("migrate-mark", help="record that REPO was migrated (classification becomes new)")
+    cmd = sub.add_parser("migrate-mark", parents=[common], help="record that REPO was migrated (classification becomes new)")
     cmd.add_argument("repository")
     cmd.set_defaults(func=cmd_migrate_mark)
     return parser

@@ -92,3 +92,7 @@ class StorageError(RuntimeError):
 
 class BackendUnavailable(RuntimeError):
     """A shared backend (Redis, a database) could not be reached in time."""
+
+
+class SlotUnavailable(RuntimeError):
+    """All ``max_holders`` slots of a cluster semaphore (or a lock) are held by others."""

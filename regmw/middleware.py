@@ -72,16 +72,13 @@ class RegistryMiddleware:
         if not path.startswith("/v2"):
             if path == self.metrics_path:
                 return self._metrics_app(environ, start_response)
-            if ("/." in path or "//" in path) and _reaches_api(path):
-                # /x/../v2/... would skip every check here, then be normalised into an API call upstream
-                return name_invalid("path with dot or empty segments")(environ, start_response)
-            return self.app(environ, start_response)
+            return self._pass_through(path, environ, start_response)
         try:
             route = parse_path(path)
             if route.repository and _encoded_slash(environ):
                 raise name_invalid("encoded '/' in a repository name is not allowed", route.repository)
         except NotAnApiRequest:
-            return self.app(environ, start_response)
+            return self._pass_through(path, environ, start_response)
         except Refusal as refusal:
             _INVALID.inc()
             return refusal(environ, start_response)
@@ -130,6 +127,16 @@ class RegistryMiddleware:
             self._finish(context)
             raise
         return _Closing(body, self._finish, context)
+
+    def _pass_through(self, path: str, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        """Hand a non-API path to the app untouched, unless it only looks like one.
+
+        ``/x/../v2/...`` (or ``/v2x/../v2/...``) would skip every check here and
+        then be normalised into an API call by the app or an upstream.
+        """
+        if ("/." in path or "//" in path) and _reaches_api(path):
+            return name_invalid("path with dot or empty segments")(environ, start_response)
+        return self.app(environ, start_response)
 
     def _finish(self, context: RequestContext) -> None:
         if not self._finish_hook:

@@ -31,6 +31,9 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "dbroute": "regmw_dbroute",
 }
 
+#: the setup.cfg extra that installs each built-in's dependencies
+BUILTIN_EXTRAS: dict[str, str] = {"gcs": "gcs", "redis": "redis", "dbroute": "db"}
+
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.core",
     "regmw.defaults.memory_cache",
@@ -66,16 +69,30 @@ def load_plugins(
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ConfigError(
-                f"regmw.plugins: plugin {name!r} cannot be imported ({exc}); install its extra: pip install 'regmw[{name}]'"
-            ) from None
-        pm.register(module, name=module_name)
+            extra_name = BUILTIN_EXTRAS.get(name)
+            hint = f"; install its extra: pip install 'regmw[{extra_name}]'" if extra_name else ""
+            raise ConfigError(f"regmw.plugins: plugin {name!r} cannot be imported ({exc}){hint}") from None
+        _register(pm, module, module_name)
     if entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except Exception as exc:  # a broken third-party distribution: name it, do not crash with a traceback
+            raise ConfigError(f"entry point plugin in group {ENTRY_POINT_GROUP!r} failed to load: "
+                              f"{type(exc).__name__}: {exc}") from None
     for plugin in extra:
-        if pm.is_registered(plugin):
-            continue
-        pm.register(plugin)
+        if not pm.is_registered(plugin):
+            _register(pm, plugin, None)
+    try:
+        pm.check_pending()  # a misspelled hook (regmw_admitt) would otherwise be silently never called
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"plugin {exc.plugin!r}: {exc}") from None
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str | None) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"plugin {name or plugin!r}: {exc}") from None
 
 
 def describe(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:

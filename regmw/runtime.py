@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -95,3 +96,29 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
     services.db_router = hook.regmw_db_router(config=config, services=services)
     hook.regmw_startup(services=services)
     return services
+
+
+_default_runtime: Runtime | None = None
+_default_lock = threading.Lock()
+
+
+def default_runtime() -> Runtime:
+    """The runtime configured by ``REGMW_CONFIG`` and the environment, built once per process.
+
+    For background workers and scripts that are not WSGI apps but must share
+    the servers' backends (the same Redis locks, say).
+    """
+    global _default_runtime
+    with _default_lock:
+        if _default_runtime is None:
+            _default_runtime = build()
+        return _default_runtime
+
+
+def cluster_slot(name: str, max_holders: int, ttl: float = 30.0, runtime: Runtime | None = None):
+    """``with cluster_slot("gc", max_holders=2) as lease:`` at most N holders across the fleet.
+
+    Raises :class:`~regmw.errors.SlotUnavailable` when all slots are held;
+    ``lease.lost`` is set if the slot could not be renewed (stop the work).
+    """
+    return (runtime or default_runtime()).services.locks.cluster_slot(name, max_holders, ttl)

@@ -1,4 +1,6 @@
 """CLI commands that need a shared store refuse to pretend without one; with Redis they work."""
+import pytest
+
 from regmw.cli import main
 
 
@@ -54,3 +56,32 @@ def test_readonly_clear_releases_only_its_own_lock_unless_forced(tmp_path, redis
     capsys.readouterr()
     assert main(["-c", str(config), "readonly", "list"]) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_config_option_goes_before_or_after_the_command(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text("[cache]\nmax_entrys = 1\n")
+    for argv in (["--config", str(config), "plugins"], ["plugins", "--config", str(config)],
+                 ["readonly", "list", "-c", str(config)]):
+        assert main(argv) == 2
+        assert "cache.max_entrys" in capsys.readouterr().err
+
+
+def test_cluster_slot_function_uses_the_configured_fleet_store(tmp_path, redis_server, monkeypatch):
+    import regmw
+    from regmw import SlotUnavailable, cluster_slot
+
+    _, url = redis_server
+    config = tmp_path / "c.toml"
+    config.write_text(f'[regmw]\nplugins = ["redis"]\n[redis]\nurl = "{url}"\n')
+    monkeypatch.setenv("REGMW_CONFIG", str(config))
+    monkeypatch.setattr(regmw.runtime, "_default_runtime", None)
+    other_process = regmw.build(str(config))  # a second instance of the fleet, same Redis
+    with cluster_slot("gc", max_holders=2) as first:
+        with cluster_slot("gc", max_holders=2, runtime=other_process) as second:
+            assert first.token != second.token
+            with pytest.raises(SlotUnavailable):
+                with cluster_slot("gc", max_holders=2, runtime=other_process):
+                    pass
+    with cluster_slot("gc", max_holders=2, runtime=other_process):
+        pass  # released: free again

@@ -250,7 +250,8 @@ def test_metrics_endpoint():
     assert "regmw_requests_total" in text
 
 
-@pytest.mark.parametrize("path", ["/x/../v2/a/manifests/latest", "/static/..//v2/", "//v2/a/tags/list", "/./v2/a/tags/list"])
+@pytest.mark.parametrize("path", ["/x/../v2/a/manifests/latest", "/static/..//v2/", "//v2/a/tags/list", "/./v2/a/tags/list",
+                                  "/v2x/../v2/A/manifests/latest", "/v2./../v2/a/tags/list"])
 def test_dot_segments_that_lead_into_the_api_are_refused(path):
     called = []
 

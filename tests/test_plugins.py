@@ -76,3 +76,37 @@ def test_builtin_plugins_are_enabled_by_name(tmp_path, capsys):
     config.write_text('[regmw]\nplugins = ["migration"]\n[migration]\nnew_root = "gitlab/v2"\n')
     assert main(["--config", str(config), "plugins"]) == 0
     assert "regmw_migration  (built-in)" in capsys.readouterr().out
+
+
+def install(tmp_path, monkeypatch, name: str, source: str | None) -> None:
+    """A distribution `name` whose `regmw` entry point is module `name` (absent when source is None)."""
+    if source is not None:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    dist = tmp_path / f"{name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[regmw]\n{name} = {name}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (None, "No module named 'regmw_broken'"),
+        ("from regmw import hookimpl\n@hookimpl\ndef regmw_admit(ctx):\n    pass\n", "ctx"),
+        ("from regmw import hookimpl\n@hookimpl\ndef regmw_admitt(context):\n    pass\n", "regmw_admitt"),
+    ],
+    ids=["missing-module", "wrong-argument", "misspelled-hook"],
+)
+def test_a_broken_third_party_plugin_is_one_config_error(tmp_path, monkeypatch, capsys, source, message):
+    install(tmp_path, monkeypatch, "regmw_broken", source)
+    try:
+        with pytest.raises(Exception) as error:
+            build({}, environ={})
+        assert type(error.value).__name__ == "ConfigError" and message in str(error.value)
+        assert main(["plugins"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    finally:
+        sys.modules.pop("regmw_broken", None)

@@ -35,8 +35,7 @@ from contextlib import contextmanager
 import redis
 
 from regmw.backends import Lease, repository_key
-from regmw.defaults.local_locks import SlotUnavailable
-from regmw.errors import BackendUnavailable
+from regmw.errors import BackendUnavailable, SlotUnavailable
 
 from . import scripts
 from .errors import REDIS_DOWN

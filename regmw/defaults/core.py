@@ -74,6 +74,12 @@ def readonly_store_down(exc: Exception, repository: str, policy) -> Refusal | No
     return None
 
 
+def _absolute_path(value: str) -> str:
+    if value and not value.startswith("/"):
+        raise ValueError("must start with '/' (or be empty to disable)")
+    return value
+
+
 SECTIONS = [
     Section(
         "regmw",
@@ -84,8 +90,12 @@ SECTIONS = [
             "trusted_proxies": Option(
                 "cidrs", [], "Networks whose X-Forwarded-For is believed (e.g. your load balancer). Empty: the socket peer only."
             ),
-            "ipv6_prefix": Option("int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1),
-            "metrics_path": Option("str", "/-/regmw/metrics", "Path answering Prometheus metrics; empty to disable."),
+            "ipv6_prefix": Option(
+                "int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1, maximum=128
+            ),
+            "metrics_path": Option(
+                "str", "/-/regmw/metrics", "Path answering Prometheus metrics; empty to disable.", check=_absolute_path
+            ),
             "log_level": Option("str", "INFO", "Log level of the `regmw` loggers.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
         },
     ),

@@ -13,11 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from regmw.backends import Lease
+from regmw.errors import SlotUnavailable
 from regmw.plugins import hookimpl
-
-
-class SlotUnavailable(RuntimeError):
-    """All ``max_holders`` slots of a cluster semaphore are taken."""
 
 
 class LocalLockManager:
