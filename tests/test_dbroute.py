@@ -215,6 +215,77 @@ def test_writes_go_to_the_primary_and_record_the_maximum_position(registry, clus
     assert registry.router.store.get(repo).repository == second
 
 
+# --- two replicas: try the others before falling back to the primary --------------------
+
+
+def wait_replayed(cluster, replica, position: int, timeout: float = 10.0) -> None:
+    """Poll until ``replica`` has replayed ``position`` (a deadline, not a timing sleep).
+
+    ``pg_current_wal_insert_lsn()`` points past the next page header when the
+    write ended exactly on a page boundary, a position a replica only reaches
+    with the next WAL record; if it takes a while, one unrelated row provides it.
+    """
+    nudge_at = time.monotonic() + 1.0
+    deadline = time.monotonic() + timeout
+    while replica.replay_lsn() < position:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replica {replica.name} did not replay {position} within {timeout}s")
+        if time.monotonic() > nudge_at:
+            cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES ('wal/nudge', 0) "
+                                   "ON CONFLICT (repo) DO UPDATE SET value = kv.value + 1")
+            nudge_at = time.monotonic() + 1.0
+        time.sleep(0.005)
+
+
+def test_read_after_write_goes_to_the_caught_up_one_of_two_replicas(cluster, pg_second_replica):
+    """One replica paused far behind, one up to date: reads of a just-written repository use the
+    up-to-date one whichever the rotation tries first; both behind → the primary."""
+    lagging, fresh = cluster, pg_second_replica
+    pg_second_replica.wait_caught_up()
+    # Lag thresholds far above the test's length: the paused replica stays ELIGIBLE (not
+    # quarantined), so the router really has to pass over it by its replay position.
+    # replay_position_max_age=0: a read asks the replicas for their replay position rather than
+    # reuse one the checker read just before the write reached the up-to-date replica.
+    config = db_config(cluster, max_replay_lag=60.0, lsn_ttl=120.0, max_byte_lag=1 << 40,
+                       replay_position_max_age=0.0)
+    config["database"]["replicas"] = [lagging.replica_url, fresh.url]
+    reg = Registry(config)
+    try:
+        states = [state for _, state in reg.router.replicas]
+        assert len(states) == 2
+        wait_until(lambda: all(s.eligible(time.monotonic()) for s in states), what="both replicas eligible")
+        lagging.pause_replay()  # from now on the first replica replays nothing
+
+        repo = unique("two")
+        for value in range(1, 9):  # the rotation puts the lagging replica first on every other read
+            assert reg.put(repo, value) == 201
+            position = reg.router.store.get(repo).repository
+            assert position is not None
+            wait_replayed(cluster, fresh, position)  # no apply delay: a few ms
+            answer = reg.get(repo)
+            assert answer == {"value": value, "port": fresh.port, "role": "replica", "reason": "caught-up"}, (
+                f"read {value} not served by the up-to-date replica: {answer}")
+            # The lagging replica, read directly, really is behind: serving it would have been stale.
+            assert lagging.sql("replica", "SELECT value FROM kv WHERE repo = %s", repo) != [(value,)]
+        assert all(s.eligible(time.monotonic()) for s in states), [s.as_dict() for s in states]
+
+        fresh.pause_replay()  # now both replicas are behind
+        assert reg.put(repo, 100) == 201
+        position = reg.router.store.get(repo).repository
+        answer = reg.get(repo)
+        assert answer == {"value": 100, "port": cluster.primary_port, "role": "primary",
+                          "reason": "replicas-behind"}, answer
+        assert fresh.replay_lsn() < position
+        assert fresh.sql("SELECT value FROM kv WHERE repo = %s", repo) != [(100,)]
+        assert lagging.sql("replica", "SELECT value FROM kv WHERE repo = %s", repo) != [(100,)]
+
+        fresh.resume_replay()  # the up-to-date replica catches up: reads go back to it
+        answer = wait_until(lambda: (a := reg.get(repo))["role"] == "replica" and a, what="read on a replica")
+        assert answer["value"] == 100 and answer["port"] == fresh.port
+    finally:
+        reg.close()
+
+
 # --- failures ---------------------------------------------------------------------
 
 

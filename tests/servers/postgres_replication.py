@@ -10,7 +10,9 @@ teardown.
 :class:`ReplicationCluster` is plain Python so the benchmark can use it too;
 the ``pg_replication`` fixture is session-scoped (start-up costs ~1.5 s) and
 ``pg_cluster`` hands each test the same cluster restored to its baseline
-(replica running, replaying, 200 ms apply delay).
+(replica running, replaying, 200 ms apply delay). ``pg_second_replica`` adds
+one more streaming replica of the same primary (:class:`ExtraReplica`, no
+apply delay) for a single test, and removes it again at teardown.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class ReplicationCluster:
         self.replica_port = free_port()
         self.primary_dir = self.root / "p"
         self.replica_dir = self.root / "r"
+        self.extra_replicas: list[ExtraReplica] = []
 
     # --- urls -----------------------------------------------------------
 
@@ -129,7 +132,20 @@ class ReplicationCluster:
         if not self.primary_running():
             self.start_server(self.primary_dir)
 
+    def add_replica(self, name: str, apply_delay: str = "0") -> ExtraReplica:
+        """One more streaming replica of the primary (``pg_basebackup -R``), started."""
+        replica = ExtraReplica(self, name, apply_delay)
+        self.extra_replicas.append(replica)
+        try:
+            replica.start()
+        except BaseException:
+            replica.close()
+            raise
+        return replica
+
     def close(self) -> None:
+        for replica in list(self.extra_replicas):
+            replica.close()
         for datadir in (self.replica_dir, self.primary_dir):
             self.stop_server(datadir, "immediate")
             self._kill_leftover(datadir)
@@ -157,9 +173,13 @@ class ReplicationCluster:
         conn.autocommit = autocommit
         return conn
 
-    def sql(self, where: str, statement: str, *params) -> list[tuple]:
-        """Run one statement on ``"primary"`` or ``"replica"``; rows (or [])."""
-        conn = self._connect(self.primary_port if where == "primary" else self.replica_port)
+    def sql(self, where: str | int, statement: str, *params) -> list[tuple]:
+        """Run one statement on ``"primary"``, ``"replica"`` or a port; rows (or [])."""
+        if isinstance(where, int):
+            port = where
+        else:
+            port = self.primary_port if where == "primary" else self.replica_port
+        conn = self._connect(port)
         try:
             with conn.cursor() as cur:
                 cur.execute(statement, params or None)
@@ -213,6 +233,67 @@ class ReplicationCluster:
             self.set_apply_delay(self.apply_delay)
 
 
+class ExtraReplica:
+    """Another streaming replica of a :class:`ReplicationCluster`'s primary.
+
+    Made with ``pg_basebackup -R`` into the cluster's temp dir, listening on a
+    free port on 127.0.0.1; ``close()`` stops it by ``pg_ctl`` (then by the PID
+    in its pid file) and removes its data directory.
+    """
+
+    def __init__(self, cluster: ReplicationCluster, name: str, apply_delay: str = "0") -> None:
+        self.cluster = cluster
+        self.name = name
+        self.apply_delay = apply_delay
+        self.port = free_port()
+        self.datadir = cluster.root / name
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> ExtraReplica:
+        cluster = self.cluster
+        cluster._pg("pg_basebackup", "-h", "127.0.0.1", "-p", str(cluster.primary_port), "-U", "postgres",
+                    "-D", str(self.datadir), "-R", "-X", "stream", "-c", "fast")
+        cluster._append_conf(self.datadir, {
+            "port": str(self.port),
+            "recovery_min_apply_delay": f"'{self.apply_delay}'",
+            "hot_standby_feedback": "on",
+        })
+        cluster.start_server(self.datadir)
+        cluster.wait_for(lambda: self.sql("SELECT pg_is_in_recovery()") == [(True,)],
+                         what=f"replica {self.name} accepting connections")
+        return self
+
+    def close(self) -> None:
+        self.cluster.stop_server(self.datadir, "immediate")
+        self.cluster._kill_leftover(self.datadir)
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        Path(f"{self.datadir}.log").unlink(missing_ok=True)
+        if self in self.cluster.extra_replicas:
+            self.cluster.extra_replicas.remove(self)
+
+    def sql(self, statement: str, *params) -> list[tuple]:
+        return self.cluster.sql(self.port, statement, *params)
+
+    def pause_replay(self) -> None:
+        self.sql("SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        self.sql("SELECT pg_wal_replay_resume()")
+
+    def replay_lsn(self) -> int:
+        """``pg_last_wal_replay_lsn()`` as an integer (the router's representation)."""
+        return int(self.sql("SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn")[0][0])
+
+    def wait_caught_up(self, timeout: float = 30.0) -> None:
+        """Poll until this replica has replayed everything the primary has written."""
+        target = self.cluster.sql("primary", "SELECT pg_current_wal_lsn()::text")[0][0]
+        self.cluster.wait_for(lambda: self.sql("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", target)[0][0],
+                              timeout, f"replica {self.name} catch-up")
+
+
 def _pg_interval(delay: str) -> str:
     """How SHOW prints a delay we set: ``200ms`` stays ``200ms``; ``3s`` stays ``3s``."""
     return delay
@@ -242,3 +323,13 @@ def pg_cluster(pg_replication):
     pg_replication.restore_baseline()
     yield pg_replication
     pg_replication.restore_baseline()
+
+
+@pytest.fixture
+def pg_second_replica(pg_cluster):
+    """A second streaming replica (no apply delay) of the session primary, for one test only."""
+    replica = pg_cluster.add_replica("r2")
+    try:
+        yield replica
+    finally:
+        replica.close()
