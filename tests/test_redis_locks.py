@@ -1,7 +1,6 @@
 """Read-only locks and cluster slots on Redis, across real processes."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import threading
@@ -17,7 +16,7 @@ from regmw_redis.locks import RedisLockManager, SlotUnavailable
 from tests.servers import redis_apps
 from tests.servers._util import stop
 
-SPAWN = multiprocessing.get_context("spawn")
+SPAWN = redis_apps.SPAWN
 
 
 def _locks(url: str) -> RedisLockManager:
@@ -91,14 +90,7 @@ def test_no_write_admitted_while_locked_and_lock_expires_after_holder_sigkill(re
     holder.start()
     try:
         assert ready.wait(30), "holder did not take the lock"
-        results = SPAWN.Queue()
-        writers = [SPAWN.Process(target=redis_apps.writer, args=(url, "team/app", 40, results)) for _ in range(4)]
-        for process in writers:
-            process.start()
-        statuses = [results.get(timeout=60) for _ in writers]
-        for process in writers:
-            process.join(30)
-            assert process.exitcode == 0
+        statuses = redis_apps.run_workers(redis_apps.writer, (url, "team/app", 40), 4)
         assert holder.is_alive()  # the lock was held (and renewed past its 1.5 s TTL) throughout
         assert statuses == [{503: 40}] * 4
         assert raw.get("test:admitted:PUT") is None  # the app never saw a write
@@ -108,12 +100,7 @@ def test_no_write_admitted_while_locked_and_lock_expires_after_holder_sigkill(re
         locks = _locks(url)
         assert locks.read_only("team/app")  # not released: the holder died holding it
         assert _poll(lambda: not locks.read_only("team/app"), 10), "lock outlived its TTL"
-        writers = [SPAWN.Process(target=redis_apps.writer, args=(url, "team/app", 5, results)) for _ in range(2)]
-        for process in writers:
-            process.start()
-        assert [results.get(timeout=60) for _ in writers] == [{201: 5}] * 2
-        for process in writers:
-            process.join(30)
+        assert redis_apps.run_workers(redis_apps.writer, (url, "team/app", 5), 2) == [{201: 5}] * 2
         assert int(raw.get("test:admitted:PUT")) == 10
     finally:  # never set `release` after a SIGKILL: the dead holder may own the Event's lock
         if holder.is_alive():
@@ -123,16 +110,7 @@ def test_no_write_admitted_while_locked_and_lock_expires_after_holder_sigkill(re
 
 def test_semaphore_never_exceeds_n_holders_across_8_processes(redis_server):
     _, url = redis_server
-    results = SPAWN.Queue()
-    workers = [
-        SPAWN.Process(target=redis_apps.slot_worker, args=(url, "gc", 2, 5, 20_000, results)) for _ in range(8)
-    ]
-    for process in workers:
-        process.start()
-    outcomes = [results.get(timeout=120) for _ in workers]
-    for process in workers:
-        process.join(30)
-        assert process.exitcode == 0
+    outcomes = redis_apps.run_workers(redis_apps.slot_worker, (url, "gc", 2, 5, 20_000), 8)
     assert sum(o["done"] for o in outcomes) == 40  # every worker got its turns
     assert max(o["peak"] for o in outcomes) == 2  # two at once happened, three never
     assert sum(o["refused"] for o in outcomes) > 0  # and the semaphore did turn workers away

@@ -7,6 +7,8 @@ actually given (``test:admitted:<METHOD>``) so tests see what got through.
 """
 from __future__ import annotations
 
+import multiprocessing
+
 import os
 import time
 from collections import Counter
@@ -134,3 +136,22 @@ def slot_holder(url: str, name: str, ttl: float, ready, release) -> None:
     with middleware.services.locks.cluster_slot(name, 1, ttl=ttl):
         ready.set()
         release.wait(120)
+
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def run_workers(target, args: tuple, count: int, timeout: float = 120.0) -> list:
+    """Run ``count`` fresh processes of ``target(*args, results)``; return what each put on ``results``.
+
+    Each worker puts exactly one outcome on the queue; every worker must exit 0.
+    """
+    results = SPAWN.Queue()
+    workers = [SPAWN.Process(target=target, args=(*args, results)) for _ in range(count)]
+    for process in workers:
+        process.start()
+    outcomes = [results.get(timeout=timeout) for _ in workers]
+    for process in workers:
+        process.join(30)
+        assert process.exitcode == 0, f"worker exited with {process.exitcode}"
+    return outcomes
