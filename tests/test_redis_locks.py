@@ -16,7 +16,6 @@ from regmw_redis.locks import RedisLockManager, SlotUnavailable
 from tests.servers import redis_apps
 from tests.servers._util import stop
 
-SPAWN = redis_apps.SPAWN
 
 
 def _locks(url: str) -> RedisLockManager:
@@ -85,11 +84,7 @@ def test_cli_readonly_against_redis(redis_server, tmp_path, capsys):
 def test_no_write_admitted_while_locked_and_lock_expires_after_holder_sigkill(redis_server):
     _, url = redis_server
     raw = redis.Redis.from_url(url)
-    ready, release = SPAWN.Event(), SPAWN.Event()
-    holder = SPAWN.Process(target=redis_apps.readonly_holder, args=(url, "team/app", 1.5, ready, release))
-    holder.start()
-    try:
-        assert ready.wait(30), "holder did not take the lock"
+    with redis_apps.holder_process(redis_apps.readonly_holder, (url, "team/app", 1.5)) as holder:
         statuses = redis_apps.run_workers(redis_apps.writer, (url, "team/app", 40), 4)
         assert holder.is_alive()  # the lock was held (and renewed past its 1.5 s TTL) throughout
         assert statuses == [{503: 40}] * 4
@@ -102,10 +97,6 @@ def test_no_write_admitted_while_locked_and_lock_expires_after_holder_sigkill(re
         assert _poll(lambda: not locks.read_only("team/app"), 10), "lock outlived its TTL"
         assert redis_apps.run_workers(redis_apps.writer, (url, "team/app", 5), 2) == [{201: 5}] * 2
         assert int(raw.get("test:admitted:PUT")) == 10
-    finally:  # never set `release` after a SIGKILL: the dead holder may own the Event's lock
-        if holder.is_alive():
-            holder.kill()
-        holder.join(10)
 
 
 def test_semaphore_never_exceeds_n_holders_across_8_processes(redis_server):
@@ -119,11 +110,7 @@ def test_semaphore_never_exceeds_n_holders_across_8_processes(redis_server):
 
 def test_slot_of_a_sigkilled_holder_frees_after_ttl(redis_server):
     _, url = redis_server
-    ready, release = SPAWN.Event(), SPAWN.Event()
-    holder = SPAWN.Process(target=redis_apps.slot_holder, args=(url, "compactor", 1.0, ready, release))
-    holder.start()
-    try:
-        assert ready.wait(30)
+    with redis_apps.holder_process(redis_apps.slot_holder, (url, "compactor", 1.0)) as holder:
         locks = _locks(url)
         with pytest.raises(SlotUnavailable):
             with locks.cluster_slot("compactor", 1, ttl=5):
@@ -133,10 +120,6 @@ def test_slot_of_a_sigkilled_holder_frees_after_ttl(redis_server):
         assert _poll(lambda: locks.slot_holders("compactor") == 0, 10)
         with locks.cluster_slot("compactor", 1, ttl=5) as lease:
             assert lease.token >= 2 and not lease.lost.is_set()
-    finally:  # never set `release` after a SIGKILL: the dead holder may own the Event's lock
-        if holder.is_alive():
-            holder.kill()
-        holder.join(10)
 
 
 def test_lease_is_renewed_while_held_and_loss_is_detected(redis_server):

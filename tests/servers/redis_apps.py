@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -155,3 +156,23 @@ def run_workers(target, args: tuple, count: int, timeout: float = 120.0) -> list
         process.join(30)
         assert process.exitcode == 0, f"worker exited with {process.exitcode}"
     return outcomes
+
+
+@contextmanager
+def holder_process(target, args: tuple):
+    """Run ``target(*args, ready, release)`` in a fresh process; yield it once it set ``ready``.
+
+    Tests SIGKILL it to play a dying holder; on exit it is killed if still
+    alive. ``release`` is never set: after a SIGKILL the dead process may own
+    the Event's lock.
+    """
+    ready, release = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=target, args=(*args, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30), "holder did not take its lock"
+        yield holder
+    finally:
+        if holder.is_alive():
+            holder.kill()
+        holder.join(10)
