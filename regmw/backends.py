@@ -7,7 +7,7 @@ then use them through ``context.services``. Embedded defaults live in
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -90,6 +90,17 @@ class RateLimitResult:
             ("RateLimit-Remaining", str(max(0, self.remaining))),
             ("RateLimit-Reset", str(max(1, int(self.reset_after + 0.999)))),
         ]
+
+
+def tightest(results: Iterable[RateLimitResult]) -> RateLimitResult | None:
+    """The first refusal (later results are not drawn), else the result with the fewest requests left."""
+    chosen: RateLimitResult | None = None
+    for result in results:
+        if not result.allowed:
+            return result
+        if chosen is None or result.remaining < chosen.remaining:
+            chosen = result
+    return chosen
 
 
 @runtime_checkable

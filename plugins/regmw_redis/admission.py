@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from limits.limits import safe_string
 
-from regmw.backends import RateLimitResult, Services
+from regmw.backends import RateLimitResult, Services, tightest
 from regmw.defaults.core import (
     ratelimit_store_down,
     read_only_refusal,
@@ -108,22 +108,18 @@ class RedisAdmission:
             return self._redis_down(context, exc, wanted, bool(counted), check_lock and self.lock_key is not None)
 
         locked, n_counted = reply[0], reply[1]
-        tightest: RateLimitResult | None = None
-        for index in range(n_counted):
-            rule, item = counted[index]
-            count, pttl = reply[2 + 2 * index], reply[3 + 2 * index]
-            result = RateLimitResult(count <= item.amount, item.amount, item.amount - count, pttl / 1000.0, rule.name)
-            if not result.allowed:
-                tightest = result
-                break
-            if tightest is None or result.remaining < tightest.remaining:
-                tightest = result
+        limit = tightest(
+            RateLimitResult(count <= item.amount, item.amount, item.amount - count, pttl / 1000.0, rule.name)
+            for (rule, item), count, pttl in zip(
+                counted, reply[2:2 + 2 * n_counted:2], reply[3:3 + 2 * n_counted:2], strict=True
+            )
+        )
         for key, value in zip(wanted, reply[2 + 2 * n_counted:], strict=True):
             context.prefetched[key] = value
-        if tightest is not None:
-            context.response_headers.extend(tightest.headers())
-            if not tightest.allowed:
-                return refused_by_limit(tightest)
+        if limit is not None:
+            context.response_headers.extend(limit.headers())
+            if not limit.allowed:
+                return refused_by_limit(limit)
         if locked:
             return read_only_refusal(repository, self.readonly["retry_after"])
         if check_lock and self.lock_key is None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import limits
 from limits.storage import storage_from_string
 from limits.strategies import STRATEGIES
 
-from regmw.backends import RateLimitResult
+from regmw.backends import RateLimitResult, tightest
 from regmw.config import Option, Section
 from regmw.plugins import hookimpl
 
@@ -87,7 +88,10 @@ class LimitsRateLimiter:
         self.strategy = STRATEGIES[strategy](self.storage)
 
     def hit(self, context: RequestContext) -> RateLimitResult:
-        tightest: RateLimitResult | None = None
+        return tightest(self._count(context)) or RateLimitResult(True)
+
+    def _count(self, context: RequestContext) -> Iterator[RateLimitResult]:
+        """Count the request against each matching limit, lazily: a refusal stops the counting."""
         for rule in self.rules:
             identity = rule.identity(context)
             if identity is None:
@@ -95,16 +99,9 @@ class LimitsRateLimiter:
             for item in rule.items:
                 allowed = self.strategy.hit(item, rule.name, identity)
                 stats = self.strategy.get_window_stats(item, rule.name, identity)
-                result = RateLimitResult(
+                yield RateLimitResult(
                     allowed, item.amount, stats.remaining, max(0.0, stats.reset_time - time.time()), rule.name
                 )
-                if not allowed:
-                    return result
-                if tightest is None or result.remaining < tightest.remaining:
-                    tightest = result
-        return tightest or RateLimitResult(True)
-
-
 
 
 SECTION = Section(
