@@ -132,8 +132,6 @@ def regmw_config_sections():
 
 @hookimpl
 def regmw_admission(config, services):
-    if services.rate_limiter is None and services.locks is None:
-        return None
     return SequentialAdmission(services)
 
 
