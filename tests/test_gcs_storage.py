@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import threading
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 from regmw_gcs import GCSStorage, naive_stat
-from regmw_gcs.client import make_retry
+from regmw_gcs.client import NO_BACKGROUND_FETCHES, make_retry
 
 import regmw
 from regmw.errors import ConfigError, StorageError
+from tests.servers._util import wait_until
 from tests.servers.gcs_emulator import count_requests
 
 REPOS = "docker/registry/v2/repositories"
@@ -63,19 +66,63 @@ def test_prefix_check_is_one_request(seeded, name, expected):
         assert size < 300  # a small answer, whatever the repository holds below
 
 
-def test_client_makes_no_background_requests(seeded):
-    """google-cloud-storage 3.x would fetch bucket metadata in background threads (first use, every 404)."""
+def _thread_starts(monkeypatch) -> list[str]:
+    """Names of the threads started from now on (google-cloud-storage names its fetch threads by target)."""
+    names: list[str] = []
+    original = threading.Thread.start
+
+    def start(thread):
+        names.append(thread.name)
+        return original(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return names
+
+
+def test_client_makes_no_background_requests(seeded, gcs_emulator, monkeypatch):
+    """google-cloud-storage 3.x fetches bucket metadata in background threads; the library's switch stops it.
+
+    First the behaviour relied on, on the installed version: without the
+    switch, a plain client's first list starts a ``_fetch_background`` thread
+    that sends a ``buckets.get``. Then the plugin's client: no thread, and
+    exactly the requests the checks make.
+    """
+    monkeypatch.delenv(NO_BACKGROUND_FETCHES, raising=False)
+    started = _thread_starts(monkeypatch)
+    plain = gcs_emulator.make_client(quiet=False)
+    plain_log = count_requests(plain)
+    list(plain.list_blobs(gcs_emulator.bucket, prefix=f"{REPOS}/direct/", retry=None))
+    assert any("_fetch_background" in name for name in started), started
+    wait_until(lambda: any(urlsplit(url).path.endswith(f"/b/{gcs_emulator.bucket}") for _, url, _ in plain_log.entries),
+               what="the background buckets.get")
+
     storage, log = seeded
-    assert storage.client._bucket_metadata_cache is None
+    storage = storage_for(gcs_emulator)  # built with the variable unset: the plugin sets it
+    log = count_requests(storage.client)
+    assert os.environ[NO_BACKGROUND_FETCHES] == "true"
+    started.clear()
     for _ in range(3):
-        storage.stat(f"{REPOS}/absent/object")
-    assert log.count == 6
+        storage.stat(f"{REPOS}/absent/object")  # a 404, then a list
+        storage.prefix_exists(f"{REPOS}/absent/_")
+    assert started == []
+    assert log.count == 9
 
 
-def test_prefix_without_trailing_slash_still_matches_whole_names(seeded):
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [("foo", True), ("foo/", False), ("foo/_", False), ("group/_", False), ("group/deep/_", True),
+     ("other/_", True), ("direct/_", False), ("group/", True)],
+    ids=["plain-prefix-matches-foobar", "directory-foo", "own-entries-of-foo", "parent-has-only-a-child",
+         "own-entries", "only-uploads", "object-not-an-own-entry", "directory-of-a-child"],
+)
+def test_a_prefix_is_a_plain_prefix(seeded, prefix, expected):
+    """``prefix_exists`` reads its argument as GCS does; the classifier's ``<name>/_`` finds own entries only."""
     storage, log = seeded
-    assert storage.prefix_exists(f"{REPOS}/foo") is False  # foobar must not count
-    assert query(log.entries[0][1])["prefix"] == [f"{REPOS}/foo/"]
+    assert storage.prefix_exists(f"{REPOS}/{prefix}") is expected
+    assert log.count == 1
+    params = query(log.entries[0][1])
+    assert params["prefix"] == [f"{REPOS}/{prefix}"]
+    assert params["delimiter"] == ["/"] and params["maxResults"] == ["1"]
 
 
 def test_root_prefixes_every_key(gcs_emulator):
