@@ -242,7 +242,7 @@ def test_naive_stat_lists_everything_with_full_metadata(seeded, gcs_emulator):
     storage, log = seeded
     gcs_emulator.put(*(f"{REPOS}/big/_layers/sha256/{i:04d}/link" for i in range(30)))
     log.reset()
-    assert naive_stat(storage, f"{REPOS}/big").is_dir
+    assert naive_stat(storage, f"{REPOS}/big") is True
     assert log.count == 2
     params = query(log.entries[1][1])
     assert "delimiter" not in params and "fields" not in params and params["projection"] == ["full"]
