@@ -302,10 +302,32 @@ def test_transient_errors_are_retried(seeded):
     assert len(failures) == 2
 
 
-def test_retry_settings():
+def test_retry_settings_shape_the_backoff(seeded, monkeypatch):
+    """The [gcs] retry options reach google.api_core's backoff (read from its sleeps, not its private fields)."""
+    from google.api_core.retry import retry_unary
+
     assert make_retry({"retry_deadline": 0}) is None
-    retry = make_retry({"retry_deadline": 3.0, "retry_initial": 0.5, "retry_maximum": 4.0, "retry_multiplier": 3.0})
-    assert retry.timeout == 3.0 and retry._initial == 0.5 and retry._maximum == 4.0 and retry._multiplier == 3.0
+    retry = make_retry({"retry_deadline": 3.0, "retry_initial": 0.001, "retry_maximum": 0.002,
+                        "retry_multiplier": 2.0})
+    assert retry.timeout == 3.0
+    sleeps: list[float] = []
+    monkeypatch.setattr(retry_unary.time, "sleep", sleeps.append)  # record the delays instead of waiting
+    storage, _ = seeded
+    storage = GCSStorage(storage.client, storage.bucket_name, timeout=5.0, retry=retry)
+    http = storage.client._http
+    counted = http.request
+    failures = []
+
+    def flaky(method, url, *args, **kwargs):
+        if len(failures) < 6:
+            failures.append(url)
+            raise requests.ConnectionError("connection reset (injected)")
+        return counted(method, url, *args, **kwargs)
+
+    http.request = flaky
+    assert storage.prefix_exists(f"{REPOS}/direct/") is True
+    assert len(sleeps) == 6
+    assert sleeps[0] <= 0.001 and all(delay <= 0.002 for delay in sleeps)  # defaults: up to 1 s, then 2 s, ...
 
 
 def test_config_requires_a_bucket():
