@@ -239,3 +239,41 @@ def test_a_well_formed_answer_with_extra_members_is_read(fake_gcs):
     fake_gcs.answer = lambda p: _json({"kind": "storage#objects"})
     assert routed_to(client.get("/v2/nest/other/manifests/latest")) == "old"  # absent everywhere
     assert len(fake_gcs.requests) == 3
+
+
+# --- GCS's name order, which the emulator does not reproduce --------------------------------------
+
+
+def one_entry_pages(names: list[str]):
+    """Answers as GCS does for ``delimiter=/``, ``maxResults=1``: the first entry in name order, and a token."""
+    def answer(prefix: str) -> tuple[int, str, bytes]:
+        entries = sorted({prefix + rest.split("/")[0] + ("/" if "/" in rest else "")
+                          for name in names if name.startswith(prefix) for rest in [name[len(prefix):]]})
+        body: dict = {}
+        if entries:
+            first = entries[0]
+            body["prefixes" if first.endswith("/") else "items"] = [first if first.endswith("/") else {"name": first}]
+            if len(entries) > 1:
+                body["nextPageToken"] = "more"
+        return _json(body)
+    return answer
+
+
+def test_a_child_that_sorts_before_the_own_entries_is_never_seen(fake_gcs):
+    """On GCS a one-item list of ``nest/app/`` shows ``0builder/`` (``0`` < ``_``), never ``_layers/``.
+
+    With ``_`` in the prefix the child is not in the answer at all, so the
+    parent (under new) and the child (under old) are each routed by their own
+    entries, one request per prefix asked.
+    """
+    names = [*repo_objects(OLD_ROOT, f"{PARENT}/0builder"), *repo_objects(NEW_ROOT, PARENT)]
+    fake_gcs.answer = one_entry_pages(names)
+    parent_folder = json.loads(fake_gcs.answer(f"{OLD_ROOT}/repositories/{PARENT}/")[2])
+    assert parent_folder["prefixes"] == [f"{OLD_ROOT}/repositories/{PARENT}/0builder/"]  # the trap, as GCS sets it
+
+    client = middleware(fake_config(fake_gcs), RecordingCachePlugin())
+    assert routed_to(client.get(f"/v2/{PARENT}/manifests/latest")) == "new"
+    assert [query["prefix"][0] for query in fake_gcs.requests] == asked("new", PARENT)
+    fake_gcs.requests.clear()
+    assert routed_to(client.get(f"/v2/{PARENT}/0builder/manifests/latest")) == "old"
+    assert [query["prefix"][0] for query in fake_gcs.requests] == asked("old", f"{PARENT}/0builder")
