@@ -11,6 +11,7 @@ import pytest
 import requests
 from regmw_gcs import GCSStorage, naive_stat
 from regmw_gcs.client import NO_BACKGROUND_FETCHES, make_retry
+from regmw_gcs.listing import ListPage, MalformedAnswer, read_page
 
 import regmw
 from regmw.errors import ConfigError, StorageError
@@ -335,3 +336,27 @@ def test_config_requires_a_bucket():
         regmw.build({"regmw": {"plugins": ["gcs"]}}, environ={})
     with pytest.raises(ConfigError, match="gcs.root"):
         regmw.build({"regmw": {"plugins": ["gcs"]}, "gcs": {"bucket": "b", "root": "a//b"}}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("answer", "found", "token"),
+    [
+        ({}, False, None),
+        ({"kind": "storage#objects", "nextPageToken": "t"}, False, "t"),
+        ({"prefixes": ["r/app/_layers/"]}, True, None),
+        ({"prefixes": ["r/app/_/"]}, True, None),                      # an empty segment is still one level
+        ({"items": [{"name": "r/app/_"}]}, True, None),                 # an object named exactly the prefix
+        ({"items": [{"name": "r/app/_x", "size": "1"}], "prefixes": [], "extra": 1}, True, None),
+    ],
+)
+def test_well_formed_list_answers(answer, found, token):
+    assert read_page(answer, "r/app/_") == ListPage(found, token)
+
+
+@pytest.mark.parametrize("answer", [
+    {"items": [{"name": "r/app/_x/y"}]}, {"prefixes": ["r/app/_"]}, {"prefixes": ["r/app/"]},
+    {"prefixes": ["r/apple/_x/"]}, {"items": [{"name": "r/ap"}]}, {"items": [], "nextPageToken": None, "prefixes": 0},
+])
+def test_list_answers_outside_the_promise(answer):
+    with pytest.raises(MalformedAnswer):
+        read_page(answer, "r/app/_")
