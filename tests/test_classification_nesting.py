@@ -195,6 +195,7 @@ MALFORMED = {
     "prefix-is-the-request": lambda p: _json({"prefixes": [p]}),
     "token-not-a-string": lambda p: _json({"nextPageToken": 5}),
     "token-empty": lambda p: _json({"nextPageToken": ""}),
+    "token-null": lambda p: _json({"nextPageToken": None}),
     "top-level-list": lambda p: _json([{"name": p + "layers"}]),
     "top-level-string": lambda p: _json("exists"),
     "top-level-null": lambda p: _json(None),

@@ -46,7 +46,7 @@ def read_page(answer: Any, prefix: str) -> ListPage:
         raise MalformedAnswer(f"items is a {type(items).__name__}, not a list")
     if not isinstance(prefixes, list):
         raise MalformedAnswer(f"prefixes is a {type(prefixes).__name__}, not a list")
-    if token is not None and (not isinstance(token, str) or not token):
+    if "nextPageToken" in answer and (not isinstance(token, str) or not token):
         raise MalformedAnswer(f"nextPageToken is {token!r}, not a non-empty string")
     for item in items:
         name = item.get("name") if isinstance(item, dict) else None
