@@ -13,9 +13,10 @@ For repositories of 0, 100, 1,000 and 10,000 objects (laid out like a registry:
 
 interleaved check by check, counting the real HTTP requests the
 google-cloud-storage client sends and the bytes it receives, and the median
-latency. It does so twice: straight to the emulator (rtt 0), and through a
-delaying TCP proxy on loopback that adds a 20 ms round trip to every request
-(``--rtt-ms``), where "2 requests against 1" shows its real cost. It then runs
+latency. It does so twice, both times through a TCP proxy on loopback
+(:class:`DelayProxy`): once forwarding at once (rtt 0), once adding a 20 ms
+round trip to every request (``--rtt-ms``), where "2 requests against 1" shows
+its real cost. Only the delay differs between the two runs. It then runs
 the classification plugin through the middleware with a warm cache and reports
 storage requests per classification (target 0).
 
@@ -225,13 +226,30 @@ class DelayProxy:
                 await writer.drain()
             writer.close()
 
-        await asyncio.gather(receive(), deliver(), answer(), return_exceptions=True)
-        upstream_writer.close()
+        forwarding = [asyncio.ensure_future(receive()), asyncio.ensure_future(deliver())]
+        try:
+            await answer()  # the emulator speaks HTTP/1.0: it closes once it has answered
+        except (asyncio.CancelledError, ConnectionError):
+            pass  # stop() while a connection is open: end it quietly
+        finally:
+            for task in forwarding:
+                task.cancel()
+            await asyncio.gather(*forwarding, return_exceptions=True)
+            upstream_writer.close()
+            writer.close()
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
+        async def shutdown() -> None:
+            self.server.close()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
+        self.loop.close()
 
 
 def measure_pair(checks: dict[str, tuple[Counter, Callable[[], Any]]], iterations: int) -> dict[str, dict]:
@@ -320,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     proxy = None
-    rtt_key = f"{args.rtt_ms:g}"
     try:
         started = time.perf_counter()
         repositories = {size: f"bench/repo-{size}" for size in SIZES}
@@ -328,9 +345,12 @@ def main(argv: list[str] | None = None) -> int:
             fill(server, endpoint, object_names(name, size))
         fill_seconds = time.perf_counter() - started
 
-        results = {"0": run(port, repositories, args.iterations)}
-        proxy = DelayProxy(port, args.rtt_ms)
-        results[rtt_key] = run(proxy.port, repositories, args.iterations)
+        results = {}
+        for rtt_ms in (0.0, args.rtt_ms):  # the same path both times (client → proxy → emulator); only the delay differs
+            proxy = DelayProxy(port, rtt_ms)
+            results[f"{rtt_ms:g}"] = run(proxy.port, repositories, args.iterations)
+            proxy.stop()
+            proxy = None
         warm = warm_classification(endpoint, [name for size, name in repositories.items() if size], 20)
     finally:
         if proxy is not None:
