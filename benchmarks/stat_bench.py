@@ -45,10 +45,12 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from http import HTTPStatus
 from typing import Any, Callable
@@ -183,31 +185,37 @@ class DelayProxy:
 
     Bytes from the client reach the server ``rtt_ms`` after they arrive (a
     whole round trip, paid once per request; answers flow back undelayed, so
-    it adds latency, not a bandwidth limit). An asyncio loop in a thread;
-    ``stop()`` ends it.
+    it adds latency, not a bandwidth limit). It runs as a child process (an
+    asyncio loop: :func:`serve_delayed`), so that it shares no GIL with the
+    client and the emulator; ``stop()`` ends it by its PID.
     """
 
     def __init__(self, target_port: int, rtt_ms: float) -> None:
-        self.target_port = target_port
-        self.delay = rtt_ms / 1000
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="delay-proxy", daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result()
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve-delayed", str(target_port), str(rtt_ms)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.port = int(self.process.stdout.readline())
 
-    async def _start(self) -> asyncio.AbstractServer:
-        return await asyncio.start_server(self._connection, "127.0.0.1", 0)
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self.process.stdout.close()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+async def serve_delayed(target_port: int, rtt_ms: float) -> None:
+    """The proxy's loop: print the port it listens on, then forward (delayed) until killed."""
+    delay = rtt_ms / 1000
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target_port)
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         async def receive() -> None:
             while data := await reader.read(65536):
-                queue.put_nowait((loop.time() + self.delay, data))
-            queue.put_nowait((loop.time() + self.delay, b""))
+                queue.put_nowait((loop.time() + delay, data))
+            queue.put_nowait((loop.time() + delay, b""))
 
         async def deliver() -> None:
             while True:
@@ -224,32 +232,21 @@ class DelayProxy:
             while data := await upstream_reader.read(65536):
                 writer.write(data)
                 await writer.drain()
-            writer.close()
 
         forwarding = [asyncio.ensure_future(receive()), asyncio.ensure_future(deliver())]
         try:
             await answer()  # the emulator speaks HTTP/1.0: it closes once it has answered
-        except (asyncio.CancelledError, ConnectionError):
-            pass  # stop() while a connection is open: end it quietly
+        except ConnectionError:
+            pass
         finally:
             for task in forwarding:
                 task.cancel()
-            await asyncio.gather(*forwarding, return_exceptions=True)
             upstream_writer.close()
             writer.close()
 
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            self.server.close()
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
+    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
 
 
 def measure_pair(checks: dict[str, tuple[Counter, Callable[[], Any]]], iterations: int) -> dict[str, dict]:
@@ -326,6 +323,11 @@ def warm_classification(endpoint: str, repositories: list[str], rounds: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-delayed"]:  # the child process of DelayProxy
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # stop() ends it: no clean-up to do
+        asyncio.run(serve_delayed(int(argv[1]), float(argv[2])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=31, help="measured checks per size and method")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="round trip added by the delaying proxy")
@@ -337,7 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = f"http://127.0.0.1:{port}"
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
-    proxy = None
     try:
         started = time.perf_counter()
         repositories = {size: f"bench/repo-{size}" for size in SIZES}
@@ -348,13 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for rtt_ms in (0.0, args.rtt_ms):  # the same path both times (client → proxy → emulator); only the delay differs
             proxy = DelayProxy(port, rtt_ms)
-            results[f"{rtt_ms:g}"] = run(proxy.port, repositories, args.iterations)
-            proxy.stop()
-            proxy = None
+            try:
+                results[f"{rtt_ms:g}"] = run(proxy.port, repositories, args.iterations)
+            finally:
+                proxy.stop()
         warm = warm_classification(endpoint, [name for size, name in repositories.items() if size], 20)
     finally:
-        if proxy is not None:
-            proxy.stop()
         server.stop()
 
     print(f"GCS emulator (in-process, loopback), paged like GCS ({GCS_PAGE} per page); "
