@@ -207,7 +207,12 @@ async def serve_delayed(target_port: int, rtt_ms: float) -> None:
     """The proxy's loop: print the port it listens on, then forward (delayed) until killed."""
     delay = rtt_ms / 1000
 
+    running: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
+
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        running.add(task)
+        task.add_done_callback(running.discard)
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", target_port)
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -234,6 +239,9 @@ async def serve_delayed(target_port: int, rtt_ms: float) -> None:
                 await writer.drain()
 
         forwarding = [asyncio.ensure_future(receive()), asyncio.ensure_future(deliver())]
+        running.update(forwarding)
+        for forwarder in forwarding:
+            forwarder.add_done_callback(running.discard)
         try:
             await answer()  # the emulator speaks HTTP/1.0: it closes once it has answered
         except ConnectionError:
