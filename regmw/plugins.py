@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.local_locks",
     "regmw.defaults.ratelimit",
     "regmw.defaults.filesystem",
+    "regmw.defaults.serve",
     "regmw.gateway",
 )
 

@@ -398,6 +398,10 @@ class Router:
                 return state
         raise KeyError(name)
 
+    def ready(self) -> None:
+        """For ``/-/regmw/ready``: the primary answers a WAL-position query now (raises otherwise)."""
+        self.primary.current_wal_lsn()
+
     def status(self) -> dict[str, Any]:
         return {
             "primary": {"name": self.primary.name, "up": self.primary_state.up, "reason": self.primary_state.reason},

@@ -85,7 +85,7 @@ class Classifier:
         path, reason = decide(state, flag, self.paused)
         if reason in ("old_prefix", "new_prefix"):
             reason = source
-        metrics.classifications.labels(path, reason).inc()
+        metrics.classification(path, reason, source == "cache", context)
         if self.header:
             context.response_headers.append((HEADER, path))
         if log.isEnabledFor(logging.DEBUG):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from regmw import metrics
 from regmw.backends import StatResult
 from regmw.config import Option, Section
 from regmw.errors import StorageError
@@ -30,13 +31,19 @@ class FilesystemStorage:
     def prefix_exists(self, prefix: str) -> bool:
         """True if anything (a file or a sub-directory) exists under ``prefix``."""
         path = self._path(prefix)
-        try:
-            with os.scandir(path) as entries:
-                return next(entries, None) is not None
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        except OSError as exc:
-            raise StorageError(f"cannot list {path}: {exc}") from exc
+        with metrics.storage_request(self.driver, "prefix_exists"):
+            try:
+                with os.scandir(path) as entries:
+                    return next(entries, None) is not None
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            except OSError as exc:
+                raise StorageError(f"cannot list {path}: {exc}") from exc
+
+    def ready(self) -> None:
+        """For ``/-/regmw/ready``: the root must be a readable directory."""
+        if not os.path.isdir(self.root) or not os.access(self.root, os.R_OK | os.X_OK):
+            raise StorageError(f"storage root {self.root} is not a readable directory")
 
     def stat(self, path: str) -> StatResult | None:
         full = self._path(path)
