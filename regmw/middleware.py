@@ -88,7 +88,7 @@ class RegistryMiddleware:
         serve = self.runtime.config["serve"]
         self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
         self._metrics_app = make_wsgi_app(metrics.exposition_registry())
-        self._metrics_allow = tuple(serve["metrics_allow"])
+        self._metrics_allow = tuple(ipaddress.ip_network(net) for net in serve["metrics_allow"])  # defaults are str
         upstreams = [("upstream", self.app)] + [(f"upstream_{name}", app) for name, app in self.apps.items()]
         self._operator = {
             health.HEALTH_PATH: health.health_app,
@@ -103,12 +103,11 @@ class RegistryMiddleware:
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         if not path.startswith("/v2"):
-            if path.startswith("/-/"):
-                if path == self.metrics_path:
-                    return self._metrics(environ, start_response)
-                operator = self._operator.get(path)
-                if operator is not None:
-                    return operator(environ, start_response)
+            if path == self.metrics_path:
+                return self._metrics(environ, start_response)
+            operator = self._operator.get(path)
+            if operator is not None:
+                return operator(environ, start_response)
             return self._pass_through(path, environ, start_response)
         start = time.perf_counter()
         rid = environ["regmw.request_id"] = accesslog.request_id(environ.get(self._rid_key))

@@ -40,11 +40,6 @@ class FilesystemStorage:
             except OSError as exc:
                 raise StorageError(f"cannot list {path}: {exc}") from exc
 
-    def ready(self) -> None:
-        """For ``/-/regmw/ready``: the root must be a readable directory."""
-        if not os.path.isdir(self.root) or not os.access(self.root, os.R_OK | os.X_OK):
-            raise StorageError(f"storage root {self.root} is not a readable directory")
-
     def stat(self, path: str) -> StatResult | None:
         full = self._path(path)
         try:
