@@ -110,6 +110,7 @@ class RegmwServer(BaseApplication):
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
+        # (tested with gunicorn 27, whose gthread worker drains in-flight requests on SIGTERM: setup.cfg pins it)
 
     def load(self) -> Any:
         """Runs in each worker, after fork."""
