@@ -241,7 +241,7 @@ def transport_figures(upstream: str, digest: str, size: int, small_path: str, sm
     import urllib3
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from regmw.gateway import ConnectionPool
+    from regmw.gateway import CHUNK, ConnectionPool
 
     parts = urlsplit(upstream)
     pool = ConnectionPool("http", parts.hostname, parts.port, 60.0)
@@ -271,7 +271,7 @@ def transport_figures(upstream: str, digest: str, size: int, small_path: str, sm
     for name, get in (("http_client", stdlib), ("urllib3", with_urllib3)):
         get(small_path, 65536)  # warm the pool
         start = time.perf_counter()
-        assert get(f"/v2/{REPO}/blobs/{digest}", 65536) == size
+        assert get(f"/v2/{REPO}/blobs/{digest}", CHUNK) == size  # the gateway's piece size
         mib_s = size / MIB / (time.perf_counter() - start)
         times = []
         for _ in range(small):
