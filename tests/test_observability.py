@@ -169,3 +169,43 @@ def test_a_plugin_refusal_is_counted_under_its_reason_or_the_step(reason, expect
     before = sample("regmw_refusals_total", reason=expected)
     assert make(plugins=[Quota()]).get("/v2/a/tags/list").status_code == 503
     assert sample("regmw_refusals_total", reason=expected) == before + 1
+
+
+@pytest.mark.services
+def test_ready_asks_gcs_and_storage_latency_is_timed(gcs_emulator):
+    config = {"regmw": {"plugins": ["gcs", "migration"]}, "migration": {"new_root": "new"},
+              "gcs": gcs_emulator.gcs_section()}
+    client = make(config)
+    answer = client.get("/-/regmw/ready")
+    assert answer.status_code == 200 and answer.json["checks"]["storage"]["ok"]
+    before = sample("regmw_storage_request_duration_seconds_count", driver="gcs", operation="prefix_exists",
+                    outcome="ok")
+    assert client.get("/v2/team/fresh/manifests/v1").status_code == 200  # absent: both prefixes asked
+    assert sample("regmw_storage_request_duration_seconds_count", driver="gcs", operation="prefix_exists",
+                  outcome="ok") == before + 2
+
+    missing = make({**config, "gcs": gcs_emulator.gcs_section(bucket="no-such-bucket")})
+    answer = missing.get("/-/regmw/ready")
+    assert answer.status_code == 503 and "no-such-bucket" in answer.json["checks"]["storage"]["error"]
+    failed = sample("regmw_storage_request_duration_seconds_count", driver="gcs", operation="prefix_exists",
+                    outcome="error")
+    assert missing.get("/v2/team/fresh/manifests/v1").status_code == 503
+    assert sample("regmw_storage_request_duration_seconds_count", driver="gcs", operation="prefix_exists",
+                  outcome="error") == failed + 1
+
+
+@pytest.mark.services
+def test_ready_names_a_database_primary_that_is_down(pg_cluster):
+    from tests.test_dbroute import db_config
+
+    middleware = RegistryMiddleware(app, db_config(pg_cluster), environ={})
+    client = Buffered(middleware)
+    try:
+        answer = client.get("/-/regmw/ready")
+        assert answer.status_code == 200 and answer.json["checks"]["database"]["ok"], answer.json
+        pg_cluster.stop_primary()
+        answer = client.get("/-/regmw/ready")
+        assert answer.status_code == 503 and not answer.json["checks"]["database"]["ok"]
+        assert answer.json["checks"]["database"]["error"]
+    finally:
+        middleware.services.db_router.close()
