@@ -213,6 +213,26 @@ def _validated(config: str | None) -> Any:
     return validate(merge(raw, env_overrides(sections, os.environ)), sections, str(path or "<defaults>"))
 
 
+_DIR_PREFIX = "regmw-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove metrics directories of servers that are gone (killed before they could clean up)."""
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        pid = name[len(_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
 def run(config: str | None, host: str = "127.0.0.1", port: int = 5000, *, app: str | None = None,
         registry_root: str | None = None) -> int:
     """What ``regmw serve`` calls: validate, then serve on gunicorn until SIGTERM/SIGINT.
@@ -227,7 +247,8 @@ def run(config: str | None, host: str = "127.0.0.1", port: int = 5000, *, app: s
         if value:
             argv += [flag, value]
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        directory = tempfile.mkdtemp(prefix="regmw-metrics-")
+        _remove_stale_metrics_dirs()
+        directory = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")  # exec keeps the PID
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_OWNED_DIR] = directory
         sys.stdout.flush()
         sys.stderr.flush()
@@ -247,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         validated = check_config(args.config, args.app, args.registry_root)
     except ConfigError as exc:
         print(f"regmw: configuration error: {exc}", file=sys.stderr)
+        _on_exit(None)
         return 2
     RegmwServer(config=args.config, bind=_bind(args.host, args.port), section=dict(validated["serve"]),
                 log_level=validated["regmw"]["log_level"], app=args.app, registry_root=args.registry_root).run()

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,3 +266,20 @@ def test_json_access_log_line(docker_registry, regmw_serve):
     assert line["ratelimit_remaining"] == 99999 and line["refusal"] is None and line["migration_path"] is None
     assert line["duration_ms"] > 0 and line["ts"].endswith("Z")
     assert len(generated) == 32 and lines[generated]["refusal"] == "invalid" and lines[generated]["status"] == 400
+
+
+@pytest.mark.services
+def test_metrics_directory_is_removed_at_exit_and_stale_ones_at_start(tmp_path, docker_registry, regmw_serve):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID no process has any more
+    stale = Path(tempfile.gettempdir()) / f"regmw-metrics-{gone.pid}-test"
+    stale.mkdir()
+    served = regmw_serve(gateway_config(docker_registry.url))
+    assert not stale.exists()
+    environ = dict(item.split("=", 1) for item in
+                   Path(f"/proc/{served.proc.pid}/environ").read_text().split("\0") if "=" in item)
+    own = Path(environ["PROMETHEUS_MULTIPROC_DIR"])
+    assert own.is_dir() and own.name.startswith(f"regmw-metrics-{served.proc.pid}-")
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=30) == 0
+    assert not own.exists()
