@@ -125,6 +125,10 @@ def _alive(conn: http.client.HTTPConnection) -> bool:
 class Gateway:
     """A WSGI app that forwards every request to ``upstream`` (``http(s)://host:port[/prefix]``)."""
 
+    #: The upstream is the registry: a manifest read whose reference breaks the tag/digest
+    #: grammar is forwarded for it to answer (see :class:`regmw.routes.UnknownReference`).
+    forwards_unknown_references = True
+
     def __init__(self, upstream: str, *, timeout: float = 60.0, pool_size: int = 16,
                  preserve_host: bool = True, verify_tls: bool = True) -> None:
         parts = urlsplit(upstream)
