@@ -37,6 +37,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from .catalog import MergedCatalog
 from .config import Option, Section
 from .errors import ConfigError, Refusal
 from .plugins import hookimpl
@@ -376,7 +377,8 @@ def create_gateway(config: Any) -> tuple[Gateway, dict[str, Gateway]]:
     mapping with a ``gateway`` table). With only ``upstream``, ``apps`` is
     empty. With ``old_upstream`` and ``new_upstream``, ``apps`` maps ``old`` and
     ``new`` to them and ``app`` (for unclassified requests) is ``upstream``, or
-    the old one when no ``upstream`` is given.
+    the old one when no ``upstream`` is given, wrapped in a
+    :class:`~regmw.catalog.MergedCatalog` that answers ``/v2/_catalog`` from both.
     """
     config = getattr(config, "config", config)
     section: Mapping[str, Any] = config["gateway"]
@@ -392,4 +394,6 @@ def create_gateway(config: Any) -> tuple[Gateway, dict[str, Gateway]]:
     if old:
         apps = {"old": Gateway(old, **options), "new": Gateway(new, **options)}
     app = Gateway(upstream, **options) if upstream else apps["old"]
+    if apps:  # a repository lives in one of the two: the catalog is both, merged (regmw.catalog)
+        app = MergedCatalog(app, [apps["old"], apps["new"]])
     return app, apps
