@@ -207,6 +207,7 @@ def _shown(text: str, limit: int = 128) -> str:
 # --- percent-decoding (RFC 3986) --------------------------------------------------
 
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_ENCODED_SEPARATOR = re.compile(r"%(?:2[Ff]|5[Cc])")
 
 
 def path_segments(environ: dict) -> list[str]:
@@ -218,8 +219,10 @@ def path_segments(environ: dict) -> list[str]:
     werkzeug) and it decodes to ``SCRIPT_NAME + PATH_INFO``, the segments come
     from the raw target, so a segment holding ``/`` is one the client encoded.
     Otherwise (no raw target, or a middleware in front rewrote the path) the
-    segments are ``PATH_INFO`` split on ``/``. Decoded bytes are kept as
-    latin-1 code points, like ``PATH_INFO``.
+    segments are ``PATH_INFO`` split on ``/``, and an API path whose raw target
+    holds an encoded ``/`` or ``\\`` is refused (``NAME_INVALID``), since the
+    segment it belongs to cannot be told. Decoded bytes are kept as latin-1
+    code points, like ``PATH_INFO``.
     """
     path = environ.get("PATH_INFO") or "/"
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
@@ -231,6 +234,10 @@ def path_segments(environ: dict) -> list[str]:
             skip = script.count("/")
             if skip == 0 or "/".join(segments[: skip + 1]) == script:
                 return [""] + segments[skip + 1:] if skip else segments
+        if _ENCODED_SEPARATOR.search(raw_path) and (path == "/v2" or path.startswith("/v2/")):
+            # The raw target does not decode to PATH_INFO (a middleware in front rewrote it, or
+            # the server replaced bytes that are not UTF-8): an encoded / or \ cannot be placed.
+            raise name_invalid("encoded '/' or '\\' in the path is not allowed")
     return path.split("/")
 
 

@@ -203,6 +203,15 @@ def test_unknown_reference_forwardable_only_as_one_plain_segment():
 
 def test_without_raw_target_path_info_is_used():
     # A middleware in front rewrote PATH_INFO: the raw target no longer matches it and is ignored.
-    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/v2/foo/tags/list", "RAW_URI": "/other/v2/a%2Fb/tags/list"}
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/v2/foo/tags/list", "RAW_URI": "/other/v2/a%2Eb/tags/list"}
     assert parse_request(env) == Route("tags", "foo")
     assert parse_request({"PATH_INFO": "/v2/foo/tags/list"}) == Route("tags", "foo")
+
+
+def test_encoded_separator_refused_when_the_raw_target_cannot_be_matched():
+    # werkzeug replaces bytes that are not UTF-8 (%FF) in PATH_INFO: the raw target no longer
+    # decodes to it, and the encoded / in it cannot be placed in a segment.
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/v2/a/b/manifests/\xef\xbf\xbd", "RAW_URI": "/v2/a%2Fb/manifests/%FF"}
+    with pytest.raises(Refusal) as refusal:
+        parse_request(env)
+    assert (refusal.value.status, refusal.value.code) == (400, "NAME_INVALID")
