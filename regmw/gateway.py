@@ -370,7 +370,7 @@ def regmw_config_sections():
     return [SECTION]
 
 
-def create_gateway(config: Any) -> tuple[Gateway, dict[str, Gateway]]:
+def create_gateway(config: Any) -> tuple[Gateway | MergedCatalog, dict[str, Gateway]]:
     """Build ``(app, apps)`` for ``RegistryMiddleware(app, runtime, apps=apps)`` from ``[gateway]``.
 
     ``config`` is a validated :class:`~regmw.config.Config` (or a Runtime, or a

@@ -40,7 +40,10 @@ class RegistryMiddleware:
     ``config`` is a TOML path, a dict of sections, a prepared
     :class:`~regmw.runtime.Runtime`, or None (``REGMW_CONFIG`` / defaults).
     When the request was classified and ``apps`` has an entry for its path,
-    that app serves it; otherwise ``app`` does.
+    that app serves it; otherwise ``app`` does. A manifest read whose reference
+    breaks the grammar is answered ``404 MANIFEST_UNKNOWN`` here, unless every
+    app says ``forwards_unknown_references = True`` (the gateway: its upstream
+    answers such reads as it always has).
     """
 
     def __init__(
