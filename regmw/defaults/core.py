@@ -88,7 +88,8 @@ SECTIONS = [
             "plugins": Option("list", [], "Built-in plugins to enable: migration, gcs, redis, dbroute (or dotted module paths)."),
             "entry_points": Option("bool", True, "Load third-party plugins from the `regmw` entry-point group."),
             "trusted_proxies": Option(
-                "cidrs", [], "Networks whose X-Forwarded-For is believed (e.g. your load balancer). Empty: the socket peer only."
+                "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
+                "balancer), read right to left; hops may carry a port. Empty: the socket peer only."
             ),
             "ipv6_prefix": Option(
                 "int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1, maximum=128
