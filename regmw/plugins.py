@@ -38,6 +38,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.core",
     "regmw.defaults.memory_cache",
     "regmw.defaults.local_locks",
+    "regmw.defaults.readonly_cli",
     "regmw.defaults.ratelimit",
     "regmw.defaults.filesystem",
     "regmw.gateway",

@@ -88,3 +88,10 @@ def regmw_finish(context, status):
     classifier = classifier_of(context.services)
     if classifier is not None:
         classifier.mark_migrated(context.repository)
+
+
+@hookimpl
+def regmw_cli_commands():
+    from .cli import migrate_mark
+
+    return [migrate_mark]
