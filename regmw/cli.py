@@ -120,26 +120,13 @@ class RegmwGroup(click.Group):
 
 
 def load_manager(config: str | None, environ: Mapping[str, str] | None = None):
-    """The plugin manager ``regmw`` would build for ``config``: defaults, enabled built-ins, entry points.
-
-    Reads only which plugins are enabled; the rest of the file is checked when
-    a command builds or validates it.
-    """
-    from .config import _as_list, env_name, load_toml
-    from .plugins import load_plugins, make_manager
+    """The plugin manager ``regmw`` would build for ``config`` (reads only which plugins it enables)."""
+    from .config import load_toml
+    from .plugins import manager_for
 
     environ = os.environ if environ is None else environ
     path = config or environ.get("REGMW_CONFIG")
-    raw = load_toml(path) if path else {}
-    core = raw.get("regmw", {}) if isinstance(raw.get("regmw", {}), Mapping) else {}
-    try:
-        builtins = _as_list(environ.get(env_name("regmw", "plugins"), core.get("plugins", [])), None)
-    except ValueError as exc:
-        raise ConfigError(f"{path or '<defaults>'}: regmw.plugins: {exc}") from None
-    entry_points = str(environ.get(env_name("regmw", "entry_points"), core.get("entry_points", True))).lower()
-    pm = make_manager()
-    load_plugins(pm, builtins, (), entry_points not in ("false", "0", "no", "off"))
-    return pm
+    return manager_for(load_toml(path) if path else {}, environ, source=str(path or "<defaults>"))
 
 
 def validate_file(path: str, environ: Mapping[str, str] | None = None):
