@@ -178,11 +178,18 @@ def check_config_command(file: str, connect: bool) -> None:
     if connect:
         from .runtime import build
 
-        config = build(file).config
+        runtime = build(file)
+        redis = getattr(runtime.services, "redis", None)  # the shared connection of the plugin contract
+        if redis is not None:
+            try:
+                redis.ping()
+            except Exception as exc:  # noqa: BLE001 - whatever the client raised, report it in one line
+                raise Failure(f"{file}: redis: cannot connect: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        config = runtime.config
     else:
         config = validate_file(file)
     enabled = ", ".join(config["regmw"]["plugins"]) or "embedded defaults only"
-    click.echo(f"{file}: ok ({enabled}){'; backends built and connected' if connect else ''}")
+    click.echo(f"{file}: ok ({enabled}){'; start-up ran' if connect else ''}")
 
 
 @cli.command("config-docs")
