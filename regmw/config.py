@@ -283,10 +283,13 @@ def render_markdown(sections: Iterable[Section]) -> str:
         "WSGI entry point `regmw.wsgi:application`). Every key can be overridden by an",
         "environment variable `REGMW_<SECTION>_<KEY>` (for example `REGMW_REDIS_URL`; the",
         "`[regmw]` section's keys drop the section name: `REGMW_PLUGINS`), and a",
-        "Flask app may set the same names in `app.config`. Lists may be given as",
+        "Flask app may set the same names, or `REGMW = {section: {key: value}}`, in `app.config`",
+        "(configuration laid over the file; the environment still wins). Lists may be given as",
         "comma-separated strings in the environment; lists of tables as JSON. An unknown",
         "section or key, a bad value or a missing required option stops start-up with one",
-        "line naming it (`regmw check-config FILE` runs the same check).",
+        "line naming it, and so does a combination of options that cannot work together",
+        "(each section's rules are listed under its table). `regmw check-config FILE` runs",
+        "exactly these checks without building or connecting to anything.",
         "",
     ]
     for section in sorted(sections, key=lambda s: (s.owner != "regmw", s.name)):
