@@ -184,3 +184,24 @@ def test_docs_and_readme_use_example_com_hosts_only():
             for item in hosts.split(","):
                 name = item.strip("[]").rpartition(":")[0] if ":" in item else item.strip("[]")
                 assert name in placeholders or name.endswith(".example.com"), f"{path.name}: {hosts}"
+
+
+# Refusals that depend on what the loaded plugins provide (a service), not on the file alone: the schema cannot
+# see them, so `check-config` finds them with --connect, which runs the start-up itself.
+REFUSED_BY_SERVICES = [
+    ("redis-store-without-redis",  # loopback primary: should start-up ever reach the database, it stays on this machine
+     "[regmw]\nplugins = ['dbroute']\n[database]\nprimary = 'postgresql://u@127.0.0.1:1/db'\nstore = 'redis'\n",
+     "database.store: redis needs a shared Redis"),
+]
+
+
+@pytest.mark.parametrize("text, message", [case[1:] for case in REFUSED_BY_SERVICES],
+                         ids=[case[0] for case in REFUSED_BY_SERVICES])
+def test_check_config_connect_refuses_what_only_the_services_reveal(tmp_path, capsys, text, message):
+    path = tmp_path / "regmw.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as start_up:
+        build(str(path), environ={})
+    assert message in str(start_up.value)
+    assert main(["check-config", "--connect", str(path)]) == 2
+    assert capsys.readouterr().err == f"regmw: configuration error: {start_up.value}\n"
