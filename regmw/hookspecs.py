@@ -135,7 +135,8 @@ def regmw_cli_commands():
     command gets the configured runtime from :func:`regmw.cli.get_runtime`,
     accepts ``-c`` after its name with :func:`regmw.cli.config_option`, and
     refuses with :class:`regmw.cli.Failure` (one line, an exit code). A later
-    plugin's command replaces an earlier one of the same name.
+    plugin's command replaces an earlier one of the same name; the core's own
+    commands (``serve``, ``check-config``, ...) cannot be replaced.
     """
 
 

@@ -9,7 +9,7 @@ from regmw import ConfigError, build
 from regmw.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-PG = 'primary = "postgresql://registry@db-primary.example.com:5432/registry"'
+PG = 'primary = "postgresql://registry@127.0.0.1:1/registry"'  # loopback: a regression stays on this machine
 PEM = """-----BEGIN PUBLIC KEY-----
 MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEqBeXtVh9kBLbUALRUmLfQnUfwmm3
 MgeNPJMg5ew0rp6UcOPE+9wnb1lFuGGvb1W5pkyzsmyDrN9TQ0EpcN5Vjw==
@@ -34,7 +34,7 @@ REFUSED = [
      "auth.algorithms: mixes HMAC (HS256) with public-key algorithms"),
     ("key-unusable", "[auth]\nkey = 'not a PEM'\nalgorithms = ['RS256', 'ES256']\n",
      "auth.key: not a usable key for any of RS256, ES256"),
-    ("sentinel-without-service", "[regmw]\nplugins = ['redis']\n[redis]\nurl = 'redis+sentinel://s.example.com:26379'\n",
+    ("sentinel-without-service", "[regmw]\nplugins = ['redis']\n[redis]\nurl = 'redis+sentinel://127.0.0.1:1'\n",
      "redis.url: a redis+sentinel:// URL needs the master's service name"),
     ("service-name-without-sentinel", "[regmw]\nplugins = ['redis']\n[redis]\nservice_name = 'registry'\n",
      "redis.service_name is set but redis.url is not a redis+sentinel:// URL"),
@@ -49,7 +49,7 @@ REFUSED = [
     ("lsn-ttl-below-quarantine", f"[regmw]\nplugins = ['dbroute']\n[database]\n{PG}\nlsn_ttl = 30\n",
      "database.lsn_ttl: must exceed max_replay_lag + 3 × health_interval + connect_timeout (= 35s)"),
     ("store-url-never-read",
-     f"[regmw]\nplugins = ['dbroute']\n[database]\n{PG}\nstore = 'memory'\nstore_url = 'redis://r.example.com'\n",
+     f"[regmw]\nplugins = ['dbroute']\n[database]\n{PG}\nstore = 'memory'\nstore_url = 'redis://127.0.0.1:1'\n",
      'database.store_url is set but database.store = "memory" never reads it'),
     ("same-roots", "[regmw]\nplugins = ['migration']\n[migration]\nold_root = 'v2'\nnew_root = '/v2/'\n",
      "migration.new_root must differ from migration.old_root"),
@@ -98,7 +98,7 @@ def test_every_cross_field_rule_has_a_case_in_the_table():
 
 def test_a_sentinel_service_name_may_come_from_the_option_instead_of_the_url(tmp_path, capsys):
     path = tmp_path / "regmw.toml"
-    path.write_text("[regmw]\nplugins = ['redis']\n[redis]\nurl = 'redis+sentinel://s.example.com:26379'\n"
+    path.write_text("[regmw]\nplugins = ['redis']\n[redis]\nurl = 'redis+sentinel://127.0.0.1:1'\n"
                     "service_name = 'registry'\n")
     assert main(["check-config", str(path)]) == 0
     assert capsys.readouterr().out == f"{path}: ok (redis)\n"
