@@ -188,10 +188,12 @@ def cmd_migrate_mark(args) -> int:
         print("regmw: migrate-mark needs a shared cache (enable the redis plugin); the embedded cache "
               "lives inside each server process", file=sys.stderr)
         return USAGE_ERROR
+    classifier = runtime.services.classifier
+    if classifier is None:
+        print("regmw: migrate-mark needs the migration plugin ([regmw] plugins = [\"migration\"])", file=sys.stderr)
+        return USAGE_ERROR
     try:
-        from regmw_migration import mark_migrated
-
-        mark_migrated(runtime.services, repository)
+        classifier.mark_migrated(repository)
     except BackendUnavailable as exc:
         print(f"regmw: could not record the mark: {exc}", file=sys.stderr)
         return 1
