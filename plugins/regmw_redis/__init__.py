@@ -4,7 +4,9 @@ Enable with ``[regmw] plugins = ["redis"]`` and configure ``[redis]``. The
 hook implementations are attributes of this module (it is what the plugin
 manager registers); the work lives in one small module per job:
 
-- :mod:`.connection`: URL parsing, the shared client, key namespacing, round-trip counting;
+- :mod:`.connection`: URL parsing, :class:`RedisConnection` (this runtime's
+  ``services.redis``, which every other plugin uses through the contract),
+  key namespacing, round-trip counting;
 - :mod:`.settings`: the ``[redis]`` section;
 - :mod:`.cache`, :mod:`.locks`, :mod:`.ratelimit`: the backends;
 - :mod:`.admission`: the one-round-trip hot path; :mod:`.scripts`: its Lua.

@@ -2,7 +2,10 @@
 
 ``regmw_admit`` here runs the configured :class:`~regmw.backends.Admission`;
 the default admission counts the request against the rate limiter and checks
-the repository's read-only lock, each with its own failure policy.
+the repository's read-only lock, each with its own failure policy. Start-up
+completes whatever admission the plugins chose with the checks it does not
+``cover`` (:func:`complete_admission`), and refuses a rate limiter that would
+silently drop the configured rules (:func:`check_rate_limiter`).
 """
 from __future__ import annotations
 
