@@ -4,7 +4,9 @@ Enable with ``[regmw] plugins = ["redis"]`` and configure ``[redis]``. The
 hook implementations are attributes of this module (it is what the plugin
 manager registers); the work lives in one small module per job:
 
-- :mod:`.connection`: URL parsing, the shared client, key namespacing, round-trip counting;
+- :mod:`.connection`: URL parsing, :class:`RedisConnection` (this runtime's
+  ``services.redis``, which every other plugin uses through the contract),
+  key namespacing, round-trip counting;
 - :mod:`.settings`: the ``[redis]`` section;
 - :mod:`.cache`, :mod:`.locks`, :mod:`.ratelimit`: the backends;
 - :mod:`.admission`: the one-round-trip hot path; :mod:`.scripts`: its Lua.
@@ -13,6 +15,7 @@ See docs/redis.md.
 """
 from __future__ import annotations
 
+from regmw.backends import split_limiter
 from regmw.errors import ConfigError
 from regmw.plugins import hookimpl
 
@@ -74,10 +77,7 @@ def regmw_admission(config, services):
     connection = services.redis
     if connection is None:
         return None
-    limiter = services.rate_limiter
-    rules = getattr(limiter, "rules", None) if limiter is not None else []
-    if rules is None:
-        return None  # a limiter whose rules are its own code: let the core call it
+    rules, others = split_limiter(services.rate_limiter)  # declarative rules count in the script
     strategy = config["ratelimit"]["strategy"]
     if rules and strategy != "fixed-window":
         raise ConfigError(
@@ -91,6 +91,7 @@ def regmw_admission(config, services):
         connection.key("ratelimit"),
         _on(connection, services.locks, "read_only_key"),
         _on(connection, services.cache, "redis_key"),
+        others,
     )
 
 

@@ -2,7 +2,10 @@
 
 ``regmw_admit`` here runs the configured :class:`~regmw.backends.Admission`;
 the default admission counts the request against the rate limiter and checks
-the repository's read-only lock, each with its own failure policy.
+the repository's read-only lock, each with its own failure policy. Start-up
+completes whatever admission the plugins chose with the checks it does not
+``cover`` (:func:`complete_admission`), and refuses a rate limiter that would
+silently drop the configured rules (:func:`check_rate_limiter`).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import fnmatch
 import logging
 
 from regmw import metrics
-from regmw.backends import ADMISSION_PARTS, Services
+from regmw.backends import ADMISSION_PARTS, Services, split_limiter
 from regmw.config import Option, Section
 from regmw.errors import ConfigError, Refusal, too_many_requests, unavailable
 from regmw.plugins import hookimpl
@@ -96,7 +99,33 @@ class CompletedAdmission:
         return self.read_only(context)
 
 
-def complete_admission(admission, services: Services):
+def check_rate_limiter(services: Services, provider: str) -> None:
+    """Refuse a start-up where the chosen rate limiter would silently not count ``[ratelimit] rules``.
+
+    A plugin that *replaces* the limiter (a plain ``regmw_rate_limiter``)
+    drops the configured rules unless it counts them itself (and says so
+    with ``rules``); one that *adds* a limiter wraps the hook and composes
+    (:class:`regmw.backends.CompositeRateLimiter`), which keeps them.
+    """
+    section = services.config["ratelimit"]
+    if not section["enabled"] or not section["rules"]:
+        return
+    from .ratelimit import parse_rules
+
+    configured = [rule.name for rule in parse_rules(section["rules"])]
+    declarative, _ = split_limiter(services.rate_limiter)
+    counted = {rule.name for rule in declarative}
+    missing = [name for name in configured if name not in counted]
+    if missing:
+        what = "no rate limiter" if services.rate_limiter is None else type(services.rate_limiter).__qualname__
+        raise ConfigError(
+            f"{getattr(services.config, 'source', '<config>')}: ratelimit.rules {', '.join(missing)} would not be "
+            f"counted: plugin {provider} provides {what}, which does not count them; to add a limiter, wrap "
+            "regmw_rate_limiter and return CompositeRateLimiter(inner, yours) (docs/hooks.md)"
+        )
+
+
+def complete_admission(admission, services: Services, provider: str = "?"):
     """``admission``, plus the core's rate-limit and read-only checks for what it does not ``cover``.
 
     Replacing the admission (the maintenance-window example of docs/hooks.md)
@@ -105,22 +134,24 @@ def complete_admission(admission, services: Services):
     admission that claims a part (``covers = frozenset({"ratelimit"})``)
     takes that part on itself.
     """
+    if admission is None:  # every implementation declined (a wrapper returned None): the core's own
+        return SequentialAdmission(services)
     covers = getattr(admission, "covers", None)
     if covers is None:
         covers = frozenset()
     unknown = set(covers) - ADMISSION_PARTS
     if unknown:
         raise ConfigError(
-            f"regmw_admission: {type(admission).__qualname__}.covers names {', '.join(sorted(unknown))}; "
-            f"known parts: {', '.join(sorted(ADMISSION_PARTS))}"
+            f"regmw_admission: plugin {provider}: {type(admission).__qualname__}.covers names "
+            f"{', '.join(sorted(unknown))}; known parts: {', '.join(sorted(ADMISSION_PARTS))}"
         )
     added = ADMISSION_PARTS - frozenset(covers)
     if services.rate_limiter is None:
         added -= {"ratelimit"}
     if not added:
         return admission
-    log.info("admission %s does not cover %s: the core checks %s around it",
-             type(admission).__qualname__, " and ".join(sorted(added)), " and ".join(sorted(added)))
+    log.info("admission %s (plugin %s) does not cover %s: the core checks it around it",
+             type(admission).__qualname__, provider, " and ".join(sorted(added)))
     return CompletedAdmission(admission, services, frozenset(added))
 
 
