@@ -5,7 +5,7 @@ on (``regmw serve`` sends that logger to stderr, message only). One line::
 
     {"ts": "2026-11-27T07:12:03.114Z", "request_id": "4f0c...", "method": "GET",
      "path": "/v2/team/app/manifests/latest", "status": 200, "duration_ms": 3.21,
-     "client": "10.0.0.7", "repository": "team/app", "resource": "manifests",
+     "client": "192.0.2.7", "repository": "team/app", "resource": "manifests",
      "migration_path": "new", "classified_by": "cache", "ratelimit_remaining": 97,
      "refusal": null, "db": "replica:caught-up"}
 
@@ -78,7 +78,7 @@ def line(environ: dict, status: int | None, duration: float, context: Any = None
             "repository": context.repository,
             "resource": context.resource,
             "migration_path": context.migration_path,
-            "classified_by": context.notes.get("regmw.classification"),
+            "classified_by": environ.get("regmw.classified_by"),
             "ratelimit_remaining": _remaining(context.response_headers),
             "db": _db(context.db),
         })

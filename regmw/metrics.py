@@ -128,12 +128,13 @@ def classification(path: str, source: str, cache_hit: bool, context: Any = None)
 
     ``source`` is what decided (``cache``, ``storage``, ``token``, ...);
     ``cache_hit`` whether the repository's state came from the cache. With a
-    ``context``, the access log line shows the decision too.
+    ``context``, the access log line shows the decision too (the request's
+    ``environ["regmw.classified_by"]``).
     """
     _classified[(path, source)].inc()
     (_cache_hit if cache_hit else _cache_miss).inc()
     if context is not None:
-        context.notes["regmw.classification"] = source
+        context.environ["regmw.classified_by"] = source
 
 
 _storage = Children(storage_duration)

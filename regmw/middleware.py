@@ -36,8 +36,8 @@ from prometheus_client import make_wsgi_app
 
 from . import accesslog, health, metrics
 from .context import RequestContext
-from .errors import Refusal, denied, name_invalid
-from .routes import NotAnApiRequest, parse_path
+from .errors import Refusal, name_invalid
+from .routes import NotAnApiRequest, UnknownReference, parse_request
 from .runtime import Runtime, build
 
 log = logging.getLogger("regmw")
@@ -47,6 +47,7 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 _ADMITTED, _REFUSED, _INVALID = (metrics.requests.labels(outcome) for outcome in ("admitted", "refused", "invalid"))
 
 _INTERNAL_ERROR = Refusal(500, "UNKNOWN", "internal error in registry middleware")
+_METRICS_DENIED = Refusal(403, "DENIED", "metrics are not served to this network")
 
 #: The refusal reason when the refusal does not name one: after the step that refused.
 _STEP_REASON = {"admit": "admission", "classify": "storage_unavailable", "route_db": "database_unavailable"}
@@ -62,7 +63,10 @@ class RegistryMiddleware:
     ``config`` is a TOML path, a dict of sections, a prepared
     :class:`~regmw.runtime.Runtime`, or None (``REGMW_CONFIG`` / defaults).
     When the request was classified and ``apps`` has an entry for its path,
-    that app serves it; otherwise ``app`` does.
+    that app serves it; otherwise ``app`` does. A manifest read whose reference
+    breaks the grammar is answered ``404 MANIFEST_UNKNOWN`` here, unless every
+    app says ``forwards_unknown_references = True`` (the gateway: its upstream
+    answers such reads as it always has).
     """
 
     def __init__(
@@ -88,6 +92,10 @@ class RegistryMiddleware:
         self._finish_hook = _implemented(hook.regmw_finish)
         serve = self.runtime.config["serve"]
         self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
+        # A registry front (the gateway) forwards a manifest read whose reference breaks the
+        # grammar and lets its upstream answer; an in-process app never sees one (404 here).
+        self.forward_unknown_references = all(
+            getattr(each, "forwards_unknown_references", False) for each in (app, *self.apps.values()))
         self._metrics_app = make_wsgi_app(metrics.exposition_registry())
         self._metrics_allow = tuple(ipaddress.ip_network(net) for net in serve["metrics_allow"])  # defaults are str
         upstreams = [("upstream", self.app)] + [(f"upstream_{name}", app) for name, app in self.apps.items()]
@@ -114,11 +122,15 @@ class RegistryMiddleware:
         rid = environ["regmw.request_id"] = accesslog.request_id(environ.get(self._rid_key))
         environ[self._rid_key] = rid  # a gateway forwards it upstream
         try:
-            route = parse_path(path)
-            if route.repository and _encoded_slash(environ):
-                raise name_invalid("encoded '/' in a repository name is not allowed", route.repository)
+            route = parse_request(environ)
         except NotAnApiRequest:
             return self._pass_through(path, environ, start_response)
+        except UnknownReference as unknown:
+            if not (unknown.forwardable and self.forward_unknown_references):
+                _INVALID.inc()
+                self._record(environ, start, "manifests", unknown.status, None, "invalid")
+                return unknown(environ, start_response, [(self._rid_header, rid)])
+            route = unknown.route
         except Refusal as refusal:
             _INVALID.inc()
             self._record(environ, start, "invalid", refusal.status, None, refusal.reason or "invalid")
@@ -126,7 +138,7 @@ class RegistryMiddleware:
 
         context = RequestContext(environ, route, self.services)
         environ["regmw.context"] = context
-        context.notes[_START] = start
+        environ[_START] = start
         context.response_headers.append((self._rid_header, rid))
         step = "admit"
         try:
@@ -150,7 +162,7 @@ class RegistryMiddleware:
         if refusal is not None:
             _REFUSED.inc()
             context.status = refusal.status
-            context.notes[_REFUSAL] = refusal.reason or _STEP_REASON.get(step, step)
+            environ[_REFUSAL] = refusal.reason or _STEP_REASON.get(step, step)
             self._finish(context)
             return refusal(environ, start_response, context.response_headers)
 
@@ -193,9 +205,9 @@ class RegistryMiddleware:
                 self._finish_hook(context=context, status=context.status)
             except Exception:
                 log.exception("regmw_finish failed")
-        notes = context.notes
-        self._record(context.environ, notes[_START], context.resource, context.status, context,
-                     notes.get(_REFUSAL), context.migration_path)
+        environ = context.environ
+        self._record(environ, environ[_START], context.resource, context.status, context,
+                     environ.get(_REFUSAL), context.migration_path)
 
     def _record(self, environ: dict, start: float, resource: str, status: int | None, context: Any,
                 refusal: str | None, migration_path: str | None = None) -> None:
@@ -217,7 +229,7 @@ class RegistryMiddleware:
         except ValueError:
             peer = None
         if peer is None or not any(peer in network for network in self._metrics_allow):
-            return denied("metrics are not served to this network")(environ, start_response)
+            return _METRICS_DENIED(environ, start_response)
         return self._metrics_app(environ, start_response)
 
 
@@ -251,12 +263,3 @@ def _implemented(caller: Any) -> Any:
 def _reaches_api(path: str) -> bool:
     normalised = posixpath.normpath("/" + path.lstrip("/"))
     return normalised == "/v2" or normalised.startswith("/v2/")
-
-
-def _encoded_slash(environ: dict) -> bool:
-    """True if the raw request URI hid a '/' (or '.') in the path as %2F (%2E)."""
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if not raw:
-        return False
-    raw_path = raw.split("?", 1)[0].lower()
-    return "%2f" in raw_path or "%2e" in raw_path or "%5c" in raw_path

@@ -190,27 +190,20 @@ def check_config(config: str | None, app: str | None = None, registry_root: str 
 
 
 def _validated(config: str | None) -> Any:
-    """``runtime.build`` up to validation: the same plugins, sections and checks, no backends.
+    """Validation as start-up does it (the same plugins, sections and checks), building no backend.
 
     Backends must not be built in the master: threads (database health) and
     sockets (Redis, upstream pools) do not survive into forked workers.
     """
-    from .config import _as_list, env_name, env_overrides, load_toml, merge, validate
-    from .plugins import load_plugins, make_manager
+    from .config import env_overrides, load_toml, merge, validate
+    from .plugins import manager_for
     from .runtime import gather_sections
 
     path = config or os.environ.get("REGMW_CONFIG")
+    source = str(path or "<defaults>")
     raw = load_toml(path) if path else {}
-    core = raw.get("regmw", {}) if isinstance(raw.get("regmw", {}), dict) else {}
-    try:
-        builtins = _as_list(os.environ.get(env_name("regmw", "plugins"), core.get("plugins", [])), None)
-    except ValueError as exc:
-        raise ConfigError(f"{path or '<defaults>'}: regmw.plugins: {exc}") from None
-    entry_points = str(os.environ.get(env_name("regmw", "entry_points"), core.get("entry_points", True))).lower()
-    pm = make_manager()
-    load_plugins(pm, builtins, (), entry_points not in ("false", "0", "no", "off"))
-    sections = gather_sections(pm)
-    return validate(merge(raw, env_overrides(sections, os.environ)), sections, str(path or "<defaults>"))
+    sections = gather_sections(manager_for(raw, os.environ, source=source))
+    return validate(merge(raw, env_overrides(sections, os.environ)), sections, source)
 
 
 _DIR_PREFIX = "regmw-metrics-"
