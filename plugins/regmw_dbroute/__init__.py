@@ -17,10 +17,10 @@ from __future__ import annotations
 from regmw.plugins import hookimpl
 
 from .config import SECTION
-from .handle import DbHandle, PrimaryUnavailable
+from .handle import DbHandle, PrimaryUnavailable, ReplicaLost
 from .router import Router
 
-__all__ = ["DbHandle", "PrimaryUnavailable", "Router"]
+__all__ = ["DbHandle", "PrimaryUnavailable", "ReplicaLost", "Router"]
 
 
 @hookimpl
