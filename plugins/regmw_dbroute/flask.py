@@ -50,8 +50,9 @@ def init_app(app: Any) -> None:
 
     * :class:`PrimaryUnavailable`: the primary (needed for a write, or for the fallback read) is down;
     * :class:`ReplicaLost`: the replica failed after the transaction had returned results;
-    * a connection error raised while iterating a streamed (server-side cursor) result of a
-      replica: the same case as :class:`ReplicaLost`, raised by SQLAlchemy itself.
+    * a connection error SQLAlchemy raised itself: a write whose primary connection dropped
+      (the primary is then marked down), or a streamed (server-side cursor) result of a
+      replica failing while the view iterates it (the :class:`ReplicaLost` case).
 
     Any other exception keeps Flask's own handling.
     """
@@ -73,9 +74,11 @@ def init_app(app: Any) -> None:
         from flask import request
 
         handle = request.environ.get("regmw.db")
-        if isinstance(handle, DbHandle) and is_connection_error(exc) and handle.reason != "write":
-            return answer("database connection lost during the read; retry the request", handle.name)
-        raise exc
+        if not (isinstance(handle, DbHandle) and is_connection_error(exc)):
+            raise exc
+        if handle.role == "primary":
+            handle.report_primary_failure(exc)
+        return answer("database connection lost; retry the request", handle.name)
 
     app.register_error_handler(PrimaryUnavailable, primary_unavailable)
     app.register_error_handler(ReplicaLost, replica_lost)

@@ -173,6 +173,10 @@ class DbHandle:
             self.node = self._router.primary
         self.reason = "replica-failed"
 
+    def report_primary_failure(self, exc: BaseException) -> None:
+        """A primary connection failed outside the handle's own calls (e.g. a write's statement)."""
+        self._router.primary_failed(exc)
+
     def _connect_primary(self) -> Connection:
         primary = self._router.primary
         try:

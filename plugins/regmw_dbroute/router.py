@@ -134,7 +134,7 @@ class Router:
     @classmethod
     def from_config(cls, config: Any, services: Any = None) -> Router:
         settings = settings_from_config(config["database"])
-        return cls(settings, make_store(settings, config, services))
+        return cls(settings, make_store(settings, getattr(services, "redis", None)))
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -389,8 +389,8 @@ class Router:
         """The store lost its data (or is new): every committed write is covered by today's position."""
         floor = self.primary.current_wal_lsn(insert=True, engine=self.primary.position_engine)
         self.store.initialize(floor, self.settings.lsn_ttl)
-        log.warning("position store: %s; floor set to %s before trusting it",
-                    positions.why or "not initialised", format_lsn(floor))
+        log.warning("position store had no epoch marker of its current server run; floor set to %s",
+                    format_lsn(floor))
         return Positions(positions.repository, max(floor, positions.floor or 0), True)
 
     def _store_failed(self, exc: BaseException) -> None:

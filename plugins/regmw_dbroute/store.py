@@ -1,6 +1,7 @@
 """Where the WAL position of each repository's latest write is shared.
 
-Two implementations of one small interface, :class:`PositionStore`:
+Two implementations of the contract's :class:`regmw.backends.PositionStore`
+(``services.positions``, provided by this plugin's ``regmw_position_store``):
 
 * :class:`RedisPositionStore`: shared by every instance. ``advance`` is a Lua
   compare-and-set that keeps the MAXIMUM position (two writes finishing out of
@@ -26,44 +27,21 @@ Every instance sees it on its very next read, whether or not it saw the outage.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from regmw.backends import repository_key
+from regmw.backends import Positions, PositionStore, StoreUnavailable, repository_key
+from regmw.errors import ConfigError
 
 from .lsn import from_key, to_key
 
+log = logging.getLogger("regmw.dbroute")
 
-class StoreUnavailable(RuntimeError):
-    """The store could not answer; the router then never trusts a replica for the read."""
-
-
-@dataclass(frozen=True, slots=True)
-class Positions:
-    """What the store knows for one repository."""
-
-    repository: int | None  # the latest recorded write position, if any
-    floor: int | None  # the position recorded when the store was (re)initialised
-    initialized: bool  # False: the store lost its data, restarted, failed over, or is new; set a floor first
-    why: str = ""  # when not initialized: "no epoch marker" or "store restarted (run_id changed)"
-
-    @property
-    def required(self) -> int | None:
-        values = [value for value in (self.repository, self.floor) if value]
-        return max(values) if values else None
-
-
-@runtime_checkable
-class PositionStore(Protocol):
-    """Shared write positions. Every method raises :class:`StoreUnavailable` on failure."""
-
-    def get(self, repository: str | None) -> Positions: ...
-
-    def advance(self, repository: str, lsn: int, ttl: float) -> int: ...
-
-    def initialize(self, floor: int, ttl: float) -> None: ...
+__all__ = [
+    "MemoryPositionStore", "PositionStore", "Positions", "RedisPositionStore", "StoreUnavailable", "make_store",
+]
 
 
 class MemoryPositionStore:
@@ -86,7 +64,6 @@ class MemoryPositionStore:
             entry[0] if entry and entry[1] > now else None,
             floor[0] if floor and floor[1] > now else None,
             self._initialized,
-            "" if self._initialized else "no epoch marker",
         )
 
     def advance(self, repository: str, lsn: int, ttl: float) -> int:
@@ -161,8 +138,6 @@ redis.call('SET', KEYS[2], run_id)
 return run_id
 """
 
-_EPOCH_WHY = {0: "no epoch marker", 2: "store restarted or failed over (run_id changed)"}
-
 
 class RedisPositionStore:
     """Positions in Redis, shared by every regmw instance.
@@ -173,14 +148,17 @@ class RedisPositionStore:
     ``<namespace>`` being :func:`store_namespace`. ``key_for`` builds a full key
     from the un-namespaced parts. The epoch marker's value is the ``run_id``
     of the Redis server run that set it (see the module doc). ``get`` is one
-    script call (one round trip); its keys span two hash slots, so Redis
-    Cluster needs the floor and marker read per node (not supported yet).
+    script call (one round trip). Its keys span two hash slots, so with Redis
+    Cluster (``cluster=True``) the repository's key is read by a second call;
+    the run_id check then covers the node holding the floor and the marker,
+    not a restart of the node holding the repository's key.
     """
 
     kind = "redis"
 
-    def __init__(self, client: Any, key_for) -> None:
+    def __init__(self, client: Any, key_for, cluster: bool = False) -> None:
         self.client = client
+        self.cluster = cluster
         self._key_for = key_for
         self._floor_key = key_for("{dbroute}:floor")
         self._epoch_key = key_for("{dbroute}:epoch")
@@ -193,13 +171,17 @@ class RedisPositionStore:
 
     def get(self, repository: str | None) -> Positions:
         keys = [self._floor_key, self._epoch_key]
-        if repository:
+        if repository and not self.cluster:
             keys.append(self.key(repository))
         try:
             position, floor, state = self._get(keys=keys)
+            if repository and self.cluster:
+                position = self.client.get(self.key(repository))
         except Exception as exc:  # redis.RedisError, OSError
             raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
-        return Positions(from_key(position), from_key(floor), state == 1, _EPOCH_WHY.get(int(state), ""))
+        if state == 2:
+            log.warning("position store: Redis restarted or failed over since its floor was set (run_id changed)")
+        return Positions(from_key(position), from_key(floor), state == 1)
 
     def advance(self, repository: str, lsn: int, ttl: float) -> int:
         try:
@@ -215,24 +197,28 @@ class RedisPositionStore:
             raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
 
 
-def store_namespace(settings, config, redis_enabled: bool) -> str:
-    """``[database] store_namespace``, else the ``[redis] namespace`` (redis plugin enabled), else ``regmw``."""
+def store_namespace(settings: Any, connection: Any) -> str:
+    """``[database] store_namespace``, else the shared Redis connection's namespace, else ``regmw``."""
     if settings.store_namespace:
         return settings.store_namespace
-    if redis_enabled:
-        return config["redis"]["namespace"]
+    if connection is not None:
+        return connection.namespace
     return "regmw"
 
 
-def make_store(settings, config, services) -> PositionStore:
-    """The store ``[database] store`` asks for: the redis plugin's connection, ``store_url``, or memory."""
-    redis_enabled = services is not None and services.pm.has_plugin("regmw_redis")
+def make_store(settings: Any, connection: Any = None) -> PositionStore:
+    """The store ``[database] store`` asks for: on ``services.redis`` (``connection``), ``store_url``, or memory.
+
+    ``connection`` is whatever provided ``services.redis`` (the ``redis``
+    plugin, or a third-party one): only its ``client`` and ``namespace`` are
+    used, so this plugin never imports another.
+    """
     kind = settings.store
     if kind == "auto":
-        kind = "redis" if (redis_enabled or settings.store_url) else "memory"
+        kind = "redis" if (connection is not None or settings.store_url) else "memory"
     if kind == "memory":
         return MemoryPositionStore()
-    namespace = store_namespace(settings, config, redis_enabled)
+    namespace = store_namespace(settings, connection)
     if settings.store_url:
         import redis
         from redis.backoff import NoBackoff
@@ -245,10 +231,7 @@ def make_store(settings, config, services) -> PositionStore:
             retry=Retry(NoBackoff(), 1),  # re-dial a dead pooled connection once, no backoff sleep
         )
         return RedisPositionStore(client, lambda key: f"{namespace}:{key}")
-    if not redis_enabled:
-        from regmw.errors import ConfigError
-
-        raise ConfigError("database.store: redis needs the `redis` plugin enabled or database.store_url set")
-    from regmw_redis.connection import redis_client
-
-    return RedisPositionStore(redis_client(config), lambda key: f"{namespace}:{key}")
+    if connection is None:
+        raise ConfigError("database.store: redis needs a shared Redis (the `redis` plugin) or database.store_url")
+    return RedisPositionStore(connection.client, lambda key: f"{namespace}:{key}",
+                              cluster=bool(getattr(connection, "cluster", False)))
