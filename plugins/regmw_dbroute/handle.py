@@ -1,5 +1,9 @@
 """The object the app gets as ``environ["regmw.db"]``: the database chosen for this request.
 
+A connection error on the primary (a write, or a read that fell back) is
+never retried: it surfaces as :class:`PrimaryUnavailable` (the primary is
+marked down, and ``init_app`` answers 503 UNAVAILABLE).
+
 Use ``handle.execute()``, ``handle.connect()`` or ``handle.session()`` rather
 than ``handle.engine``: they carry one failure policy, the same on all three.
 
@@ -149,8 +153,13 @@ class DbHandle:
         try:
             result = call()
         except Exception as exc:
-            if not unit.on_replica or not is_connection_error(exc):
+            if not is_connection_error(exc):
                 raise
+            if not unit.on_replica:  # the primary went away under a statement: never retried (a write)
+                self._router.primary_failed(exc)
+                raise PrimaryUnavailable(
+                    f"database primary {unit.node.name} failed during a statement: {_first_line(exc)}"
+                ) from exc
             if unit.delivered:
                 self._router.replica_failed(unit.node, exc)
                 unit.lost = True
