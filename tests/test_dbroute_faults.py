@@ -281,12 +281,14 @@ def test_store_killed_write_then_restart_with_older_data_never_stale(cluster, ao
     for round_ in range(1, 4):
         aof_redis.kill()
         assert server.write(repo, round_) == 201  # the position cannot be stored
-        # The worker answered only once the replica had replayed the write: no worker, whatever
-        # the store says when it is back, can find the replica without it.
-        assert replica_value(cluster, repo) == round_
+        replayed_when_answered = replica_value(cluster, repo) == round_
         aof_redis.start()  # from the AOF: R's older position, the epoch marker
-        reads, stale, _pids = hammer_reads(server, repo, round_, until=lambda: True)
+        reads, stale, _pids = hammer_reads(server, repo, round_,
+                                           until=lambda value=round_: replica_value(cluster, repo) == value)
         assert stale == 0, f"round {round_}: {stale} of {reads} reads stale"
+        # Why: the worker answered only once the replica had replayed the write, so no worker,
+        # whatever the store says when it is back, can find the replica without it.
+        assert replayed_when_answered
         total_reads += reads
     assert total_reads >= 90
 
