@@ -87,9 +87,10 @@ class AofRedis:
             stop(self.proc)
 
 
-@pytest.fixture
-def aof_redis(tmp_path):
-    server = AofRedis(tmp_path)
+@pytest.fixture(scope="module")
+def aof_redis(tmp_path_factory):
+    """One appendonly Redis for the module (the tests kill and restart it; it is running after each)."""
+    server = AofRedis(tmp_path_factory.mktemp("aof"))
     server.start()
     yield server
     server.close()
@@ -174,18 +175,20 @@ class Gunicorn:
         self.log.close()
 
 
-@pytest.fixture(params=["fork", "preload"])
-def serve(request, tmp_path):
-    servers: list[Gunicorn] = []
+@pytest.fixture(scope="module", params=["fork", "preload"])
+def gunicorn(request, pg_replication, aof_redis, tmp_path_factory):
+    """gunicorn, 3 workers, with or without ``--preload``; shared by the module's tests of that mode."""
+    server = Gunicorn(app_config(pg_replication, aof_redis.url), tmp_path_factory.mktemp("gunicorn") / "log",
+                      preload=request.param == "preload")
+    yield server
+    server.close()
 
-    def start(config: dict) -> Gunicorn:
-        server = Gunicorn(config, tmp_path / "gunicorn.log", preload=request.param == "preload")
-        servers.append(server)
-        return server
 
-    yield start
-    for server in servers:
-        server.close()
+@pytest.fixture
+def server(gunicorn, cluster, aof_redis):
+    """The mode's gunicorn, once its 3 workers run their checker and see the (restored) replica eligible."""
+    gunicorn.workers_ready()
+    return gunicorn
 
 
 _seq = iter(range(1, 1_000_000))
@@ -198,18 +201,16 @@ def unique(prefix: str) -> str:
 # --- a replica stopped in the middle of slow reads ---------------------------------------
 
 
-def test_replica_stopped_mid_query_on_every_interface(cluster, aof_redis, serve):
+def test_replica_stopped_mid_query_on_every_interface(cluster, server):
     """One slow read per interface runs on the replica when it is stopped with ``-m immediate``.
 
     A read that had returned nothing yet is retried on the primary: 200. A read
     whose transaction had already returned a result gets the documented 503
     UNAVAILABLE (ReplicaLost through ``init_app``), never a 500.
     """
-    server = serve(app_config(cluster, aof_redis.url))
     repo = unique("midquery")
     cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 7)", repo)  # no position: replica reads
     cluster.wait_replica_caught_up()
-    server.workers_ready()
     reads = [(via, "0") for via in INTERFACES] + [(via, "1") for via in INTERFACES if via != "execute"]
     with ThreadPoolExecutor(len(reads)) as pool:
         futures = {pool.submit(server.read, repo, via=via, sleep=1.5, after=after): (via, after)
@@ -268,12 +269,10 @@ def replica_value(cluster, repo: str):
     return rows[0][0] if rows else None
 
 
-def test_store_killed_write_then_restart_with_older_data_never_stale(cluster, aof_redis, serve):
+def test_store_killed_write_then_restart_with_older_data_never_stale(cluster, aof_redis, server):
     """Redis SIGKILLed → a write answered 201 (its position only in that worker) → Redis restarts
     from its AOF with the older data → reads through every worker: 0 stale, 3 rounds."""
     cluster.set_apply_delay("1s")
-    server = serve(app_config(cluster, aof_redis.url))
-    server.workers_ready()
     repo = unique("aof")
     assert server.write(repo, 0) == 201  # R has an (older) position in the store
     cluster.wait_replica_caught_up()
@@ -293,13 +292,11 @@ def test_store_killed_write_then_restart_with_older_data_never_stale(cluster, ao
     assert total_reads >= 90
 
 
-def test_store_restarted_from_an_older_snapshot_gets_a_new_floor(cluster, aof_redis, serve):
+def test_store_restarted_from_an_older_snapshot_gets_a_new_floor(cluster, aof_redis, server):
     """A write whose position WAS stored, then Redis dies and comes back from older files (an
     AOF copy taken before the write: a lost fsync, a failover to a replica behind). The epoch
     marker's run_id no longer matches the server: a new floor before the store is trusted. 3 rounds."""
     cluster.set_apply_delay("1s")
-    server = serve(app_config(cluster, aof_redis.url))
-    server.workers_ready()
     repo = unique("older")
     assert server.write(repo, 0) == 201
     cluster.wait_replica_caught_up()
