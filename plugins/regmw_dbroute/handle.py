@@ -148,7 +148,9 @@ class DbHandle:
                 self._fall_back(exc)
         return self._connect_primary()
 
-    def run(self, unit: RoutedConnection, call: Callable[[], Any], rebind: Callable[[], None] | None = None) -> Any:
+    def run(
+        self, unit: RoutedConnection, call: Callable[[], Any], rebind: Callable[[Connection], None] | None = None
+    ) -> Any:
         """``call()`` for ``unit``; a replica connection failure before anything was returned → once on the primary."""
         try:
             result = call()
@@ -168,9 +170,11 @@ class DbHandle:
                     f"(not retried on the primary): {_first_line(exc)}"
                 ) from exc
             self._fall_back(exc)
-            unit.switch_to(self._connect_primary())
+            primary = self._connect_primary()
             if rebind is not None:
-                rebind()
+                rebind(primary)  # a session ends its transaction on the dead connection, then switches
+            else:
+                unit.switch_to(primary)
             result = call()
         unit.delivered = True
         return result
@@ -347,12 +351,17 @@ class RoutedSession(Session):
         super().__init__(bind=conn.raw)
         self.routed = conn
 
-    def _rebind(self) -> None:
+    def _quiet_rollback(self) -> None:
         try:
             super().rollback()
         except Exception:  # noqa: BLE001 - the replica connection is dead
             log.debug("rolling back a session on a failed replica failed", exc_info=True)
-        self.bind = self.routed.raw
+
+    def _rebind(self, conn: Connection) -> None:
+        """Continue on ``conn``: end the transaction on the dead connection, then bind the new one."""
+        self._quiet_rollback()
+        self.routed.switch_to(conn)
+        self.bind = conn
 
     def _guard(self, call: Callable[[], Any]) -> Any:
         return self.routed._handle.run(self.routed, call, self._rebind)
@@ -374,7 +383,7 @@ class RoutedSession(Session):
             if not (self.routed.on_replica and is_connection_error(exc)):
                 raise
             self.routed._handle._router.replica_failed(self.routed.node, exc)
-            self._rebind()
+            self._quiet_rollback()
         finally:
             self.routed.delivered = False
 
