@@ -71,7 +71,6 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
-_is_connection_error = is_connection_error  # the old private name
 
 
 class DbHandle:
