@@ -69,7 +69,9 @@ class SequentialAdmission:
             refusal = self.rate_limit(context)
             if refusal is not None:
                 return refusal
-        return self.read_only(context)
+        if context.is_write and context.repository:  # reads skip the call (the hot path of a registry)
+            return self.read_only(context)
+        return None
 
 
 class CompletedAdmission:
