@@ -90,8 +90,12 @@ class GCSStorage:
         One HTTP request, unless GCS answers with an empty page and a
         continuation token (then at most :data:`MAX_EMPTY_PAGES` more).
         """
-        metrics.storage_requests.labels(self.driver).inc()
-        return self._list_one(self.dir_key(prefix))
+        with metrics.storage_request(self.driver, "prefix_exists"):
+            return self._list_one(self.dir_key(prefix))
+
+    def ready(self) -> None:
+        """For ``/-/regmw/ready``: one names-only listing under the root (raises StorageError)."""
+        self._list_one(self.dir_key("repositories"))
 
     def stat(self, path: str) -> StatResult | None:
         """The compound Stat: object metadata GET, then (if no such object) one names-only list.

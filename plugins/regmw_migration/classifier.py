@@ -84,7 +84,7 @@ class Classifier:
         path, reason = decide(state, flag, self.paused)
         if reason in ("old_prefix", "new_prefix"):
             reason = source
-        metrics.classifications.labels(path, reason).inc()
+        metrics.classification(path, reason, source == "cache", context)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s: %s (decided by %s; state %s, token flag %s)",
                       context.method, repository, path, reason, state, flag)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from regmw import metrics
 from regmw.config import Option, Section
 from regmw.errors import StorageError
 from regmw.plugins import hookimpl
@@ -29,13 +30,14 @@ class FilesystemStorage:
     def prefix_exists(self, prefix: str) -> bool:
         """True if anything (a file or a sub-directory) exists under ``prefix``."""
         path = self._path(prefix)
-        try:
-            with os.scandir(path) as entries:
-                return next(entries, None) is not None
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        except OSError as exc:
-            raise StorageError(f"cannot list {path}: {exc}") from exc
+        with metrics.storage_request(self.driver, "prefix_exists"):
+            try:
+                with os.scandir(path) as entries:
+                    return next(entries, None) is not None
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            except OSError as exc:
+                raise StorageError(f"cannot list {path}: {exc}") from exc
 
 
 SECTION = Section(
