@@ -10,6 +10,8 @@ For repositories of 0, 100, 1,000 and 10,000 objects (laid out like a registry:
 * the **own-entries check** the ``migration`` plugin asks the ``gcs`` plugin:
   ONE ``objects.list`` of ``repositories/<name>/_`` with ``delimiter=/``,
   ``maxResults=1`` and a names/prefixes-only partial response;
+* the gcs plugin's own **compound Stat** (``GCSStorage.stat``): a metadata GET,
+  then the same one-item list of ``<name>/``;
 
 interleaved check by check, counting the real HTTP requests the
 google-cloud-storage client sends and the bytes it receives, and the median
@@ -36,7 +38,8 @@ take minutes); every measured request goes over HTTP.
 With ``--json`` the last line is
 ``{"sizes": [...], "naive": {"<size>": {"requests": n, "bytes": n, "median_ms": x}}, "prefix": {...},
 "speedup_at_10000": x, "warm_cache_requests_per_classification": n, "paged_like_gcs": true,
-"rtt_ms": {"0": {"naive": {...}, "prefix": {...}, "speedup": {"<size>": x}, "speedup_at_10000": x}, "20": {...}}}``
+"rtt_ms": {"0": {"naive": {...}, "prefix": {...}, "compound": {...}, "speedup": {"<size>": x},
+"speedup_at_10000": x}, "20": {...}}}``
 (the top-level ``naive``, ``prefix`` and ``speedup_at_10000`` are the rtt 0 run).
 """
 from __future__ import annotations
@@ -286,7 +289,8 @@ def run(port: int, repositories: dict[int, str], iterations: int) -> dict[str, A
         return made, Counter(made.client)
 
     (naive_storage, naive_counter), (prefix_storage, prefix_counter) = storage(), storage()
-    naive, prefix = {}, {}
+    compound_storage, compound_counter = storage()
+    naive, prefix, compound = {}, {}, {}
     for size, name in repositories.items():
         path, entries = f"{OLD_ROOT}/repositories/{name}", own_entries(OLD_ROOT, name)
         exists = size > 0
@@ -295,10 +299,13 @@ def run(port: int, repositories: dict[int, str], iterations: int) -> dict[str, A
         figures = measure_pair({
             "naive": (naive_counter, lambda path=path: naive_stat(naive_storage, path)),
             "prefix": (prefix_counter, lambda entries=entries: prefix_storage.prefix_exists(entries)),
+            "compound": (compound_counter, lambda path=path: compound_storage.stat(path)),
         }, iterations)
-        naive[str(size)], prefix[str(size)] = figures["naive"], figures["prefix"]
+        naive[str(size)], prefix[str(size)], compound[str(size)] = (
+            figures["naive"], figures["prefix"], figures["compound"])
     speedup = {size: round(naive[size]["median_ms"] / prefix[size]["median_ms"], 1) for size in naive}
-    return {"naive": naive, "prefix": prefix, "speedup": speedup, "speedup_at_10000": speedup["10000"]}
+    return {"naive": naive, "prefix": prefix, "compound": compound, "speedup": speedup,
+            "speedup_at_10000": speedup["10000"]}
 
 
 def _number(value: float) -> float | int:
@@ -370,13 +377,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{fill_seconds:.1f}s")
     for rtt, figures in results.items():
         print(f"\nround trip added: {rtt} ms")
-        print(f"{'objects':>8} | {'naive Stat':^32} | {'own-entries check':^32} | ratio")
+        print(f"{'objects':>8} | {'naive Stat':^32} | {'own-entries check':^32} | {'compound Stat':^22} | ratio")
         print(f"{'':>8} | {'req':>5} {'bytes':>12} {'median ms':>12} | {'req':>5} {'bytes':>12} {'median ms':>12} "
-              f"| latency, bytes")
+              f"| {'req':>5} {'median ms':>14} | latency, bytes")
         for size in SIZES:
-            n, p = figures["naive"][str(size)], figures["prefix"][str(size)]
+            n, p, c = (figures[side][str(size)] for side in ("naive", "prefix", "compound"))
             print(f"{size:>8} | {n['requests']:>5} {n['bytes']:>12,} {n['median_ms']:>12.2f} | "
                   f"{p['requests']:>5} {p['bytes']:>12,} {p['median_ms']:>12.2f} | "
+                  f"{c['requests']:>5} {c['median_ms']:>14.2f} | "
                   f"{figures['speedup'][str(size)]:.1f}x, {n['bytes'] / max(1, p['bytes']):.0f}x")
         print(f"speedup at 10,000 objects: {figures['speedup_at_10000']:.1f}x")
     print(f"\nwarm-cache storage requests per classification: {warm}")

@@ -24,6 +24,18 @@ STATUS_TEXT = {
 }
 
 
+def error_body(code: str, message: str, detail: Any = None) -> bytes:
+    """The one OCI error body regmw writes: ``{"errors":[{"code","message"[,"detail"]}]}``, compact JSON.
+
+    Refusals, the gateway and the reference registry all build their bodies
+    here, so every error a client sees from regmw has the same shape.
+    """
+    error: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        error["detail"] = detail
+    return json.dumps({"errors": [error]}, separators=(",", ":")).encode()
+
+
 class Refusal(Exception):
     """An OCI error answer: raise it from a hook, or return it from ``regmw_admit``."""
 
@@ -36,8 +48,12 @@ class Refusal(Exception):
         detail: Any = None,
         headers: Iterable[tuple[str, str]] = (),
         retry_after: int | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}")
+        #: why, for the refusal metric and the access log (``rate_limit``, ``read_only``, ...);
+        #: None lets the middleware name it after the step that refused
+        self.reason = reason
         self.status = status
         self.code = code
         self.message = message
@@ -47,10 +63,7 @@ class Refusal(Exception):
             self.headers.append(("Retry-After", str(max(1, int(retry_after)))))
 
     def body(self) -> bytes:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.detail is not None:
-            error["detail"] = self.detail
-        return json.dumps({"errors": [error]}, separators=(",", ":")).encode()
+        return error_body(self.code, self.message, self.detail)
 
     def __call__(self, environ: dict, start_response, extra_headers: Iterable[tuple[str, str]] = ()):
         """Answer as a WSGI application."""
@@ -70,16 +83,12 @@ def name_invalid(message: str, name: str | None = None) -> Refusal:
     return Refusal(400, "NAME_INVALID", message, detail={"name": name} if name else None)
 
 
-def unavailable(message: str, retry_after: int, detail: Any = None) -> Refusal:
-    return Refusal(503, "UNAVAILABLE", message, detail=detail, retry_after=retry_after)
+def unavailable(message: str, retry_after: int, detail: Any = None, reason: str | None = None) -> Refusal:
+    return Refusal(503, "UNAVAILABLE", message, detail=detail, retry_after=retry_after, reason=reason)
 
 
 def too_many_requests(message: str, retry_after: int, headers: Iterable[tuple[str, str]] = ()) -> Refusal:
-    return Refusal(429, "TOOMANYREQUESTS", message, headers=headers, retry_after=retry_after)
-
-
-def denied(message: str) -> Refusal:
-    return Refusal(403, "DENIED", message)
+    return Refusal(429, "TOOMANYREQUESTS", message, headers=headers, retry_after=retry_after, reason="rate_limit")
 
 
 class ConfigError(ValueError):

@@ -30,6 +30,7 @@ JSON): an error is never reported as "absent" nor as "present".
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from google.api_core.exceptions import GoogleAPIError, NotFound
@@ -37,7 +38,6 @@ from google.auth.exceptions import GoogleAuthError
 from requests.exceptions import RequestException
 
 from regmw import metrics
-from regmw.backends import StatResult
 from regmw.errors import StorageError
 
 from .client import make_client, make_retry
@@ -57,6 +57,17 @@ MALFORMED_PAGE_ERRORS = (TypeError, AttributeError, KeyError)
 
 #: extra pages followed when a page is empty but carries a nextPageToken
 MAX_EMPTY_PAGES = 3
+
+
+@dataclass(frozen=True)
+class StatResult:
+    """What :meth:`GCSStorage.stat` found (this plugin's own API: benchmarks/stat_bench.py compares it
+    with the naive Stat; regmw's Storage contract is ``prefix_exists`` alone)."""
+
+    path: str
+    is_dir: bool
+    size: int = 0
+    modified: float | None = None
 
 
 class GCSStorage:
@@ -89,8 +100,12 @@ class GCSStorage:
         an empty page and a continuation token (then at most
         :data:`MAX_EMPTY_PAGES` more).
         """
-        metrics.storage_requests.labels(self.driver).inc()
-        return self._list_one(self.key(prefix))
+        with metrics.storage_request(self.driver, "prefix_exists"):
+            return self._list_one(self.key(prefix))
+
+    def ready(self) -> None:
+        """For ``/-/regmw/ready``: one names-only listing under the root (raises StorageError)."""
+        self._list_one(self.key("repositories/"))
 
     def stat(self, path: str) -> StatResult | None:
         """The compound Stat: object metadata GET, then (if no such object) one names-only list.

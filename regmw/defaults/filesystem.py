@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from regmw.backends import StatResult
+from regmw import metrics
 from regmw.config import Option, Section
 from regmw.errors import StorageError
 from regmw.plugins import hookimpl
@@ -42,24 +42,14 @@ class FilesystemStorage:
         """True if an entry of ``prefix``'s directory has a name starting with the rest: one ``scandir``."""
         directory, _, start = prefix.rpartition("/")
         path = self._path(directory)
-        try:
-            with os.scandir(path) as entries:
-                return any(entry.name.startswith(start) for entry in entries)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        except OSError as exc:
-            raise StorageError(f"cannot list {path}: {exc}") from exc
-
-    def stat(self, path: str) -> StatResult | None:
-        full = self._path(path)
-        try:
-            info = os.stat(full)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot stat {full}: {exc}") from exc
-        is_dir = os.path.isdir(full)
-        return StatResult(path, is_dir, 0 if is_dir else info.st_size, info.st_mtime)
+        with metrics.storage_request(self.driver, "prefix_exists"):
+            try:
+                with os.scandir(path) as entries:
+                    return any(entry.name.startswith(start) for entry in entries)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            except OSError as exc:
+                raise StorageError(f"cannot list {path}: {exc}") from exc
 
 
 SECTION = Section(
