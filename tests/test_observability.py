@@ -80,8 +80,8 @@ def test_refusals_counted_by_reason():
 
 
 def test_request_duration_by_resource_method_status_class_and_path(tmp_path):
-    (tmp_path / "docker/registry/v2/repositories/team/old").mkdir(parents=True)
-    (tmp_path / "docker/registry/v2/repositories/team/old/x").write_text("x")
+    (tmp_path / "docker/registry/v2/repositories/team/old/_layers").mkdir(parents=True)  # an own entry
+    (tmp_path / "docker/registry/v2/repositories/team/old/_layers/x").write_text("x")
     client = make({"regmw": {"plugins": ["migration"]}, "migration": {"new_root": "new"}, "storage": {"root": str(tmp_path)}})
     labels = {"resource": "manifests", "method": "GET", "status": "2xx", "path": "old"}
     before = sample("regmw_request_duration_seconds_count", **labels)
@@ -117,8 +117,8 @@ def access_lines(caplog) -> list[dict]:
 
 
 def test_access_log_line_carries_the_decisions(tmp_path, caplog):
-    (tmp_path / "docker/registry/v2/repositories/team/old").mkdir(parents=True)
-    (tmp_path / "docker/registry/v2/repositories/team/old/x").write_text("x")
+    (tmp_path / "docker/registry/v2/repositories/team/old/_layers").mkdir(parents=True)  # an own entry
+    (tmp_path / "docker/registry/v2/repositories/team/old/_layers/x").write_text("x")
     client = make({"regmw": {"plugins": ["migration"]}, "migration": {"new_root": "new"}, "storage": {"root": str(tmp_path)},
                    "ratelimit": {"rules": [{"by": "client", "limit": "10/minute"}]}}, plugins=[RoutePlugin()])
     with caplog.at_level(logging.INFO, logger="regmw.access"):
