@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from regmw.config import Option, Section
 
+from .cluster import CLUSTER_SCHEMES, parse_cluster_url
 from .connection import SCHEMES, parse_url
 
 
 def _check_url(url: str) -> str:
+    if url.split("://", 1)[0] in CLUSTER_SCHEMES:
+        parse_cluster_url(url)
+        return url
     parse_url(url)  # raises ValueError with a sentence naming what is wrong
     return url
 
@@ -19,13 +23,14 @@ def _check_namespace(value: str) -> str:
 
 SECTION = Section(
     "redis",
-    "Shared Redis (single node or Sentinel) for the cache, read-only locks, cluster slots and rate limits.",
+    "Shared Redis (single node, Sentinel or Cluster) for the cache, read-only locks, cluster slots and rate limits.",
     {
         "url": Option(
             "url", "redis://127.0.0.1:6379/0",
             "redis://[[user]:password@]host:port/db, rediss:// (TLS), unix:///path.sock?db=N, or Sentinel "
-            "redis+sentinel://[[user]:password@]host:port,host:port/<service>[/db] (password = the master's).",
-            schemes=SCHEMES, check=_check_url,
+            "redis+sentinel://[[user]:password@]host:port,host:port/<service>[/db] (password = the master's), or "
+            "Cluster redis+cluster://[[user]:password@]host:port[,host:port...] (rediss+cluster:// with TLS).",
+            schemes=SCHEMES + CLUSTER_SCHEMES, check=_check_url,
         ),
         "service_name": Option("str", None, "Sentinel master name, when the URL does not carry it."),
         "sentinel_password": Option("str", None, "Password of the sentinels themselves (none by default)."),
@@ -51,7 +56,7 @@ SECTION = Section(
             "int", 2, "RESP protocol version spoken to Redis (2 parses faster in redis-py; 3 if your proxy needs it).",
             check=lambda value: value if value in (2, 3) else (_ for _ in ()).throw(ValueError("must be 2 or 3")),
         ),
-        "tls_ca_file": Option("path", None, "CA bundle verifying the server's certificate for rediss://."),
+        "tls_ca_file": Option("path", None, "CA bundle verifying the server's certificate for rediss:// and rediss+cluster://."),
         "cache_ttl": Option("float", 300.0, "Seconds a cache entry lives when the caller gives no TTL.", minimum=0.001),
         "hot_path": Option(
             "str", "script",
