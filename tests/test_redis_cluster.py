@@ -260,33 +260,31 @@ def test_dbroute_positions_on_the_cluster_connection(redis_cluster):
 # --- across processes ---------------------------------------------------------------
 
 
-def cluster_writer(url: str, namespace: str, repository: str, requests: int, results) -> None:
-    middleware = make_middleware(url, prefetch=False, redis={"namespace": namespace})
+def cluster_worker(url: str, namespace: str, rule: dict, reads: int, writes: int, results) -> None:
+    """``reads`` GETs counted by ``rule``, then ``writes`` PUTs to the repository the test keeps read-only."""
+    middleware = make_middleware(url, prefetch=False, redis={"namespace": namespace}, ratelimit={"rules": [rule]})
     client = Client(middleware)
-    results.put(dict(Counter(client.put(f"/v2/{repository}/manifests/latest", data=b"{}").status_code
-                             for _ in range(requests))))
-
-
-def cluster_ratelimit_worker(url: str, namespace: str, rule: dict, requests: int, results) -> None:
-    middleware = make_middleware(url, redis={"namespace": namespace}, ratelimit={"rules": [rule]})
-    client = Client(middleware)
-    results.put(dict(Counter(client.get(MANIFEST).status_code for _ in range(requests))))
+    statuses = Counter(client.get(MANIFEST).status_code for _ in range(reads))
+    statuses.update(f"PUT {client.put('/v2/team/locked/manifests/latest', data=b'{}').status_code}"
+                    for _ in range(writes))
+    results.put(dict(statuses))
 
 
 def test_four_processes_limit_and_read_only_lock(redis_cluster):
+    """4 processes: a repository limit of 25 admits exactly 25 GETs of 80; a read-only lock admits 0 of 80 writes."""
     namespace = _ns()
-    rule = {"name": "repo", "by": "repository", "limit": "25/hour"}
-    outcomes = redis_apps.run_workers(cluster_ratelimit_worker, (redis_cluster.url, namespace, rule, 20), 4)
-    assert sum(o.get(200, 0) for o in outcomes) == 25 and sum(o.get(429, 0) for o in outcomes) == 55
-    raw = redis_cluster.client()
-    assert int(raw.get(f"{namespace}:ratelimit:LIMITER/repo/{{repository:team/app}}/25/1/hour")) == 80
-
+    rule = {"name": "repo", "by": "repository", "limit": "25/hour", "methods": "read"}
     locks = build({"regmw": {"plugins": ["redis"], "entry_points": False},
                    "redis": {"url": redis_cluster.url, "namespace": namespace}}, environ={}).services.locks
-    with locks.hold_read_only("team/app", ttl=5, owner="migrator"):
-        statuses = redis_apps.run_workers(cluster_writer, (redis_cluster.url, namespace, "team/app", 30), 4)
-    assert statuses == [{503: 30}] * 4  # 0 writes admitted
-    assert redis_apps.run_workers(cluster_writer, (redis_cluster.url, namespace, "team/app", 3), 1) == [{201: 3}]
+    with locks.hold_read_only("team/locked", ttl=30, owner="migrator"):
+        outcomes = redis_apps.run_workers(cluster_worker, (redis_cluster.url, namespace, rule, 20, 20), 4)
+    total = Counter()
+    for outcome in outcomes:
+        total.update(outcome)
+    assert total == Counter({200: 25, 429: 55, "PUT 503": 80})  # exactly the limit; no write admitted
+    raw = redis_cluster.client()
+    assert int(raw.get(f"{namespace}:ratelimit:LIMITER/repo/{{repository:team/app}}/25/1/hour")) == 80
+    assert not locks.read_only("team/locked")  # released at the end of the block
 
 
 def _errors(backend: str, action: str) -> float:
