@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import re
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -306,6 +307,29 @@ def _(plugin, request):
     capsys = request.getfixturevalue("capsys")
     middleware(plugin)
     assert capsys.readouterr().out == "regmw ready; cache backend: MemoryCache\n"
+
+
+@check("cli-command")
+def _(plugin, request):
+    """The command exists once the configuration loads the plugin, and answers from the configured lock manager."""
+    from regmw.cli import main
+
+    monkeypatch, tmp_path = request.getfixturevalue("monkeypatch"), request.getfixturevalue("tmp_path")
+    locks = types.ModuleType("docs_examples.locks")
+    exec("from regmw import hookimpl\n"
+         "class Locks:\n    def read_only(self, repository):\n        return repository == 'team/locked'\n"
+         "@hookimpl\ndef regmw_lock_manager(config):\n    return Locks()\n", locks.__dict__)
+    monkeypatch.setitem(sys.modules, "docs_examples", types.ModuleType("docs_examples"))
+    monkeypatch.setitem(sys.modules, "docs_examples.cli_command", plugin)
+    monkeypatch.setitem(sys.modules, "docs_examples.locks", locks)
+    config = tmp_path / "regmw.toml"
+    config.write_text('[regmw]\nplugins = ["docs_examples.locks", "docs_examples.cli_command"]\nentry_points = false\n')
+    capsys = request.getfixturevalue("capsys")
+    assert main(["is-read-only", "team/app", "-c", str(config)]) == 1
+    assert capsys.readouterr().err == "regmw: team/app is writable\n"
+    assert main(["-c", str(config), "is-read-only", "team/locked"]) == 0
+    assert capsys.readouterr().out == "team/locked is read-only\n"
+    assert main(["is-read-only", "team/app"]) == 2  # the plugin is not loaded: no such command
 
 
 @check("read-only-mirrors")

@@ -17,7 +17,6 @@ See docs/redis.md.
 from __future__ import annotations
 
 from regmw.backends import split_limiter
-from regmw.errors import ConfigError
 from regmw.plugins import hookimpl
 
 from . import scripts
@@ -80,12 +79,7 @@ def regmw_admission(config, services):
     if connection is None:
         return None
     rules, others = split_limiter(services.rate_limiter)  # declarative rules count in the script
-    strategy = config["ratelimit"]["strategy"]
-    if rules and strategy != "fixed-window":
-        raise ConfigError(
-            f"{getattr(config, 'source', '<config>')}: ratelimit.strategy {strategy!r} needs "
-            '[redis] hot_path = "limits" (the one-round-trip script counts fixed windows)'
-        )
+    # [ratelimit] strategy vs hot_path is the schema's check (settings.py): the script counts fixed windows
     return RedisAdmission(
         services,
         connection,

@@ -17,6 +17,7 @@ from regmw.backends import ADMISSION_PARTS, Services, split_limiter
 from regmw.config import Option, Section
 from regmw.errors import ConfigError, Refusal, too_many_requests, unavailable
 from regmw.plugins import hookimpl
+from regmw.tokens import check_auth
 
 log = logging.getLogger("regmw.admission")
 
@@ -68,7 +69,9 @@ class SequentialAdmission:
             refusal = self.rate_limit(context)
             if refusal is not None:
                 return refusal
-        return self.read_only(context)
+        if context.is_write and context.repository:  # reads skip the call (the hot path of a registry)
+            return self.read_only(context)
+        return None
 
 
 class CompletedAdmission:
@@ -192,7 +195,8 @@ SECTIONS = [
             "plugins": Option("list", [], "Built-in plugins to enable: migration, gcs, redis, dbroute (or dotted module paths)."),
             "entry_points": Option("bool", True, "Load third-party plugins from the `regmw` entry-point group."),
             "trusted_proxies": Option(
-                "cidrs", [], "Networks whose X-Forwarded-For is believed (e.g. your load balancer). Empty: the socket peer only."
+                "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
+                "balancer), read right to left; hops may carry a port. Empty: the socket peer only."
             ),
             "ipv6_prefix": Option(
                 "int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1, maximum=128
@@ -200,7 +204,12 @@ SECTIONS = [
             "metrics_path": Option(
                 "str", "/-/regmw/metrics", "Path answering Prometheus metrics; empty to disable.", check=_absolute_path
             ),
-            "log_level": Option("str", "INFO", "Log level of the `regmw` loggers.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+            "log_level": Option(
+                "str", "INFO",
+                "Log level of the `regmw` loggers when regmw is the process (`regmw serve`, `regmw.wsgi`); "
+                "an app embedding regmw keeps its own logging configuration.",
+                choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+            ),
         },
     ),
     Section(
@@ -214,6 +223,7 @@ SECTIONS = [
             "audience": Option("str", None, "Required `aud` claim."),
             "leeway": Option("float", 0.0, "Seconds of clock skew tolerated on `exp`/`nbf`.", minimum=0),
         },
+        checks=(check_auth,),
     ),
     Section(
         "readonly",
