@@ -77,6 +77,16 @@ class RedisClusterGroup:
             return redis.Redis(port=port, socket_timeout=1, ssl=True, ssl_ca_certs=str(self.tls[0]))
         return redis.Redis(port=port, socket_timeout=1)
 
+    def read_replica(self, port: int, key: str) -> bytes | None:
+        """GET ``key`` on the replica at ``port`` (READONLY on its own connection: replicas redirect otherwise)."""
+        node = self.node(port)
+        node = redis.Redis(connection_pool=node.connection_pool, single_connection_client=True)
+        try:
+            node.execute_command("READONLY")
+            return node.get(key)
+        finally:
+            node.close()
+
     def client(self) -> redis.cluster.RedisCluster:
         """A plain redis-py cluster client for the test's own reads (not regmw's)."""
         kwargs = {"ssl": True, "ssl_ca_certs": str(self.tls[0])} if self.tls else {}
