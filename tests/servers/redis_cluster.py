@@ -46,7 +46,7 @@ def tls_args(cert: Path, key: Path, port: int) -> list[str]:
 
 def wait_for_tls(port: int, cert: Path, proc: subprocess.Popen, timeout: float = 10.0) -> None:
     wait_for_port(port, timeout, proc=proc)
-    client = redis.Redis(port=port, ssl=True, ssl_ca_certs=str(cert), socket_timeout=1)
+    client = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(cert), socket_timeout=1)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -74,8 +74,8 @@ class RedisClusterGroup:
 
     def node(self, port: int) -> redis.Redis:
         if self.tls:
-            return redis.Redis(port=port, socket_timeout=1, ssl=True, ssl_ca_certs=str(self.tls[0]))
-        return redis.Redis(port=port, socket_timeout=1)
+            return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, ssl=True, ssl_ca_certs=str(self.tls[0]))
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
 
     def read_replica(self, port: int, key: str) -> bytes | None:
         """GET ``key`` on the replica at ``port`` (READONLY on its own connection: replicas redirect otherwise)."""
