@@ -40,7 +40,7 @@ from prometheus_client import Counter
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
-from redis.connection import Connection, ConnectionPool, SSLConnection
+from redis.connection import Connection, ConnectionPool
 from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, TryAgainError
 from redis.retry import Retry
