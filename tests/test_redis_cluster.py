@@ -75,7 +75,7 @@ def test_building_a_cluster_connection_opens_none_and_a_dead_cluster_is_a_redis_
 
 
 def _record_script_calls(monkeypatch) -> list[tuple[str, list[str]]]:
-    """Record (script's first line, KEYS) of every Lua script call made through redis-py."""
+    """Record (script's first line, KEYS) of every Lua script call: through redis-py's Script, and the admission's per-slot calls."""
     calls: list[tuple[str, list[str]]] = []
     original = Script.__call__
 
@@ -84,6 +84,14 @@ def _record_script_calls(monkeypatch) -> list[tuple[str, list[str]]]:
         return original(self, keys=keys, args=args, client=client)
 
     monkeypatch.setattr(Script, "__call__", recording)
+    split = SlotGroups.split
+
+    def recording_split(keys, args):  # the admission's per-slot calls (sent in one cluster pipeline)
+        groups = split(keys, args)
+        calls.extend(("local check_lock = ARGV[1] == '1'", list(call_keys)) for call_keys, _, _ in groups)
+        return groups
+
+    monkeypatch.setattr(SlotGroups, "split", staticmethod(recording_split))
     return calls
 
 
@@ -289,3 +297,14 @@ def test_four_processes_limit_and_read_only_lock(redis_cluster):
 
 def _errors(backend: str, action: str) -> float:
     return metrics.REGISTRY.get_sample_value("regmw_backend_errors_total", {"backend": backend, "action": action}) or 0.0
+
+
+def test_scripts_reloaded_after_script_flush_on_every_node(redis_cluster):
+    """A node that lost its scripts (restart, failover, SCRIPT FLUSH) answers NOSCRIPT: reloaded, the request counts."""
+    middleware = _middleware(redis_cluster, _ns(), ratelimit={"rules": RULES})
+    client = Client(middleware)
+    assert client.get(MANIFEST).headers["RateLimit-Remaining"] == "99"
+    for port in redis_cluster.alive_ports():
+        redis_cluster.node(port).script_flush()
+    assert client.put(MANIFEST, data=b"{}").status_code == 201
+    assert client.get(MANIFEST).headers["RateLimit-Remaining"] == "97"

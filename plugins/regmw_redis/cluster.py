@@ -42,7 +42,14 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.connection import Connection, ConnectionPool
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from regmw import metrics
@@ -347,6 +354,10 @@ class SlotGroups:
     admission stops reading at the first refusal.
     """
 
+    #: ``pipeline`` (default): one cluster pipeline, every node written before any is read;
+    #: ``threads``: one script call per slot group from a small thread pool (kept to compare).
+    mode = "pipeline"
+
     def __init__(self, client: LazyRedisCluster, script: Script, max_workers: int = 8) -> None:
         self.client = client
         self.script = script
@@ -400,25 +411,57 @@ class SlotGroups:
     def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
         calls = self.split(keys, args)
         client = self.client.real()
-        NODES.inc(len({client.get_node_from_key(call_keys[0]).name for call_keys, _, _ in calls}))
+        nodes = [client.get_node_from_key(call_keys[0]) for call_keys, _, _ in calls]
+        NODES.inc(len({node.name for node in nodes}))
         if len(calls) == 1:
             replies = [self.script(keys=calls[0][0], args=calls[0][1])]
+        elif self.mode == "threads":
+            replies = self._threads(calls)
         else:
-            futures = [self._executor().submit(self.script, keys=ck, args=ca) for ck, ca, _ in calls[1:]]
-            first_error: BaseException | None = None
-            replies = []
-            try:
-                replies.append(self.script(keys=calls[0][0], args=calls[0][1]))
-            except BaseException as exc:  # noqa: BLE001 - raised after the others finished
-                first_error = exc
-            for future in futures:
-                try:
-                    replies.append(future.result())
-                except BaseException as exc:  # noqa: BLE001
-                    first_error = first_error or exc
-            if first_error is not None:
-                raise first_error
+            replies = self._pipeline(client, calls, nodes)
         return self._merge(calls, replies, args)
+
+    def _pipeline(self, client: RedisCluster, calls, nodes) -> list[Any]:
+        """One non-transactional cluster pipeline: redis-py writes every node's commands, then reads them.
+
+        So the nodes work at the same time (one round trip of wall time), and
+        two slot groups on one node share one round trip. MOVED / ASK /
+        connection errors are retried by redis-py one by one; a NOSCRIPT
+        (a node that lost its scripts: restart, failover, SCRIPT FLUSH) is
+        retried here through the script, which loads it.
+        """
+        pipe = client.pipeline(transaction=False)
+        for (call_keys, call_args, _), node in zip(calls, nodes, strict=True):
+            # EVALSHA by name (redis-py blocks the evalsha() method in cluster pipelines, not the
+            # command), sent to the slot's master as the slot map says: without target_nodes the
+            # pipeline would ask the server COMMAND GETKEYS first, a round trip per script. A stale
+            # map is answered MOVED, which redis-py retries through the cluster client (by keys).
+            pipe.execute_command("EVALSHA", self.script.sha, len(call_keys), *call_keys, *call_args,
+                                 target_nodes=node)
+        replies = pipe.execute(raise_on_error=False)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                replies[index] = self.script(keys=calls[index][0], args=calls[index][1])
+            elif isinstance(reply, BaseException):
+                raise reply
+        return replies
+
+    def _threads(self, calls) -> list[Any]:
+        futures = [self._executor().submit(self.script, keys=ck, args=ca) for ck, ca, _ in calls[1:]]
+        first_error: BaseException | None = None
+        replies = []
+        try:
+            replies.append(self.script(keys=calls[0][0], args=calls[0][1]))
+        except BaseException as exc:  # noqa: BLE001 - raised after the others finished
+            first_error = exc
+        for future in futures:
+            try:
+                replies.append(future.result())
+            except BaseException as exc:  # noqa: BLE001
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return replies
 
     @staticmethod
     def _merge(calls, replies, args) -> list[Any]:
