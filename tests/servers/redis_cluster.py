@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,11 +133,12 @@ class RedisClusterGroup:
         poll(self.healthy, timeout, "cluster healthy (all slots ok, replicas in sync)")
 
 
-def _low_free_port() -> int:
-    """A free port below 55536 (redis-server refuses higher client ports in cluster mode)."""
+def _low_free_port(taken: set[int]) -> int:
+    """A free port below 55536 (redis-server refuses higher client ports in cluster mode), not in ``taken``."""
     for _ in range(200):
         port = free_port()
-        if port <= 55535:
+        if port <= 55535 and port not in taken:
+            taken.add(port)
             return port
     raise RuntimeError("no free port below 55536")
 
@@ -155,6 +157,18 @@ def poll(condition, timeout: float, what: str) -> None:
 
 
 def start_cluster(tmp_path: Path, tls: bool = False) -> RedisClusterGroup:
+    """Start the cluster; a second attempt in a fresh directory if the first failed (a port taken meanwhile)."""
+    try:
+        return _start_cluster(tmp_path / "a", tls)
+    except (subprocess.CalledProcessError, RuntimeError, TimeoutError) as exc:
+        detail = getattr(exc, "stderr", "") or getattr(exc, "stdout", "") or exc
+        warnings.warn(f"redis cluster start failed once, retrying: {detail}", stacklevel=2)
+        return _start_cluster(tmp_path / "b", tls)
+
+
+def _start_cluster(tmp_path: Path, tls: bool) -> RedisClusterGroup:
+    tmp_path.mkdir(parents=True)
+    taken: set[int] = set()
     binary = need_binary("redis-server")
     need_binary("redis-cli")
     group = RedisClusterGroup()
@@ -164,7 +178,7 @@ def start_cluster(tmp_path: Path, tls: bool = False) -> RedisClusterGroup:
         for index in range(6):
             directory = tmp_path / f"node{index}"
             directory.mkdir()
-            port, bus = _low_free_port(), _low_free_port()  # the bus port: set, not port + 10000
+            port, bus = _low_free_port(taken), _low_free_port(taken)  # the bus port: set, not port + 10000
             listen = tls_args(*group.tls, port) + ["--tls-cluster", "yes", "--tls-replication", "yes"] if tls \
                 else ["--port", str(port)]
             proc = subprocess.Popen(
