@@ -121,6 +121,15 @@ def test_no_script_call_spans_slots(redis_cluster, monkeypatch):
     assert lease is not None and locks.clear_read_only("team/app", "migrator")
     with locks.cluster_slot("gc", 2, ttl=5):
         assert locks.slot_holders("gc") == 1
+    from regmw_dbroute.store import make_store  # dbroute's scripts, on the same services.redis
+
+    class Settings:
+        store, store_url, store_namespace, store_timeout = "auto", None, None, 0.5
+
+    positions = make_store(Settings(), middleware.services.redis)
+    positions.initialize(1, 60)
+    positions.advance("team/app", 5, 60)
+    assert positions.get("team/app").repository == 5
     multi_key = [(script, keys) for script, keys in calls if len(keys) > 1]
     assert {script for script, _ in multi_key} >= {"local check_lock = ARGV[1] == '1'",
                                                     "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then",
@@ -135,6 +144,7 @@ def test_no_script_call_spans_slots(redis_cluster, monkeypatch):
     assert f"{namespace}:ratelimit:LIMITER/all/{{global:*}}/100000/1/hour" in seen
     assert f"{namespace}:cache:{{repository:team/app}}:class" in seen
     assert f"{namespace}:{{slot:gc}}:holders" in seen
+    assert {f"{namespace}:{{dbroute}}:floor", f"{namespace}:{{repository:team/app}}:lsn"} <= seen
 
 
 def test_a_request_spans_at_most_its_client_and_repository_slots():
@@ -250,13 +260,17 @@ def test_semaphore_on_cluster(redis_cluster):
 
 
 def test_dbroute_positions_on_the_cluster_connection(redis_cluster):
-    """dbroute gets its Redis from services.redis: its one-key script and its cross-slot (non-transactional) pipeline work."""
-    from regmw_dbroute.store import RedisPositionStore
+    """dbroute gets its Redis from services.redis: built by its own make_store, each of its scripts stays in one slot."""
+    from regmw_dbroute.store import make_store
 
     connection = build({"regmw": {"plugins": ["redis"], "entry_points": False},
                         "redis": {"url": redis_cluster.url, "namespace": _ns()}}, environ={}).services.redis
-    store = RedisPositionStore(connection.client, lambda key: connection.key(key))
-    assert slot_of(store.key("team/app")) != slot_of(store._floor_key)  # the pipeline below spans two slots
+
+    class Settings:
+        store, store_url, store_namespace, store_timeout = "auto", None, None, 0.5
+
+    store = make_store(Settings(), connection)
+    assert slot_of(store.key("team/app")) != slot_of(store._floor_key)  # a repository's position and the floor: two slots
     assert not store.get("team/app").initialized
     store.initialize(100, 60)
     assert store.advance("team/app", 500, 60) == 500
