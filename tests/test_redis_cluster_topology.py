@@ -31,18 +31,25 @@ def test_master_sigkill_under_load_no_5xx_and_writes_and_limits_resume(redis_clu
         readonly={"fail_closed_writes": False},
     )
     client = Client(middleware)
+    # the [readonly] default: writes to lockable repositories fail closed while their lock cannot be read
+    strict = Client(make_middleware(group.url, prefetch=False))
     statuses: Counter = Counter()
+    strict_statuses: Counter = Counter()
 
     def request(index: int) -> None:
         if index % 5 == 0:
             response = client.put("/v2/team/app/manifests/latest", data=b"{}")
+            refused = strict.put("/v2/team/app/manifests/latest", data=b"{}")
+            strict_statuses[refused.status_code] += 1
+            if refused.status_code == 503:
+                assert refused.json["errors"][0]["code"] == "UNAVAILABLE" and refused.headers["Retry-After"].isdigit()
         else:
             response = client.get("/v2/team/app/manifests/latest")
         statuses[response.status_code] += 1
 
     for index in range(50):
         request(index)
-    assert statuses == Counter({200: 40, 201: 10})
+    assert statuses == Counter({200: 40, 201: 10}) and strict_statuses == Counter({201: 10})
     victim = group.master_of(counter)
     raw = group.client()
     assert int(raw.get(counter)) == 50
@@ -78,6 +85,8 @@ def test_master_sigkill_under_load_no_5xx_and_writes_and_limits_resume(redis_clu
     assert resumed_at is not None, "regmw never counted on the promoted master"
     assert set(statuses) <= {200, 201}, f"5xx while failing over: {statuses}"
     assert _errors("ratelimit", "fail_open") > opens_before  # the outage happened, and was failed open
+    assert set(strict_statuses) == {201, 503}, strict_statuses  # fail-closed writes: 503 UNAVAILABLE, never a 500
+    assert strict.put("/v2/team/app/manifests/latest", data=b"{}").status_code == 201  # and writes resumed
     # limits and writes resumed on the promoted master: each request counts once more
     new_master = group.node(promoted)
     before = int(new_master.get(counter))
