@@ -3,7 +3,7 @@
 The test makes a self-signed certificate for IP 127.0.0.1 (``openssl req
 -x509 ... -addext subjectAltName=IP:127.0.0.1``) and trusts it through
 ``[redis] tls_ca_file``: the certificate is verified (hostname included).
-Another CA is refused with one clear line, at first use (``ping``, the
+Another CA is refused with one clear line, at first use (``ping``, ``regmw check-config --connect``, the
 start-up warning, a request's fail-open counter); start-up itself does not
 fail, as for any Redis outage.
 """
@@ -17,6 +17,7 @@ import redis
 from werkzeug.test import Client
 
 from regmw import build, repository_key
+from regmw.cli import main as cli
 from regmw_redis.connection import ROUND_TRIPS
 from tests.servers._util import free_port, need_binary, stop
 from tests.servers.redis_apps import make_middleware
@@ -74,7 +75,7 @@ def test_rediss_single_node_verified_and_wrong_ca_refused(tls_redis, caplog):
     assert "certificate verify failed" in _one_line(caught.value)
 
 
-def test_rediss_cluster_verified_and_wrong_ca_refused(redis_cluster_tls, tmp_path, caplog):
+def test_rediss_cluster_verified_and_wrong_ca_refused(redis_cluster_tls, tmp_path, caplog, capsys):
     group = redis_cluster_tls
     ca = str(group.tls[0])
     runtime = _runtime(group.url, ca, namespace="tls")
@@ -100,3 +101,9 @@ def test_rediss_cluster_verified_and_wrong_ca_refused(redis_cluster_tls, tmp_pat
     with pytest.raises(redis.ConnectionError) as caught:
         wrong.services.redis.ping()
     assert line in _one_line(caught.value)
+    # and `regmw check-config --connect` (start-up with connections) refuses it with that line
+    config = tmp_path / "regmw.toml"
+    config.write_text(f'[regmw]\nplugins = ["redis"]\nentry_points = false\n'
+                      f'[redis]\nurl = "{group.url}"\ntls_ca_file = "{other}"\n')
+    assert cli(["check-config", "--connect", str(config)]) == 1
+    assert line in capsys.readouterr().err.strip().splitlines()[-1]
