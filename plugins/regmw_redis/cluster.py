@@ -57,7 +57,8 @@ from regmw.defaults.ratelimit import Rule
 from .connection import RedisConnection, counting
 
 __all__ = [
-    "CLUSTER_SCHEMES", "ClusterConnection", "ClusterTarget", "LazyRedisCluster", "NODES", "REDIRECTIONS",
+    "CLUSTER_SCHEMES", "ClusterConnection", "ClusterTarget", "LazyRedisCluster", "NODES", "REDIRECTIONS", "SlotGroups",
+    "cluster_options", "connection_for",
     "TaggedRule", "parse_cluster_url", "slot_of", "tagged",
 ]
 
