@@ -151,16 +151,6 @@ def _node_connection_class(base: type) -> type:
     return _CLASSES[base]
 
 
-class _PoolOptions:
-    """What :meth:`RedisLockManager._socket_timeout` reads of a pool: the per-operation timeouts."""
-
-    def __init__(self, connection_kwargs: dict[str, Any]) -> None:
-        self.connection_kwargs = connection_kwargs
-
-    def disconnect(self) -> None:  # nothing pooled here: the cluster's node pools are closed by close()
-        return None
-
-
 class LazyRedisCluster:
     """A ``RedisCluster`` built on first use (its constructor connects to read the slot map).
 
@@ -178,10 +168,6 @@ class LazyRedisCluster:
         self._options = options
         self._client: RedisCluster | None = None
         self._lock = threading.Lock()
-        self.connection_pool = _PoolOptions(
-            {key: options.get(key) for key in ("socket_timeout", "socket_connect_timeout")}
-            | {"retry": options.get("retry")}
-        )
 
     @property
     def built(self) -> bool:
