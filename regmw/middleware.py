@@ -126,6 +126,9 @@ class RegistryMiddleware:
         except BaseException:
             self._finish(context)
             raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper) and _finish_on_close(body, self._finish, context):
+            return body  # the server's own type: it still recognises it and sends the file with sendfile
         return _Closing(body, self._finish, context)
 
     def _pass_through(self, path: str, environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -148,7 +151,10 @@ class RegistryMiddleware:
 
 
 class _Closing:
-    """The app's body iterable, with ``regmw_finish`` run once when the server closes it."""
+    """The app's body iterable, with ``regmw_finish`` run once when the server closes it.
+
+    Not used for the server's own ``wsgi.file_wrapper`` objects (see :func:`_finish_on_close`).
+    """
 
     __slots__ = ("_body", "_finish", "_context")
 
@@ -167,6 +173,34 @@ class _Closing:
             finish, self._finish = self._finish, None
             if finish is not None:
                 finish(self._context)
+
+
+def _finish_on_close(body: Any, finish: Callable[[RequestContext], None], context: RequestContext) -> bool:
+    """Hook ``regmw_finish`` into the ``close`` of the server's ``wsgi.file_wrapper`` object, in place.
+
+    Wrapping it in :class:`_Closing` would hide its type from the server, which
+    then copies the file through Python instead of sendfile (gunicorn checks
+    ``isinstance(result, environ["wsgi.file_wrapper"])``). The server calls
+    ``close`` once it has sent the file, as for any body; finish still runs
+    exactly once. False when the object refuses a ``close`` attribute (slots):
+    the caller then wraps it and the copy goes through Python.
+    """
+    original = getattr(body, "close", None)
+    pending = [finish]
+
+    def close() -> None:
+        try:
+            if original is not None:
+                original()
+        finally:
+            if pending:
+                pending.pop()(context)
+
+    try:
+        body.close = close
+    except (AttributeError, TypeError):
+        return False
+    return True
 
 
 def _implemented(caller: Any) -> Any:
