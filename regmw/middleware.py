@@ -57,13 +57,15 @@ class RegistryMiddleware:
         self.runtime = config if isinstance(config, Runtime) else build(config, environ=environ, plugins=plugins)
         self.services = self.runtime.services
         hook = self.runtime.pm.hook
-        # Hooks nobody implements are skipped outright: the plugin set is fixed
-        # once the runtime is built, and an empty pluggy call still costs ~2 us.
-        self._admit = _implemented(hook.regmw_admit)
-        self._classify = _implemented(hook.regmw_classify)
-        self._route_db = _implemented(hook.regmw_route_db)
-        self._response_started = _implemented(hook.regmw_response_started)
-        self._finish_hook = _implemented(hook.regmw_finish)
+        # The plugin set is fixed once the runtime is built, so each decision
+        # hook's call plan is made here, once (see _call_plan): hooks nobody
+        # implements are skipped outright, the others called without pluggy's
+        # per-call machinery unless a wrapper needs it.
+        self._admit = _call_plan(hook.regmw_admit)
+        self._classify = _call_plan(hook.regmw_classify)
+        self._route_db = _call_plan(hook.regmw_route_db)
+        self._response_started = _call_plan(hook.regmw_response_started)
+        self._finish_hook = _call_plan(hook.regmw_finish)
         self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
         self._metrics_app = make_wsgi_app(metrics.REGISTRY)
 
@@ -203,9 +205,47 @@ def _finish_on_close(body: Any, finish: Callable[[RequestContext], None], contex
     return True
 
 
-def _implemented(caller: Any) -> Any:
-    """The hook caller if any plugin implements the hook, else None."""
-    return caller if caller.get_hookimpls() else None
+def _call_plan(caller: Any) -> Callable[..., Any] | None:
+    """How to call one decision hook per request, worked out once at start-up.
+
+    None when no plugin implements it. When some implementation is a wrapper
+    (``hookwrapper=True`` or ``wrapper=True``), pluggy's own caller, which runs
+    them. Otherwise a plain loop over the implementations in pluggy's order
+    (``get_hookimpls()`` reversed: the last registered and ``tryfirst`` first),
+    passing each the arguments it names, stopping at the first non-None
+    answer for a ``firstresult`` hook and otherwise collecting the non-None
+    answers, as pluggy does. Measured (benchmarks/core_overhead.py
+    ``--dispatch``): pluggy costs several times the loop per call, and the
+    gap grows with each plugin. pluggy stays the registry and the contract;
+    hook-call monitoring added after start-up (``pm.add_hookcall_monitoring``)
+    does not see these calls.
+    """
+    impls = caller.get_hookimpls()
+    if not impls:
+        return None
+    if any(impl.hookwrapper or impl.wrapper for impl in impls):
+        return caller
+    calls = tuple((impl.function, tuple(impl.argnames)) for impl in reversed(impls))
+    if caller.spec is not None and caller.spec.opts.get("firstresult"):
+
+        def first_result(**kwargs: Any) -> Any:
+            for function, names in calls:
+                result = function(*[kwargs[name] for name in names])
+                if result is not None:
+                    return result
+            return None
+
+        return first_result
+
+    def all_results(**kwargs: Any) -> list[Any]:
+        results = []
+        for function, names in calls:
+            result = function(*[kwargs[name] for name in names])
+            if result is not None:
+                results.append(result)
+        return results
+
+    return all_results
 
 
 def _reaches_api(path: str) -> bool:
