@@ -8,7 +8,12 @@ storage); the other decision hooks have no implementation there, so the
 middleware skips them. Rounds alternate bare and regmw (and their
 order) so drift in CPU speed hits both alike.
 
-    python benchmarks/core_overhead.py [--rounds 20] [--requests 2000] [--json] [--profile]
+    python benchmarks/core_overhead.py [--rounds 20] [--requests 2000] [--json] [--profile] [--dispatch]
+
+``--dispatch`` also measures one decision hook (``regmw_admit``) implemented by
+1, 5 and 20 plugins that all answer None: pluggy's hook call against the call
+plan the middleware makes at start-up (``regmw.middleware._call_plan``),
+interleaved, and adds ``"dispatch": {"1": {"pluggy_us", "plan_us"}, ...}`` to the JSON.
 
 With ``--json`` the last line is
 ``{"bare": {"rps": x, "p50_ms": x}, "regmw": {"rps": x, "p50_ms": x}, "overhead_us_p50": x}``.
@@ -103,6 +108,38 @@ def measure(rounds: int, requests: int, path: str) -> dict:
     return {**result, "overhead_us_p50": round(overhead, 2)}
 
 
+def dispatch(plugin_counts: tuple[int, ...] = (1, 5, 20), calls: int = 20000, rounds: int = 5) -> dict:
+    """Microseconds per ``regmw_admit`` call: pluggy's caller against the start-up call plan."""
+    import pluggy
+
+    from regmw import hookspecs
+    from regmw.middleware import _call_plan
+    from regmw.plugins import hookimpl
+
+    class Silent:
+        @hookimpl
+        def regmw_admit(self, context):
+            return None
+
+    result = {}
+    for count in plugin_counts:
+        pm = pluggy.PluginManager("regmw")
+        pm.add_hookspecs(hookspecs)
+        for index in range(count):
+            pm.register(Silent(), name=f"silent{index}")
+        sides = {"pluggy_us": pm.hook.regmw_admit, "plan_us": _call_plan(pm.hook.regmw_admit)}
+        best = dict.fromkeys(sides, float("inf"))
+        for index in range(rounds):
+            for name in (sides if index % 2 == 0 else reversed(list(sides))):
+                call = sides[name]
+                start = time.perf_counter_ns()
+                for _ in range(calls):
+                    call(context=None)
+                best[name] = min(best[name], (time.perf_counter_ns() - start) / calls / 1e3)
+        result[str(count)] = {name: round(value, 3) for name, value in best.items()}
+    return result
+
+
 def profile(requests: int, path: str, top: int = 25) -> str:
     """cProfile of the middleware path only, sorted by own time."""
     with tempfile.TemporaryDirectory() as root:
@@ -125,15 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="/v2/group/project/manifests/latest")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of the middleware path")
+    parser.add_argument("--dispatch", action="store_true", help="also measure hook dispatch with 1, 5, 20 plugins")
     args = parser.parse_args(argv)
 
     result = measure(args.rounds, args.requests, args.path)
+    if args.dispatch:
+        result["dispatch"] = dispatch()
     bare, regmw = result["bare"], result["regmw"]
     print(f"GET {args.path}, {args.rounds} interleaved rounds x {args.requests} requests per side, in-process WSGI")
     print(f"  bare app : {bare['rps']:>10.0f} req/s   p50 {bare['p50_ms'] * 1000:8.2f} us")
     print(f"  regmw    : {regmw['rps']:>10.0f} req/s   p50 {regmw['p50_ms'] * 1000:8.2f} us")
     print(f"  overhead : {result['overhead_us_p50']:.2f} us per request at p50 "
           f"(throughput ratio regmw/bare {regmw['rps'] / bare['rps']:.3f})")
+    for count, figures in result.get("dispatch", {}).items():
+        print(f"  regmw_admit, {count:>2} plugin(s): pluggy {figures['pluggy_us']:6.2f} us, "
+              f"start-up call plan {figures['plan_us']:6.2f} us per call (best of 5 interleaved rounds)")
     if args.profile:
         print(profile(args.requests * 5, args.path))
     if args.json:
