@@ -15,6 +15,13 @@ order) so drift in CPU speed hits both alike.
 plan the middleware makes at start-up (``regmw.middleware._call_plan``),
 interleaved, and adds ``"dispatch": {"1": {"pluggy_us", "plan_us"}, ...}`` to the JSON.
 
+``--limiter`` also measures the rate limiter alone (two rules, per client and
+per repository) per hit: the embedded ``MemoryRateLimiter`` fed 1,000 keys and
+1,000,000 repositories with 100,000 clients (32 MiB cap, so the large run
+evicts), and ``limits``' ``FixedWindowRateLimiter`` on ``MemoryStorage`` (the
+previous default) at 1,000 keys, for the choice of a table of our own. It adds
+``"limiter": {...}`` to the JSON.
+
 With ``--json`` the last line is
 ``{"bare": {"rps": x, "p50_ms": x}, "regmw": {"rps": x, "p50_ms": x}, "overhead_us_p50": x}``.
 """
@@ -140,6 +147,51 @@ def dispatch(plugin_counts: tuple[int, ...] = (1, 5, 20), calls: int = 20000, ro
     return result
 
 
+def limiter_costs(hits: int = 200_000) -> dict:
+    """Microseconds per hit of the embedded limiter at 1k and 1M keys, and of ``limits`` on memory at 1k."""
+    import random
+
+    from regmw.defaults.ratelimit import LimitsRateLimiter, MemoryRateLimiter, parse_rules
+
+    rules = parse_rules([{"by": "client", "limit": "1000000000/hour"}, {"by": "repository", "limit": "1000000000/hour"}])
+
+    class Context:
+        __slots__ = ("client", "is_write", "repository", "subject")
+
+    def contexts(repositories: int, clients: int) -> list:
+        rnd = random.Random(3)
+        made = []
+        for _ in range(hits):
+            context = Context()
+            client = rnd.randrange(clients)
+            context.client, context.is_write, context.subject = f"10.{client >> 16}.{client >> 8 & 255}.{client & 255}", False, None
+            context.repository = f"org/repo-{rnd.randrange(repositories)}"
+            made.append(context)
+        return made
+
+    def per_hit(limiter, made: list) -> float:
+        hit = limiter.hit
+        start = time.perf_counter_ns()
+        for context in made:
+            hit(context)
+        return (time.perf_counter_ns() - start) / len(made) / 1e3
+
+    small, large = contexts(1000, 1000), contexts(1_000_000, 100_000)
+    result = {}
+    embedded_small, embedded_large = MemoryRateLimiter(rules), MemoryRateLimiter(rules)
+    per_hit(embedded_small, small)  # warm: every key resident
+    # the large run starts from a full table (a previous pass of the same key space), so it evicts throughout
+    per_hit(embedded_large, contexts(1_000_000, 100_000))
+    result["memory_1k_keys_us"] = round(min(per_hit(embedded_small, small) for _ in range(3)), 3)
+    result["memory_1m_keys_us"] = round(min(per_hit(embedded_large, large) for _ in range(3)), 3)
+    result["memory_1m_counters_held"] = len(embedded_large)
+    result["memory_1m_bytes_charged"] = embedded_large.size_bytes
+    limits_small = LimitsRateLimiter(rules, "memory://", "fixed-window")
+    per_hit(limits_small, small[: hits // 4])
+    result["limits_memory_storage_1k_keys_us"] = round(per_hit(limits_small, small[: hits // 4]), 3)
+    return result
+
+
 def profile(requests: int, path: str, top: int = 25) -> str:
     """cProfile of the middleware path only, sorted by own time."""
     with tempfile.TemporaryDirectory() as root:
@@ -163,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of the middleware path")
     parser.add_argument("--dispatch", action="store_true", help="also measure hook dispatch with 1, 5, 20 plugins")
+    parser.add_argument("--limiter", action="store_true", help="also measure the rate limiter alone at 1k and 1M keys")
     args = parser.parse_args(argv)
 
     result = measure(args.rounds, args.requests, args.path)
     if args.dispatch:
         result["dispatch"] = dispatch()
+    if args.limiter:
+        result["limiter"] = limiter_costs()
     bare, regmw = result["bare"], result["regmw"]
     print(f"GET {args.path}, {args.rounds} interleaved rounds x {args.requests} requests per side, in-process WSGI")
     print(f"  bare app : {bare['rps']:>10.0f} req/s   p50 {bare['p50_ms'] * 1000:8.2f} us")
@@ -177,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     for count, figures in result.get("dispatch", {}).items():
         print(f"  regmw_admit, {count:>2} plugin(s): pluggy {figures['pluggy_us']:6.2f} us, "
               f"start-up call plan {figures['plan_us']:6.2f} us per call (best of 5 interleaved rounds)")
+    if "limiter" in result:
+        figures = result["limiter"]
+        print(f"  rate limiter, 2 rules, per hit: embedded at 1k keys {figures['memory_1k_keys_us']:.2f} us, "
+              f"at 1M repositories / 100k clients {figures['memory_1m_keys_us']:.2f} us "
+              f"({figures['memory_1m_counters_held']} counters held, {figures['memory_1m_bytes_charged']} bytes); "
+              f"limits MemoryStorage at 1k keys {figures['limits_memory_storage_1k_keys_us']:.2f} us")
     if args.profile:
         print(profile(args.requests * 5, args.path))
     if args.json:

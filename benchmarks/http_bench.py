@@ -217,6 +217,11 @@ class Server:
              "--log-level", "error", "-b", f"127.0.0.1:{self.port}", "http_bench:application()"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         wait_port(self.port, self.proc)
+        deadline = time.monotonic() + 30
+        while not children(self.proc.pid):  # the master listens before it forks the worker
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{kind}: no gunicorn worker")
+            time.sleep(0.05)
         self.worker = children(self.proc.pid)[0]
         self.offset = 0
 

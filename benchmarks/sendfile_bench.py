@@ -11,7 +11,10 @@ a ``wsgi.file_wrapper`` (as Flask's ``send_file`` does):
                  gunicorn copies the file through Python in 64 KiB reads.
 
 A client on a raw socket reads every byte into one reused buffer. Rounds
-alternate the servers in a fresh random order; the median per side is reported.
+alternate the servers in a fresh random order; the median per side is reported,
+as throughput (wall clock, which on a shared machine swings with the other
+load) and as the gunicorn worker's CPU seconds per GiB sent (utime + stime
+from /proc: sendfile's kernel copy included), which is steadier.
 
     python benchmarks/sendfile_bench.py [--size-mib 1024] [--rounds 3] [--json]
 
@@ -64,6 +67,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def worker_of(master: int) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(f"/proc/{master}/task/{master}/children") as handle:
+            children = handle.read().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise TimeoutError("no gunicorn worker")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start(kind: str, blob: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "BENCH_KIND": kind, "BENCH_BLOB": blob, "PYTHONPATH": os.pathsep.join([HERE, ROOT])}
@@ -114,27 +134,34 @@ def main(argv: list[str] | None = None) -> int:
         with open(blob, "wb") as handle:
             handle.truncate(size)
         servers = {side: start(side, blob) for side in SIDES}
+        workers = {side: worker_of(proc.pid) for side, (proc, _) in servers.items()}
         seconds: dict[str, list[float]] = {side: [] for side in SIDES}
+        cpu: dict[str, list[float]] = {side: [] for side in SIDES}
         try:
             for _, port in servers.values():
                 fetch(port, size)  # warm-up: page cache, imports
             for number in range(1, args.rounds + 1):
                 order = random.sample(SIDES, len(SIDES))
                 for side in order:
+                    before = cpu_seconds(workers[side])
                     seconds[side].append(fetch(servers[side][1], size))
-                print(f"round {number}: " + ", ".join(f"{side} {size / seconds[side][-1] / 2**30:.2f} GiB/s"
-                                                      for side in SIDES))
+                    cpu[side].append((cpu_seconds(workers[side]) - before) / (size / 2**30))
+                print(f"round {number}: " + ", ".join(
+                    f"{side} {size / seconds[side][-1] / 2**30:.2f} GiB/s, {cpu[side][-1]:.2f} CPU s/GiB"
+                    for side in SIDES))
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait()
     result = {side: {"seconds": round(statistics.median(values), 3),
-                     "gib_per_s": round(size / statistics.median(values) / 2**30, 3)} for side, values in seconds.items()}
+                     "gib_per_s": round(size / statistics.median(values) / 2**30, 3),
+                     "server_cpu_s_per_gib": round(statistics.median(cpu[side]), 3)} for side, values in seconds.items()}
     result["regmw_vs_bare"] = round(result["regmw"]["gib_per_s"] / result["bare"]["gib_per_s"], 3)
     result["python_copy_vs_bare"] = round(result["python_copy"]["gib_per_s"] / result["bare"]["gib_per_s"], 3)
     result["size_mib"] = args.size_mib
-    print(f"median of {args.rounds} rounds, {args.size_mib} MiB: regmw/bare {result['regmw_vs_bare']}, "
-          f"python copy/bare {result['python_copy_vs_bare']}")
+    print(f"median of {args.rounds} rounds, {args.size_mib} MiB: throughput regmw/bare {result['regmw_vs_bare']}, "
+          f"python copy/bare {result['python_copy_vs_bare']}; server CPU s/GiB: "
+          + ", ".join(f"{side} {result[side]['server_cpu_s_per_gib']}" for side in SIDES))
     if args.json:
         print(json.dumps(result))
     return 0
