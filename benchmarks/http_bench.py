@@ -101,10 +101,11 @@ def application():
                       ["migration"] + (["redis"] if kind == "regmw_redis" else []),
                       "entry_points": False, "log_level": "ERROR", "trusted_proxies": ["127.0.0.1/32"]},
             "storage": {"root": root},
-            "migration": {"old_root": "old", "new_root": "new"},
             "ratelimit": {"rules": [{"name": "per-client", "by": "client", "limit": LIMIT},
                                     {"name": "per-repository", "by": "repository", "limit": LIMIT}]},
         }
+        if "migration" in config["regmw"]["plugins"]:
+            config["migration"] = {"old_root": "old", "new_root": "new"}
         if kind == "regmw_redis":
             config["redis"] = {"url": redis_url, "namespace": f"bench{os.getpid()}"}
         return RegistryMiddleware(app.wsgi_app, config, environ={})
