@@ -5,9 +5,10 @@ first request, and reported as one :class:`~regmw.errors.ConfigError` line.
 """
 from __future__ import annotations
 
-import logging
+import dataclasses
 import os
 import threading
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import pluggy
 from .backends import Services
 from .clients import ClientResolver
 from .config import Config, Section, _as_list, env_name, env_overrides, load_toml, merge, validate
+from .defaults.core import check_rate_limiter, complete_admission
 from .errors import ConfigError
 from .plugins import load_plugins, make_manager
 from .tokens import TokenVerifier
@@ -38,7 +40,7 @@ def gather_sections(pm: pluggy.PluginManager) -> dict[str, Section]:
             if section.name in sections:
                 raise ConfigError(f"config section [{section.name}] is declared twice ({impl.plugin_name})")
             if section.owner == "regmw" and not impl.plugin_name.startswith("regmw."):
-                section = Section(section.name, section.help, section.options, impl.plugin_name)
+                section = dataclasses.replace(section, owner=impl.plugin_name)
             sections[section.name] = section
     return sections
 
@@ -76,26 +78,64 @@ def build(
     load_plugins(pm, builtins, plugins, entry_points not in ("false", "0", "no", "off"))
     sections = gather_sections(pm)
     validated = validate(merge(raw, env_overrides(sections, environ)), sections, source)
-    logging.getLogger("regmw").setLevel(validated["regmw"]["log_level"])
     return Runtime(validated, pm, build_services(validated, pm))
 
 
 def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
+    """Call the provider hooks once, in the contract's order, each seeing the services built before it.
+
+    ``regmw_redis`` → cache, locks, rate limiter, storage → classifier →
+    position store → every ``regmw_prefetch`` declaration → admission (which
+    therefore sees all of them) → database router → ``regmw_startup``.
+    """
     hook = pm.hook
     services = Services(
         config=config,
         pm=pm,
-        cache=hook.regmw_cache(config=config),
-        locks=hook.regmw_lock_manager(config=config),
-        rate_limiter=hook.regmw_rate_limiter(config=config),
-        storage=hook.regmw_storage(config=config),
         token_verifier=TokenVerifier.from_config(config["auth"]),
         clients=ClientResolver(config["regmw"]["trusted_proxies"], config["regmw"]["ipv6_prefix"]),
     )
-    services.admission = hook.regmw_admission(config=config, services=services)
+    services.redis = hook.regmw_redis(config=config)
+    services.cache = hook.regmw_cache(config=config, services=services)
+    services.locks = hook.regmw_lock_manager(config=config, services=services)
+    services.rate_limiter = hook.regmw_rate_limiter(config=config, services=services)
+    check_rate_limiter(services, provider_name(pm, services.rate_limiter))
+    services.storage = hook.regmw_storage(config=config, services=services)
+    services.classifier = hook.regmw_classifier(config=config, services=services)
+    services.positions = hook.regmw_position_store(config=config, services=services)
+    services.prefetch = collect_prefetch(hook.regmw_prefetch(config=config, services=services))
+    admission = hook.regmw_admission(config=config, services=services)
+    services.admission = complete_admission(admission, services, provider_name(pm, admission))
     services.db_router = hook.regmw_db_router(config=config, services=services)
     hook.regmw_startup(services=services)
     return services
+
+
+def provider_name(pm: pluggy.PluginManager, backend: Any) -> str:
+    """The registered name of the plugin whose module defines ``backend``'s class, for error lines only."""
+    module = type(backend).__module__
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        if isinstance(plugin, types.ModuleType):
+            if plugin.__name__ == module:
+                return name
+        elif type(plugin).__module__ == module:
+            # objects registered in code get pluggy's id-number name: say what they are instead
+            return f"{type(plugin).__qualname__} ({module})" if name == str(id(plugin)) else name
+    return module
+
+
+def collect_prefetch(declared: Iterable[Iterable[Any] | None]) -> tuple[Any, ...]:
+    """Every plugin's prefetch key functions as one tuple (each function once)."""
+    functions: list[Any] = []
+    for group in declared:
+        for function in group or ():
+            if not callable(function):
+                raise ConfigError(f"regmw_prefetch: {function!r} is not a function context -> cache key")
+            if function not in functions:
+                functions.append(function)
+    return tuple(functions)
 
 
 _default_runtime: Runtime | None = None

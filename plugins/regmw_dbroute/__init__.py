@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from regmw.plugins import hookimpl
 
-from .config import SECTION
-from .handle import DbHandle, PrimaryUnavailable
+from .config import SECTION, settings_from_config
+from .handle import DbHandle, PrimaryUnavailable, ReplicaLost
 from .router import Router
+from .store import make_store
 
-__all__ = ["DbHandle", "PrimaryUnavailable", "Router"]
+__all__ = ["DbHandle", "PrimaryUnavailable", "ReplicaLost", "Router"]
 
 
 @hookimpl
@@ -29,13 +30,19 @@ def regmw_config_sections():
 
 
 @hookimpl
+def regmw_position_store(config, services):
+    """``services.positions``: on the shared Redis (``services.redis``) when there is one, per ``[database] store``."""
+    return make_store(settings_from_config(config["database"]), services.redis)
+
+
+@hookimpl
 def regmw_db_router(config, services):
-    return Router.from_config(config, services)
+    return Router(settings_from_config(config["database"]), services.positions)
 
 
 @hookimpl
 def regmw_startup(services):
-    """Run the first health check and start the checker thread (a daemon; ``router.close()`` stops it)."""
+    """Run the first health check (the checker thread starts with the first request of each process)."""
     router = services.db_router
     if isinstance(router, Router):
         router.start()

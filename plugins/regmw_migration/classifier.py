@@ -39,7 +39,7 @@ PERMANENT = 0  # Cache.set ttl 0: no expiry
 
 
 class Classifier:
-    """Old/new classification for one configured runtime (kept in ``services.extras["migration"]``)."""
+    """Old/new classification for one configured runtime (``services.classifier``)."""
 
     def __init__(self, services: Services, section: Mapping[str, Any]) -> None:
         self.services = services
@@ -50,7 +50,6 @@ class Classifier:
         self.paused = section["paused"]
         self.old_ttl = section["old_ttl"]
         self.new_ttl = section["new_ttl"] or PERMANENT
-        self.header = section["response_header"]
         self.retry_after = section["retry_after"]
         self.flights = SingleFlight(section["max_inflight"], section["wait_timeout"])
 
@@ -61,7 +60,7 @@ class Classifier:
         return repository_key(repository, "migration")
 
     def prefetch_key(self, context: Any) -> str | None:
-        """For ``services.prefetch``: the key an admission should read on its round trip."""
+        """Declared through ``regmw_prefetch``: the key an admission should read on its round trip."""
         return self.cache_key(context.repository) if context.repository else None
 
     def old_prefix(self, repository: str) -> str:
@@ -86,8 +85,6 @@ class Classifier:
         if reason in ("old_prefix", "new_prefix"):
             reason = source
         metrics.classifications.labels(path, reason).inc()
-        if self.header:
-            context.response_headers.append((HEADER, path))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s: %s (decided by %s; state %s, token flag %s)",
                       context.method, repository, path, reason, state, flag)

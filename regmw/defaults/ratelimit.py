@@ -134,7 +134,8 @@ class MemoryRateLimiter:
     (windows aligned on the clock; a refused hit is not counted).
     """
 
-    declarative = True
+    declarative = True  # capability: ``rules`` may be counted by another store
+    shared = False  # capability: counts seen by this process only
 
     def __init__(
         self,

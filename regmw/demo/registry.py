@@ -26,9 +26,11 @@ import os
 import re
 import shutil
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Flask, Response, request, send_file
 
+from regmw.errors import error_body
 from regmw.routes import TAG_RE
 
 from .layout import Layout, append_stream, file_digest, parse_digest, valid_name
@@ -55,11 +57,8 @@ def oci_error(
     code: str, message: str, detail: Any = None, status: int | None = None, headers: dict[str, str] | None = None
 ) -> Response:
     """An OCI distribution error response: ``{"errors": [{"code", "message", "detail"}]}``."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if detail is not None:
-        error["detail"] = detail
     status = status or _STATUS.get(code, 400)
-    return Response(json.dumps({"errors": [error]}), status, mimetype="application/json", headers=headers)
+    return Response(error_body(code, message, detail), status, mimetype="application/json", headers=headers)
 
 
 def create_app(root: str) -> Flask:
@@ -278,7 +277,8 @@ class _Handlers:
         n = request.args.get("n", type=int)
         if n is not None and 0 <= n < len(tags):
             tags = tags[:n]
-            headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[-1] if tags else ""}>; rel="next"'
+            if tags:  # n=0 asks for nothing: a Link to the same empty page would never end
+                headers["Link"] = f'</v2/{name}/tags/list?{urlencode({"n": n, "last": tags[-1]})}>; rel="next"'
         return Response(json.dumps({"name": name, "tags": tags}), 200, mimetype="application/json", headers=headers)
 
     def _tags(self, name: str) -> list[str]:
