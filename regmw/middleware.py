@@ -235,12 +235,16 @@ def _call_plan(caller: Any) -> Callable[..., Any] | None:
         return None
     if any(impl.hookwrapper or impl.wrapper for impl in impls):
         return caller
-    calls = tuple((impl.function, tuple(impl.argnames)) for impl in reversed(impls))
+    spec_names = tuple(caller.spec.argnames) if caller.spec is not None else ()
+    # None: the implementation takes every argument, in the spec's order (the usual case)
+    calls = tuple((impl.function, None if tuple(impl.argnames) == spec_names else tuple(impl.argnames))
+                  for impl in reversed(impls))
     if caller.spec is not None and caller.spec.opts.get("firstresult"):
 
         def first_result(**kwargs: Any) -> Any:
+            values = [kwargs[name] for name in spec_names]
             for function, names in calls:
-                result = function(*[kwargs[name] for name in names])
+                result = function(*values) if names is None else function(*[kwargs[name] for name in names])
                 if result is not None:
                     return result
             return None
@@ -248,9 +252,10 @@ def _call_plan(caller: Any) -> Callable[..., Any] | None:
         return first_result
 
     def all_results(**kwargs: Any) -> list[Any]:
+        values = [kwargs[name] for name in spec_names]
         results = []
         for function, names in calls:
-            result = function(*[kwargs[name] for name in names])
+            result = function(*values) if names is None else function(*[kwargs[name] for name in names])
             if result is not None:
                 results.append(result)
         return results
