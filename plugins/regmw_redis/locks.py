@@ -170,6 +170,10 @@ class RedisLockManager:
         self._renew_slot = client.register_script(scripts.RENEW_SLOT)
         self._count_slots = client.register_script(scripts.COUNT_SLOTS)
 
+    def ready(self) -> None:
+        """For ``/-/regmw/ready``: one PING (raises when Redis does not answer)."""
+        self.client.ping()
+
     def _socket_timeout(self) -> float | None:
         """The longest one attempt of a command can block: read/connect timeout times (retries + 1)."""
         pool = self.client.connection_pool
