@@ -83,13 +83,15 @@ class RegistryMiddleware:
         self.runtime = config if isinstance(config, Runtime) else build(config, environ=environ, plugins=plugins)
         self.services = self.runtime.services
         hook = self.runtime.pm.hook
-        # Hooks nobody implements are skipped outright: the plugin set is fixed
-        # once the runtime is built, and an empty pluggy call still costs ~2 us.
-        self._admit = _implemented(hook.regmw_admit)
-        self._classify = _implemented(hook.regmw_classify)
-        self._route_db = _implemented(hook.regmw_route_db)
-        self._response_started = _implemented(hook.regmw_response_started)
-        self._finish_hook = _implemented(hook.regmw_finish)
+        # The plugin set is fixed once the runtime is built, so each decision
+        # hook's call plan is made here, once (see _call_plan): hooks nobody
+        # implements are skipped outright, the others called without pluggy's
+        # per-call machinery unless a wrapper needs it.
+        self._admit = _call_plan(hook.regmw_admit)
+        self._classify = _call_plan(hook.regmw_classify)
+        self._route_db = _call_plan(hook.regmw_route_db)
+        self._response_started = _call_plan(hook.regmw_response_started)
+        self._finish_hook = _call_plan(hook.regmw_finish)
         serve = self.runtime.config["serve"]
         self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
         # A registry front (the gateway) forwards a manifest read whose reference breaks the
@@ -187,6 +189,9 @@ class RegistryMiddleware:
         except BaseException:
             self._finish(context)
             raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper) and _finish_on_close(body, self._finish, context):
+            return body  # the server's own type: it still recognises it and sends the file with sendfile
         return _Closing(body, self._finish, context)
 
     def _pass_through(self, path: str, environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -234,7 +239,10 @@ class RegistryMiddleware:
 
 
 class _Closing:
-    """The app's body iterable, with ``regmw_finish`` run once when the server closes it."""
+    """The app's body iterable, with ``regmw_finish`` run once when the server closes it.
+
+    Not used for the server's own ``wsgi.file_wrapper`` objects (see :func:`_finish_on_close`).
+    """
 
     __slots__ = ("_body", "_finish", "_context")
 
@@ -255,9 +263,80 @@ class _Closing:
                 finish(self._context)
 
 
-def _implemented(caller: Any) -> Any:
-    """The hook caller if any plugin implements the hook, else None."""
-    return caller if caller.get_hookimpls() else None
+def _finish_on_close(body: Any, finish: Callable[[RequestContext], None], context: RequestContext) -> bool:
+    """Hook ``regmw_finish`` into the ``close`` of the server's ``wsgi.file_wrapper`` object, in place.
+
+    Wrapping it in :class:`_Closing` would hide its type from the server, which
+    then copies the file through Python instead of sendfile (gunicorn checks
+    ``isinstance(result, environ["wsgi.file_wrapper"])``). The server calls
+    ``close`` once it has sent the file, as for any body; finish still runs
+    exactly once. False when the object refuses a ``close`` attribute (slots):
+    the caller then wraps it and the copy goes through Python.
+    """
+    original = getattr(body, "close", None)
+    pending = [finish]
+
+    def close() -> None:
+        try:
+            if original is not None:
+                original()
+        finally:
+            if pending:
+                pending.pop()(context)
+
+    try:
+        body.close = close
+    except (AttributeError, TypeError):
+        return False
+    return True
+
+
+def _call_plan(caller: Any) -> Callable[..., Any] | None:
+    """How to call one decision hook per request, worked out once at start-up.
+
+    None when no plugin implements it. When some implementation is a wrapper
+    (``hookwrapper=True`` or ``wrapper=True``), pluggy's own caller, which runs
+    them. Otherwise a plain loop over the implementations in pluggy's order
+    (``get_hookimpls()`` reversed: the last registered and ``tryfirst`` first),
+    passing each the arguments it names, stopping at the first non-None
+    answer for a ``firstresult`` hook and otherwise collecting the non-None
+    answers, as pluggy does. Measured (benchmarks/core_overhead.py
+    ``--dispatch``): pluggy costs several times the loop per call, and the
+    gap grows with each plugin. pluggy stays the registry and the contract;
+    hook-call monitoring added after start-up (``pm.add_hookcall_monitoring``)
+    does not see these calls.
+    """
+    impls = caller.get_hookimpls()
+    if not impls:
+        return None
+    if any(impl.hookwrapper or impl.wrapper for impl in impls):
+        return caller
+    spec_names = tuple(caller.spec.argnames) if caller.spec is not None else ()
+    # None: the implementation takes every argument, in the spec's order (the usual case)
+    calls = tuple((impl.function, None if tuple(impl.argnames) == spec_names else tuple(impl.argnames))
+                  for impl in reversed(impls))
+    if caller.spec is not None and caller.spec.opts.get("firstresult"):
+
+        def first_result(**kwargs: Any) -> Any:
+            values = [kwargs[name] for name in spec_names]
+            for function, names in calls:
+                result = function(*values) if names is None else function(*[kwargs[name] for name in names])
+                if result is not None:
+                    return result
+            return None
+
+        return first_result
+
+    def all_results(**kwargs: Any) -> list[Any]:
+        values = [kwargs[name] for name in spec_names]
+        results = []
+        for function, names in calls:
+            result = function(*values) if names is None else function(*[kwargs[name] for name in names])
+            if result is not None:
+                results.append(result)
+        return results
+
+    return all_results
 
 
 def _reaches_api(path: str) -> bool:
