@@ -36,7 +36,7 @@ from prometheus_client import make_wsgi_app
 
 from . import accesslog, health, metrics
 from .context import RequestContext
-from .errors import Refusal, name_invalid
+from .errors import BackendUnavailable, Refusal, name_invalid, unavailable
 from .routes import NotAnApiRequest, UnknownReference, parse_request
 from .runtime import Runtime, build
 
@@ -186,6 +186,21 @@ class RegistryMiddleware:
 
         try:
             body = app(environ, regmw_start_response)
+        except BackendUnavailable as exc:
+            # A plugin's "backend down" error (dbroute's PrimaryUnavailable or
+            # ReplicaLost, say) raised by an app that did not answer it itself:
+            # before the response started it is a 503 like any refusal, never a
+            # 500 with a traceback. After that the server must see it.
+            if context.status is not None:
+                self._finish(context)
+                raise
+            log.warning("%s %s: %s: %s", context.method, path, type(exc).__name__, exc)
+            refusal = unavailable("a backend the registry needs is unavailable; retry the request", 5,
+                                  reason="backend_unavailable")
+            context.status = refusal.status
+            environ[_REFUSAL] = refusal.reason
+            self._finish(context)
+            return refusal(environ, start_response, context.response_headers)
         except BaseException:
             self._finish(context)
             raise

@@ -288,3 +288,36 @@ def test_mount_source_name_is_checked():
     assert bad.status_code == 400 and bad.json["errors"][0]["code"] == "NAME_INVALID"
     good = client.post(f"/v2/dest/app/blobs/uploads/?mount={digest}&from=src/app")
     assert good.status_code == 200
+
+
+def test_a_backend_down_error_from_a_plain_wsgi_app_is_an_oci_503():
+    """dbroute's PrimaryUnavailable/ReplicaLost subclass BackendUnavailable: a bare WSGI app gets a 503, not a 500."""
+    from regmw.errors import BackendUnavailable
+
+    finished = []
+
+    class Finish:
+        @hookimpl
+        def regmw_finish(self, context, status):
+            finished.append(status)
+
+    def raising_app(environ, start_response):
+        raise BackendUnavailable("primary db.example.com:5432 refused the connection")
+
+    response = Client(make(app=raising_app, plugins=[Finish()])).get("/v2/a/manifests/latest")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert json.loads(response.data)["errors"][0]["code"] == "UNAVAILABLE"
+    assert "db.example.com" not in response.get_data(as_text=True)
+    assert finished == [503]
+
+
+def test_a_backend_down_error_after_the_response_started_reaches_the_server():
+    from regmw.errors import BackendUnavailable
+
+    def late_app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        raise BackendUnavailable("replica lost mid-stream")
+
+    with pytest.raises(BackendUnavailable):
+        Client(make(app=late_app)).get("/v2/a/manifests/latest")
