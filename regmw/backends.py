@@ -141,6 +141,19 @@ class Admission(Protocol):
     def admit(self, context: RequestContext) -> Refusal | None: ...
 
 
+@runtime_checkable
+class EventSink(Protocol):
+    """Where registry events go (issue 11): a webhook queue, a log, a filter in front of one.
+
+    ``event`` is one event of distribution's notification format (a dict with
+    ``id``, ``timestamp``, ``action``, ``target``, ``request``, ``actor``,
+    ``source``). ``emit`` returns only once the event is durable (it survives
+    this process dying), or raises: an event is never dropped silently.
+    """
+
+    def emit(self, event: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class Services:
     """The backends built at start-up, shared by every request."""
@@ -153,6 +166,7 @@ class Services:
     storage: Storage | None
     admission: Admission | None = None
     db_router: Any = None
+    events: EventSink | None = None  # regmw_event_sink: notifications
     token_verifier: Any = None
     clients: Any = None  # regmw.clients.ClientResolver: who the client is, for rate limits
     #: functions ``context -> cache key | None`` whose values an Admission that

@@ -65,6 +65,18 @@ def regmw_storage(config):
 
 
 @hookspec(firstresult=True)
+def regmw_event_sink(config, services):
+    """Return the :class:`~regmw.backends.EventSink` that receives registry events, or None.
+
+    ``services.events`` is the result. ``emit(event)`` must make the event
+    durable before it returns (or raise): the caller emits before the client
+    sees the response. A plugin adds a sink or filters events by wrapping this
+    hook (``@hookimpl(wrapper=True)``: take the inner sink from ``yield`` and
+    return a sink that forwards to it).
+    """
+
+
+@hookspec(firstresult=True)
 def regmw_admission(config, services):
     """Return the :class:`~regmw.backends.Admission` that runs rate limits and read-only checks.
 

@@ -92,6 +92,7 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
         token_verifier=TokenVerifier.from_config(config["auth"]),
         clients=ClientResolver(config["regmw"]["trusted_proxies"], config["regmw"]["ipv6_prefix"]),
     )
+    services.events = hook.regmw_event_sink(config=config, services=services)
     services.admission = hook.regmw_admission(config=config, services=services)
     services.db_router = hook.regmw_db_router(config=config, services=services)
     hook.regmw_startup(services=services)
