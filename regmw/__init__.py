@@ -1,5 +1,5 @@
 """regmw: pluggable WSGI middleware for container registries."""
-from .backends import Lease, RateLimitResult, Services, StatResult, repository_key
+from .backends import Lease, RateLimitResult, Services, repository_key
 from .config import ConfigError, Option, Section
 from .context import RequestContext
 from .errors import BackendUnavailable, Refusal, SlotUnavailable, StorageError
@@ -10,6 +10,6 @@ from .runtime import Runtime, build, cluster_slot, default_runtime
 __all__ = [
     "BackendUnavailable", "SlotUnavailable", "cluster_slot", "default_runtime",
     "ConfigError", "Lease", "Option", "RateLimitResult", "Refusal", "RegistryMiddleware", "RequestContext",
-    "Runtime", "Section", "Services", "StatResult", "StorageError", "build", "hookimpl", "repository_key",
+    "Runtime", "Section", "Services", "StorageError", "build", "hookimpl", "repository_key",
 ]
 __version__ = "0.1.0"

@@ -1,16 +1,40 @@
-"""The backend interfaces that provider hooks return.
+"""The plugin contract: the named services provider hooks return, and what each can do.
 
-A provider hook (``regmw_cache``, ``regmw_lock_manager``, ...) is called once
-at start-up and returns one of these objects; the per-request decision hooks
-then use them through ``context.services``. Embedded defaults live in
-:mod:`regmw.defaults`; Redis, GCS and PostgreSQL versions in ``plugins/``.
+A provider hook (``regmw_redis``, ``regmw_cache``, ``regmw_classifier``, ...)
+is called once at start-up (in the order of :func:`regmw.runtime.build_services`)
+and returns one of these objects; it lands in a named field of
+:class:`Services`, and every later provider and per-request hook reaches it
+there (``services.redis``, ``context.services.classifier``). Plugins meet only
+through these fields and the hooks: never through another plugin's module, its
+classes or a shared dict. Embedded defaults live in :mod:`regmw.defaults`;
+Redis, GCS, PostgreSQL and migration versions in ``plugins/``.
+
+A backend says what it is able to do with capability attributes instead of
+being recognised by its class:
+
+``shared`` (Cache, LockManager, RateLimiter)
+    True when every regmw instance sees the same state (a Redis cache), False
+    or absent when it lives in one process (the embedded defaults).
+``rules`` (RateLimiter)
+    The declarative rules (:class:`regmw.defaults.ratelimit.Rule`) it counts,
+    so another store (the Redis one-round-trip script) can count them instead;
+    None or absent when its rules are its own code.
+``parts`` (RateLimiter)
+    The limiters a composite limiter counts (:class:`CompositeRateLimiter`).
+``covers`` (Admission)
+    Which of ``{"ratelimit", "readonly"}`` it decides itself; start-up adds
+    the rest around it (see :func:`regmw.defaults.core.complete_admission`).
+``connection`` plus ``redis_key(key)`` (Cache) / ``read_only_key(repository)`` (LockManager)
+    A backend living in a Redis: the :class:`RedisConnection` it uses and the
+    Redis key holding a value, so a Redis admission on the same connection can
+    read it on its own round trip.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -112,33 +136,97 @@ class RateLimiter(Protocol):
 class Storage(Protocol):
     """Answers existence questions about a registry's storage, cheaply.
 
-    Both raise :class:`regmw.errors.StorageError` when storage cannot answer;
-    an error is never reported as "does not exist".
+    ``prefix_exists`` raises :class:`regmw.errors.StorageError` when storage
+    cannot answer; an error is never reported as "does not exist".
     """
 
     def prefix_exists(self, prefix: str) -> bool: ...
-
-    def stat(self, path: str) -> StatResult | None: ...
-
-
-@dataclass(frozen=True)
-class StatResult:
-    path: str
-    is_dir: bool
-    size: int = 0
-    modified: float | None = None
 
 
 @runtime_checkable
 class Admission(Protocol):
     """Everything that must be decided before a request is let in.
 
-    The default composes the rate limiter and the read-only check; a backend
-    that can answer all of it in one round trip (the Redis plugin) provides its
-    own and may fill ``context.prefetched`` with cache values it read on the way.
+    ``covers`` names what it decides itself, of ``{"ratelimit", "readonly"}``;
+    start-up runs the rest around it (rate limits before, the read-only check
+    after), so replacing the admission never silently drops either. A
+    backend that can answer all of it in one round trip (the Redis plugin)
+    covers both and fills ``context.prefetched`` with the values of every
+    ``services.prefetch`` key it read on the way.
     """
 
+    covers: frozenset[str]
+
     def admit(self, context: RequestContext) -> Refusal | None: ...
+
+
+ADMISSION_PARTS: frozenset[str] = frozenset({"ratelimit", "readonly"})
+
+
+@runtime_checkable
+class RedisConnection(Protocol):
+    """The shared Redis connection (``services.redis``), provided by ``regmw_redis``.
+
+    ``client`` is a ``redis.Redis`` (or ``redis.cluster.RedisCluster`` when
+    ``cluster``); building it opens no connection, the first command does.
+    ``key("cache", "x")`` is ``"<namespace>:cache:x"``; put a repository's keys
+    in its hash tag with :func:`repository_key`. ``ping()`` raises when Redis
+    does not answer.
+    """
+
+    client: Any
+    namespace: str
+    cluster: bool
+
+    def key(self, *parts: str) -> str: ...
+
+    def ping(self) -> None: ...
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """Old/new classification of repositories during a storage migration (``services.classifier``)."""
+
+    def classify(self, context: RequestContext) -> Literal["old", "new"] | None: ...
+
+    def mark_migrated(self, repository: str) -> None: ...
+
+
+class StoreUnavailable(RuntimeError):
+    """A position store could not answer; the router then never trusts a replica for the read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """What a position store knows for one repository."""
+
+    repository: int | None  # the latest recorded write position, if any
+    floor: int | None  # the position recorded when the store was (re)initialised
+    initialized: bool  # False: the store lost its data (or is new); set a floor first
+
+    @property
+    def required(self) -> int | None:
+        values = [value for value in (self.repository, self.floor) if value]
+        return max(values) if values else None
+
+
+@runtime_checkable
+class PositionStore(Protocol):
+    """Shared WAL write positions per repository (``services.positions``).
+
+    Every method raises :class:`StoreUnavailable` on failure. ``advance`` keeps
+    the maximum of the stored and the given position and returns it.
+    """
+
+    def get(self, repository: str | None) -> Positions: ...
+
+    def advance(self, repository: str, lsn: int, ttl: float) -> int: ...
+
+    def initialize(self, floor: int, ttl: float) -> None: ...
+
+
+#: a prefetch declaration: the cache key a request's admission should read, or None
+PrefetchKey = Callable[["RequestContext"], "str | None"]
 
 
 @runtime_checkable
@@ -156,21 +244,24 @@ class EventSink(Protocol):
 
 @dataclass
 class Services:
-    """The backends built at start-up, shared by every request."""
+    """The named services built at start-up (see :func:`regmw.runtime.build_services`), shared by every request."""
 
     config: Any
     pm: Any
-    cache: Cache
-    locks: LockManager
-    rate_limiter: RateLimiter | None
-    storage: Storage | None
+    redis: RedisConnection | None = None
+    cache: Cache = None  # type: ignore[assignment]  # always set by build_services (a default exists)
+    locks: LockManager = None  # type: ignore[assignment]
+    rate_limiter: RateLimiter | None = None
+    storage: Storage | None = None
+    classifier: Classifier | None = None
+    positions: PositionStore | None = None
+    events: EventSink | None = None  # regmw_event_sink: notifications (emit is durable before it returns)
+    jobs: Any = None  # job queue
+    #: every ``regmw_prefetch`` declaration, collected before the admission is
+    #: built: an Admission reading the cache anyway reads each key on the
+    #: request's way in, into ``context.prefetched[key]``.
+    prefetch: tuple[PrefetchKey, ...] = ()
     admission: Admission | None = None
     db_router: Any = None
-    events: EventSink | None = None  # regmw_event_sink: notifications
     token_verifier: Any = None
     clients: Any = None  # regmw.clients.ClientResolver: who the client is, for rate limits
-    #: functions ``context -> cache key | None`` whose values an Admission that
-    #: talks to the cache anyway should read on the same round trip into
-    #: ``context.prefetched[key]`` (the classification plugin registers one).
-    prefetch: list[Callable[[Any], str | None]] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)

@@ -26,7 +26,6 @@ class RequestContext:
         "is_write",
         "method",
         "migration_path",
-        "notes",
         "prefetched",
         "response_headers",
         "route",
@@ -45,7 +44,6 @@ class RequestContext:
         self.prefetched: dict[str, bytes | None] = {}  # cache values read during admission
         self.response_headers: list[tuple[str, str]] = []  # added to whatever answer is sent
         self.status: int | None = None
-        self.notes: dict[str, Any] = {}  # scratch space for plugins, keyed by plugin name
         self._claims: Any = _UNSET
         self._client: str | None = None
 

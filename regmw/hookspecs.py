@@ -2,10 +2,14 @@
 
 Two kinds, in the order a request meets them:
 
-*Provider hooks* run once at start-up and return a backend object (see
-:mod:`regmw.backends`). They are ``firstresult``: the most recently registered
-plugin that returns something wins, so an enabled plugin (``redis``) overrides
-the embedded default, and a third-party plugin overrides both.
+*Provider hooks* run once at start-up, in the order below, and return a
+named service (see :mod:`regmw.backends`) that lands in ``services.<name>``
+for the providers after it and for every request. They are ``firstresult``:
+the most recently registered plugin that returns something wins, so an
+enabled plugin (``redis``) overrides the embedded default, and a third-party
+plugin overrides both; a wrapper (``@hookimpl(wrapper=True)``) receives the
+chosen one and may wrap it. Plugins meet only through these services and
+hooks, never through each other's modules.
 
 *Decision hooks* run per API request whose path parsed (a repository name
 that fails the grammar never reaches them; ``/v2/`` and ``/v2/_catalog`` do,
@@ -45,23 +49,48 @@ def regmw_config_sections():
 
 
 @hookspec(firstresult=True)
-def regmw_cache(config):
+def regmw_redis(config):
+    """Return the shared :class:`~regmw.backends.RedisConnection` (``services.redis``), or None.
+
+    The ``redis`` plugin provides it; later providers (cache, locks, the
+    position store, ...) find it in ``services.redis``. Build the client
+    without connecting: checking a configuration must open no connection.
+    """
+
+
+@hookspec(firstresult=True)
+def regmw_cache(config, services):
     """Return the shared :class:`~regmw.backends.Cache`. Default: bounded in-process LRU+TTL."""
 
 
 @hookspec(firstresult=True)
-def regmw_lock_manager(config):
+def regmw_lock_manager(config, services):
     """Return the :class:`~regmw.backends.LockManager`. Default: in-process locks."""
 
 
 @hookspec(firstresult=True)
-def regmw_rate_limiter(config):
-    """Return the :class:`~regmw.backends.RateLimiter`, or None when no rules are configured."""
+def regmw_rate_limiter(config, services):
+    """Return the :class:`~regmw.backends.RateLimiter`, or None when no rules are configured.
+
+    To add a limiter without dropping the configured one, wrap this hook
+    (``@hookimpl(wrapper=True)``: ``inner = yield``) and return
+    ``CompositeRateLimiter(inner, yours)``.
+    """
 
 
 @hookspec(firstresult=True)
-def regmw_storage(config):
+def regmw_storage(config, services):
     """Return the :class:`~regmw.backends.Storage` used for existence checks. Default: filesystem."""
+
+
+@hookspec(firstresult=True)
+def regmw_classifier(config, services):
+    """Return the :class:`~regmw.backends.Classifier` (``services.classifier``), or None when not migrating."""
+
+
+@hookspec(firstresult=True)
+def regmw_position_store(config, services):
+    """Return the :class:`~regmw.backends.PositionStore` of write positions (``services.positions``), or None."""
 
 
 @hookspec(firstresult=True)
@@ -76,11 +105,26 @@ def regmw_event_sink(config, services):
     """
 
 
+@hookspec
+def regmw_prefetch(config, services):
+    """Return a list of functions ``context -> cache key | None`` to read on each request's way in.
+
+    Every plugin's list is collected into ``services.prefetch`` before the
+    admission is built. An admission that reads the cache anyway (the Redis
+    one) reads each key in the same round trip into ``context.prefetched[key]``
+    (None: a known miss); a hook then finds it there instead of asking the cache.
+    """
+
+
 @hookspec(firstresult=True)
 def regmw_admission(config, services):
     """Return the :class:`~regmw.backends.Admission` that runs rate limits and read-only checks.
 
-    Called after the other providers, with their results in ``services``.
+    Called after every other provider above, with their results in
+    ``services``. An admission states what it ``covers`` of
+    ``{"ratelimit", "readonly"}``; start-up runs what it does not cover
+    around it. To add a check to whichever admission was chosen, wrap this
+    hook (``@hookimpl(wrapper=True)``: ``inner = yield``) and delegate.
     """
 
 

@@ -17,6 +17,7 @@ import pluggy
 from .backends import Services
 from .clients import ClientResolver
 from .config import Config, Section, _as_list, env_name, env_overrides, load_toml, merge, validate
+from .defaults.core import complete_admission
 from .errors import ConfigError
 from .plugins import load_plugins, make_manager
 from .tokens import TokenVerifier
@@ -81,22 +82,45 @@ def build(
 
 
 def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
+    """Call the provider hooks once, in the contract's order, each seeing the services built before it.
+
+    ``regmw_redis`` → cache, locks, rate limiter, storage → classifier →
+    position store → every ``regmw_prefetch`` declaration → admission (which
+    therefore sees all of them) → database router → ``regmw_startup``.
+    """
     hook = pm.hook
     services = Services(
         config=config,
         pm=pm,
-        cache=hook.regmw_cache(config=config),
-        locks=hook.regmw_lock_manager(config=config),
-        rate_limiter=hook.regmw_rate_limiter(config=config),
-        storage=hook.regmw_storage(config=config),
         token_verifier=TokenVerifier.from_config(config["auth"]),
         clients=ClientResolver(config["regmw"]["trusted_proxies"], config["regmw"]["ipv6_prefix"]),
     )
+    services.redis = hook.regmw_redis(config=config)
+    services.cache = hook.regmw_cache(config=config, services=services)
+    services.locks = hook.regmw_lock_manager(config=config, services=services)
+    services.rate_limiter = hook.regmw_rate_limiter(config=config, services=services)
+    services.storage = hook.regmw_storage(config=config, services=services)
+    services.classifier = hook.regmw_classifier(config=config, services=services)
+    services.positions = hook.regmw_position_store(config=config, services=services)
     services.events = hook.regmw_event_sink(config=config, services=services)
-    services.admission = hook.regmw_admission(config=config, services=services)
+    services.prefetch = collect_prefetch(hook.regmw_prefetch(config=config, services=services))
+    admission = hook.regmw_admission(config=config, services=services)
+    services.admission = complete_admission(admission, services) if admission is not None else None
     services.db_router = hook.regmw_db_router(config=config, services=services)
     hook.regmw_startup(services=services)
     return services
+
+
+def collect_prefetch(declared: Iterable[Iterable[Any] | None]) -> tuple[Any, ...]:
+    """Every plugin's prefetch key functions as one tuple (each function once)."""
+    functions: list[Any] = []
+    for group in declared:
+        for function in group or ():
+            if not callable(function):
+                raise ConfigError(f"regmw_prefetch: {function!r} is not a function context -> cache key")
+            if function not in functions:
+                functions.append(function)
+    return tuple(functions)
 
 
 _default_runtime: Runtime | None = None

@@ -232,14 +232,17 @@ def test_lock_store_down_fails_closed_for_writes_open_for_reads():
         def read_only(self, repository):
             raise ConnectionError("lock store down")
 
-    middleware = make()
-    middleware.services.admission.locks = DownLocks()
+    class DownLockStore:
+        @hookimpl
+        def regmw_lock_manager(self, config):
+            return DownLocks()
+
+    middleware = make(plugins=[DownLockStore()])
     client = Client(middleware)
     assert client.put("/v2/a/manifests/latest", data=b"{}").status_code == 503
     assert client.get("/v2/a/manifests/latest").status_code == 200
 
-    open_middleware = make(config={"readonly": {"fail_closed_writes": False}})
-    open_middleware.services.admission.locks = DownLocks()
+    open_middleware = make(config={"readonly": {"fail_closed_writes": False}}, plugins=[DownLockStore()])
     assert Client(open_middleware).put("/v2/a/manifests/latest", data=b"{}").status_code == 200
 
 

@@ -1,10 +1,11 @@
-"""The Redis connection layer: URLs, one shared client per config, namespacing, counting."""
+"""The Redis connection layer: URLs, one connection per runtime (services.redis), namespacing, counting."""
 from __future__ import annotations
 
 import pytest
+import redis
 
 from regmw import ConfigError, build, repository_key
-from regmw_redis.connection import ROUND_TRIPS, close_client, limits_storage, namespaced, parse_url, redis_client
+from regmw_redis.connection import ROUND_TRIPS, RedisConnection, limits_storage, parse_url
 from tests.servers.redis_server import start_redis
 
 from tests.servers._util import stop
@@ -40,33 +41,46 @@ def test_env_override_of_url(redis_server):
     _, url = redis_server
     runtime = build({"regmw": {"plugins": ["redis"], "entry_points": False}}, environ={"REGMW_REDIS_URL": url})
     assert runtime.config["redis"]["url"] == url
-    assert redis_client(runtime.config).ping()
+    runtime.services.redis.ping()
 
 
-def test_one_client_per_config_shared_by_every_feature(redis_server):
+def test_one_connection_per_runtime_shared_by_every_feature(redis_server):
     _, url = redis_server
-    runtime = build({"regmw": {"plugins": ["redis"], "entry_points": False}, "redis": {"url": url}}, environ={})
-    client = redis_client(runtime.config)
-    assert client is redis_client(runtime.config)
+    config = {"regmw": {"plugins": ["redis"], "entry_points": False}, "redis": {"url": url},
+              "ratelimit": {"rules": [{"by": "client", "limit": "5/minute"}]}}
+    runtime = build(config, environ={})
     services = runtime.services
+    connection = services.redis
+    client = connection.client
+    assert services.cache.connection is connection and services.locks.connection is connection
     assert services.cache.client is client and services.locks.client is client
-    uri, options = limits_storage(runtime.config)
+    assert services.admission.connection is connection
+    uri, options = limits_storage(connection)
     assert options["connection_pool"] is client.connection_pool and options["key_prefix"] == "regmw:ratelimit"
-    other = build({"regmw": {"plugins": ["redis"], "entry_points": False}, "redis": {"url": url}}, environ={})
-    assert redis_client(other.config) is not client
+    assert services.rate_limiter.shared and services.cache.shared and services.locks.shared
+    other = build(config, environ={})  # a second runtime in the same process: its own connection
+    assert other.services.redis is not connection and other.services.redis.client is not client
 
 
-def test_namespaced_keys_keep_the_repository_hash_tag():
-    config = {"redis": {"namespace": "reg"}}
-    assert namespaced(config, repository_key("group/app", "wal")) == "reg:{repository:group/app}:wal"
+def test_building_a_connection_opens_none():
+    """Checking a configuration must stay offline: redis-py dials on the first command, not before."""
+    connection = RedisConnection({**_defaults(), "url": "redis://127.0.0.1:1/0"})  # nothing listens on port 1
+    with pytest.raises(redis.ConnectionError):  # only the first command dials (and fails)
+        connection.ping()
+
+
+def test_keys_keep_the_repository_hash_tag():
+    connection = RedisConnection({**_defaults(), "namespace": "reg"})
+    assert connection.key(repository_key("group/app", "wal")) == "reg:{repository:group/app}:wal"
+    assert connection.key("cache", "x") == "reg:cache:x"
 
 
 def test_unix_socket_url_and_round_trip_counter(tmp_path):
     socket_path = tmp_path / "redis.sock"
     proc, _ = start_redis(tmp_path, "--unixsocket", str(socket_path), "--unixsocketperm", "700")
-    config = {"redis": {**_defaults(), "url": f"unix://{socket_path}?db=1"}}
+    connection = RedisConnection({**_defaults(), "url": f"unix://{socket_path}?db=1"})
     try:
-        client = redis_client(config)
+        client = connection.client
         client.ping()  # connect first: the handshake is counted too
         before = ROUND_TRIPS._value.get()
         client.set("k", b"v")
@@ -76,7 +90,7 @@ def test_unix_socket_url_and_round_trip_counter(tmp_path):
         assert ROUND_TRIPS._value.get() - before == 2  # one SET, one pipeline
         assert client.connection_pool.connection_kwargs.get("db") == 1
     finally:
-        close_client(config)
+        connection.close()
         stop(proc)
 
 

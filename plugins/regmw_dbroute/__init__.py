@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from regmw.plugins import hookimpl
 
-from .config import SECTION
+from .config import SECTION, settings_from_config
 from .handle import DbHandle, PrimaryUnavailable
 from .router import Router
+from .store import make_store
 
 __all__ = ["DbHandle", "PrimaryUnavailable", "Router"]
 
@@ -29,8 +30,14 @@ def regmw_config_sections():
 
 
 @hookimpl
+def regmw_position_store(config, services):
+    """``services.positions``: on the shared Redis (``services.redis``) when there is one, per ``[database] store``."""
+    return make_store(settings_from_config(config["database"]), services.redis)
+
+
+@hookimpl
 def regmw_db_router(config, services):
-    return Router.from_config(config, services)
+    return Router(settings_from_config(config["database"]), services.positions)
 
 
 @hookimpl

@@ -95,7 +95,7 @@ class Router:
     @classmethod
     def from_config(cls, config: Any, services: Any = None) -> Router:
         settings = settings_from_config(config["database"])
-        return cls(settings, make_store(settings, config, services))
+        return cls(settings, make_store(settings, getattr(services, "redis", None)))
 
     # --- lifecycle ------------------------------------------------------------
 

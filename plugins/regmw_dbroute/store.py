@@ -1,6 +1,7 @@
 """Where the WAL position of each repository's latest write is shared.
 
-Two implementations of one small interface, :class:`PositionStore`:
+Two implementations of the contract's :class:`regmw.backends.PositionStore`
+(``services.positions``, provided by this plugin's ``regmw_position_store``):
 
 * :class:`RedisPositionStore`: shared by every instance. ``advance`` is a Lua
   compare-and-set that keeps the MAXIMUM position (two writes finishing out of
@@ -18,41 +19,16 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from regmw.backends import repository_key
+from regmw.backends import Positions, PositionStore, StoreUnavailable, repository_key
+from regmw.errors import ConfigError
 
 from .lsn import from_key, to_key
 
-
-class StoreUnavailable(RuntimeError):
-    """The store could not answer; the router then never trusts a replica for the read."""
-
-
-@dataclass(frozen=True, slots=True)
-class Positions:
-    """What the store knows for one repository."""
-
-    repository: int | None  # the latest recorded write position, if any
-    floor: int | None  # the position recorded when the store was (re)initialised
-    initialized: bool  # False: the store lost its data (or is new); set a floor first
-
-    @property
-    def required(self) -> int | None:
-        values = [value for value in (self.repository, self.floor) if value]
-        return max(values) if values else None
-
-
-@runtime_checkable
-class PositionStore(Protocol):
-    """Shared write positions. Every method raises :class:`StoreUnavailable` on failure."""
-
-    def get(self, repository: str | None) -> Positions: ...
-
-    def advance(self, repository: str, lsn: int, ttl: float) -> int: ...
-
-    def initialize(self, floor: int, ttl: float) -> None: ...
+__all__ = [
+    "MemoryPositionStore", "PositionStore", "Positions", "RedisPositionStore", "StoreUnavailable", "make_store",
+]
 
 
 class MemoryPositionStore:
@@ -167,24 +143,28 @@ class RedisPositionStore:
             raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
 
 
-def store_namespace(settings, config, redis_enabled: bool) -> str:
-    """``[database] store_namespace``, else the ``[redis] namespace`` (redis plugin enabled), else ``regmw``."""
+def store_namespace(settings: Any, connection: Any) -> str:
+    """``[database] store_namespace``, else the shared Redis connection's namespace, else ``regmw``."""
     if settings.store_namespace:
         return settings.store_namespace
-    if redis_enabled:
-        return config["redis"]["namespace"]
+    if connection is not None:
+        return connection.namespace
     return "regmw"
 
 
-def make_store(settings, config, services) -> PositionStore:
-    """The store ``[database] store`` asks for: the redis plugin's connection, ``store_url``, or memory."""
-    redis_enabled = services is not None and services.pm.has_plugin("regmw_redis")
+def make_store(settings: Any, connection: Any = None) -> PositionStore:
+    """The store ``[database] store`` asks for: on ``services.redis`` (``connection``), ``store_url``, or memory.
+
+    ``connection`` is whatever provided ``services.redis`` (the ``redis``
+    plugin, or a third-party one): only its ``client`` and ``namespace`` are
+    used, so this plugin never imports another.
+    """
     kind = settings.store
     if kind == "auto":
-        kind = "redis" if (redis_enabled or settings.store_url) else "memory"
+        kind = "redis" if (connection is not None or settings.store_url) else "memory"
     if kind == "memory":
         return MemoryPositionStore()
-    namespace = store_namespace(settings, config, redis_enabled)
+    namespace = store_namespace(settings, connection)
     if settings.store_url:
         import redis
         from redis.backoff import NoBackoff
@@ -197,10 +177,6 @@ def make_store(settings, config, services) -> PositionStore:
             retry=Retry(NoBackoff(), 1),  # re-dial a dead pooled connection once, no backoff sleep
         )
         return RedisPositionStore(client, lambda key: f"{namespace}:{key}")
-    if not redis_enabled:
-        from regmw.errors import ConfigError
-
-        raise ConfigError("database.store: redis needs the `redis` plugin enabled or database.store_url set")
-    from regmw_redis.connection import redis_client
-
-    return RedisPositionStore(redis_client(config), lambda key: f"{namespace}:{key}")
+    if connection is None:
+        raise ConfigError("database.store: redis needs a shared Redis (the `redis` plugin) or database.store_url")
+    return RedisPositionStore(connection.client, lambda key: f"{namespace}:{key}")

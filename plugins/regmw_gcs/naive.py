@@ -7,10 +7,9 @@ never use it for classification.
 """
 from __future__ import annotations
 
-from regmw.backends import StatResult
 from regmw.errors import StorageError
 
-from .storage import GCS_ERRORS, GCSStorage, _describe
+from .storage import GCS_ERRORS, GCSStorage, StatResult, _describe
 
 
 def naive_stat(storage: GCSStorage, path: str) -> StatResult | None:

@@ -24,6 +24,7 @@ Every failure (timeout, 5xx after retries, auth, a missing bucket) raises
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from google.api_core.exceptions import GoogleAPIError, NotFound
@@ -31,7 +32,6 @@ from google.auth.exceptions import GoogleAuthError
 from requests.exceptions import RequestException
 
 from regmw import metrics
-from regmw.backends import StatResult
 from regmw.errors import StorageError
 
 from .client import make_client, make_retry
@@ -45,6 +45,17 @@ PREFIX_FIELDS = "items(name),prefixes,nextPageToken"
 
 #: extra pages followed when a page is empty but carries a nextPageToken
 MAX_EMPTY_PAGES = 3
+
+
+@dataclass(frozen=True)
+class StatResult:
+    """What :meth:`GCSStorage.stat` found (this plugin's own API: benchmarks/stat_bench.py compares it
+    with the naive Stat; regmw's Storage contract is ``prefix_exists`` alone)."""
+
+    path: str
+    is_dir: bool
+    size: int = 0
+    modified: float | None = None
 
 
 class GCSStorage:

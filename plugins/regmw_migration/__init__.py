@@ -9,10 +9,13 @@ naming the new prefix. Each API request for a repository gets
 in :mod:`.decision`, the cache and storage look-ups in :mod:`.classifier`;
 docs/classification.md explains both.
 
-When a repository has been migrated, say so with :func:`mark_migrated`
-(``regmw migrate-mark REPO``), or, from inside a request the app served,
-by setting ``environ["regmw.migrated"] = True``: the plugin marks the request's
-repository once the response succeeded.
+The classifier is this runtime's ``services.classifier`` (hook
+``regmw_classifier``), and its cache key is declared through ``regmw_prefetch``,
+so an admission that reads the cache anyway (the Redis one) reads it in the
+same round trip. When a repository has been migrated, say so with
+:func:`mark_migrated` (``regmw migrate-mark REPO``), or, from inside a request
+the app served, by setting ``environ["regmw.migrated"] = True``: the plugin
+marks the request's repository once the response succeeded.
 """
 from __future__ import annotations
 
@@ -25,32 +28,26 @@ from regmw.plugins import hookimpl
 from .classifier import HEADER, Classifier
 from .settings import SECTION
 
-__all__ = ["Classifier", "HEADER", "SECTION", "mark_migrated", "classifier_of"]
+__all__ = ["Classifier", "HEADER", "SECTION", "mark_migrated"]
 
 log = logging.getLogger("regmw.migration")
 
-EXTRA = "migration"
 MIGRATED_ENVIRON_KEY = "regmw.migrated"
-
-
-def classifier_of(services: Services) -> Classifier | None:
-    """The runtime's classifier, or None when the plugin is loaded but disabled."""
-    return services.extras.get(EXTRA)
 
 
 def mark_migrated(services: Services, repository: str) -> None:
     """Record that ``repository`` has been migrated: its classification becomes "new" at once.
 
     Writes "new" (permanent by default) over any cached "old". Raises
-    :class:`~regmw.errors.ConfigError` when the migration plugin is not
-    enabled and :class:`~regmw.errors.BackendUnavailable` when the cache did
-    not keep the mark. With the embedded in-process cache the mark is seen by
-    this process only; use a shared cache (redis) for a fleet.
+    :class:`~regmw.errors.ConfigError` when no classifier is configured and
+    :class:`~regmw.errors.BackendUnavailable` when the cache did not keep the
+    mark. With a cache that is not ``shared`` (the embedded in-process one)
+    the mark is seen by this process only; use a shared cache (redis) for a fleet.
     """
-    classifier = classifier_of(services)
+    classifier = services.classifier
     if classifier is None:
         raise ConfigError("migration: the plugin is not enabled ([regmw] plugins = [\"migration\"], [migration] enabled)")
-    if type(services.cache).__module__ == "regmw.defaults.memory_cache":
+    if not getattr(services.cache, "shared", False):
         log.warning("marking %s in an in-process cache: other processes will not see it", repository)
     classifier.mark_migrated(repository)
 
@@ -61,22 +58,28 @@ def regmw_config_sections():
 
 
 @hookimpl
-def regmw_startup(services: Services) -> None:
-    section = services.config["migration"]
+def regmw_classifier(config, services: Services) -> Classifier | None:
+    """``services.classifier``, built after the cache and storage it reads (None when disabled)."""
+    section = config["migration"]
     if not section["enabled"]:
-        return
+        return None
     if section["old_root"] == section["new_root"]:
-        raise ConfigError(f"{services.config.source}: migration.new_root must differ from migration.old_root")
+        raise ConfigError(f"{config.source}: migration.new_root must differ from migration.old_root")
     if services.storage is None:
-        raise ConfigError(f"{services.config.source}: migration needs a storage backend (the gcs plugin or [storage])")
-    classifier = Classifier(services, section)
-    services.extras[EXTRA] = classifier
-    services.prefetch.append(classifier.prefetch_key)
+        raise ConfigError(f"{config.source}: migration needs a storage backend (the gcs plugin or [storage])")
+    return Classifier(services, section)
+
+
+@hookimpl
+def regmw_prefetch(config, services: Services):
+    """Declare the classification's cache key: read on the request's way in by a one-round-trip admission."""
+    classifier = services.classifier
+    return [classifier.prefetch_key] if isinstance(classifier, Classifier) else []
 
 
 @hookimpl
 def regmw_classify(context):
-    classifier = classifier_of(context.services)
+    classifier = context.services.classifier
     return classifier.classify(context) if classifier is not None else None
 
 
@@ -85,6 +88,6 @@ def regmw_finish(context, status):
     """Hook-driven invalidation: the app set ``environ["regmw.migrated"]`` on a request it served well."""
     if not context.environ.get(MIGRATED_ENVIRON_KEY) or not status or status >= 400 or not context.repository:
         return
-    classifier = classifier_of(context.services)
+    classifier = context.services.classifier
     if classifier is not None:
         classifier.mark_migrated(context.repository)

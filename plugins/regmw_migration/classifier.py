@@ -39,7 +39,7 @@ PERMANENT = 0  # Cache.set ttl 0: no expiry
 
 
 class Classifier:
-    """Old/new classification for one configured runtime (kept in ``services.extras["migration"]``)."""
+    """Old/new classification for one configured runtime (``services.classifier``)."""
 
     def __init__(self, services: Services, section: Mapping[str, Any]) -> None:
         self.services = services
@@ -61,7 +61,7 @@ class Classifier:
         return repository_key(repository, "migration")
 
     def prefetch_key(self, context: Any) -> str | None:
-        """For ``services.prefetch``: the key an admission should read on its round trip."""
+        """Declared through ``regmw_prefetch``: the key an admission should read on its round trip."""
         return self.cache_key(context.repository) if context.repository else None
 
     def old_prefix(self, repository: str) -> str:

@@ -13,23 +13,22 @@ See docs/redis.md.
 """
 from __future__ import annotations
 
-from regmw.defaults.ratelimit import LimitsRateLimiter
 from regmw.errors import ConfigError
 from regmw.plugins import hookimpl
 
 from . import scripts
 from .admission import RedisAdmission
 from .cache import RedisCache
-from .connection import namespaced, redis_client
+from .connection import RedisConnection
 from .errors import REDIS_DOWN, log
 from .locks import RedisLockManager
 from .ratelimit import build_rate_limiter
 from .settings import SECTION
 
 __all__ = [
-    "RedisAdmission", "RedisCache", "RedisLockManager", "namespaced", "redis_client",
+    "RedisAdmission", "RedisCache", "RedisConnection", "RedisLockManager",
     "regmw_admission", "regmw_cache", "regmw_config_sections", "regmw_lock_manager", "regmw_rate_limiter",
-    "regmw_startup",
+    "regmw_redis", "regmw_startup",
 ]
 
 
@@ -39,18 +38,32 @@ def regmw_config_sections():
 
 
 @hookimpl
-def regmw_cache(config):
-    return RedisCache(redis_client(config), namespaced(config, "cache"), config["redis"]["cache_ttl"])
+def regmw_redis(config):
+    """``services.redis``: this runtime's connection (no connection is opened until first use)."""
+    return RedisConnection(config["redis"])
 
 
 @hookimpl
-def regmw_lock_manager(config):
-    return RedisLockManager(redis_client(config), config["redis"]["namespace"])
+def regmw_cache(config, services):
+    connection = services.redis
+    return RedisCache(connection, connection.key("cache"), config["redis"]["cache_ttl"])
 
 
 @hookimpl
-def regmw_rate_limiter(config):
-    return build_rate_limiter(config)
+def regmw_lock_manager(config, services):
+    return RedisLockManager(services.redis)
+
+
+@hookimpl
+def regmw_rate_limiter(config, services):
+    return build_rate_limiter(config, services.redis)
+
+
+def _on(connection, backend, capability: str):
+    """``backend``'s ``capability`` method when the backend lives on ``connection``, else None."""
+    if backend is None or getattr(backend, "connection", None) is not connection:
+        return None
+    return getattr(backend, capability, None)
 
 
 @hookimpl
@@ -58,36 +71,39 @@ def regmw_admission(config, services):
     """The one-round-trip admission, unless ``[redis] hot_path = "limits"`` (then the core's sequential one)."""
     if config["redis"]["hot_path"] != "script":
         return None
+    connection = services.redis
+    if connection is None:
+        return None
     limiter = services.rate_limiter
-    if limiter is not None and not isinstance(limiter, LimitsRateLimiter):
-        return None  # a third-party limiter: let the core call it
-    rules = limiter.rules if limiter is not None else []
+    rules = getattr(limiter, "rules", None) if limiter is not None else []
+    if rules is None:
+        return None  # a limiter whose rules are its own code: let the core call it
     strategy = config["ratelimit"]["strategy"]
     if rules and strategy != "fixed-window":
         raise ConfigError(
             f"{getattr(config, 'source', '<config>')}: ratelimit.strategy {strategy!r} needs "
             '[redis] hot_path = "limits" (the one-round-trip script counts fixed windows)'
         )
-    locks = services.locks
-    cache = services.cache
     return RedisAdmission(
         services,
-        redis_client(config),
-        rules,
-        namespaced(config, "ratelimit"),
-        locks.read_only_key if isinstance(locks, RedisLockManager) else None,
-        cache if isinstance(cache, RedisCache) else None,
+        connection,
+        list(rules),
+        connection.key("ratelimit"),
+        _on(connection, services.locks, "read_only_key"),
+        _on(connection, services.cache, "redis_key"),
     )
 
 
 @hookimpl
 def regmw_startup(services):
     """Load the scripts now, so the first requests do not pay for NOSCRIPT + SCRIPT LOAD."""
-    if not isinstance(services.admission, RedisAdmission) and not isinstance(services.locks, RedisLockManager):
+    connection = services.redis
+    if connection is None or not any(
+        getattr(backend, "connection", None) is connection for backend in (services.admission, services.locks)
+    ):
         return
-    client = redis_client(services.config)
     try:
         for source in (scripts.ADMIT, scripts.SET_READ_ONLY, scripts.RELEASE_IF_OWNER):
-            client.script_load(source)
+            connection.client.script_load(source)
     except REDIS_DOWN as exc:
         log.warning("redis unavailable at start-up (scripts load on first use): %s", exc)

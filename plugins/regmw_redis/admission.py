@@ -3,9 +3,17 @@
 Without it a request through regmw on Redis would pay a round trip per
 feature (``limits`` alone pays three per rule: INCR, GET, TTL). Here the
 request's rate-limit counters, its repository's read-only lock (writes only)
-and the cache keys other plugins registered in ``services.prefetch`` (the
-classification) go to Redis as one script call; the values read come back in
-``context.prefetched`` so the classification hook does not ask again.
+and the cache key of every prefetch declaration (``services.prefetch``,
+collected from the ``regmw_prefetch`` hook before this admission is built:
+the classification, and any third-party plugin's) go to Redis as one script
+call; the values read come back in ``context.prefetched`` so the plugin that
+declared a key does not ask again.
+
+What it can serve it learns from capabilities, never from classes: the
+rate limiter's declarative ``rules`` (counted here, in the same windows as
+``limits``), a lock manager and a cache on the same ``connection`` (their
+``read_only_key`` / ``redis_key``). A lock manager elsewhere is asked
+separately after the script.
 
 Failure policy is the core's (:mod:`regmw.defaults.core`): when the script
 fails, rate limiting fails open or closed per ``[ratelimit] fail_open``, the
@@ -24,10 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import redis
-from limits.limits import safe_string
-
-from regmw.backends import RateLimitResult, Services, tightest
+from regmw.backends import ADMISSION_PARTS, RateLimitResult, Services, tightest
 from regmw.defaults.core import (
     ratelimit_store_down,
     read_only_refusal,
@@ -38,24 +43,32 @@ from regmw.defaults.ratelimit import Rule
 from regmw.errors import Refusal
 
 from . import scripts
-from .cache import RedisCache
 from .errors import REDIS_DOWN, report
 
 
 class RedisAdmission:
-    """A :class:`regmw.backends.Admission` that asks Redis once per request."""
+    """A :class:`regmw.backends.Admission` that asks Redis once per request.
+
+    ``lock_key`` / ``cache_key``: the Redis key of a repository's read-only
+    lock / of a cache key, when the lock manager / the cache live on this
+    admission's connection (None otherwise: the lock is then asked of the
+    lock manager separately, and nothing is prefetched).
+    """
+
+    covers = ADMISSION_PARTS
 
     def __init__(
         self,
         services: Services,
-        client: redis.Redis,
+        connection: Any,
         rules: list[Rule],
         ratelimit_prefix: str,
         lock_key: Callable[[str], str] | None,
-        cache: RedisCache | None,
+        cache_key: Callable[[str], str] | None,
     ) -> None:
         config = services.config
-        self.script = client.register_script(scripts.ADMIT)
+        self.connection = connection
+        self.script = connection.client.register_script(scripts.ADMIT)
         self.rules = rules
         self.prefix = ratelimit_prefix + ":"
         # Per (rule, limit): the key around the identity, built once. The same
@@ -67,8 +80,10 @@ class RedisAdmission:
         ]
         self.lock_key = lock_key
         self.locks = services.locks  # used only when they are not in this Redis
-        self.cache = cache
-        self.prefetch = services.prefetch  # the live list: plugins may register at start-up
+        self.cache_key = cache_key
+        # Every declaration, collected before this admission was built (a
+        # tuple: nothing can be added behind its back).
+        self.prefetch = services.prefetch if cache_key is not None else ()
         self.ratelimit_fail_open = config["ratelimit"]["fail_open"]
         self.readonly = config["readonly"]
 
@@ -88,17 +103,17 @@ class RedisAdmission:
             identity = identities[rule]
             if identity is None:
                 continue
-            keys.append(head + safe_string(identity) + tail)
+            keys.append(head + identity + tail)  # = limits' item.key_for(rule.name, identity)
             args += [amount, expiry_ms]
             counted.append((rule, item))
         args[1] = len(counted)
         wanted: list[str] = []
-        if self.cache is not None:
-            for function in self.prefetch:
-                key = function(context)
-                if key is not None and key not in context.prefetched and key not in wanted:
-                    wanted.append(key)
-            keys += [self.cache.full_key(key) for key in wanted]
+        for function in self.prefetch:
+            key = function(context)
+            if key is not None and key not in context.prefetched and key not in wanted:
+                wanted.append(key)
+        if wanted:
+            keys += [self.cache_key(key) for key in wanted]
         if not keys:
             return self._separate_lock_check(context) if check_lock else None
 
@@ -127,6 +142,13 @@ class RedisAdmission:
         return None
 
     def _key_parts(self, rule: Rule, item: Any) -> tuple[str, str]:
+        """``limits``' key for ``(rule, identity)`` split around the identity, through its public ``key_for``.
+
+        ``key_for`` joins its identifiers with ``/`` after turning each into a
+        string; an identity is already a string (a client key, a repository,
+        a token subject, ``*``), so ``head + identity + tail`` is the same
+        key (tests/test_redis_admission.py holds the two to it).
+        """
         marker = "\x00identity\x00"
         head, tail = item.key_for(rule.name, marker).split(marker)
         return self.prefix + head, tail

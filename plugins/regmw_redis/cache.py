@@ -8,20 +8,28 @@ repository's keys come in as ``{repository:<name>}:...`` (see
 """
 from __future__ import annotations
 
-import redis
+from typing import Any
 
 from .errors import REDIS_DOWN, report
 
 
 class RedisCache:
-    """A :class:`regmw.backends.Cache`: GET / SET PX / SET NX PX / DEL, never raising for Redis errors."""
+    """A :class:`regmw.backends.Cache`: GET / SET PX / SET NX PX / DEL, never raising for Redis errors.
 
-    def __init__(self, client: redis.Redis, prefix: str, default_ttl: float = 300.0) -> None:
-        self.client = client
+    Capabilities: ``shared`` (every instance sees it), ``connection`` and
+    ``redis_key`` (a Redis admission on the same connection reads prefetch
+    keys in its own round trip).
+    """
+
+    shared = True
+
+    def __init__(self, connection: Any, prefix: str, default_ttl: float = 300.0) -> None:
+        self.connection = connection
+        self.client = connection.client
         self.prefix = prefix + ":"
         self.default_ttl = default_ttl
 
-    def full_key(self, key: str) -> str:
+    def redis_key(self, key: str) -> str:
         """The Redis key holding ``key`` (the admission script reads prefetch keys by it)."""
         return self.prefix + key
 

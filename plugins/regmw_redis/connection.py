@@ -1,16 +1,16 @@
 """One Redis connection layer for every feature: cache, locks, rate limits, WAL positions.
 
-Stable API (other plugins import these; keep the names):
+Other plugins never import this module: the plugin provides one
+:class:`RedisConnection` per runtime as ``services.redis`` (hook
+``regmw_redis``), and every feature of that runtime shares its client, so one
+connection pool (and, with Sentinel, one view of who the master is):
 
-``redis_client(config) -> redis.Redis``
-    The client built from the ``[redis]`` section. Memoized per config object,
-    so every feature of one regmw shares one connection pool (and, with
-    Sentinel, one view of who the master is).
-``namespaced(config, *parts) -> str``
-    ``"<namespace>:<part>:<part>"``. Put a repository's keys in its hash tag
-    with the core helper: ``namespaced(config, repository_key(repo, "wal"))``
-    gives ``regmw:{repository:<repo>}:wal``.
-``limits_storage(config) -> (uri, options)``
+``RedisConnection(section)``
+    ``.client`` (built without connecting), ``.namespace``, ``.cluster``,
+    ``.key(*parts)`` = ``"<namespace>:<part>:<part>"`` (put a repository's keys
+    in its hash tag: ``key(repository_key(repo, "wal"))`` gives
+    ``regmw:{repository:<repo>}:wal``), ``.ping()``, ``.close()``.
+``limits_storage(connection, purpose) -> (uri, options)``
     The same server as a ``limits`` storage URI plus keyword arguments for
     :func:`limits.storage.storage_from_string`.
 ``ROUND_TRIPS``
@@ -32,8 +32,6 @@ failure policy (a cache miss, fail-open, ...).
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +50,7 @@ from redis.sentinel import (
 
 from regmw import metrics
 
-__all__ = ["ROUND_TRIPS", "RedisTarget", "close_client", "limits_storage", "namespaced", "parse_url", "redis_client"]
+__all__ = ["ROUND_TRIPS", "RedisConnection", "RedisTarget", "build_client", "limits_storage", "parse_url"]
 
 SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
@@ -158,45 +156,39 @@ def _path_db(path: str, scheme: str) -> int:
 
 # --- clients -------------------------------------------------------------------
 
-_CLIENTS: dict[int, tuple[Any, redis.Redis]] = {}
-_CLIENTS_LOCK = threading.Lock()
+class RedisConnection:
+    """The shared Redis of one runtime (``services.redis``): a client, a key namespace, a health check.
 
+    One object per runtime, built by the ``regmw_redis`` hook: the backends of
+    that runtime share its client and pool, and nothing is kept in module
+    state, so two runtimes in one process (tests, app factories) never share
+    or leak a client. Building it opens no connection: redis-py dials on the
+    first command, so checking a configuration stays offline.
+    """
 
-def redis_client(config: Mapping[str, Mapping[str, Any]]) -> redis.Redis:
-    """The shared client for ``config`` (a :class:`regmw.config.Config` or a dict of sections)."""
-    key = id(config)
-    entry = _CLIENTS.get(key)
-    if entry is not None and entry[0] is config:
-        return entry[1]
-    with _CLIENTS_LOCK:
-        entry = _CLIENTS.get(key)
-        if entry is not None and entry[0] is config:
-            return entry[1]
-        client = build_client(config["redis"])
-        _CLIENTS[key] = (config, client)
-        try:
-            weakref.finalize(config, _forget, key, client)
-        except TypeError:  # a plain dict cannot be weakly referenced: kept until close_client()
-            pass
-        return client
+    cluster = False
 
+    def __init__(self, section: Mapping[str, Any]) -> None:
+        self.section = section
+        self.namespace: str = section["namespace"]
+        self.client: redis.Redis = build_client(section)
 
-def close_client(config: Mapping[str, Mapping[str, Any]]) -> None:
-    """Drop the memoized client of ``config`` and close its connections."""
-    with _CLIENTS_LOCK:
-        entry = _CLIENTS.pop(id(config), None)
-    if entry is not None:
-        entry[1].close()
-        entry[1].connection_pool.disconnect()
+    def key(self, *parts: str) -> str:
+        """``<namespace>:<parts joined by ':'>``, e.g. ``regmw:{repository:a/b}:wal``."""
+        return ":".join((self.namespace, *parts))
 
+    def ping(self) -> None:
+        """Raise a :class:`redis.RedisError` (or OSError) when Redis does not answer."""
+        self.client.ping()
 
-def _forget(key: int, client: redis.Redis) -> None:
-    with _CLIENTS_LOCK:
-        entry = _CLIENTS.get(key)
-        if entry is not None and entry[1] is client:
-            del _CLIENTS[key]
-    with contextlib.suppress(redis.RedisError, OSError):  # best effort, at garbage collection
-        client.connection_pool.disconnect()
+    def close(self) -> None:
+        """Close the client and its pooled connections (the runtime is done with it)."""
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.client.close()
+            self.client.connection_pool.disconnect()
+
+    def __repr__(self) -> str:
+        return f"<RedisConnection {parse_url(self.section['url']).scheme} namespace={self.namespace!r}>"
 
 
 def _connection_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,7 +207,7 @@ def _connection_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_client(section: Mapping[str, Any]) -> redis.Redis:
-    """A new client (and pool) for a ``[redis]`` section; prefer :func:`redis_client`."""
+    """A new client (and pool) for a ``[redis]`` section; one per :class:`RedisConnection`."""
     target = parse_url(section["url"], section)
     kwargs = _connection_kwargs(section)
     if target.is_sentinel:
@@ -247,22 +239,17 @@ def build_client(section: Mapping[str, Any]) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
-def namespaced(config: Mapping[str, Mapping[str, Any]], *parts: str) -> str:
-    """``<namespace>:<parts joined by ':'>``, e.g. ``regmw:{repository:a/b}:wal``."""
-    return ":".join((config["redis"]["namespace"], *parts))
+def limits_storage(connection: RedisConnection, purpose: str = "ratelimit") -> tuple[str, dict[str, Any]]:
+    """(URI, keyword arguments) for ``limits``' own Redis / Sentinel storage on ``connection``'s server.
 
-
-def limits_storage(config: Mapping[str, Mapping[str, Any]], purpose: str = "ratelimit") -> tuple[str, dict[str, Any]]:
-    """(URI, keyword arguments) for ``limits``' own Redis / Sentinel storage on the same server.
-
-    For a plain server the storage reuses :func:`redis_client`'s pool (one pool,
+    For a plain server the storage reuses the connection's pool (one pool,
     one set of counted connections). Sentinel storages build their own
     ``Sentinel`` (``limits`` does not take a pool there) with the same settings;
     reads go to the master (``use_replicas=False``) so remaining counts are not stale.
     """
-    section = config["redis"]
+    section = connection.section
     target = parse_url(section["url"], section)
-    prefix = namespaced(config, purpose)
+    prefix = connection.key(purpose)
     if target.is_sentinel:
         hosts = ",".join(f"{host}:{port}" for host, port in target.sentinels)
         options: dict[str, Any] = {
@@ -281,6 +268,5 @@ def limits_storage(config: Mapping[str, Mapping[str, Any]], purpose: str = "rate
         if target.tls:
             options["ssl"] = True
         return f"{scheme}://{hosts}", options
-    client = redis_client(config)
     uri = "redis+unix://" + target.url[len("unix://"):] if target.scheme == "unix" else target.url
-    return uri, {"connection_pool": client.connection_pool, "key_prefix": prefix}
+    return uri, {"connection_pool": connection.client.connection_pool, "key_prefix": prefix}

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import redis
 
@@ -149,11 +150,19 @@ class LeaseRenewer(threading.Thread):
 
 
 class RedisLockManager:
-    """A :class:`regmw.backends.LockManager` on one Redis (single node or Sentinel master)."""
+    """A :class:`regmw.backends.LockManager` on one Redis (single node or Sentinel master).
 
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
-        self.client = client
-        self.namespace = namespace
+    Capabilities: ``shared``, ``connection`` and ``read_only_key`` (a Redis
+    admission on the same connection checks the lock in its own round trip).
+    """
+
+    shared = True
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.client: redis.Redis = connection.client
+        self.namespace: str = connection.namespace
+        client = connection.client
         self._set_read_only = client.register_script(scripts.SET_READ_ONLY)
         self._release = client.register_script(scripts.RELEASE_IF_OWNER)
         self._renew = client.register_script(scripts.RENEW_IF_OWNER)
@@ -175,13 +184,13 @@ class RedisLockManager:
     # --- keys ---------------------------------------------------------------
 
     def read_only_key(self, repository: str) -> str:
-        return f"{self.namespace}:{repository_key(repository, 'readonly')}"
+        return self.connection.key(repository_key(repository, "readonly"))
 
     def _fence_key(self, repository: str) -> str:
-        return f"{self.namespace}:{repository_key(repository, 'readonly', 'fence')}"
+        return self.connection.key(repository_key(repository, "readonly", "fence"))
 
     def _slot_keys(self, name: str) -> list[str]:
-        return [f"{self.namespace}:{{slot:{name}}}:holders", f"{self.namespace}:{{slot:{name}}}:fence"]
+        return [self.connection.key(f"{{slot:{name}}}", "holders"), self.connection.key(f"{{slot:{name}}}", "fence")]
 
     # --- read-only mode -------------------------------------------------------
 

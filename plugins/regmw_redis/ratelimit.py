@@ -14,13 +14,15 @@ from typing import Any
 
 from regmw.defaults.ratelimit import LimitsRateLimiter, parse_rules
 
-from .connection import limits_storage
+from .connection import RedisConnection, limits_storage
 
 
-def build_rate_limiter(config: Mapping[str, Mapping[str, Any]]) -> LimitsRateLimiter | None:
-    """The ``limits``-backed limiter on the configured Redis, or None without rules."""
+def build_rate_limiter(config: Mapping[str, Mapping[str, Any]], connection: RedisConnection) -> LimitsRateLimiter | None:
+    """The ``limits``-backed limiter on ``connection``'s Redis, or None without rules."""
     section = config["ratelimit"]
     if not section["enabled"] or not section["rules"]:
         return None
-    uri, options = limits_storage(config, "ratelimit")
-    return LimitsRateLimiter(parse_rules(section["rules"]), uri, section["strategy"], **options)
+    uri, options = limits_storage(connection, "ratelimit")
+    limiter = LimitsRateLimiter(parse_rules(section["rules"]), uri, section["strategy"], **options)
+    limiter.shared = True  # capability: its counters live in the shared Redis
+    return limiter

@@ -10,44 +10,117 @@ import fnmatch
 import logging
 
 from regmw import metrics
-from regmw.backends import Services
+from regmw.backends import ADMISSION_PARTS, Services
 from regmw.config import Option, Section
-from regmw.errors import Refusal, too_many_requests, unavailable
+from regmw.errors import ConfigError, Refusal, too_many_requests, unavailable
 from regmw.plugins import hookimpl
 
 log = logging.getLogger("regmw.admission")
 
 
+class RateLimitCheck:
+    """Count the request against the rate limiter; refuse when a limit is exceeded (or per ``fail_open``)."""
+
+    def __init__(self, services: Services) -> None:
+        self.rate_limiter = services.rate_limiter
+        self.fail_open = services.config["ratelimit"]["fail_open"]
+
+    def __call__(self, context) -> Refusal | None:
+        try:
+            result = self.rate_limiter.hit(context)
+        except Exception as exc:  # any limiter's store failure gets the configured policy
+            return ratelimit_store_down(exc, self.fail_open)
+        context.response_headers.extend(result.headers())
+        return refused_by_limit(result) if not result.allowed else None
+
+
+class ReadOnlyCheck:
+    """Refuse a write to a repository that is read-only (or per ``[readonly]`` when the lock store is down)."""
+
+    def __init__(self, services: Services) -> None:
+        self.locks = services.locks
+        self.policy = services.config["readonly"]
+
+    def __call__(self, context) -> Refusal | None:
+        if not (context.is_write and context.repository):
+            return None
+        try:
+            locked = self.locks.read_only(context.repository)
+        except Exception as exc:  # any lock store's failure gets the configured policy
+            return readonly_store_down(exc, context.repository, self.policy)
+        return read_only_refusal(context.repository, self.policy["retry_after"]) if locked else None
+
+
 class SequentialAdmission:
     """Rate limit, then read-only check: one backend call each (the in-process default)."""
 
+    covers = ADMISSION_PARTS
+
     def __init__(self, services: Services) -> None:
-        config = services.config
-        self.rate_limiter = services.rate_limiter
-        self.locks = services.locks
-        self.ratelimit_fail_open = config["ratelimit"]["fail_open"]
-        self.readonly = config["readonly"]
+        self.rate_limit = RateLimitCheck(services) if services.rate_limiter is not None else None
+        self.read_only = ReadOnlyCheck(services)
 
     def admit(self, context) -> Refusal | None:
-        if self.rate_limiter is not None:
-            try:
-                result = self.rate_limiter.hit(context)
-            except Exception as exc:
-                refusal = ratelimit_store_down(exc, self.ratelimit_fail_open)
-                if refusal is not None:
-                    return refusal
-            else:
-                context.response_headers.extend(result.headers())
-                if not result.allowed:
-                    return refused_by_limit(result)
-        if context.is_write and context.repository:
-            try:
-                locked = self.locks.read_only(context.repository)
-            except Exception as exc:
-                return readonly_store_down(exc, context.repository, self.readonly)
-            if locked:
-                return read_only_refusal(context.repository, self.readonly["retry_after"])
-        return None
+        if self.rate_limit is not None:
+            refusal = self.rate_limit(context)
+            if refusal is not None:
+                return refusal
+        return self.read_only(context)
+
+
+class CompletedAdmission:
+    """An admission that decides only part of admission, with the core's checks for the rest around it.
+
+    Rate limits run before it (a refused request is still counted, as with
+    the default), the read-only check after it. ``inner`` is the admission
+    the plugins chose; ``added`` what start-up added.
+    """
+
+    covers = ADMISSION_PARTS
+
+    def __init__(self, inner, services: Services, added: frozenset[str]) -> None:
+        self.inner = inner
+        self.added = added
+        self.rate_limit = RateLimitCheck(services) if "ratelimit" in added else None
+        self.read_only = ReadOnlyCheck(services) if "readonly" in added else None
+
+    def admit(self, context) -> Refusal | None:
+        if self.rate_limit is not None:
+            refusal = self.rate_limit(context)
+            if refusal is not None:
+                return refusal
+        refusal = self.inner.admit(context)
+        if refusal is not None or self.read_only is None:
+            return refusal
+        return self.read_only(context)
+
+
+def complete_admission(admission, services: Services):
+    """``admission``, plus the core's rate-limit and read-only checks for what it does not ``cover``.
+
+    Replacing the admission (the maintenance-window example of docs/hooks.md)
+    must not switch rate limiting or read-only mode off without saying so: an
+    admission that does not state ``covers`` gets both run around it. An
+    admission that claims a part (``covers = frozenset({"ratelimit"})``)
+    takes that part on itself.
+    """
+    covers = getattr(admission, "covers", None)
+    if covers is None:
+        covers = frozenset()
+    unknown = set(covers) - ADMISSION_PARTS
+    if unknown:
+        raise ConfigError(
+            f"regmw_admission: {type(admission).__qualname__}.covers names {', '.join(sorted(unknown))}; "
+            f"known parts: {', '.join(sorted(ADMISSION_PARTS))}"
+        )
+    added = ADMISSION_PARTS - frozenset(covers)
+    if services.rate_limiter is None:
+        added -= {"ratelimit"}
+    if not added:
+        return admission
+    log.info("admission %s does not cover %s: the core checks %s around it",
+             type(admission).__qualname__, " and ".join(sorted(added)), " and ".join(sorted(added)))
+    return CompletedAdmission(admission, services, frozenset(added))
 
 
 def refused_by_limit(result) -> Refusal:
@@ -59,12 +132,12 @@ def read_only_refusal(repository: str, retry_after: int) -> Refusal:
     return unavailable("repository is read-only (migration in progress)", retry_after, {"name": repository})
 
 
-def ratelimit_store_down(exc: Exception, fail_open: bool) -> Refusal | None:
+def ratelimit_store_down(exc: BaseException, fail_open: bool) -> Refusal | None:
     metrics.report_backend_error("ratelimit", "fail_open" if fail_open else "fail_closed", exc, log)
     return None if fail_open else unavailable("rate limiting is unavailable", 5)
 
 
-def readonly_store_down(exc: Exception, repository: str, policy) -> Refusal | None:
+def readonly_store_down(exc: BaseException, repository: str, policy) -> Refusal | None:
     closed = policy["fail_closed_writes"] and any(
         fnmatch.fnmatchcase(repository, pattern) for pattern in policy["lockable"]
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-from regmw.backends import StatResult
 from regmw.config import Option, Section
 from regmw.errors import StorageError
 from regmw.plugins import hookimpl
@@ -37,17 +36,6 @@ class FilesystemStorage:
             return False
         except OSError as exc:
             raise StorageError(f"cannot list {path}: {exc}") from exc
-
-    def stat(self, path: str) -> StatResult | None:
-        full = self._path(path)
-        try:
-            info = os.stat(full)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot stat {full}: {exc}") from exc
-        is_dir = os.path.isdir(full)
-        return StatResult(path, is_dir, 0 if is_dir else info.st_size, info.st_mtime)
 
 
 SECTION = Section(

@@ -18,6 +18,10 @@ from regmw.plugins import hookimpl
 
 
 class LocalLockManager:
+    """A :class:`regmw.backends.LockManager` in this process: a lock set here binds this process only."""
+
+    shared = False  # capability: state seen by this process only
+
     def __init__(self) -> None:
         self._read_only: dict[str, tuple[str, int, float]] = {}  # repo -> (owner, token, expires)
         self._slots: dict[str, dict[str, float]] = {}

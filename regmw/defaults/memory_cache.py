@@ -23,6 +23,10 @@ ENTRY_OVERHEAD = 330
 
 
 class MemoryCache:
+    """A :class:`regmw.backends.Cache` in this process: other processes do not see its entries."""
+
+    shared = False  # capability: state seen by this process only
+
     def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 * 1024 * 1024, default_ttl: float | None = 300.0):
         self.max_entries = max_entries
         self.max_bytes = max_bytes

@@ -41,11 +41,11 @@ def class_key(context: Any) -> str | None:
 
 
 class PrefetchClassification:
-    """A tiny plugin: registers :func:`class_key` for prefetch, as the migration plugin does."""
+    """A tiny plugin: declares :func:`class_key` for prefetch, as the migration plugin does."""
 
     @hookimpl
-    def regmw_startup(self, services):
-        services.prefetch.append(class_key)
+    def regmw_prefetch(self):
+        return [class_key]
 
 
 def redis_config(url: str, **sections: dict) -> dict:
@@ -79,12 +79,10 @@ def ratelimit_worker(url: str, hot_path: str, rule: dict, requests: int, results
 
 
 def readonly_holder(url: str, repository: str, ttl: float, ready, release) -> None:
-    from regmw_redis.connection import redis_client
-
     middleware = make_middleware(url, prefetch=False)
     locks = middleware.services.locks
     with locks.hold_read_only(repository, ttl, owner="holder-process"):
-        redis_client(middleware.runtime.config).set("test:holder:pid", os.getpid())
+        middleware.services.redis.client.set("test:holder:pid", os.getpid())
         ready.set()
         release.wait(120)  # until the test SIGKILLs us (or gives up)
 
