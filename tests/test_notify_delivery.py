@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import subprocess
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ from regmw_notify.stream import RedisStreams
 from .servers.notify_apps import Connection, spawn_worker
 from .servers.redis_server import start_redis
 from .servers.webhook_receiver import SECRET, first_deliveries
-from .servers._util import stop, wait_for_port
+from .servers._util import need_binary, stop, wait_for_port
 
 pytestmark = pytest.mark.services
 
@@ -67,17 +68,21 @@ def aof_redis(tmp_path):
     proc, port = start_redis(tmp_path, *args)
     server = {"proc": proc, "port": port, "url": f"redis://127.0.0.1:{port}/0"}
 
-    def restart() -> None:
-        redis.Redis(port=port).shutdown(nosave=False)
+    def stop_server() -> None:
+        redis.Redis(port=port).shutdown()  # graceful: the AOF is flushed, as in a planned restart
         server["proc"].wait(10)
-        from .servers._util import need_binary
-        import subprocess
+
+    def start_server() -> None:
         server["proc"] = subprocess.Popen(
             [need_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--dir", str(tmp_path), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(port, proc=server["proc"])
 
-    server["restart"] = restart
+    def restart() -> None:
+        stop_server()
+        start_server()
+
+    server.update(restart=restart, stop=stop_server, start=start_server)
     yield server
     stop(server["proc"])
 
