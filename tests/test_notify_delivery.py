@@ -93,7 +93,8 @@ def test_one_worker_delivers_in_order_with_valid_signatures(aof_redis, webhook_r
     sent = events_for(20, 10)
     for event in sent:
         sink.emit(event)
-    settings = {"url": aof_redis["url"], "shards": 4, "endpoints": [endpoint(receiver)]}
+    settings = {"url": aof_redis["url"], "shards": 4, "endpoints": [endpoint(receiver)],
+                "spool_dir": str(tmp_path / "worker-spool")}
     worker = spawn_worker(settings)
     try:
         wait_until(lambda: receiver.count() >= len(sent), 30, "200 deliveries")
@@ -114,7 +115,7 @@ def test_ten_thousand_events_survive_killed_workers_a_down_endpoint_and_a_redis_
     sink.start()
     sent = events_for(200, 50)
     settings = {"url": aof_redis["url"], "shards": shards, "lease_ttl": 1.5, "claim_idle": 1.0,
-                "endpoints": [endpoint(receiver)]}
+                "endpoints": [endpoint(receiver)], "spool_dir": str(tmp_path / "worker-spool")}
     rng = random.Random(2026)
     for event in sent[:5000]:
         sink.emit(event)

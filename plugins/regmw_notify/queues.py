@@ -106,7 +106,7 @@ class SpoolLaneQueue:
                 self.stop.wait(block)
             return []
         self._read_through = rows[-1].seq
-        return [Entry(str(row.seq), row.data, row.repository, row.enqueued) for row in rows]
+        return [Entry(str(row.seq), row.data, row.repository, row.enqueued, row.only) for row in rows]
 
     def ack(self, entries: list[Entry]) -> None:
         self.spool.advance(self.endpoint, int(entries[-1].id))

@@ -96,7 +96,8 @@ class NotifySink:
         """Start the forwarder (Redis mode); it first forwards what an earlier process left in our spool file."""
         if self.streams is None or self._forwarder is not None:
             return
-        if self.spool.count():
+        # adopt what a crashed process left (only if a spool was ever written: no files made for nothing)
+        if any(self.spool_dir.glob("spool-*.sqlite3")) and self.spool.count():
             with self._lock:
                 self._spooling = True
         self._forwarder = threading.Thread(target=self._forward_loop, name="regmw-notify-forwarder", daemon=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, repository TEXT NOT NULL,
-                                   data BLOB NOT NULL, enqueued REAL NOT NULL);
+                                   data BLOB NOT NULL, enqueued REAL NOT NULL, only TEXT);
 CREATE TABLE IF NOT EXISTS cursors (endpoint TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dead (seq INTEGER PRIMARY KEY AUTOINCREMENT, endpoint TEXT NOT NULL,
                                  event_seq INTEGER NOT NULL, data BLOB NOT NULL, reason TEXT NOT NULL,
@@ -41,6 +41,7 @@ class Row:
     repository: str
     data: bytes
     enqueued: float
+    only: str | None = None  # a replayed dead letter: for this endpoint only
 
 
 class Spool:
@@ -54,17 +55,17 @@ class Spool:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
 
-    def append(self, repository: str, data: bytes, enqueued: float) -> int:
+    def append(self, repository: str, data: bytes, enqueued: float, only: str | None = None) -> int:
         """Store one event durably (fsynced) and return its sequence number."""
         with self._lock:
-            return self._db.execute("INSERT INTO events (repository, data, enqueued) VALUES (?, ?, ?)",
-                                    (repository, data, enqueued)).lastrowid
+            return self._db.execute("INSERT INTO events (repository, data, enqueued, only) VALUES (?, ?, ?, ?)",
+                                    (repository, data, enqueued, only)).lastrowid
 
     def read(self, after: int, limit: int) -> list[Row]:
         with self._lock:
-            rows = self._db.execute("SELECT seq, repository, data, enqueued FROM events WHERE seq > ? "
+            rows = self._db.execute("SELECT seq, repository, data, enqueued, only FROM events WHERE seq > ? "
                                     "ORDER BY seq LIMIT ?", (after, limit)).fetchall()
-        return [Row(seq, repo, bytes(data), enqueued) for seq, repo, data, enqueued in rows]
+        return [Row(seq, repo, bytes(data), enqueued, only) for seq, repo, data, enqueued, only in rows]
 
     def delete_through(self, seq: int) -> None:
         with self._lock:

@@ -14,41 +14,36 @@ import sys
 import threading
 from typing import Any
 
-import redis
-
-from regmw_notify.endpoints import parse_endpoints
-from regmw_notify.stream import RedisStreams
-from regmw_notify.worker import Worker
-from regmw_redis.locks import RedisLockManager
-
-
-class Connection:
-    """What ``services.redis`` offers (the contract's RedisConnection): ``client``, ``namespace``, ``key``."""
-
-    def __init__(self, url: str, namespace: str = "regmw", timeout: float = 0.2) -> None:
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self.namespace = namespace
-        self.cluster = False
-
-    def key(self, *parts: str) -> str:
-        return ":".join((self.namespace, *parts))
-
-    def ping(self) -> None:
-        self.client.ping()
+from regmw import build
+from regmw.config import validate
+from regmw_notify import make_worker
+from regmw_redis.connection import RedisConnection
+from regmw_redis.settings import SECTION
 
 
-def build_worker(settings: dict[str, Any]) -> Worker:
-    connection = Connection(settings["url"], settings.get("namespace", "regmw"))
-    streams = RedisStreams(connection, settings.get("shards", 16))
-    locks = RedisLockManager(connection.client, connection.namespace)
-    endpoints = parse_endpoints(settings["endpoints"], _networks())
-    return Worker(streams, locks, endpoints, _networks(), settings.get("lease_ttl", 2.0),
-                  settings.get("claim_idle", 0.0))
+def Connection(url: str, namespace: str = "regmw", timeout: float = 0.2) -> Any:  # noqa: N802 - reads as a type
+    """The redis plugin's own ``services.redis`` (RedisConnection) for ``url``, as a runtime would build it."""
+    section = validate({"redis": {"url": url, "namespace": namespace, "socket_timeout": timeout,
+                                  "connect_timeout": timeout}}, {"redis": SECTION})["redis"]
+    return RedisConnection(section)
 
 
-def _networks() -> list:
-    import ipaddress
-    return [ipaddress.ip_network("127.0.0.0/8")]
+def worker_config(settings: dict[str, Any]) -> dict[str, Any]:
+    """A regmw configuration (plugins redis + notifications) from the test's settings."""
+    notifications = {"endpoints": settings["endpoints"], "allowed_networks": ["127.0.0.0/8"],
+                     "shards": settings.get("shards", 16), "lease_ttl": settings.get("lease_ttl", 2.0),
+                     "claim_idle": settings.get("claim_idle", 0.0), "spool_dir": settings.get("spool_dir", "spool")}
+    return {
+        "regmw": {"plugins": ["redis", "notifications"], "entry_points": False},
+        "redis": {"url": settings["url"], "namespace": settings.get("namespace", "regmw"), "socket_timeout": 0.2,
+                  "connect_timeout": 0.2},
+        "notifications": notifications,
+    }
+
+
+def build_worker(settings: dict[str, Any]) -> Any:
+    """The worker ``regmw notifications worker`` runs, from a real runtime."""
+    return make_worker(build(worker_config(settings), environ={}).services)
 
 
 def spawn_worker(settings: dict[str, Any]) -> subprocess.Popen:
