@@ -3,8 +3,11 @@
 Each section is declared by whoever owns it (the core, or a plugin through the
 ``regmw_config_sections`` hook) as a :class:`Section` of :class:`Option`.
 Validation happens once, at start-up: an unknown section or key, a value of the
-wrong type, a bad URL or a missing required option raises :class:`ConfigError`
-with one line naming ``section.key``. The same schema generates
+wrong type, a bad URL, a missing required option or a combination of options
+that cannot work together raises :class:`ConfigError` with one line naming
+``section.key``. Cross-field rules live here too, as a section's ``checks``,
+so that ``regmw check-config`` (which validates without building anything)
+refuses exactly what start-up refuses. The same schema generates
 ``docs/configuration.md`` (``regmw config-docs``), so the docs cannot drift.
 
 Environment overrides are ``REGMW_<SECTION>_<KEY>`` (``REGMW_REDIS_URL`` sets
@@ -43,14 +46,27 @@ class Option:
     check: Callable[[Any], Any] | None = None  # extra validation, raises ValueError
 
 
+#: a cross-field rule: (this section's validated values, the whole validated config) -> an error, or None
+Check = Callable[[Mapping[str, Any], "Config"], "str | None"]
+
+
 @dataclass(frozen=True)
 class Section:
-    """A named group of options, e.g. ``[redis]``."""
+    """A named group of options, e.g. ``[redis]``.
+
+    ``checks`` are the section's cross-field rules, run once every section has
+    its validated values (so a rule may read another section, e.g. ``[redis]
+    hot_path`` against ``[ratelimit] strategy``). Each returns one sentence
+    naming the keys involved, or None; they must not open files on the
+    network or connect anywhere (``check-config`` runs them without
+    ``--connect``).
+    """
 
     name: str
     help: str
     options: Mapping[str, Option] = field(default_factory=dict)
     owner: str = "regmw"
+    checks: tuple[Check, ...] = ()
 
 
 class Config(Mapping[str, Mapping[str, Any]]):
@@ -141,7 +157,13 @@ def validate(raw: Mapping[str, Any], sections: Mapping[str, Section], source: st
             else:
                 out[key] = option.default
         values[name] = out
-    return Config(values, sections, source)
+    validated = Config(values, sections, source)
+    for name, section in sections.items():
+        for check in section.checks:
+            problem = check(values[name], validated)
+            if problem:
+                raise ConfigError(f"{source}: {problem}")
+    return validated
 
 
 def _coerce(option: Option, value: Any, where: str, source: str) -> Any:
@@ -261,10 +283,13 @@ def render_markdown(sections: Iterable[Section]) -> str:
         "WSGI entry point `regmw.wsgi:application`). Every key can be overridden by an",
         "environment variable `REGMW_<SECTION>_<KEY>` (for example `REGMW_REDIS_URL`; the",
         "`[regmw]` section's keys drop the section name: `REGMW_PLUGINS`), and a",
-        "Flask app may set the same names in `app.config`. Lists may be given as",
+        "Flask app may set the same names, or `REGMW = {section: {key: value}}`, in `app.config`",
+        "(configuration laid over the file; the environment still wins). Lists may be given as",
         "comma-separated strings in the environment; lists of tables as JSON. An unknown",
         "section or key, a bad value or a missing required option stops start-up with one",
-        "line naming it (`regmw check-config FILE` runs the same check).",
+        "line naming it, and so does a combination of options that cannot work together",
+        "(each section's rules are listed under its table). `regmw check-config FILE` runs",
+        "exactly these checks without building or connecting to anything.",
         "",
     ]
     for section in sorted(sections, key=lambda s: (s.owner != "regmw", s.name)):
@@ -277,6 +302,10 @@ def render_markdown(sections: Iterable[Section]) -> str:
                 meaning += f" One of: {', '.join(option.choices)}."
             lines.append(f"| `{key}` | {option.type} | {default} | {meaning} |")
         lines.append("")
+        rules = [" ".join((check.__doc__ or check.__name__).split()) for check in section.checks]
+        if rules:
+            lines += ["Checked together (start-up and `regmw check-config` refuse a configuration breaking one):", ""]
+            lines += [f"- {rule}" for rule in rules] + [""]
     return "\n".join(lines)
 
 

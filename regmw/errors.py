@@ -24,6 +24,18 @@ STATUS_TEXT = {
 }
 
 
+def error_body(code: str, message: str, detail: Any = None) -> bytes:
+    """The one OCI error body regmw writes: ``{"errors":[{"code","message"[,"detail"]}]}``, compact JSON.
+
+    Refusals, the gateway and the reference registry all build their bodies
+    here, so every error a client sees from regmw has the same shape.
+    """
+    error: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        error["detail"] = detail
+    return json.dumps({"errors": [error]}, separators=(",", ":")).encode()
+
+
 class Refusal(Exception):
     """An OCI error answer: raise it from a hook, or return it from ``regmw_admit``."""
 
@@ -47,10 +59,7 @@ class Refusal(Exception):
             self.headers.append(("Retry-After", str(max(1, int(retry_after)))))
 
     def body(self) -> bytes:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.detail is not None:
-            error["detail"] = self.detail
-        return json.dumps({"errors": [error]}, separators=(",", ":")).encode()
+        return error_body(self.code, self.message, self.detail)
 
     def __call__(self, environ: dict, start_response, extra_headers: Iterable[tuple[str, str]] = ()):
         """Answer as a WSGI application."""
@@ -76,10 +85,6 @@ def unavailable(message: str, retry_after: int, detail: Any = None) -> Refusal:
 
 def too_many_requests(message: str, retry_after: int, headers: Iterable[tuple[str, str]] = ()) -> Refusal:
     return Refusal(429, "TOOMANYREQUESTS", message, headers=headers, retry_after=retry_after)
-
-
-def denied(message: str) -> Refusal:
-    return Refusal(403, "DENIED", message)
 
 
 class ConfigError(ValueError):

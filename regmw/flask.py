@@ -1,37 +1,112 @@
-"""Flask extension: ``RegMW(app)`` or ``regmw.init_app(app)``.
+"""Flask extension, by Flask's conventions: ``RegMW(app)``, or ``regmw = RegMW()`` then ``regmw.init_app(app)``.
 
-Configuration comes from ``app.config``: ``REGMW_CONFIG`` (a TOML path),
-``REGMW`` (a dict of sections), and flat keys with the environment's names
-(``REGMW_REDIS_URL``, ``REGMW_PLUGINS``), which win over both.
+One extension object may serve several apps (an app factory, tests creating
+many apps in one process): everything built for an app lives in
+``app.extensions["regmw"]`` (a :class:`RegMWState`), never on the extension
+object, so two apps never share a runtime by accident.
+
+Configuration comes from ``app.config``, as configuration (it is validated
+against the schema like a file, and wins over the file):
+
+- ``REGMW_CONFIG``: a TOML file (else the extension's ``config`` argument);
+- ``REGMW``: a dict of sections, ``{"redis": {"url": "redis://..."}}``;
+- flat keys with the names of the environment overrides, e.g.
+  ``REGMW_REDIS_URL`` for ``[redis] url`` (``REGMW_PLUGINS`` for ``[regmw]
+  plugins``); they win over ``REGMW``. A ``REGMW_`` key that names no option
+  is an error, like an unknown key in a file.
+
+The process environment (``REGMW_<SECTION>_<KEY>``) still wins over all of
+them, as for every other way of running regmw. Building the runtime leaves
+the app's logging configuration alone.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from .config import env_name, load_toml, merge
 from .context import RequestContext
+from .errors import ConfigError
 from .middleware import RegistryMiddleware
-from .runtime import build
+from .runtime import Runtime, build, gather_sections
+
+EXTENSION = "regmw"
+
+
+@dataclass
+class RegMWState:
+    """What the extension built for one app: ``app.extensions["regmw"]``."""
+
+    runtime: Runtime
+    middleware: RegistryMiddleware
 
 
 class RegMW:
-    def __init__(self, app: Any = None, *, plugins: Iterable[Any] = ()) -> None:
+    """The regmw Flask extension.
+
+    ``config`` (a TOML path or a dict of sections) is the base configuration
+    for every app this extension initialises; each app's ``app.config`` is
+    laid over it. ``plugins`` are plugin objects registered for every app.
+    """
+
+    def __init__(
+        self,
+        app: Any = None,
+        *,
+        config: str | os.PathLike | Mapping[str, Any] | None = None,
+        plugins: Iterable[Any] = (),
+    ) -> None:
+        self.config = config
         self.plugins = list(plugins)
-        self.middleware: RegistryMiddleware | None = None
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Any) -> None:
+    def init_app(self, app: Any) -> RegMWState:
+        """Build this app's runtime from its ``app.config`` and wrap ``app.wsgi_app``; refuse a second call."""
+        if EXTENSION in app.extensions:
+            raise RuntimeError("regmw is already initialised on this app")
+        base = app.config.get("REGMW_CONFIG") or self.config or {}
         flat = {key: value for key, value in app.config.items() if key.startswith("REGMW_") and key != "REGMW_CONFIG"}
-        runtime = build(
-            app.config.get("REGMW_CONFIG") or dict(app.config.get("REGMW", {})),
-            environ={**os.environ, **flat},
-            plugins=self.plugins,
-        )
-        self.middleware = RegistryMiddleware(app.wsgi_app, runtime)
-        app.wsgi_app = self.middleware
-        app.extensions["regmw"] = self
+        overrides = merge(dict(app.config.get("REGMW") or {}), self._sections_of(flat, base, app.config))
+        runtime = build(base, plugins=self.plugins, overrides=overrides)
+        state = RegMWState(runtime, RegistryMiddleware(app.wsgi_app, runtime))
+        app.wsgi_app = state.middleware
+        app.extensions[EXTENSION] = state
+        return state
+
+    def _sections_of(self, flat: Mapping[str, Any], base: Any, app_config: Mapping[str, Any]) -> dict[str, Any]:
+        """``{"REGMW_REDIS_URL": v}`` → ``{"redis": {"url": v}}``, using the sections the enabled plugins declare."""
+        if not flat:
+            return {}
+        from .plugins import manager_for
+
+        given = merge(dict(base) if isinstance(base, Mapping) else load_toml(base), app_config.get("REGMW") or {})
+
+        plugins_key = env_name("regmw", "plugins")
+        core = dict(given.get("regmw") or {})
+        if plugins_key in flat:
+            core["plugins"] = flat[plugins_key]
+        pm = manager_for({**given, "regmw": core}, os.environ, self.plugins, "<app.config>")
+        names = {env_name(section.name, key): (section.name, key)
+                 for section in gather_sections(pm).values() for key in section.options}
+        out: dict[str, dict[str, Any]] = {}
+        for name, value in flat.items():
+            if name not in names:
+                raise ConfigError(f"app.config: {name} names no option of the enabled plugins")
+            section, key = names[name]
+            out.setdefault(section, {})[key] = value
+        return out
+
+
+def state(app: Any = None) -> RegMWState:
+    """``app.extensions["regmw"]`` of ``app`` (default: the current app)."""
+    if app is None:
+        from flask import current_app
+
+        app = current_app
+    return app.extensions[EXTENSION]
 
 
 def current_context() -> RequestContext | None:

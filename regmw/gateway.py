@@ -340,6 +340,16 @@ def _phrase(status: int) -> str:
 
 _URL = ("http", "https")
 
+
+def paired_upstreams(section: Mapping[str, Any], config: Any = None) -> str | None:
+    """`old_upstream` and `new_upstream` are set together or not at all."""
+    old, new = section.get("old_upstream"), section.get("new_upstream")
+    if bool(old) != bool(new):
+        missing = "gateway.new_upstream" if old else "gateway.old_upstream"
+        return f"{missing} is required when the other of old_upstream/new_upstream is set"
+    return None
+
+
 SECTION = Section(
     "gateway",
     "Gateway mode (`regmw serve` in front of existing registries): where requests are proxied.",
@@ -357,6 +367,7 @@ SECTION = Section(
                                               "name the gateway."),
         "verify_tls": Option("bool", True, "Verify https upstreams' certificates."),
     },
+    checks=(paired_upstreams,),
 )
 
 
@@ -379,9 +390,9 @@ def create_gateway(config: Any) -> tuple[Gateway, dict[str, Gateway]]:
     options = {key: section.get(key, SECTION.options[key].default)
                for key in ("timeout", "pool_size", "preserve_host", "verify_tls")}
     old, new, upstream = section.get("old_upstream"), section.get("new_upstream"), section.get("upstream")
-    if bool(old) != bool(new):
-        missing = "gateway.new_upstream" if old else "gateway.old_upstream"
-        raise ConfigError(f"{missing} is required when the other of old_upstream/new_upstream is set")
+    problem = paired_upstreams(section)  # a validated config has passed it already; a plain mapping has not
+    if problem:
+        raise ConfigError(problem)
     if not (upstream or old):
         raise ConfigError("gateway.upstream (or gateway.old_upstream and gateway.new_upstream) is required to run a gateway")
     apps: dict[str, Gateway] = {}

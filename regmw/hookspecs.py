@@ -138,6 +138,20 @@ def regmw_startup(services):
     """Called once when every backend is built; start background work here."""
 
 
+@hookspec
+def regmw_cli_commands():
+    """Return a list of click commands or groups to add to the ``regmw`` command line.
+
+    Called when the command line starts, with the plugins the configuration
+    loads, so a plugin's commands exist exactly when the plugin is enabled. A
+    command gets the configured runtime from :func:`regmw.cli.get_runtime`,
+    accepts ``-c`` after its name with :func:`regmw.cli.config_option`, and
+    refuses with :class:`regmw.cli.Failure` (one line, an exit code). A later
+    plugin's command replaces an earlier one of the same name; the core's own
+    commands (``serve``, ``check-config``, ...) cannot be replaced.
+    """
+
+
 # --- per request ------------------------------------------------------------
 
 

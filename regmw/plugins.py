@@ -11,12 +11,13 @@ the most recently registered plugin first):
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
+from .config import _as_list
 from .errors import ConfigError
 
 hookimpl = pluggy.HookimplMarker("regmw")
@@ -39,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.core",
     "regmw.defaults.memory_cache",
     "regmw.defaults.local_locks",
+    "regmw.defaults.readonly_cli",
     "regmw.defaults.ratelimit",
     "regmw.defaults.filesystem",
     "regmw.gateway",
@@ -115,3 +117,24 @@ def describe(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:
             origin = "registered in code"
         rows.append((name, origin, hooks))
     return rows
+
+
+def manager_for(
+    raw: Mapping[str, Any], environ: Mapping[str, str], extra: Iterable[Any] = (), source: str = "<config>"
+) -> pluggy.PluginManager:
+    """The plugin manager a configuration asks for: defaults, ``[regmw] plugins``, entry points, ``extra``.
+
+    Reads only ``[regmw] plugins`` and ``entry_points`` (the environment's
+    ``REGMW_PLUGINS``/``REGMW_ENTRY_POINTS`` win, as everywhere); validating
+    the rest needs the sections these plugins declare.
+    """
+    core = raw.get("regmw", {}) if isinstance(raw.get("regmw", {}), Mapping) else {}
+    try:
+        builtins = _as_list(environ.get("REGMW_PLUGINS", core.get("plugins", [])), None)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: regmw.plugins: {exc}") from None
+    entry_points = str(environ.get("REGMW_ENTRY_POINTS", core.get("entry_points", True))).lower()
+    pm = make_manager()
+    load_plugins(pm, builtins, extra, entry_points not in ("false", "0", "no", "off"))
+    return pm
+

@@ -5,7 +5,7 @@ first request, and reported as one :class:`~regmw.errors.ConfigError` line.
 """
 from __future__ import annotations
 
-import logging
+import dataclasses
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -39,7 +39,7 @@ def gather_sections(pm: pluggy.PluginManager) -> dict[str, Section]:
             if section.name in sections:
                 raise ConfigError(f"config section [{section.name}] is declared twice ({impl.plugin_name})")
             if section.owner == "regmw" and not impl.plugin_name.startswith("regmw."):
-                section = Section(section.name, section.help, section.options, impl.plugin_name)
+                section = dataclasses.replace(section, owner=impl.plugin_name)
             sections[section.name] = section
     return sections
 
@@ -77,7 +77,6 @@ def build(
     load_plugins(pm, builtins, plugins, entry_points not in ("false", "0", "no", "off"))
     sections = gather_sections(pm)
     validated = validate(merge(raw, env_overrides(sections, environ)), sections, source)
-    logging.getLogger("regmw").setLevel(validated["regmw"]["log_level"])
     return Runtime(validated, pm, build_services(validated, pm))
 
 

@@ -8,6 +8,7 @@ an unverified claim never influences a decision.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import jwt
@@ -34,33 +35,11 @@ class TokenVerifier:
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> TokenVerifier | None:
-        """Build from ``[auth]``; a missing key file or a key no algorithm accepts is a ConfigError now."""
-        key = section.get("key")
-        if section.get("key_file"):
-            try:
-                with open(section["key_file"], encoding="utf-8") as handle:
-                    key = handle.read()
-            except OSError as exc:
-                raise ConfigError(f"auth.key_file: cannot read {section['key_file']}: {exc.strerror}") from None
+        """Build from a validated ``[auth]`` (:func:`check_auth` has already accepted its key and algorithms)."""
+        key = read_key(section)
         if not key:
             return None
-        verifier = cls(key, section["algorithms"], section.get("issuer"), section.get("audience"), section["leeway"])
-        verifier._check_key()
-        return verifier
-
-    def _check_key(self) -> None:
-        """Refuse at start-up a key that none of the configured algorithms can use (a bad PEM, say)."""
-        algorithms = jwt.algorithms.get_default_algorithms()
-        unknown = [alg for alg in self.algorithms if alg not in algorithms]
-        if unknown or not self.algorithms:
-            raise ConfigError(f"auth.algorithms: unsupported {unknown or 'empty list'}")
-        for name in self.algorithms:
-            try:
-                algorithms[name].prepare_key(self.key)
-                return
-            except (jwt.InvalidKeyError, ValueError, TypeError):
-                continue
-        raise ConfigError(f"auth.key: not a usable key for any of {', '.join(self.algorithms)}")
+        return cls(key, section["algorithms"], section.get("issuer"), section.get("audience"), section["leeway"])
 
     def verify(self, authorization: str | None) -> dict[str, Any] | None:
         """Return the verified claims of an ``Authorization: Bearer`` header, else None."""
@@ -81,6 +60,49 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             log.warning("ignoring bearer token that does not verify: %s", exc)
             return None
+
+
+def read_key(section: Mapping[str, Any]) -> str | None:
+    """The verification key: ``key``, or the contents of ``key_file``; ConfigError if the file cannot be read."""
+    if not section.get("key_file"):
+        return section.get("key")
+    try:
+        with open(section["key_file"], encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"auth.key_file: cannot read {section['key_file']}: {exc.strerror}") from None
+
+
+_HMAC = ("HS256", "HS384", "HS512")
+
+
+def check_auth(section: Mapping[str, Any], config: Any = None) -> str | None:
+    """`key` or `key_file`, not both; every algorithm known to PyJWT and either all HMAC (`HS*`, key = a secret) or all public-key (`RS*`/`PS*`/`ES*`/`EdDSA`, key = a PEM); the key usable by at least one of them."""
+    if section.get("key") and section.get("key_file"):
+        return "auth.key and auth.key_file are both set (give the key one way)"
+    try:
+        key = read_key(section)
+    except ConfigError as exc:
+        return str(exc)
+    if not key:
+        return None
+    algorithms = [alg for alg in section["algorithms"] if alg.lower() != "none"]
+    known = jwt.algorithms.get_default_algorithms()
+    unknown = [alg for alg in algorithms if alg not in known]
+    if unknown or not algorithms:
+        return f"auth.algorithms: unsupported {unknown or 'empty list'}"
+    hmac = [alg for alg in algorithms if alg in _HMAC]
+    if hmac and len(hmac) != len(algorithms):
+        # One key cannot be both a shared secret and a public key; accepting both kinds is how
+        # algorithm-confusion forgeries start.
+        return f"auth.algorithms: mixes HMAC ({', '.join(hmac)}) with public-key algorithms; one key serves one kind"
+    for name in algorithms:
+        try:
+            known[name].prepare_key(key)
+            return None
+        except (jwt.InvalidKeyError, ValueError, TypeError):
+            continue
+    return f"auth.key: not a usable key for any of {', '.join(algorithms)}"
 
 
 def access_entry(claims: dict[str, Any] | None, repository: str, action: str | None = None) -> dict | None:

@@ -1,21 +1,146 @@
-"""CLI commands that need a shared store refuse to pretend without one; with Redis they work."""
+"""The click command line: core commands, commands contributed by plugins, shared-store refusals."""
+import importlib
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from regmw.cli import main
 
+SHARED_LOCKS = """
+    import itertools, time
+    from regmw import hookimpl
+    from regmw.backends import Lease
 
-def test_readonly_and_migrate_mark_refuse_the_in_process_defaults(capsys):
+    HELD = {}  # stands for a store every process sees (the test's "Redis")
+    TOKENS = itertools.count(1)
+
+    class SharedLocks:
+        shared = True
+
+        def read_only(self, repository):
+            return repository in HELD and HELD[repository][2] > time.monotonic()
+
+        def set_read_only(self, repository, ttl, owner=None):
+            if self.read_only(repository) and HELD[repository][0] != owner:
+                return None
+            HELD[repository] = (owner, next(TOKENS), time.monotonic() + ttl)
+            return Lease(repository, owner, HELD[repository][1], ttl)
+
+        def clear_read_only(self, repository, owner=None):
+            if repository not in HELD or (owner is not None and HELD[repository][0] != owner):
+                return False
+            del HELD[repository]
+            return True
+
+        def list_read_only(self):
+            now = time.monotonic()
+            return {repo: expires - now for repo, (_, _, expires) in HELD.items() if expires > now}
+
+        def cluster_slot(self, name, max_holders, ttl=30.0):
+            raise NotImplementedError
+
+    @hookimpl
+    def regmw_lock_manager(config):
+        return SharedLocks()
+"""
+
+
+@pytest.fixture
+def shared_locks_plugin(tmp_path, monkeypatch):
+    """A third-party lock manager declaring `shared = True`, enabled by its dotted module name."""
+    (tmp_path / "cli_plugins").mkdir()
+    (tmp_path / "cli_plugins" / "__init__.py").write_text("")
+    (tmp_path / "cli_plugins" / "shared_locks.py").write_text(textwrap.dedent(SHARED_LOCKS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    config = tmp_path / "c.toml"
+    config.write_text('[regmw]\nplugins = ["cli_plugins.shared_locks"]\n')
+    yield str(config), importlib.import_module("cli_plugins.shared_locks")
+    sys.modules.pop("cli_plugins.shared_locks", None)
+    sys.modules.pop("cli_plugins", None)
+
+
+def test_readonly_works_on_any_shared_lock_manager(shared_locks_plugin, capsys):
+    config, store = shared_locks_plugin
+    assert main(["-c", config, "readonly", "set", "team/app", "--ttl", "60", "--owner", "migrator-7"]) == 0
+    assert capsys.readouterr().out.startswith("team/app read-only for 60s (owner migrator-7, token 1)")
+    assert store.HELD["team/app"][0] == "migrator-7"
+    assert main(["readonly", "set", "team/app", "-c", config]) == 1  # another owner holds it
+    assert capsys.readouterr().err == "regmw: team/app is already read-only under another owner\n"
+    assert main(["readonly", "list", "--config", config]) == 0
+    assert capsys.readouterr().out.startswith("team/app\t")
+    assert main(["readonly", "clear", "team/app", f"--config={config}"]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert main(["-c", config, "readonly", "clear", "team/app", "--force"]) == 0
+    assert store.HELD == {}
+
+
+def test_readonly_refuses_a_lock_manager_that_is_not_shared(capsys):
     assert main(["readonly", "set", "group/app"]) == 2
-    assert "shared lock store" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shared lock store" in err and "LocalLockManager" in err
     assert main(["readonly", "set", "Bad..Name"]) == 2
+    assert "'Bad..Name'" in capsys.readouterr().err
 
 
-def test_migrate_mark_refuses_the_in_process_cache(tmp_path, capsys):
+def test_migrate_mark_exists_only_when_the_migration_plugin_is_enabled(tmp_path, capsys):
+    assert main(["migrate-mark", "group/app"]) == 2
+    assert "no such command 'migrate-mark'" in capsys.readouterr().err
     config = tmp_path / "c.toml"
     config.write_text('[regmw]\nplugins = ["migration"]\n[migration]\nnew_root = "gitlab/v2"\n')
-    assert main(["-c", str(config), "migrate-mark", "group/app"]) == 2
+    assert main(["migrate-mark", "group/app", "-c", str(config)]) == 2  # found: -c after the command counts
     assert "shared cache" in capsys.readouterr().err
     assert main(["-c", str(config), "migrate-mark", "../etc"]) == 2
+    assert "'../etc'" in capsys.readouterr().err
+
+
+def test_a_third_party_plugin_contributes_a_command(tmp_path, monkeypatch, capsys):
+    (tmp_path / "regmw_greet.py").write_text(textwrap.dedent("""
+        import click
+        from regmw import hookimpl
+        from regmw.cli import config_option, get_runtime
+
+        @click.command("greet")
+        @click.argument("name")
+        @config_option
+        def greet(name):
+            \"\"\"Say hello, with the configured cache size.\"\"\"
+            click.echo(f"hello {name} ({get_runtime().config['cache']['max_entries']})")
+
+        @hookimpl
+        def regmw_cli_commands():
+            return [greet]
+    """))
+    dist = tmp_path / "regmw_greet-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: regmw-greet\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[regmw]\ngreet = regmw_greet\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    config = tmp_path / "c.toml"
+    config.write_text("[cache]\nmax_entries = 42\n")
+    try:
+        assert main(["greet", "world", "-c", str(config)]) == 0
+        assert capsys.readouterr().out == "hello world (42)\n"
+        assert main(["--help"]) == 0
+        assert "greet" in capsys.readouterr().out
+        config.write_text("[regmw]\nentry_points = false\n")
+        assert main(["-c", str(config), "greet", "world"]) == 2  # the plugin is not loaded: no command
+    finally:
+        sys.modules.pop("regmw_greet", None)
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert "Commands:" in captured.out + captured.err
+
+
+def test_the_core_cli_imports_no_plugin():
+    code = "import sys, regmw.cli; print(sorted(m for m in sys.modules if m.startswith('regmw_')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_migrate_mark_through_redis_changes_what_servers_decide(tmp_path, redis_server, capsys):
@@ -85,3 +210,22 @@ def test_cluster_slot_function_uses_the_configured_fleet_store(tmp_path, redis_s
                     pass
     with cluster_slot("gc", max_holders=2, runtime=other_process):
         pass  # released: free again
+
+
+def test_the_hooks_doc_command_example_runs_as_printed(shared_locks_plugin, tmp_path, capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs/hooks.md").read_text()
+    (source,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "regmw_cli_commands" in block]
+    (tmp_path / "cli_plugins" / "is_read_only.py").write_text(source)
+    config, store = shared_locks_plugin
+    Path(config).write_text('[regmw]\nplugins = ["cli_plugins.shared_locks", "cli_plugins.is_read_only"]\n')
+    try:
+        assert main(["is-read-only", "team/app", "-c", config]) == 1
+        assert capsys.readouterr().err == "regmw: team/app is writable\n"
+        assert main(["-c", config, "readonly", "set", "team/app"]) == 0
+        assert main(["-c", config, "is-read-only", "team/app"]) == 0
+        assert capsys.readouterr().out.endswith("team/app is read-only\n")
+    finally:
+        sys.modules.pop("cli_plugins.is_read_only", None)

@@ -1,8 +1,5 @@
 """Configuration: validation errors name the key, env and Flask overrides work."""
 import pytest
-from flask import Flask
-from werkzeug.test import Client
-
 from regmw import ConfigError, build
 from regmw.cli import main
 
@@ -71,33 +68,6 @@ def test_environment_overrides_file(tmp_path):
 def test_environment_override_is_validated():
     with pytest.raises(ConfigError, match="cache.max_entries"):
         build({}, environ={"REGMW_CACHE_MAX_ENTRIES": "-3"})
-
-
-def test_flask_extension_reads_app_config():
-    from regmw.flask import RegMW, current_context
-
-    app = Flask(__name__)
-    app.config["REGMW"] = {"ratelimit": {"rules": [{"by": "global", "limit": "1/minute"}]}}
-    app.config["REGMW_CACHE_MAX_ENTRIES"] = 3
-
-    @app.route("/v2/<path:rest>")
-    def anything(rest):
-        return {"repository": current_context().repository}
-
-    extension = RegMW(app)
-    assert extension.middleware.services.cache.max_entries == 3
-    client = Client(app)
-    assert client.get("/v2/a/b/tags/list").json == {"repository": "a/b"}
-    assert client.get("/v2/a/b/tags/list").status_code == 429
-
-
-def test_flask_extension_rejects_bad_keys():
-    from regmw.flask import RegMW
-
-    app = Flask(__name__)
-    app.config["REGMW"] = {"cache": {"size": 1}}
-    with pytest.raises(ConfigError, match="unknown key cache.size"):
-        RegMW().init_app(app)
 
 
 def test_generated_configuration_reference_is_current():

@@ -125,7 +125,7 @@ BASE = {"primary": "postgresql://u@127.0.0.1:5432/db"}
 
 def section(**overrides):
     runtime_values = {
-        "primary": BASE["primary"], "replicas": [], "discovery": "static", "pool_size": 5, "max_overflow": 10,
+        "primary": BASE["primary"], "replicas": [], "pool_size": 5, "max_overflow": 10,
         "pool_timeout": 5.0, "pool_recycle": 1800.0, "pre_ping": True, "connect_timeout": 2,
         "statement_timeout": 30.0, "health_interval": 1.0, "max_byte_lag": 1, "max_replay_lag": 30.0,
         "failure_threshold": 3, "reintegrate_after": 2, "replay_position_max_age": 0.05, "lsn_ttl": 600.0,
@@ -136,9 +136,33 @@ def section(**overrides):
 
 
 def test_lsn_ttl_must_outlive_the_quarantine_window():
-    settings_from_config(section())
-    with pytest.raises(ConfigError, match="lsn_ttl"):
-        settings_from_config(section(lsn_ttl=30.0))
+    config = {"regmw": {"plugins": ["dbroute"], "entry_points": False}, "database": {**BASE, "lsn_ttl": 30.0}}
+    with pytest.raises(ConfigError, match="lsn_ttl: must exceed"):
+        validate_only(config)
+
+
+def validate_only(raw):
+    from regmw.config import validate
+    from regmw.plugins import load_plugins, make_manager
+    from regmw.runtime import gather_sections
+
+    pm = make_manager()
+    load_plugins(pm, raw["regmw"]["plugins"], entry_points=False)
+    return validate(raw, gather_sections(pm))
+
+
+def test_settings_are_the_sections_options_declared_once():
+    from regmw_dbroute.config import SECTION
+
+    settings = settings_from_config(section())
+    assert {key: getattr(settings, key) for key in SECTION.options} == {**section(), "replicas": ()}
+    assert settings.health_staleness == 3 * 1.0 + 2
+    with pytest.raises(AttributeError, match="no option 'discovery'"):
+        settings.discovery  # noqa: B018
+    with pytest.raises(TypeError, match="lack store_retry"):
+        settings_from_config({key: value for key, value in section().items() if key != "store_retry"})
+    with pytest.raises(AttributeError):
+        settings.lsn_ttl = 1
 
 
 @pytest.mark.parametrize("database, message", [

@@ -1,19 +1,42 @@
 """The ``[database]`` section and the settings object the router is built from.
 
-Everything that can be wrong with it is found at start-up: URLs are checked by
-the schema, and :func:`settings_from_config` checks the one cross-field rule
-the read-your-writes guarantee rests on (see ``lsn_ttl``).
+Everything that can be wrong with it is found by the schema, before anything
+is built: URLs by their options, and the cross-field rules (the one the
+read-your-writes guarantee rests on, see ``lsn_ttl``) by the section's
+``checks``, so ``regmw check-config`` refuses them too.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from regmw.config import Option, Section
-from regmw.errors import ConfigError
 
 PG_SCHEMES = ("postgresql", "postgresql+psycopg2", "postgres")
+
+
+def staleness(section: Mapping[str, Any]) -> float:
+    """Seconds after which a replica's last good health check is too old to trust."""
+    return 3 * section["health_interval"] + section["connect_timeout"]
+
+
+def lsn_ttl_outlives_quarantine(section: Mapping[str, Any], config: Any = None) -> str | None:
+    """`lsn_ttl` exceeds `max_replay_lag` + 3 × `health_interval` + `connect_timeout`: a replica still lacking an expired write position has been quarantined by then."""
+    floor = section["max_replay_lag"] + staleness(section)
+    if section["lsn_ttl"] <= floor:
+        return (
+            f"database.lsn_ttl: must exceed max_replay_lag + 3 × health_interval + connect_timeout "
+            f"(= {floor:g}s), or a replica could serve a read of a write whose position already expired "
+            f"(got {section['lsn_ttl']:g})"
+        )
+    return None
+
+
+def store_url_needs_redis_store(section: Mapping[str, Any], config: Any = None) -> str | None:
+    """`store_url` is only read with `store` = `redis` or `auto`."""
+    if section["store_url"] and section["store"] == "memory":
+        return "database.store_url is set but database.store = \"memory\" never reads it"
+    return None
 
 
 def _check_urls(urls: list[str]) -> list[str]:
@@ -45,12 +68,6 @@ SECTION = Section(
             "list", [],
             "SQLAlchemy URLs of the streaming replicas that may serve reads. Empty: everything goes to the primary.",
             check=_check_urls,
-        ),
-        "discovery": Option(
-            "str", "static",
-            "Where the replica list comes from: `static` = the `replicas` option. The router asks its discovery "
-            "again at every health check, so a DNS-based discovery can be added without touching routing.",
-            choices=("static",),
         ),
         "pool_size": Option("int", 5, "Connections kept open per database by the request pools.", minimum=1),
         "max_overflow": Option("int", 10, "Extra connections a request pool may open under load.", minimum=0),
@@ -135,51 +152,38 @@ SECTION = Section(
             minimum=0,
         ),
     },
+    checks=(lsn_ttl_outlives_quarantine, store_url_needs_redis_store),
 )
 
 
-@dataclass(frozen=True)
 class Settings:
-    """The validated ``[database]`` section as attributes (see :data:`SECTION` for meanings)."""
+    """The validated ``[database]`` section as read-only attributes.
 
-    primary: str
-    replicas: tuple[str, ...]
-    discovery: str
-    pool_size: int
-    max_overflow: int
-    pool_timeout: float
-    pool_recycle: float
-    pre_ping: bool
-    connect_timeout: int
-    statement_timeout: float
-    health_interval: float
-    max_byte_lag: int
-    max_replay_lag: float
-    failure_threshold: int
-    reintegrate_after: int
-    replay_position_max_age: float
-    lsn_ttl: float
-    store: str
-    store_url: str
-    store_namespace: str
-    store_timeout: float
-    store_retry: float
+    Its attributes are :data:`SECTION`'s options, declared once there (with
+    their types, defaults and meanings); this class only adds the one derived
+    value, :attr:`health_staleness`.
+    """
+
+    def __init__(self, section: Mapping[str, Any]) -> None:
+        missing = [key for key in SECTION.options if key not in section]
+        if missing:
+            raise TypeError(f"database settings lack {', '.join(missing)}")
+        values = {key: section[key] for key in SECTION.options}
+        values["replicas"] = tuple(values["replicas"] or ())
+        self.__dict__.update(values)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("database settings are read-only")
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names that are not options
+        raise AttributeError(f"[database] has no option {name!r}")
 
     @property
     def health_staleness(self) -> float:
         """A replica whose last good check is older than this is not used (the checker may be stuck)."""
-        return 3 * self.health_interval + self.connect_timeout
+        return staleness(self.__dict__)
 
 
 def settings_from_config(section: Mapping[str, Any]) -> Settings:
-    values = dict(section)
-    values["replicas"] = tuple(values.get("replicas") or ())
-    settings = Settings(**values)
-    floor = settings.max_replay_lag + settings.health_staleness
-    if settings.lsn_ttl <= floor:
-        raise ConfigError(
-            f"database.lsn_ttl: must exceed max_replay_lag + 3 × health_interval + connect_timeout "
-            f"(= {floor:g}s), or a replica could serve a read of a write whose position already expired "
-            f"(got {settings.lsn_ttl:g})"
-        )
-    return settings
+    """The router's settings from a validated ``[database]`` section (the schema has checked its rules)."""
+    return Settings(section)

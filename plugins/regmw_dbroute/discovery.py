@@ -17,16 +17,10 @@ class ReplicaDiscovery(Protocol):
 
 
 class StaticDiscovery:
-    """The fixed ``[database] replicas`` list."""
+    """The fixed ``[database] replicas`` list (what the router uses unless given another discovery)."""
 
     def __init__(self, urls: list[str] | tuple[str, ...]) -> None:
         self._urls = list(urls)
 
     def replicas(self) -> list[str]:
         return list(self._urls)
-
-
-def make_discovery(settings) -> ReplicaDiscovery:
-    if settings.discovery == "static":
-        return StaticDiscovery(settings.replicas)
-    raise ValueError(f"unknown replica discovery {settings.discovery!r}")

@@ -145,13 +145,11 @@ class PrimaryState:
         self.name = name
         self.up = True
         self.reason = "ok"
-        self.changed_at = time.monotonic()
         self.probe_lock = threading.Lock()
 
     def mark(self, up: bool, reason: str = "ok") -> None:
         if up != self.up:
             log.warning("primary %s %s%s", self.name, "is back" if up else "is DOWN: ", "" if up else reason)
-            self.changed_at = time.monotonic()
         self.up, self.reason = up, reason
 
 

@@ -40,7 +40,7 @@ from regmw import metrics
 from regmw.errors import Refusal, unavailable
 
 from .config import Settings, settings_from_config
-from .discovery import ReplicaDiscovery, make_discovery
+from .discovery import ReplicaDiscovery, StaticDiscovery
 from .handle import CONNECTION_ERRORS, DbHandle
 from .health import HealthChecker, PrimaryHistory, PrimaryState, ReplicaState
 from .lsn import format_lsn
@@ -81,7 +81,7 @@ class Router:
         self.primary = Node(settings.primary, "primary", settings)
         self.primary_state = PrimaryState(self.primary.name)
         self.store: PositionStore = store if store is not None else MemoryPositionStore()
-        self.discovery = discovery or make_discovery(settings)
+        self.discovery = discovery or StaticDiscovery(settings.replicas)
         self.history = PrimaryHistory(window=2 * settings.max_replay_lag + 10 * settings.health_interval + 1)
         self._replicas: list[tuple[Node, ReplicaState]] = []  # replaced whole, never mutated
         self._pending: dict[str, tuple[int | None, float]] = {}  # repo -> (lsn, expires): not in the store yet

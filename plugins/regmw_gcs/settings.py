@@ -6,6 +6,10 @@ and giving up must be bounded (it becomes a 503 with Retry-After).
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from typing import Any
+
 from regmw.config import Option, Section
 
 
@@ -15,6 +19,18 @@ def _check_root(value: str) -> str:
     if root and any(part in ("", ".", "..") for part in root.split("/")):
         raise ValueError("must be a plain object-name prefix like 'registry' (no empty, '.' or '..' segments)")
     return root
+
+
+def one_credential(section: Mapping[str, Any], config: Any = None) -> str | None:
+    """`anonymous` or `credentials_file`, not both; a `credentials_file` that can be read."""
+    path = section.get("credentials_file")
+    if not path:
+        return None
+    if section["anonymous"]:
+        return "gcs.anonymous and gcs.credentials_file are both set (choose one kind of credentials)"
+    if not os.access(path, os.R_OK):
+        return f"gcs.credentials_file: cannot read {path}"
+    return None
 
 
 SECTION = Section(
@@ -51,4 +67,5 @@ SECTION = Section(
         "retry_maximum": Option("float", 2.0, "Longest retry delay in seconds.", minimum=0.001),
         "retry_multiplier": Option("float", 2.0, "Factor by which the retry delay grows.", minimum=1.0),
     },
+    checks=(one_credential,),
 )

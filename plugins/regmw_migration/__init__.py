@@ -91,3 +91,10 @@ def regmw_finish(context, status):
     classifier = context.services.classifier
     if classifier is not None:
         classifier.mark_migrated(context.repository)
+
+
+@hookimpl
+def regmw_cli_commands():
+    from .cli import migrate_mark
+
+    return [migrate_mark]

@@ -1,6 +1,9 @@
 """The ``[migration]`` configuration section."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from regmw.config import Option, Section
 
 
@@ -10,6 +13,13 @@ def _prefix(value: str) -> str:
     if not prefix or any(part in ("", ".", "..") for part in prefix.split("/")):
         raise ValueError("must be a storage prefix like 'docker/registry/v2'")
     return prefix
+
+
+def roots_differ(section: Mapping[str, Any], config: Any = None) -> str | None:
+    """`new_root` differs from `old_root` (a repository cannot be migrated onto itself)."""
+    if section["enabled"] and section["old_root"] == section["new_root"]:
+        return "migration.new_root must differ from migration.old_root"
+    return None
 
 
 SECTION = Section(
@@ -66,4 +76,5 @@ SECTION = Section(
             minimum=1,
         ),
     },
+    checks=(roots_differ,),
 )

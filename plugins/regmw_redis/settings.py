@@ -1,14 +1,38 @@
 """The ``[redis]`` configuration section (declared through ``regmw_config_sections``)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from regmw.config import Option, Section
 
 from .connection import SCHEMES, parse_url
 
 
-def _check_url(url: str) -> str:
-    parse_url(url)  # raises ValueError with a sentence naming what is wrong
-    return url
+def url_and_options(section: Mapping[str, Any], config: Any = None) -> str | None:
+    """`url` parses together with `service_name`/`db`/`password` (a Sentinel URL names its master, in the URL or in `service_name`); `service_name` and `sentinel_password` only with a `redis+sentinel://` URL; `tls_ca_file` only with TLS (`rediss://`, `rediss+sentinel://`)."""
+    try:
+        target = parse_url(section["url"], section)
+    except ValueError as exc:
+        return f"redis.url: {exc}"
+    if not target.is_sentinel:
+        for key in ("service_name", "sentinel_password"):
+            if section.get(key):
+                return f"redis.{key} is set but redis.url is not a redis+sentinel:// URL"
+    if section.get("tls_ca_file") and not target.tls:
+        return "redis.tls_ca_file is set but redis.url does not use TLS (rediss://)"
+    return None
+
+
+def script_counts_fixed_windows(section: Mapping[str, Any], config: Mapping[str, Any]) -> str | None:
+    """`hot_path` = `script` counts fixed windows only: with `[ratelimit]` rules and another `strategy`, use `hot_path` = `limits`."""
+    ratelimit = config.get("ratelimit") if config is not None else None
+    if section["hot_path"] != "script" or not ratelimit or not (ratelimit["enabled"] and ratelimit["rules"]):
+        return None
+    if ratelimit["strategy"] != "fixed-window":
+        return (f"ratelimit.strategy {ratelimit['strategy']!r} needs [redis] hot_path = \"limits\" "
+                "(the one-round-trip script counts fixed windows)")
+    return None
 
 
 def _check_namespace(value: str) -> str:
@@ -25,7 +49,7 @@ SECTION = Section(
             "url", "redis://127.0.0.1:6379/0",
             "redis://[[user]:password@]host:port/db, rediss:// (TLS), unix:///path.sock?db=N, or Sentinel "
             "redis+sentinel://[[user]:password@]host:port,host:port/<service>[/db] (password = the master's).",
-            schemes=SCHEMES, check=_check_url,
+            schemes=SCHEMES,
         ),
         "service_name": Option("str", None, "Sentinel master name, when the URL does not carry it."),
         "sentinel_password": Option("str", None, "Password of the sentinels themselves (none by default)."),
@@ -49,7 +73,7 @@ SECTION = Section(
         "client_name": Option("str", "regmw", "CLIENT SETNAME of regmw's connections (shows in CLIENT LIST)."),
         "protocol": Option(
             "int", 2, "RESP protocol version spoken to Redis (2 parses faster in redis-py; 3 if your proxy needs it).",
-            check=lambda value: value if value in (2, 3) else (_ for _ in ()).throw(ValueError("must be 2 or 3")),
+            minimum=2, maximum=3,
         ),
         "tls_ca_file": Option("path", None, "CA bundle verifying the server's certificate for rediss://."),
         "cache_ttl": Option("float", 300.0, "Seconds a cache entry lives when the caller gives no TTL.", minimum=0.001),
@@ -61,4 +85,5 @@ SECTION = Section(
             choices=("script", "limits"),
         ),
     },
+    checks=(url_and_options, script_counts_fixed_windows),
 )

@@ -14,6 +14,7 @@ from regmw.backends import ADMISSION_PARTS, Services
 from regmw.config import Option, Section
 from regmw.errors import ConfigError, Refusal, too_many_requests, unavailable
 from regmw.plugins import hookimpl
+from regmw.tokens import check_auth
 
 log = logging.getLogger("regmw.admission")
 
@@ -169,7 +170,12 @@ SECTIONS = [
             "metrics_path": Option(
                 "str", "/-/regmw/metrics", "Path answering Prometheus metrics; empty to disable.", check=_absolute_path
             ),
-            "log_level": Option("str", "INFO", "Log level of the `regmw` loggers.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+            "log_level": Option(
+                "str", "INFO",
+                "Log level of the `regmw` loggers when regmw is the process (`regmw serve`, `regmw.wsgi`); "
+                "an app embedding regmw keeps its own logging configuration.",
+                choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+            ),
         },
     ),
     Section(
@@ -183,6 +189,7 @@ SECTIONS = [
             "audience": Option("str", None, "Required `aud` claim."),
             "leeway": Option("float", 0.0, "Seconds of clock skew tolerated on `exp`/`nbf`.", minimum=0),
         },
+        checks=(check_auth,),
     ),
     Section(
         "readonly",

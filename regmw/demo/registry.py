@@ -29,6 +29,7 @@ from typing import Any
 
 from flask import Flask, Response, request, send_file
 
+from regmw.errors import error_body
 from regmw.routes import TAG_RE
 
 from .layout import Layout, append_stream, file_digest, parse_digest, valid_name
@@ -55,11 +56,8 @@ def oci_error(
     code: str, message: str, detail: Any = None, status: int | None = None, headers: dict[str, str] | None = None
 ) -> Response:
     """An OCI distribution error response: ``{"errors": [{"code", "message", "detail"}]}``."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if detail is not None:
-        error["detail"] = detail
     status = status or _STATUS.get(code, 400)
-    return Response(json.dumps({"errors": [error]}), status, mimetype="application/json", headers=headers)
+    return Response(error_body(code, message, detail), status, mimetype="application/json", headers=headers)
 
 
 def create_app(root: str) -> Flask:

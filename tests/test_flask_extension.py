@@ -1,0 +1,94 @@
+"""The Flask extension by Flask's conventions: per-app state, init_app for factories, app.config as configuration."""
+import logging
+
+import pytest
+from flask import Flask
+from werkzeug.test import Client
+
+from regmw import ConfigError, build
+from regmw.flask import RegMW, current_context, state
+
+
+def make_app(**config):
+    app = Flask(__name__)
+    app.config.update(config)
+
+    @app.route("/v2/<path:rest>")
+    def anything(rest):
+        return {"repository": current_context().repository}
+
+    return app
+
+
+def test_app_config_is_configuration_flat_keys_and_sections():
+    app = make_app(REGMW={"ratelimit": {"rules": [{"by": "global", "limit": "1/minute"}]}},
+                   REGMW_CACHE_MAX_ENTRIES=3)
+    RegMW(app)
+    assert app.extensions["regmw"].runtime.services.cache.max_entries == 3
+    client = Client(app)
+    assert client.get("/v2/a/b/tags/list").json == {"repository": "a/b"}
+    assert client.get("/v2/a/b/tags/list").status_code == 429
+
+
+def test_app_config_wins_over_the_file_and_is_typed_not_an_environment(tmp_path):
+    path = tmp_path / "regmw.toml"
+    path.write_text("[cache]\nmax_entries = 5\nmax_bytes = 4096\n")
+    app = make_app(REGMW_CONFIG=str(path), REGMW={"cache": {"max_bytes": 8192}}, REGMW_CACHE_MAX_ENTRIES=7,
+                   REGMW_TRUSTED_PROXIES=["10.0.0.0/8"])  # a real list, not a comma-separated string
+    RegMW().init_app(app)
+    config = state(app).runtime.config
+    assert config["cache"]["max_entries"] == 7 and config["cache"]["max_bytes"] == 8192
+    assert [str(net) for net in config["regmw"]["trusted_proxies"]] == ["10.0.0.0/8"]
+    assert config.source == str(path)
+
+
+def test_a_flat_key_naming_no_option_is_refused():
+    with pytest.raises(ConfigError, match="REGMW_CACHE_SIZE names no option"):
+        RegMW(make_app(REGMW_CACHE_SIZE=1))
+    with pytest.raises(ConfigError, match="unknown key cache.size"):
+        RegMW().init_app(make_app(REGMW={"cache": {"size": 1}}))
+
+
+def test_flat_keys_of_a_plugin_enabled_by_a_flat_key():
+    app = make_app(REGMW_PLUGINS=["migration"], REGMW_MIGRATION_NEW_ROOT="gitlab/v2")
+    RegMW(app)
+    assert state(app).runtime.config["migration"]["new_root"] == "gitlab/v2"
+
+
+def test_one_extension_serves_several_apps_each_with_its_own_runtime():
+    """An app factory: one RegMW(), init_app per app; limits, caches and contexts never leak between apps."""
+    regmw = RegMW()
+
+    def create_app(limit):
+        app = make_app(REGMW={"ratelimit": {"rules": [{"by": "global", "limit": limit}]}})
+        regmw.init_app(app)
+        return app
+
+    strict, lenient = create_app("1/minute"), create_app("3/minute")
+    assert state(strict).runtime is not state(lenient).runtime
+    assert state(strict).runtime.services.cache is not state(lenient).runtime.services.cache
+    strict_client, lenient_client = Client(strict), Client(lenient)
+    assert strict_client.get("/v2/a/b/tags/list").status_code == 200
+    assert strict_client.get("/v2/a/b/tags/list").status_code == 429
+    assert [lenient_client.get("/v2/a/b/tags/list").status_code for _ in range(4)] == [200, 200, 200, 429]
+    with strict.app_context():
+        assert state() is strict.extensions["regmw"]
+
+
+def test_init_app_twice_on_one_app_is_refused():
+    app = make_app()
+    regmw = RegMW(app)
+    with pytest.raises(RuntimeError, match="already initialised"):
+        regmw.init_app(app)
+
+
+def test_building_a_runtime_leaves_the_logging_levels_alone():
+    logger = logging.getLogger("regmw")
+    before = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        build({"regmw": {"log_level": "DEBUG"}}, environ={})
+        RegMW(make_app(REGMW={"regmw": {"log_level": "DEBUG"}}))
+        assert logger.level == logging.CRITICAL
+    finally:
+        logger.setLevel(before)
