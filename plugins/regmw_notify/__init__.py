@@ -23,7 +23,6 @@ import logging
 import threading
 from typing import Any
 
-from regmw.errors import ConfigError
 from regmw.plugins import hookimpl
 
 from .endpoints import parse_endpoints
@@ -46,11 +45,9 @@ def regmw_config_sections():
 
 
 def endpoints_of(config: Any) -> list:
+    """The configured endpoints (the section's check already refused bad ones at validation)."""
     section = config["notifications"]
-    try:
-        return parse_endpoints(section["endpoints"], section["allowed_networks"])
-    except ValueError as exc:
-        raise ConfigError(f"{getattr(config, 'source', '<config>')}: notifications.{exc}") from None
+    return parse_endpoints(section["endpoints"], section["allowed_networks"])
 
 
 def streams_of(config: Any, services: Any) -> RedisStreams | None:
@@ -64,7 +61,6 @@ def streams_of(config: Any, services: Any) -> RedisStreams | None:
 
 @hookimpl
 def regmw_event_sink(config, services):
-    endpoints_of(config)  # refuse a bad endpoint table at start-up
     section = config["notifications"]
     return NotifySink(streams_of(config, services), section["spool_dir"], section["breaker_seconds"])
 
@@ -120,3 +116,10 @@ def regmw_response_started(context, status, headers):
         LOST.inc()
         log.exception("event for %s %s could not be stored (Redis and the spool both failed)",
                       context.method, context.repository)
+
+
+@hookimpl
+def regmw_cli_commands():
+    from .cli import notifications
+
+    return [notifications]

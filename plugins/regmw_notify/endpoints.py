@@ -76,7 +76,7 @@ def parse_endpoints(tables: Iterable[Mapping[str, Any]], allowed: Sequence[Any] 
             raise ValueError(f"{where}.name: required, without braces, colons or spaces")
         if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise ValueError(f"{where}.url: an http:// or https:// URL is required")
-        check_address(url, allowed, where)
+        check_address(url, allowed, where, resolve=False)
         secrets = tuple(table.get("secrets", ()))
         for secret in secrets:
             try:
@@ -103,17 +103,26 @@ def parse_endpoints(tables: Iterable[Mapping[str, Any]], allowed: Sequence[Any] 
     return endpoints
 
 
-def check_address(url: str, allowed: Sequence[Any] = (), where: str = "url") -> None:
-    """Raise ValueError if ``url``'s host is (or resolves to) an internal address not in ``allowed``."""
+def check_address(url: str, allowed: Sequence[Any] = (), where: str = "url", resolve: bool = True) -> None:
+    """Raise ValueError if ``url``'s host is (or resolves to) an internal address not in ``allowed``.
+
+    ``resolve=False`` (configuration checks, which must stay offline) checks
+    IP literals and ``localhost`` only; names are checked before each POST.
+    """
     host = urlsplit(url).hostname or ""
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-        except OSError:
-            return  # unresolvable now: checked again before each connection
-        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        if host == "localhost" or host.endswith(".localhost"):
+            addresses = [ipaddress.ip_address("127.0.0.1")]
+        elif not resolve:
+            return
+        else:
+            try:
+                infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+            except OSError:
+                return  # unresolvable: the POST fails anyway, and is retried
+            addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     for address in addresses:
         internal = (address.is_loopback or address.is_link_local or address.is_private
                     or address.is_multicast or address.is_unspecified or address.is_reserved)

@@ -10,6 +10,15 @@ from regmw.config import Option, Section
 from .endpoints import parse_endpoints
 
 
+def endpoints_are_valid(section, config) -> str | None:
+    """endpoints: each table's keys and values, unique names, secrets that are Standard Webhooks secrets, and
+    URLs outside loopback/link-local/private networks unless in allowed_networks (IP literals and localhost;
+    names are checked before each POST)."""
+    try:
+        parse_endpoints(section["endpoints"], section["allowed_networks"])
+    except (ValueError, TypeError) as exc:
+        return f"notifications.{exc}"
+    return None
 
 
 SECTION = Section(
@@ -63,9 +72,7 @@ SECTION = Section(
         "max_shards_per_worker": Option("int", 0, "Shards one worker process leases at most; 0 = all it can get.",
                                         minimum=0),
     },
+    checks=(endpoints_are_valid,),
 )
 
 
-def check(config) -> None:
-    """Cross-field checks (endpoint tables against the allowed networks); raises ValueError."""
-    parse_endpoints(config["endpoints"], config["allowed_networks"])
