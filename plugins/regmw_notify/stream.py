@@ -72,6 +72,7 @@ class RedisStreams:
         self.wait_replicas = wait_replicas
         self.wait_ms = max(1, int(wait_timeout * 1000))
         client = connection.client
+        self._streams = [self.key(shard, "events") for shard in range(shards)]
         self._take_fence = client.register_script(TAKE_FENCE)
         self._ack = client.register_script(FENCED_ACK)
         self._park = client.register_script(FENCED_PARK)
@@ -84,7 +85,7 @@ class RedisStreams:
         return self.connection.key("notify", "{notify-shard:%d}" % shard, *parts)
 
     def stream(self, shard: int) -> str:
-        return self.key(shard, "events")
+        return self._streams[shard]
 
     def dead(self, shard: int, endpoint: str) -> str:
         return self.key(shard, "dead", endpoint)
@@ -100,6 +101,10 @@ class RedisStreams:
         Raises a RedisError (NotReplicated included) when the events cannot be
         called durable; some may have been added anyway (at-least-once).
         """
+        if len(entries) == 1 and not self.wait_replicas and not only:  # the request path: one plain XADD
+            repository, data = entries[0]
+            return [_text(self.client.xadd(self._streams[shard_of(repository, self.shards)],
+                                           {"e": data, "r": repository}))]
         pipe = self.client.pipeline(transaction=False)
         for repository, data in entries:
             fields = {"e": data, "r": repository}
