@@ -18,8 +18,7 @@ def embedded_config(receiver, spool_dir, **endpoint) -> dict:
     table.update(endpoint)
     return {
         "regmw": {"plugins": ["notifications"], "entry_points": False},
-        "notifications": {"endpoints": [table], "allowed_networks": ["127.0.0.0/8"], "spool_dir": str(spool_dir),
-                          "delivery_thread": True},
+        "notifications": {"endpoints": [table], "allowed_networks": ["127.0.0.0/8"], "spool_dir": str(spool_dir)},
     }
 
 

@@ -72,10 +72,10 @@ def regmw_startup(services):
         return  # another plugin replaced or wrapped the sink: it runs its own machinery
     section = services.config["notifications"]
     sink.start()
-    if section["delivery_thread"] and section["endpoints"]:
-        stop = threading.Event()
+    thread = section["delivery_thread"]
+    if section["endpoints"] and (thread == "on" or (thread == "auto" and sink.streams is None)):
         worker = make_worker(services, sink)
-        threading.Thread(target=worker.run, args=(stop,), name="regmw-notify-delivery", daemon=True).start()
+        threading.Thread(target=worker.run, args=(sink.closed,), name="regmw-notify-delivery", daemon=True).start()
 
 
 def make_worker(services: Any, sink: NotifySink | None = None) -> Any:

@@ -68,7 +68,12 @@ SECTION = Section(
             "Seconds an entry a dead worker had taken must sit idle before another worker reclaims it "
             "(XAUTOCLAIM); 0 = the largest endpoint timeout plus one second.", minimum=0,
         ),
-        "delivery_thread": Option("bool", False, "Deliver from a thread inside `regmw serve` / `regmw demo` too."),
+        "delivery_thread": Option(
+            "str", "auto",
+            "Deliver from a thread inside the server (`regmw serve`, `regmw demo`, any app): `on`, `off`, or "
+            "`auto` = on without Redis (the embedded queue has no other deliverer; one process at a time "
+            "delivers), off with Redis (run `regmw notifications worker`).", choices=("auto", "on", "off"),
+        ),
         "max_shards_per_worker": Option("int", 0, "Shards one worker process leases at most; 0 = all it can get.",
                                         minimum=0),
     },

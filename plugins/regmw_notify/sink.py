@@ -50,7 +50,7 @@ class NotifySink:
         self._retry_redis_at = 0.0
         self._wake = threading.Event()
         self._forwarder: threading.Thread | None = None
-        self._closed = threading.Event()
+        self.closed = threading.Event()  # set by close(): stops the forwarder and an in-process delivery thread
 
     # --- EventSink --------------------------------------------------------------
 
@@ -104,16 +104,16 @@ class NotifySink:
         self._forwarder.start()
 
     def _forward_loop(self) -> None:
-        while not self._closed.is_set():
+        while not self.closed.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
-            while self._spooling and not self._closed.is_set():
+            while self._spooling and not self.closed.is_set():
                 try:
                     if not self.forward_once():
                         break
                 except redis.RedisError as exc:
                     log.debug("forwarder: redis still unavailable: %s", exc)
-                    self._closed.wait(max(0.05, self.breaker_seconds / 2))
+                    self.closed.wait(max(0.05, self.breaker_seconds / 2))
 
     def forward_once(self, batch: int = 500) -> bool:
         """Move up to ``batch`` spooled events to Redis; False when the spool is empty (and spooling ends)."""
@@ -132,7 +132,7 @@ class NotifySink:
         return True
 
     def close(self) -> None:
-        self._closed.set()
+        self.closed.set()
         self._wake.set()
         if self._forwarder is not None:
             self._forwarder.join(5)

@@ -15,6 +15,7 @@ SQLite queue.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -150,6 +151,20 @@ class EmbeddedWorker:
         self.posters = {endpoint.name: Poster(endpoint, allowed_networks) for endpoint in endpoints}
 
     def run(self, stop: threading.Event) -> None:
+        """Deliver while this process holds the queue's delivery lock (one delivering process per spool)."""
+        fd = os.open(self.spool.path.with_name("queue.delivery.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            while not stop.is_set():
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # another process delivers; take over if it dies
+                    stop.wait(1.0)
+                    continue
+                self._deliver(stop)
+        finally:
+            os.close(fd)
+
+    def _deliver(self, stop: threading.Event) -> None:
         lanes = [Lane(f"{endpoint.name}/0", SpoolLaneQueue(self.spool, endpoint.name, stop), endpoint,
                       self.posters[endpoint.name], stop) for endpoint in self.endpoints]
         for lane in lanes:
