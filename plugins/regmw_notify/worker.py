@@ -109,6 +109,8 @@ class Worker:
 
     def _deliver(self, shard: int, lease: Any, stop: threading.Event) -> None:
         self.streams.take_fence(shard, lease.token)
+        # (again per hold: a Redis that lost its data since the worker started has no groups)
+        self.streams.ensure_groups([endpoint.name for endpoint in self.endpoints], [shard])
         lane_stop = threading.Event()
         lanes = [
             Lane(f"{endpoint.name}/{shard}",
