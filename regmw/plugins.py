@@ -43,6 +43,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.readonly_cli",
     "regmw.defaults.ratelimit",
     "regmw.defaults.filesystem",
+    "regmw.defaults.serve",
     "regmw.gateway",
 )
 
