@@ -289,6 +289,19 @@ class PositionStore(Protocol):
 PrefetchKey = Callable[["RequestContext"], "str | None"]
 
 
+@runtime_checkable
+class EventSink(Protocol):
+    """Where registry events go (issue 11): a webhook queue, a log, a filter in front of one.
+
+    ``event`` is one event of distribution's notification format (a dict with
+    ``id``, ``timestamp``, ``action``, ``target``, ``request``, ``actor``,
+    ``source``). ``emit`` returns only once the event is durable (it survives
+    this process dying), or raises: an event is never dropped silently.
+    """
+
+    def emit(self, event: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class Services:
     """The named services built at start-up (see :func:`regmw.runtime.build_services`), shared by every request."""
@@ -302,7 +315,7 @@ class Services:
     storage: Storage | None = None
     classifier: Classifier | None = None
     positions: PositionStore | None = None
-    events: Any = None  # EventSink (notifications)
+    events: EventSink | None = None  # regmw_event_sink: notifications (emit is durable before it returns)
     jobs: Any = None  # job queue
     #: every ``regmw_prefetch`` declaration, collected before the admission is
     #: built: an Admission reading the cache anyway reads each key on the

@@ -93,6 +93,18 @@ def regmw_position_store(config, services):
     """Return the :class:`~regmw.backends.PositionStore` of write positions (``services.positions``), or None."""
 
 
+@hookspec(firstresult=True)
+def regmw_event_sink(config, services):
+    """Return the :class:`~regmw.backends.EventSink` that receives registry events, or None.
+
+    ``services.events`` is the result. ``emit(event)`` must make the event
+    durable before it returns (or raise): the caller emits before the client
+    sees the response. A plugin adds a sink or filters events by wrapping this
+    hook (``@hookimpl(wrapper=True)``: take the inner sink from ``yield`` and
+    return a sink that forwards to it).
+    """
+
+
 @hookspec
 def regmw_prefetch(config, services):
     """Return a list of functions ``context -> cache key | None`` to read on each request's way in.

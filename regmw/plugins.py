@@ -30,6 +30,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "gcs": "regmw_gcs",
     "redis": "regmw_redis",
     "dbroute": "regmw_dbroute",
+    "notifications": "regmw_notify",
 }
 
 #: the setup.cfg extra that installs each built-in's dependencies

@@ -103,6 +103,7 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
     services.storage = hook.regmw_storage(config=config, services=services)
     services.classifier = hook.regmw_classifier(config=config, services=services)
     services.positions = hook.regmw_position_store(config=config, services=services)
+    services.events = hook.regmw_event_sink(config=config, services=services)
     services.prefetch = collect_prefetch(hook.regmw_prefetch(config=config, services=services))
     admission = hook.regmw_admission(config=config, services=services)
     services.admission = complete_admission(admission, services, provider_name(pm, admission))

@@ -1,0 +1,131 @@
+"""Webhook endpoints: their settings, which events they want, and the SSRF guard.
+
+An endpoint URL is refused when its host is, or resolves to, a loopback,
+link-local, private, multicast or unspecified address, unless that address is
+in ``[notifications] allowed_networks``: a registry's webhook configuration
+must not become a way to reach the cloud metadata service or internal admin
+ports. The check runs at start-up and again before every connection (a DNS
+name may change what it points at).
+"""
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from standardwebhooks import Webhook
+
+DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0)
+_KEYS = {"name", "url", "secrets", "actions", "media_types", "repositories", "timeout", "retry_schedule",
+         "jitter", "max_age", "batch_max", "headers"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One receiver and its delivery policy."""
+
+    name: str
+    url: str
+    secrets: tuple[str, ...] = ()
+    actions: frozenset[str] = frozenset()
+    media_types: frozenset[str] = frozenset()
+    repositories: tuple[str, ...] = ()
+    timeout: float = 5.0
+    retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
+    jitter: float = 0.2
+    max_age: float = 259200.0
+    batch_max: int = 1
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def wants(self, event: Mapping[str, Any]) -> bool:
+        """True if this endpoint's filters let ``event`` through (empty filter = everything)."""
+        if self.actions and event.get("action") not in self.actions:
+            return False
+        target = event.get("target") or {}
+        if self.media_types and target.get("mediaType") not in self.media_types:
+            return False
+        if self.repositories:
+            repository = target.get("repository") or ""
+            return any(fnmatch.fnmatchcase(repository, pattern) for pattern in self.repositories)
+        return True
+
+    def delay(self, attempts: int, random: float) -> float:
+        """Seconds before attempt ``attempts + 1`` (``retry_schedule[attempts]``, the last repeating).
+
+        ``random`` in [0, 1) spreads it by ±jitter so that endpoints recovering
+        from one outage are not all retried in the same instant.
+        """
+        base = self.retry_schedule[min(attempts, len(self.retry_schedule) - 1)]
+        return base * (1.0 + self.jitter * (2.0 * random - 1.0))
+
+
+def parse_endpoints(tables: Iterable[Mapping[str, Any]], allowed: Sequence[Any] = ()) -> list[Endpoint]:
+    """Endpoints from ``[notifications] endpoints``; raises ValueError naming the bad field."""
+    endpoints: list[Endpoint] = []
+    for index, table in enumerate(tables):
+        where = f"endpoints[{index}]"
+        unknown = set(table) - _KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        name, url = table.get("name"), table.get("url")
+        if not isinstance(name, str) or not name or any(char in name for char in "{}: "):
+            raise ValueError(f"{where}.name: required, without braces, colons or spaces")
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ValueError(f"{where}.url: an http:// or https:// URL is required")
+        check_address(url, allowed, where, resolve=False)
+        secrets = tuple(table.get("secrets", ()))
+        for secret in secrets:
+            try:
+                Webhook(secret)
+            except Exception as exc:
+                raise ValueError(f"{where}.secrets: not a Standard Webhooks secret ({exc})") from None
+        schedule = tuple(float(delay) for delay in table.get("retry_schedule", DEFAULT_SCHEDULE))
+        if not schedule or any(delay < 0 for delay in schedule):
+            raise ValueError(f"{where}.retry_schedule: a non-empty list of seconds >= 0")
+        batch_max = int(table.get("batch_max", 1))
+        if batch_max < 1:
+            raise ValueError(f"{where}.batch_max: at least 1")
+        endpoints.append(Endpoint(
+            name=name, url=url, secrets=secrets,
+            actions=frozenset(table.get("actions", ())), media_types=frozenset(table.get("media_types", ())),
+            repositories=tuple(table.get("repositories", ())), timeout=float(table.get("timeout", 5.0)),
+            retry_schedule=schedule, jitter=float(table.get("jitter", 0.2)),
+            max_age=float(table.get("max_age", 259200.0)), batch_max=batch_max,
+            headers=dict(table.get("headers", {})),
+        ))
+    names = [endpoint.name for endpoint in endpoints]
+    if len(set(names)) != len(names):
+        raise ValueError("endpoints: names must be unique")
+    return endpoints
+
+
+def check_address(url: str, allowed: Sequence[Any] = (), where: str = "url", resolve: bool = True) -> None:
+    """Raise ValueError if ``url``'s host is (or resolves to) an internal address not in ``allowed``.
+
+    ``resolve=False`` (configuration checks, which must stay offline) checks
+    IP literals and ``localhost`` only; names are checked before each POST.
+    """
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        if host == "localhost" or host.endswith(".localhost"):
+            addresses = [ipaddress.ip_address("127.0.0.1")]
+        elif not resolve:
+            return
+        else:
+            try:
+                infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+            except OSError:
+                return  # unresolvable: the POST fails anyway, and is retried
+            addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    for address in addresses:
+        internal = (address.is_loopback or address.is_link_local or address.is_private
+                    or address.is_multicast or address.is_unspecified or address.is_reserved)
+        if internal and not any(address in network for network in allowed):
+            raise ValueError(f"{where}: {host} is an internal address ({address}); "
+                             "add its network to [notifications] allowed_networks to allow it")

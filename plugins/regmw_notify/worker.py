@@ -1,0 +1,180 @@
+"""The delivery worker: lease shards, run one lane per (shard, endpoint), trim what all delivered.
+
+Exactly one consumer per shard at a time: a shard is held through the lock
+manager's cluster semaphore (``services.locks.cluster_slot``, one holder) and
+its fencing token, which the worker raises the shard's fence to before
+delivering (:meth:`RedisStreams.take_fence`). Every acknowledgement checks
+that fence, so a worker that lost its lease without noticing (paused,
+partitioned) cannot acknowledge anything its successor owns; the lease's own
+renewal thread tells the worker to stop. A SIGKILLed worker's shards become
+free when their lease expires (``lease_ttl``), and its unacknowledged entries
+are reclaimed by the next holder (see :mod:`.queues`).
+
+Without Redis, :class:`EmbeddedWorker` runs one lane per endpoint over the
+SQLite queue.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from regmw.errors import BackendUnavailable, SlotUnavailable
+
+from . import metrics
+from .deliver import Poster
+from .endpoints import Endpoint
+from .lane import Lane
+from .queues import RedisLaneQueue, SpoolLaneQueue
+from .spool import Spool
+from .stream import Fenced, RedisStreams
+
+log = logging.getLogger("regmw.notify")
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """Delivers every shard it can lease until ``stop`` is set."""
+
+    def __init__(
+        self,
+        streams: RedisStreams,
+        locks: Any,
+        endpoints: Sequence[Endpoint],
+        allowed_networks: Sequence[Any] = (),
+        lease_ttl: float = 10.0,
+        claim_idle: float = 0.0,
+        max_shards: int = 0,
+    ) -> None:
+        self.streams, self.locks, self.endpoints = streams, locks, list(endpoints)
+        self.lease_ttl = lease_ttl
+        self.claim_idle = claim_idle or max((endpoint.timeout for endpoint in endpoints), default=5.0) + 1.0
+        self.max_shards = max_shards or streams.shards
+        self.consumer = consumer_name()
+        self.posters = {endpoint.name: Poster(endpoint, allowed_networks, self.max_shards) for endpoint in endpoints}
+        self._held: dict[int, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    def run(self, stop: threading.Event) -> None:
+        groups_ready = False
+        while not stop.is_set():
+            if not groups_ready:
+                try:
+                    self.streams.ensure_groups([endpoint.name for endpoint in self.endpoints])
+                    groups_ready = True
+                except redis.RedisError as exc:
+                    log.warning("notifications worker: redis unavailable: %s", exc)
+                    stop.wait(0.5)
+                    continue
+            with self._lock:
+                for shard in range(self.streams.shards):
+                    if len(self._held) >= self.max_shards:
+                        break
+                    if shard not in self._held:
+                        thread = threading.Thread(target=self._hold, args=(shard, stop), daemon=True,
+                                                  name=f"regmw-notify-shard-{shard}")
+                        self._held[shard] = thread
+                        thread.start()
+            stop.wait(min(1.0, self.lease_ttl / 3))
+        for thread in list(self._held.values()):
+            thread.join(10)
+
+    def held(self) -> list[int]:
+        with self._lock:
+            return sorted(self._held)
+
+    def _hold(self, shard: int, stop: threading.Event) -> None:
+        try:
+            with self.locks.cluster_slot(f"notify-shard-{shard}", 1, self.lease_ttl) as lease:
+                self._deliver(shard, lease, stop)
+        except SlotUnavailable:
+            pass
+        except (BackendUnavailable, redis.RedisError, Fenced) as exc:
+            log.info("shard %d released: %s", shard, exc)
+        except Exception:
+            log.exception("shard %d: worker failed", shard)
+        finally:
+            with self._lock:
+                self._held.pop(shard, None)
+
+    def _deliver(self, shard: int, lease: Any, stop: threading.Event) -> None:
+        self.streams.take_fence(shard, lease.token)
+        # (again per hold: a Redis that lost its data since the worker started has no groups)
+        self.streams.ensure_groups([endpoint.name for endpoint in self.endpoints], [shard])
+        lane_stop = threading.Event()
+        lanes = [
+            Lane(f"{endpoint.name}/{shard}",
+                 RedisLaneQueue(self.streams, shard, endpoint.name, self.consumer, lease.token, self.claim_idle,
+                                lane_stop),
+                 endpoint, self.posters[endpoint.name], lane_stop)
+            for endpoint in self.endpoints
+        ]
+        for lane in lanes:
+            lane.start()
+        names = [endpoint.name for endpoint in self.endpoints]
+        try:
+            while not (stop.is_set() or lane_stop.is_set() or (lease.lost is not None and lease.lost.is_set())):
+                self._housekeeping(shard, names)
+                stop.wait(1.0)
+        finally:
+            lane_stop.set()
+            for lane in lanes:
+                lane.join(max(endpoint.timeout for endpoint in self.endpoints) + 2)
+        errors = [lane.error for lane in lanes if lane.error is not None]
+        if errors:
+            raise errors[0]
+
+    def _housekeeping(self, shard: int, names: list[str]) -> None:
+        """Trim what every endpoint acknowledged (MINID) and publish the depth gauges."""
+        try:
+            self.streams.trim(shard, names)
+            for name, info in self.streams.groups(shard).items():
+                if name in names:
+                    metrics.depth.labels(str(shard), name).set(int(info.get("lag") or 0) + int(info["pending"]))
+        except redis.RedisError as exc:
+            log.debug("shard %d housekeeping: %s", shard, exc)
+        except Exception:  # housekeeping must never cost the shard its lease
+            log.exception("shard %d housekeeping failed", shard)
+
+
+class EmbeddedWorker:
+    """Delivery without Redis: one lane per endpoint over the SQLite queue, trimming behind them."""
+
+    def __init__(self, spool: Spool, endpoints: Sequence[Endpoint], allowed_networks: Sequence[Any] = ()) -> None:
+        self.spool, self.endpoints = spool, list(endpoints)
+        self.posters = {endpoint.name: Poster(endpoint, allowed_networks) for endpoint in endpoints}
+
+    def run(self, stop: threading.Event) -> None:
+        """Deliver while this process holds the queue's delivery lock (one delivering process per spool)."""
+        fd = os.open(self.spool.path.with_name("queue.delivery.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            while not stop.is_set():
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # another process delivers; take over if it dies
+                    stop.wait(1.0)
+                    continue
+                self._deliver(stop)
+        finally:
+            os.close(fd)
+
+    def _deliver(self, stop: threading.Event) -> None:
+        lanes = [Lane(f"{endpoint.name}/0", SpoolLaneQueue(self.spool, endpoint.name, stop), endpoint,
+                      self.posters[endpoint.name], stop) for endpoint in self.endpoints]
+        for lane in lanes:
+            lane.start()
+        names = [endpoint.name for endpoint in self.endpoints]
+        while not stop.wait(1.0):
+            self.spool.trim(names)
+        for lane in lanes:
+            lane.join(10)

@@ -1,0 +1,95 @@
+"""Notifications without Redis: the SQLite spool is the queue, delivered by a thread inside the server."""
+from __future__ import annotations
+
+import pytest
+from werkzeug.test import Client
+
+from regmw import RegistryMiddleware
+from regmw.metrics import REGISTRY
+from regmw.cli import main
+
+from .servers.redis_apps import registry_app
+from .servers.webhook_receiver import SECRET
+from .test_notify_delivery import wait_until
+
+
+def embedded_config(receiver, spool_dir, **endpoint) -> dict:
+    table = {"name": "hook", "url": receiver.url, "secrets": [SECRET], "timeout": 0.5,
+             "retry_schedule": [0, 0.02, 0.05]}
+    table.update(endpoint)
+    return {
+        "regmw": {"plugins": ["notifications"], "entry_points": False},
+        "notifications": {"endpoints": [table], "allowed_networks": ["127.0.0.0/8"], "spool_dir": str(spool_dir)},
+    }
+
+
+@pytest.fixture
+def embedded(webhook_receiver, tmp_path):
+    made = []
+
+    def make(**endpoint):
+        receiver = webhook_receiver()
+        middleware = RegistryMiddleware(registry_app, embedded_config(receiver, tmp_path / "spool", **endpoint),
+                                        environ={})
+        made.append(middleware)
+        return receiver, Client(middleware), middleware
+
+    yield make
+    for middleware in made:
+        middleware.services.events.close()
+
+
+def test_pushes_pulls_and_deletes_are_delivered_in_order_without_redis(embedded):
+    receiver, client, _ = embedded()
+    for tag in range(1, 6):
+        assert client.put(f"/v2/team/app/manifests/v{tag}", data=b"{}",
+                          headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}).status_code == 201
+    assert client.get("/v2/team/app/manifests/v5").status_code == 200
+    digest = "sha256:" + "a" * 64
+    assert client.put(f"/v2/team/app/blobs/uploads/u1?digest={digest}", data=b"x").status_code == 201
+    assert client.post(f"/v2/team/other/blobs/uploads/?mount={digest}&from=team/app").status_code == 201
+    assert client.delete(f"/v2/team/app/manifests/{digest}").status_code == 200
+    assert client.patch("/v2/team/app/blobs/uploads/u2", data=b"x").status_code == 200  # no event
+    assert client.get("/v2/team/app/tags/list").status_code == 200  # no event
+    wait_until(lambda: receiver.count() >= 9, 10, "nine events")
+    events = receiver.snapshot()
+    assert [event["action"] for event in events] == ["push"] * 5 + ["pull", "push", "mount", "delete"]
+    assert [event["target"]["tag"] for event in events[:5]] == [f"v{tag}" for tag in range(1, 6)]
+    assert events[6]["target"]["digest"] == digest and events[6]["target"]["mediaType"] == "application/octet-stream"
+    assert events[7]["target"]["fromRepository"] == "team/app" and events[7]["target"]["repository"] == "team/other"
+    assert all(set(event) == {"id", "timestamp", "action", "target", "request", "actor", "source"} for event in events)
+    assert receiver.bad_signatures == 0
+    delivered = REGISTRY.get_sample_value("regmw_notify_delivered_events_total", {"endpoint": "hook"})
+    assert delivered is not None and delivered >= 9
+
+
+def test_filters_keep_unwanted_events_out(embedded):
+    receiver, client, _ = embedded(actions=["push"], repositories=["team/*"])
+    client.put("/v2/team/app/manifests/v1", data=b"{}")
+    client.get("/v2/team/app/manifests/v1")  # a pull: filtered out
+    client.put("/v2/other/app/manifests/v1", data=b"{}")  # another repository pattern: filtered out
+    client.put("/v2/team/app/manifests/v2", data=b"{}")
+    wait_until(lambda: receiver.count() >= 2, 10, "two events")
+    assert [(e["action"], e["target"]["repository"], e["target"]["tag"]) for e in receiver.snapshot()] == [
+        ("push", "team/app", "v1"), ("push", "team/app", "v2")]
+
+
+def test_a_redirect_is_a_failure_and_410_disables_the_endpoint_until_resumed(embedded, tmp_path, capsys):
+    receiver, client, middleware = embedded()
+    receiver.status = 302
+    client.put("/v2/team/app/manifests/v1", data=b"{}")
+    wait_until(lambda: receiver.refused >= 3, 10, "retries after 302s")
+    assert receiver.count() == 0
+    receiver.status = 410
+    wait_until(lambda: middleware.services.events.spool.state("hook")[1].startswith("410"), 10, "the 410")
+    refused = receiver.refused
+    receiver.status = 200
+    client.put("/v2/team/app/manifests/v2", data=b"{}")
+    assert receiver.count() == 0 and receiver.refused == refused  # disabled: nothing is sent
+    config = tmp_path / "regmw.toml"
+    config.write_text(f'[regmw]\nplugins = ["notifications"]\n[notifications]\nspool_dir = "{tmp_path / "spool"}"\n'
+                      f'allowed_networks = ["127.0.0.0/8"]\nendpoints = [{{name = "hook", url = "{receiver.url}"}}]\n')
+    assert main(["-c", str(config), "notifications", "resume", "hook"]) == 0
+    assert "hook resumed" in capsys.readouterr().out
+    wait_until(lambda: receiver.count() >= 2, 10, "both events after resume")
+    assert [event["target"]["tag"] for event in receiver.snapshot()] == ["v1", "v2"]

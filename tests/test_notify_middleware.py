@@ -1,0 +1,114 @@
+"""Events made by real requests through the middleware: durable before the response, spooled while Redis is down."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from werkzeug.test import Client
+
+from regmw import RegistryMiddleware
+from regmw_notify import make_worker
+
+from .servers.redis_apps import registry_app
+from .servers.webhook_receiver import SECRET, first_deliveries
+from .test_notify_delivery import aof_redis, wait_until  # noqa: F401, F811 - the fixture
+
+pytestmark = pytest.mark.services
+
+#: What a request may take while Redis is down: one refused connection (or at most
+#: socket_timeout 0.25 s + connect_timeout 0.25 s if Redis hangs) plus one fsynced SQLite commit.
+REQUEST_BOUND = 1.0
+
+
+def notify_config(url: str, receiver, spool_dir, **notifications) -> dict:
+    section = {
+        "endpoints": [{"name": "hook", "url": receiver.url, "secrets": [SECRET], "timeout": 0.5,
+                       "retry_schedule": [0, 0.05, 0.1]}],
+        "allowed_networks": ["127.0.0.0/8"], "shards": 4, "spool_dir": str(spool_dir), "lease_ttl": 1.5,
+        "breaker_seconds": 0.2,
+    }
+    section.update(notifications)
+    return {
+        "regmw": {"plugins": ["redis", "notifications"], "entry_points": False},
+        "redis": {"url": url, "socket_timeout": 0.25, "connect_timeout": 0.25},
+        "notifications": section,
+        # writes must keep flowing while Redis is down, for the spool to have something to keep
+        "readonly": {"fail_closed_writes": False},
+    }
+
+
+def push(client: Client, repository: str, tag: int) -> float:
+    started = time.perf_counter()
+    response = client.put(f"/v2/{repository}/manifests/{tag}", data=b"{}", buffered=True,
+                          headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    assert response.status_code == 201
+    return time.perf_counter() - started
+
+
+def test_events_spool_while_redis_is_down_and_arrive_in_order_once_it_is_back(
+    aof_redis, webhook_receiver, tmp_path  # noqa: F811
+):
+    receiver = webhook_receiver()
+    middleware = RegistryMiddleware(registry_app, notify_config(aof_redis["url"], receiver, tmp_path / "spool"),
+                                    environ={})
+    client = Client(middleware)
+    stop = threading.Event()
+    worker = threading.Thread(target=make_worker(middleware.services).run, args=(stop,), daemon=True)
+    worker.start()
+    repositories = [f"team/app{index}" for index in range(20)]
+    tags = {repository: 0 for repository in repositories}
+    down_latencies = []
+
+    def push_round(latencies=None) -> None:
+        for repository in repositories:
+            tags[repository] += 1
+            took = push(client, repository, tags[repository])
+            if latencies is not None:
+                latencies.append(took)
+
+    try:
+        for _ in range(5):
+            push_round()
+        aof_redis["stop"]()
+        for _ in range(10):  # 200 pushes while Redis is down: every event goes to the spool
+            push_round(down_latencies)
+        spooled = list((tmp_path / "spool").glob("spool-*.sqlite3"))
+        assert spooled, "nothing was spooled"
+        aof_redis["start"]()
+        for _ in range(5):
+            push_round()
+        wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= 400, 30, "all 400 events delivered")
+    finally:
+        stop.set()
+        worker.join(10)
+        middleware.services.events.close()
+    firsts = first_deliveries(receiver.snapshot())
+    assert len(firsts) == 400
+    last: dict[str, int] = {}
+    for event in firsts:
+        repository, tag = event["target"]["repository"], int(event["target"]["tag"])
+        assert tag == last.get(repository, 0) + 1, f"{repository}: {tag} after {last.get(repository)}"
+        last[repository] = tag
+        assert event["action"] == "push" and event["request"]["method"] == "PUT"
+        assert event["target"]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert receiver.bad_signatures == 0
+    down_latencies.sort()
+    p99 = down_latencies[int(len(down_latencies) * 0.99) - 1]
+    assert p99 < REQUEST_BOUND, f"p99 {p99:.3f}s with Redis down"
+
+
+def test_wait_for_replicas_that_do_not_confirm_keeps_a_spooled_copy(redis_server, tmp_path):
+    """``wait_replicas``: an XADD that no replica confirmed counts as not durable, so the spool keeps a copy."""
+    from regmw_notify.events import plugin_event
+    from regmw_notify.sink import NotifySink
+    from regmw_notify.stream import RedisStreams
+
+    from .servers.notify_apps import Connection
+
+    streams = RedisStreams(Connection(redis_server[1]), 2, wait_replicas=1, wait_timeout=0.01)
+    sink = NotifySink(streams, tmp_path / "spool")
+    sink.emit(plugin_event("push", "team/app", tag="1"))
+    assert sum(streams.client.xlen(streams.stream(shard)) for shard in range(2)) == 1  # added...
+    assert sink.spool.count() == 1  # ...and, unconfirmed, spooled too: delivered twice at worst, never lost
+    assert sink.forward_once() and sink.spool.count() == 0  # the forwarder does not re-add it forever

@@ -1,0 +1,77 @@
+"""Pure parts of the notifications plugin: signatures, the SSRF guard, retry schedule, config checks."""
+from __future__ import annotations
+
+import ipaddress
+import time
+
+import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from regmw import ConfigError, build
+from regmw_notify.endpoints import Endpoint, check_address, parse_endpoints
+from regmw_notify.events import action_for, envelope_raw
+from regmw_notify.signing import Signer
+
+OLD, NEW = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_" + "c2VjcmV0LW51bWJlci10d28tZm9yLXJvdGF0aW9u"
+
+
+def test_rotation_signs_with_every_secret_so_either_verifies():
+    body = envelope_raw([b'{"id":"e1","action":"push"}'])
+    headers = Signer([OLD, NEW]).headers("e1", body, now=time.time())
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (OLD, NEW):
+        assert Webhook(secret).verify(body, headers)["events"][0]["id"] == "e1"
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + "b3RoZXItc2VjcmV0LW5vdC1jb25maWd1cmVk").verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(OLD).verify(body.replace(b"push", b"pull"), headers)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/x", "http://localhost:8080/", "http://10.1.2.3/", "http://192.168.0.1/",
+    "http://169.254.169.254/latest/meta-data", "http://[::1]/", "http://[fe80::1]/", "http://0.0.0.0/",
+])
+def test_internal_addresses_are_refused_unless_allowed(url):
+    with pytest.raises(ValueError, match="internal address"):
+        check_address(url)
+    check_address(url, [ipaddress.ip_network(net) for net in ("0.0.0.0/0", "::/0")])
+
+
+def test_public_address_passes_the_guard():
+    check_address("https://93.184.215.14/hook")
+
+
+def test_retry_schedule_repeats_its_last_step_within_jitter():
+    endpoint = Endpoint("e", "http://x", retry_schedule=(0, 5, 300), jitter=0.2)
+    assert endpoint.delay(1, 0.5) == 5 and endpoint.delay(2, 0.5) == 300 and endpoint.delay(9, 0.5) == 300
+    assert endpoint.delay(1, 0.0) == pytest.approx(4.0) and endpoint.delay(1, 0.999999) == pytest.approx(6.0)
+
+
+def test_actions_by_request():
+    assert action_for("PUT", "manifests", 201, "") == "push"
+    assert action_for("PUT", "manifests", 400, "") is None
+    assert action_for("GET", "blobs", 200, "", pulls=False) is None
+    assert action_for("POST", "uploads", 202, "") is None  # an upload starts: nothing yet
+    assert action_for("POST", "uploads", 201, "mount=sha256:a&from=x/y") == "mount"
+    assert action_for("PUT", "uploads", 201, "digest=sha256:a") == "push"
+    assert action_for("HEAD", "manifests", 200, "") is None
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"name": "a", "url": "http://10.0.0.1/"}, "internal address"),
+    ({"name": "a", "url": "ftp://example.com/"}, "http:// or https://"),
+    ({"name": "a", "url": "https://example.com/", "secrets": [""]}, "not a Standard Webhooks secret"),
+    ({"name": "a", "url": "https://example.com/", "colour": "red"}, "unknown key"),
+    ({"name": "a:b", "url": "https://example.com/"}, "name"),
+])
+def test_bad_endpoint_tables_are_refused_at_validation(table, message, tmp_path):
+    config = {"regmw": {"plugins": ["notifications"], "entry_points": False},
+              "notifications": {"endpoints": [table], "spool_dir": str(tmp_path)}}
+    with pytest.raises(ConfigError, match=message):
+        build(config, environ={})
+
+
+def test_endpoint_names_are_unique():
+    with pytest.raises(ValueError, match="unique"):
+        parse_endpoints([{"name": "a", "url": "https://example.com/"}] * 2)
