@@ -263,4 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # ``python -m regmw.cli`` runs this file as ``__main__``; plugin commands
+    # import ``regmw.cli`` (get_runtime, config_option), a second copy of the
+    # module. Run that copy's main so both see the same -c/--config.
+    from regmw.cli import main as _main
+
+    sys.exit(_main())

@@ -211,3 +211,19 @@ def test_cluster_slot_function_uses_the_configured_fleet_store(tmp_path, redis_s
     with cluster_slot("gc", max_holders=2, runtime=other_process):
         pass  # released: free again
 
+
+
+def test_python_dash_m_plugin_commands_see_the_config(tmp_path, redis_server):
+    """``python -m regmw.cli``: a plugin command (readonly) reads the -c file, not the defaults.
+
+    Run as ``__main__`` the CLI module exists twice; a plugin command importing
+    ``regmw.cli`` would see an empty state and build the in-process defaults
+    (which ``readonly`` refuses).
+    """
+    _, url = redis_server
+    config = tmp_path / "c.toml"
+    config.write_text(f'[regmw]\nplugins = ["redis"]\n[redis]\nurl = "{url}"\nnamespace = "dash-m-{tmp_path.name}"\n')
+    result = subprocess.run([sys.executable, "-m", "regmw.cli", "-c", str(config), "readonly", "list"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "in-process" not in result.stderr
