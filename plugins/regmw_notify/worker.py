@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import redis
 
 from regmw.errors import BackendUnavailable, SlotUnavailable
 
@@ -34,7 +33,7 @@ from .endpoints import Endpoint
 from .lane import Lane
 from .queues import RedisLaneQueue, SpoolLaneQueue
 from .spool import Spool
-from .stream import Fenced, RedisStreams
+from .stream import REDIS_DOWN, Fenced, RedisStreams
 
 log = logging.getLogger("regmw.notify")
 
@@ -72,7 +71,7 @@ class Worker:
                 try:
                     self.streams.ensure_groups([endpoint.name for endpoint in self.endpoints])
                     groups_ready = True
-                except redis.RedisError as exc:
+                except REDIS_DOWN as exc:
                     log.warning("notifications worker: redis unavailable: %s", exc)
                     stop.wait(0.5)
                     continue
@@ -99,7 +98,7 @@ class Worker:
                 self._deliver(shard, lease, stop)
         except SlotUnavailable:
             pass
-        except (BackendUnavailable, redis.RedisError, Fenced) as exc:
+        except (BackendUnavailable, Fenced, *REDIS_DOWN) as exc:
             log.info("shard %d released: %s", shard, exc)
         except Exception:
             log.exception("shard %d: worker failed", shard)
@@ -141,7 +140,7 @@ class Worker:
             for name, info in self.streams.groups(shard).items():
                 if name in names:
                     metrics.depth.labels(str(shard), name).set(int(info.get("lag") or 0) + int(info["pending"]))
-        except redis.RedisError as exc:
+        except REDIS_DOWN as exc:
             log.debug("shard %d housekeeping: %s", shard, exc)
         except Exception:  # housekeeping must never cost the shard its lease
             log.exception("shard %d housekeeping failed", shard)
