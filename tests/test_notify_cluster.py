@@ -9,20 +9,24 @@ and ``wait_replicas`` waits on the master that took each XADD.
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import uuid
 
 import pytest
+from redis.exceptions import SlotNotCoveredError
 from werkzeug.test import Client
 
 from regmw import RegistryMiddleware
 from regmw_notify import make_worker
 from regmw_notify.events import plugin_event
 from regmw_notify.ops import Operations
-from regmw_notify.stream import NotReplicated, RedisStreams, shard_of
+from regmw_notify.sink import NotifySink
+from regmw_notify.stream import NotReplicated, RedisStreams, _text, shard_of
 from regmw_redis.cluster import slot_of
 
-from .servers.notify_apps import spawn_worker
 from .servers.redis_apps import registry_app
 from .servers.webhook_receiver import SECRET, first_deliveries
 from .servers._util import stop
@@ -56,6 +60,21 @@ def _config(url: str, namespace: str, endpoints: list[dict], spool_dir, **notifi
     }
 
 
+def _cli_worker(url: str, namespace: str, receiver, tmp_path) -> subprocess.Popen:
+    """``regmw -c worker.toml notifications worker``, the command an operator runs (at most 4 of the 8 shards)."""
+    tmp_path.mkdir()
+    config = tmp_path / "worker.toml"
+    config.write_text("\n".join([
+        "[regmw]", 'plugins = ["redis", "notifications"]', "entry_points = false",
+        "[redis]", f"url = {json.dumps(url)}", f"namespace = {json.dumps(namespace)}",
+        "[notifications]", f"shards = {SHARDS}", "lease_ttl = 3.0", "max_shards_per_worker = 4", 'allowed_networks = ["127.0.0.0/8"]',
+        f"spool_dir = {json.dumps(str(tmp_path / 'cli-spool'))}",
+        f'endpoints = [{{ name = "hook", url = {json.dumps(receiver.url)}, secrets = [{json.dumps(SECRET)}], '
+        'timeout = 0.5, retry_schedule = [0, 0.05, 0.1] }]', ""]))
+    return subprocess.Popen([sys.executable, "-m", "regmw.cli", "-c", str(config), "notifications", "worker"],
+                            stderr=open(tmp_path / "stderr", "w"))
+
+
 def _push(client: Client, repository: str, tag: int) -> None:
     response = client.put(f"/v2/{repository}/manifests/{tag}", data=b"{}", buffered=True,
                           headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
@@ -72,7 +91,11 @@ def _check_order(firsts: list[dict], expected: int) -> None:
 
 
 def test_pushes_on_cluster_reach_the_receiver_in_order_per_repository(redis_cluster, webhook_receiver, tmp_path):
-    """300 pushes over 20 repositories, two worker processes sharing 8 shards: every event, in order, signed."""
+    """300 pushes over 20 repositories, two worker processes sharing 8 shards: every event, in order, signed.
+
+    Both are ``regmw notifications worker`` processes, each allowed 4 shards,
+    so both must deliver (their consumers show up in the shards' groups).
+    """
     receiver = webhook_receiver()
     namespace = _ns()
     config = _config(redis_cluster.url, namespace, [_endpoint(receiver)], tmp_path / "spool", wait_replicas=1,
@@ -80,15 +103,14 @@ def test_pushes_on_cluster_reach_the_receiver_in_order_per_repository(redis_clus
     middleware = RegistryMiddleware(registry_app, config, environ={})
     assert middleware.services.redis.cluster
     client = Client(middleware)
-    settings = {"url": redis_cluster.url, "namespace": namespace, "shards": SHARDS, "lease_ttl": 1.5,
-                "endpoints": [_endpoint(receiver)], "spool_dir": str(tmp_path / "worker-spool")}
-    workers = [spawn_worker({**settings, "spool_dir": str(tmp_path / f"worker-spool-{i}")}) for i in range(2)]
+    workers = [_cli_worker(redis_cluster.url, namespace, receiver, tmp_path / f"worker{index}") for index in range(2)]
     repositories = [f"team{index % 5}/app{index}" for index in range(20)]
     try:
         for tag in range(1, 16):
             for repository in repositories:
                 _push(client, repository, tag)
         wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= 300, 30, "300 events delivered")
+        assert all(worker.poll() is None for worker in workers)
     finally:
         for worker in workers:
             stop(worker)
@@ -103,6 +125,9 @@ def test_pushes_on_cluster_reach_the_receiver_in_order_per_repository(redis_clus
     used = {slot_of(streams.stream(shard)) for shard in range(SHARDS)}
     nodes = {streams.client.get_node_from_key(streams.stream(shard)).name for shard in range(SHARDS)}
     assert len(used) == SHARDS and len(nodes) > 1  # the shards really are spread over the masters
+    pids = {_text(consumer["name"]).split(":")[1] for shard in range(SHARDS)
+            for consumer in streams.client.xinfo_consumers(streams.stream(shard), "hook")}
+    assert pids == {str(worker.pid) for worker in workers}
 
 
 def test_every_notify_script_call_stays_in_one_slot(redis_cluster, webhook_receiver, tmp_path, monkeypatch):
@@ -190,3 +215,32 @@ def test_wait_replicas_waits_on_the_master_that_took_the_event(redis_cluster, tm
     strict = RedisStreams(middleware.services.redis, SHARDS, wait_replicas=2, wait_timeout=0.05)
     with pytest.raises(NotReplicated, match="1 of 2"):
         strict.add([("team/app", b"{}")])
+
+
+class _SlotWithoutMaster:
+    """A cluster connection whose every command meets a slot no master serves (both its nodes down)."""
+
+    cluster = True
+    namespace = "regmw"
+
+    class client:  # noqa: N801 - stands in for the RedisCluster instance
+        @staticmethod
+        def register_script(script):
+            return None
+
+        @staticmethod
+        def xadd(*args, **kwargs):
+            raise SlotNotCoveredError("Command # 1 (XADD ...) could not be executed: slot 1234 not covered")
+
+    @staticmethod
+    def key(*parts: str) -> str:
+        return ":".join(("regmw", *parts))
+
+
+def test_a_slot_without_master_counts_as_redis_down_and_the_event_is_spooled(tmp_path):
+    """redis-py raises SlotNotCoveredError, a RedisClusterException that is not a RedisError: still "Redis down"."""
+    sink = NotifySink(RedisStreams(_SlotWithoutMaster(), SHARDS), tmp_path / "spool", breaker_seconds=5)
+    sink.emit(plugin_event("push", "team/app", tag="1"))
+    sink.emit(plugin_event("push", "team/app", tag="2"))  # the breaker is open: straight to the spool
+    assert sink.spool.count() == 2
+    assert [row.repository for row in sink.spool.read(0, 10)] == ["team/app", "team/app"]

@@ -62,6 +62,7 @@ class Worker:
         self.consumer = consumer_name()
         self.posters = {endpoint.name: Poster(endpoint, allowed_networks, self.max_shards) for endpoint in endpoints}
         self._held: dict[int, threading.Thread] = {}
+        self._next = 0  # the shard the next round of lease attempts starts at
         self._lock = threading.Lock()
 
     def run(self, stop: threading.Event) -> None:
@@ -76,7 +77,11 @@ class Worker:
                     stop.wait(0.5)
                     continue
             with self._lock:
-                for shard in range(self.streams.shards):
+                # from a rotating start: with max_shards_per_worker below the shard count, a worker
+                # whose first shards are held elsewhere must still get to try the others
+                shards = self.streams.shards
+                start, self._next = self._next, (self._next + self.max_shards) % shards
+                for shard in [(start + offset) % shards for offset in range(shards)]:
                     if len(self._held) >= self.max_shards:
                         break
                     if shard not in self._held:
