@@ -226,7 +226,7 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
         if not jobs.set_state(key, {"phase": "marked", "owner": owner, "token": fence.token,
                                     "objects": work.objects, "bytes": work.bytes}, fence.token):
             raise LeaseLost(f"{repository}: a newer run holds the migration")
-    except BaseException:
+    except Exception:
         fence.release()  # a failed run leaves the repository old and writable (a rerun locks it again)
         raise
     outcome = _finish(context, settings, repository, {"objects": work.objects, "bytes": work.bytes}, owner,
