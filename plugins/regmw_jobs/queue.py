@@ -153,6 +153,24 @@ class DramatiqJobQueue:
     def set_state(self, key: str, value: dict[str, Any], token: int) -> bool:
         return bool(self._set_state(keys=[self._state_key(key)], args=[token, json.dumps(value)]))
 
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Keep this worker's dramatiq heartbeat fresh while its jobs run.
+
+        dramatiq's Redis broker records a heartbeat with every broker command,
+        but a consumer whose prefetch is full sends none until a job ends: a
+        job longer than ``heartbeat_timeout`` would be requeued to another
+        worker while it still runs. We refresh the broker's entry in dramatiq's
+        ``<ns>:__heartbeats__`` sorted set (its dispatch script's key) every
+        quarter of the timeout, so only a dead process stops heartbeating.
+        """
+        key = f"{self.namespace}:__heartbeats__"
+        interval = self.section["heartbeat_timeout"] / 4
+        while not stop.wait(interval):
+            try:
+                self.client.zadd(key, {self.broker.broker_id: int(time.time() * 1000)})
+            except Exception as exc:  # Redis down: dramatiq's own commands fail too; keep trying
+                log.warning("dramatiq heartbeat not written: %s", exc)
+
     def work(self, stop: threading.Event, threads: int = 1) -> None:
         """Run a dramatiq worker (every actor's queue) and the periodic jobs until ``stop`` is set."""
         periodic = PeriodicRunner(self.services, self.jobs.values(), stop)
@@ -160,7 +178,7 @@ class DramatiqJobQueue:
         worker = dramatiq.Worker(self.broker, worker_threads=max(1, threads), worker_timeout=200)
         worker.start()
         try:
-            stop.wait()
+            self._heartbeat(stop)
         finally:
             worker.stop(timeout=10_000)
             periodic.join(5)

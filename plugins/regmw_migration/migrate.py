@@ -193,7 +193,7 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
     if state.get("phase") == "marked":
         return _finish(context, settings, repository, state, state.get("owner"), state["token"], 0.0)
 
-    owner = f"migration:{context.job_id}:{uuid.uuid4().hex[:8]}"
+    owner = f"migration:{os.uname().nodename}:{os.getpid()}:{context.job_id}:{uuid.uuid4().hex[:8]}"
     fence = Fence(services, repository, settings.lock_ttl, owner)
     if not fence.acquire():
         raise RetryLater(f"{repository} is read-only under another owner (an earlier run's lock expires by itself)")
@@ -268,20 +268,26 @@ def migrated_event(repository: str, settings: Settings, state: dict) -> dict[str
 
 
 def copy(storage: Any, work: Plan, fence: Fence) -> int:
-    """Copy the plan; remove new-side files the old side lacks. Returns how many objects were copied."""
+    """Copy the plan (the repository's files, then its blobs); remove new-side files the old side lacks.
+
+    Returns how many objects were copied. Blobs already under the new root
+    with the old one's size (and checksum, where the backend keeps one) are
+    skipped: they are content-addressed, so an earlier run or another
+    repository already copied exactly these bytes.
+    """
     copied = 0
+    for relative in work.files:
+        fence.check()
+        storage.copy(work.old_prefix + relative, work.new_prefix + relative)  # small, mutable: always
+        copied += 1
     for hex_, obj in work.blobs.items():
         target = work.blob_key(work.new_root, hex_)
         there = storage.head(target)
         if there is not None and obj is not None and there.size == obj.size and (
                 there.checksum is None or obj.checksum is None or there.checksum == obj.checksum):
-            continue  # content-addressed: already copied (by an earlier run or another repository)
+            continue
         fence.check()
         storage.copy(work.blob_key(work.old_root, hex_), target)
-        copied += 1
-    for relative in work.files:
-        fence.check()
-        storage.copy(work.old_prefix + relative, work.new_prefix + relative)  # small, mutable: always
         copied += 1
     for obj in list(storage.list(work.new_prefix)):
         relative = obj.key[len(work.new_prefix):]
