@@ -61,13 +61,15 @@ class Cluster:
         self.redis = redis.Redis.from_url(redis_url)
         self.namespace = f"mig{os.getpid()}"
         self.config_path = tmp / "regmw.toml"
-        config = {
+        config: dict[str, dict[str, Any]] = {
             "regmw": {"plugins": plugins, "entry_points": False, "log_level": "WARNING"},
             "redis": {"url": redis_url, "namespace": self.namespace, "socket_timeout": 2.0},
             "storage": {"root": str(self.root)},
-            "migration": {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"},
-            **sections,
         }
+        if "migration" in plugins:
+            config["migration"] = {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"}
+        for name, values in sections.items():
+            config[name] = {**config.get(name, {}), **values}
         write_toml(self.config_path, config)
         self.env = {**os.environ, "REGMW_TEST_REGISTRY_ROOT": str(self.root), "REGMW_CONFIG": "",
                     "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
