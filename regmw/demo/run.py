@@ -3,7 +3,9 @@
 Two reference registries (``old`` and ``new`` storage roots) sit behind one
 regmw middleware that classifies each repository (filesystem prefix checks +
 verified bearer-token flag), rate-limits in memory, honours read-only locks,
-and logs every decision. ``--self-test`` pushes and pulls through it over HTTP
+logs every decision, and sends a signed webhook for every manifest push to a
+receiver of its own (the ``notifications`` plugin on its embedded SQLite
+queue). ``--self-test`` pushes and pulls through it over HTTP
 and checks the decisions, then exits (0 when all held).
 """
 from __future__ import annotations
@@ -23,6 +25,9 @@ from regmw import RegistryMiddleware, hookimpl
 
 from .client import DemoClient
 from .registry import create_app
+from .webhooks import WebhookReceiver
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 log = logging.getLogger("regmw.demo")
 
@@ -51,8 +56,8 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def demo_config(root: str, secret: str) -> dict[str, Any]:
-    return {
+def demo_config(root: str, secret: str, webhooks: WebhookReceiver | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "regmw": {"plugins": ["migration"], "entry_points": False},
         "storage": {"root": root},
         "migration": {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"},
@@ -62,12 +67,21 @@ def demo_config(root: str, secret: str) -> dict[str, Any]:
             {"name": "writes-per-repository", "by": "repository", "methods": "write", "limit": "50/minute"},
         ]},
     }
+    if webhooks is not None:  # webhook events through the embedded queue (no Redis), delivered in-process
+        config["regmw"]["plugins"].append("notifications")
+        config["notifications"] = {
+            "endpoints": [{"name": "demo", "url": webhooks.url, "secrets": [webhooks.secret], "actions": ["push"],
+                           "media_types": [MANIFEST]}],
+            "allowed_networks": ["127.0.0.0/8"], "spool_dir": os.path.join(root, "notifications"),
+        }
+    return config
 
 
-def build_demo(root: str, secret: str) -> tuple[RegistryMiddleware, DecisionLog]:
+def build_demo(root: str, secret: str, webhooks: WebhookReceiver | None = None) -> tuple[RegistryMiddleware, DecisionLog]:
     decisions = DecisionLog()
     apps = {"old": create_app(os.path.join(root, "old")), "new": create_app(os.path.join(root, "new"))}
-    middleware = RegistryMiddleware(apps["old"], demo_config(root, secret), apps=apps, plugins=[decisions], environ={})
+    middleware = RegistryMiddleware(apps["old"], demo_config(root, secret, webhooks), apps=apps, plugins=[decisions],
+                                    environ={})
     return middleware, decisions
 
 
@@ -84,7 +98,8 @@ def demo(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = args.root or tempfile.mkdtemp(prefix="regmw-demo-")
     secret = secrets.token_urlsafe(32)
-    middleware, decisions = build_demo(root, secret)
+    webhooks = WebhookReceiver().start()
+    middleware, decisions = build_demo(root, secret, webhooks)
     server = make_server("127.0.0.1", args.port, middleware, threaded=True, request_handler=_QuietHandler)
     port = server.server_port
     log.info("regmw demo: registry front on http://127.0.0.1:%d (storage %s)", port, root)
@@ -99,7 +114,7 @@ def demo(args) -> int:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        failures = self_test(port, secret, middleware)
+        failures = self_test(port, secret, middleware, webhooks)
     finally:
         server.shutdown()
     print()
@@ -119,10 +134,11 @@ CHECKS = (
     "a read-only repository refuses writes with 503 and serves reads",
     "an invalid repository name gets 400 NAME_INVALID",
     "the write rate limit answers 429 with Retry-After",
+    "every accepted manifest push arrived as a signed webhook event, in order",
 )
 
 
-def self_test(port: int, secret: str, middleware: RegistryMiddleware) -> list[str]:
+def self_test(port: int, secret: str, middleware: RegistryMiddleware, webhooks: WebhookReceiver) -> list[str]:
     failures: list[str] = []
 
     def check(index: int, ok: bool) -> None:
@@ -161,4 +177,11 @@ def self_test(port: int, secret: str, middleware: RegistryMiddleware) -> list[st
     statuses = [anonymous.request("POST", "/v2/busy/app/blobs/uploads/") for _ in range(51)]
     limited = [a for a in statuses if a.status == 429]
     check(7, bool(limited) and limited[0].error_code == "TOOMANYREQUESTS" and limited[0].headers.get("retry-after", "").isdigit())
+
+    expected = [("push", "legacy/app"), ("push", "fresh/app"), ("push", "forged/app")]
+    deadline = time.monotonic() + 10
+    while len(webhooks.received()) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.02)  # delivery is asynchronous: poll until the events arrived, or give up
+    got = [(event["action"], event["target"]["repository"]) for event in webhooks.received()]
+    check(8, got == expected)
     return failures
