@@ -64,6 +64,9 @@ def demo_config(root: str, secret: str, webhooks: WebhookReceiver | None = None)
         "regmw": {"plugins": ["migration"], "entry_points": False},
         "storage": {"root": root},
         "migration": {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"},
+        # background jobs from a persistent SQLite queue, run inside this process (no Redis, no `regmw worker`)
+        "jobs": {"queue_path": os.path.join(root, "jobs.sqlite3"), "run_in_process": True, "min_backoff": 0.2},
+        "migration_job": {"drain": 0.1},
         "auth": {"key": secret, "algorithms": ["HS256"], "issuer": "regmw-demo", "audience": "regmw-demo"},
         "ratelimit": {"rules": [
             {"name": "per-client", "by": "client", "limit": "100/second"},
@@ -73,8 +76,8 @@ def demo_config(root: str, secret: str, webhooks: WebhookReceiver | None = None)
     if webhooks is not None:  # webhook events through the embedded queue (no Redis), delivered in-process
         config["regmw"]["plugins"].append("notifications")
         config["notifications"] = {
-            "endpoints": [{"name": "demo", "url": webhooks.url, "secrets": [webhooks.secret], "actions": ["push"],
-                           "media_types": [MANIFEST]}],
+            "endpoints": [{"name": "demo", "url": webhooks.url, "secrets": [webhooks.secret], "actions": ["push", "migrated"],
+                           "media_types": [MANIFEST, ""]}],
             "allowed_networks": ["127.0.0.0/8"], "spool_dir": os.path.join(root, "notifications"),
         }
     return config
@@ -138,6 +141,7 @@ CHECKS = (
     "an invalid repository name gets 400 NAME_INVALID",
     "the write rate limit answers 429 with Retry-After",
     "every accepted manifest push arrived as a signed webhook event, in order",
+    "the migration job moved legacy/app to the new root (lock, copy, verify, mark new) and announced it",
 )
 
 
@@ -187,4 +191,17 @@ def self_test(port: int, secret: str, middleware: RegistryMiddleware, webhooks: 
         time.sleep(0.02)  # delivery is asynchronous: poll until the events arrived, or give up
     got = [(event["action"], event["target"]["repository"]) for event in webhooks.received()]
     check(8, got == expected)
+
+    # the repository migration workflow, as a job from the persistent local queue run in this process
+    jobs = middleware.services.jobs
+    job_id = jobs.enqueue("migrate-repository", repository="legacy/app")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(
+            r.id == job_id and r.state in ("done", "failed") for r in jobs.status("migrate-repository")):
+        time.sleep(0.05)  # the job runs in a background thread: poll until it finished, or give up
+    while time.monotonic() < deadline and not any(e["action"] == "migrated" for e in webhooks.received()):
+        time.sleep(0.02)
+    migrated = [e["target"]["repository"] for e in webhooks.received() if e["action"] == "migrated"]
+    check(9, anonymous.request("GET", "/v2/legacy/app/tags/list").headers.get("regmw-migration-path") == "new"
+          and anonymous.pull_layer("legacy/app", "v1") == layer and migrated == ["legacy/app"])
     return failures
