@@ -224,6 +224,14 @@ class SqliteJobQueue:
         return stop
 
 
+def jobs_plugin_has_redis(section: Any, config: Any) -> str | None:
+    """The `jobs` plugin (dramatiq on Redis) needs the `redis` plugin's connection."""
+    plugins = config["regmw"]["plugins"]
+    if "jobs" in plugins and "redis" not in plugins:
+        return "regmw.plugins: the jobs plugin (dramatiq on Redis) needs the redis plugin: plugins = [\"redis\", \"jobs\"]"
+    return None
+
+
 SECTION = Section(
     "jobs",
     "Background jobs (docs/jobs.md): the embedded SQLite queue, or dramatiq on Redis with the `jobs` plugin.",
@@ -246,6 +254,7 @@ SECTION = Section(
                                      "requeues dead workers' jobs (dramatiq's maintenance).", minimum=0, maximum=1),
         "namespace": Option("str", "regmw-jobs", "Redis queue (dramatiq): key namespace of the broker."),
     },
+    checks=(jobs_plugin_has_redis,),
 )
 
 
