@@ -70,6 +70,7 @@ class Cluster:
             config["migration"] = {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"}
         for name, values in sections.items():
             config[name] = {**config.get(name, {}), **values}
+        self.jobs_namespace = config.get("jobs", {}).get("namespace", "regmw-jobs")
         write_toml(self.config_path, config)
         self.env = {**os.environ, "REGMW_TEST_REGISTRY_ROOT": str(self.root), "REGMW_CONFIG": "",
                     "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -101,10 +102,6 @@ class Cluster:
     def migration_state(self, repository: str) -> dict | None:
         raw = self.redis.hget(f"{self.jobs_namespace}:regmw:state:migration:{repository}", "value")
         return json.loads(raw) if raw else None
-
-    @property
-    def jobs_namespace(self) -> str:
-        return f"{self.namespace}-jobs"
 
     def new_repository_dir(self, repository: str) -> Path:
         return self.root / "new" / LAYOUT / "repositories" / repository
