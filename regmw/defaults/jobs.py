@@ -265,22 +265,34 @@ def regmw_config_sections():
 
 @hookimpl
 def regmw_job_queue(config, services):
-    return SqliteJobQueue(services, config["jobs"], collect_jobs(config, services.pm))
+    queue = SqliteJobQueue(services, config["jobs"], collect_jobs(config, services.pm))
+    if config["jobs"]["run_in_process"] and queue.jobs and not services.pm.has_plugin(RUNNER_PLUGIN):
+        # only then does a request pay for a regmw_finish call (a hook nobody implements is skipped)
+        services.pm.register(InProcessRunner(queue), name=RUNNER_PLUGIN)
+    return queue
 
 
-_started: set[int] = set()
-_started_lock = threading.Lock()
+RUNNER_PLUGIN = "regmw.defaults.jobs.runner"
 
 
-@hookimpl
-def regmw_finish(context, status):
-    """Start the embedded runner with the first request a process serves (cheap after: one set look-up)."""
-    queue = context.services.jobs
-    if id(queue) in _started or not isinstance(queue, SqliteJobQueue):
-        return
-    with _started_lock:
-        if id(queue) in _started:
+class InProcessRunner:
+    """Starts the embedded runner with the first request this process serves (``[jobs] run_in_process``).
+
+    Not at start-up: one-shot commands (``regmw migrate``) build the same
+    runtime and must only enqueue, not claim a job and exit mid-way.
+    """
+
+    def __init__(self, queue: SqliteJobQueue) -> None:
+        self.queue = queue
+        self.started = False
+        self.lock = threading.Lock()
+
+    @hookimpl
+    def regmw_finish(self, context, status):
+        if self.started or context.services.jobs is not self.queue:
             return
-        _started.add(id(queue))
-    if queue.section["run_in_process"] and queue.jobs:
-        queue.start_in_background()
+        with self.lock:
+            if self.started:
+                return
+            self.started = True
+        self.queue.start_in_background()
