@@ -9,6 +9,7 @@ real date: the Friday example gets a Friday clock and a Thursday clock.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import re
 import sys
@@ -244,6 +245,20 @@ def _(plugin, request):
     finally:
         runtime.services.db_router.close()
     assert build({"regmw": {"entry_points": False}}, plugins=[plugin], environ={}).services.positions is None
+
+
+@check("skip-pulls")
+def _(plugin, request):
+    spool_dir = request.getfixturevalue("tmp_path") / "spool"
+    mw = middleware(plugin, {"regmw": {"plugins": ["notifications"]}, "notifications": {"spool_dir": str(spool_dir)}})
+    sink = mw.services.events
+    assert type(sink).__name__ == "SkipPulls"
+    client = client_at(mw)
+    assert client.put("/v2/team/app/manifests/v1", data=b"{}").status_code == 201
+    assert client.get("/v2/team/app/manifests/v1").status_code == 200
+    queued = sink.inner.spool.read(0, 10)  # the notifications plugin's embedded queue, behind the wrapper
+    assert [json.loads(row.data)["action"] for row in queued] == ["push"]
+    sink.inner.close()
 
 
 def check_banner(plugin, request, redis_backend: bool):
