@@ -401,21 +401,6 @@ def _(plugin, request):
     assert client.put("/v2/small/app/manifests/latest", data=b"{}").status_code == 201
 
 
-@check("skip-pulls")
-def _(plugin, request):
-    seen = []
-
-    class Inner:
-        @hookimpl
-        def regmw_event_sink(self, config, services):
-            return types.SimpleNamespace(emit=seen.append)
-
-    runtime = build({"regmw": {"entry_points": False}}, plugins=[Inner(), plugin], environ={})
-    runtime.services.events.emit({"action": "pull"})
-    runtime.services.events.emit({"action": "push"})
-    assert seen == [{"action": "push"}]
-
-
 @check("periodic-job")
 def _(plugin, request):
     import threading
