@@ -21,7 +21,7 @@ from wsgiref.validate import validator
 import pytest
 from werkzeug.test import Client
 
-from regmw import ConfigError, RegistryMiddleware, StorageError, build, hookimpl, repository_key
+from regmw import ConfigError, RegistryMiddleware, StorageError, build, repository_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("docs/hooks.md", "docs/writing-plugins.md")
