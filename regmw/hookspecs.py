@@ -106,6 +106,30 @@ def regmw_event_sink(config, services):
 
 
 @hookspec
+def regmw_jobs(config):
+    """Return a list of :class:`regmw.jobs.Job` declarations this plugin runs.
+
+    A job is ``run(context, **kwargs)``; it is enqueued by name through
+    ``services.jobs.enqueue(name, **kwargs)`` (kwargs are JSON) and may run
+    more than once, so it must be idempotent. A job with ``every`` set is
+    periodic: each worker runs it every ``every`` seconds while holding one of
+    its ``instances`` slots of the cluster semaphore (``context.lease``);
+    ``context.check()`` raises once the slot is lost, before the next side
+    effect. See docs/jobs.md.
+    """
+
+
+@hookspec(firstresult=True)
+def regmw_job_queue(config, services):
+    """Return the :class:`~regmw.backends.JobQueue` (``services.jobs``).
+
+    Default: the embedded SQLite queue run in-process; the ``jobs`` plugin
+    provides dramatiq on the shared Redis (``services.redis``). Called after
+    the event sink, so a job can emit events.
+    """
+
+
+@hookspec
 def regmw_prefetch(config, services):
     """Return a list of functions ``context -> cache key | None`` to read on each request's way in.
 
