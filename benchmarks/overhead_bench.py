@@ -27,7 +27,7 @@ The workload is 4 GETs to 1 PUT of a manifest, spread over the repositories
 Redis round trips are counted at the connection in each server process
 (``redis.connection.Connection.send_packed_command``: one call per command
 packet, so a pipeline or a script counts once); storage requests are counted
-at ``FilesystemStorage.prefix_exists`` / ``stat``.
+at ``FilesystemStorage.prefix_exists`` (the whole Storage contract).
 
     python benchmarks/overhead_bench.py [--requests 3000] [--concurrency 8] [--rounds 2] [--json]
 
@@ -78,14 +78,13 @@ def _count_storage_requests() -> list[int]:
     from regmw.defaults.filesystem import FilesystemStorage
 
     counter = [0]
-    for name in ("prefix_exists", "stat"):
-        original = getattr(FilesystemStorage, name)
+    original = FilesystemStorage.prefix_exists
 
-        def counting(self, key, _original=original):
-            counter[0] += 1
-            return _original(self, key)
+    def counting(self, key):
+        counter[0] += 1
+        return original(self, key)
 
-        setattr(FilesystemStorage, name, counting)
+    FilesystemStorage.prefix_exists = counting
     return counter
 
 

@@ -1,5 +1,5 @@
 """regmw: pluggable WSGI middleware for container registries."""
-from .backends import Lease, RateLimitResult, Services, repository_key
+from .backends import CompositeRateLimiter, Lease, RateLimitResult, Services, repository_key
 from .config import ConfigError, Option, Section
 from .context import RequestContext
 from .errors import BackendUnavailable, Refusal, SlotUnavailable, StorageError
@@ -8,7 +8,7 @@ from .plugins import hookimpl
 from .runtime import Runtime, build, cluster_slot, default_runtime
 
 __all__ = [
-    "BackendUnavailable", "SlotUnavailable", "cluster_slot", "default_runtime",
+    "BackendUnavailable", "CompositeRateLimiter", "SlotUnavailable", "cluster_slot", "default_runtime",
     "ConfigError", "Lease", "Option", "RateLimitResult", "Refusal", "RegistryMiddleware", "RequestContext",
     "Runtime", "Section", "Services", "StorageError", "build", "hookimpl", "repository_key",
 ]

@@ -129,7 +129,62 @@ def tightest(results: Iterable[RateLimitResult]) -> RateLimitResult | None:
 
 @runtime_checkable
 class RateLimiter(Protocol):
+    """Counts a request against its limits; ``hit`` raises when its store cannot answer.
+
+    Capabilities: ``shared``; ``rules`` (declarative rules another store may
+    count instead, or None); ``parts`` (a composite's limiters).
+    """
+
     def hit(self, context: RequestContext) -> RateLimitResult: ...
+
+
+class CompositeRateLimiter:
+    """Several rate limiters counted as one: the first refusal wins (later ones are not counted), else the tightest.
+
+    How a plugin adds a limiter without dropping the configured one: wrap
+    ``regmw_rate_limiter`` and return ``CompositeRateLimiter(inner, yours)``.
+    A Redis admission counts the declarative parts in its one round trip and
+    calls the others.
+    """
+
+    def __init__(self, *parts: RateLimiter | None) -> None:
+        self.parts: tuple[RateLimiter, ...] = tuple(part for part in parts if part is not None)
+        if not self.parts:
+            raise ValueError("CompositeRateLimiter needs at least one limiter")
+        self.shared = all(getattr(part, "shared", False) for part in self.parts)
+
+    @property
+    def rules(self) -> list[Any] | None:
+        """Every part's declarative rules, or None when some part counts by its own code."""
+        rules: list[Any] = []
+        for part in self.parts:
+            part_rules = getattr(part, "rules", None)
+            if part_rules is None:
+                return None
+            rules.extend(part_rules)
+        return rules
+
+    def hit(self, context: RequestContext) -> RateLimitResult:
+        return tightest(part.hit(context) for part in self.parts) or RateLimitResult(True)
+
+
+def split_limiter(limiter: RateLimiter | None) -> tuple[list[Any], list[RateLimiter]]:
+    """(declarative rules, limiters counting by their own code) of ``limiter`` and its ``parts``, in order."""
+    if limiter is None:
+        return [], []
+    rules = getattr(limiter, "rules", None)
+    if rules is not None:
+        return list(rules), []
+    parts = getattr(limiter, "parts", None)
+    if not parts:
+        return [], [limiter]
+    declarative: list[Any] = []
+    others: list[RateLimiter] = []
+    for part in parts:
+        part_rules, part_others = split_limiter(part)
+        declarative += part_rules
+        others += part_others
+    return declarative, others
 
 
 @runtime_checkable

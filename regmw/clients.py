@@ -1,19 +1,90 @@
-"""Who is the client? The socket peer, or X-Forwarded-For behind trusted proxies.
+"""Who is the client? The socket peer, or the forwarded-for chain behind trusted proxies.
 
-``X-Forwarded-For`` is client-supplied text: it is read only when the socket
-peer is one of ``[regmw] trusted_proxies``, and then from the right, skipping
-trusted hops, so a client cannot choose its own identity by prepending
-addresses. IPv6 clients are grouped by their /64 (configurable), because one
-host usually owns a whole /64 and could otherwise dodge a per-IP limit.
+``X-Forwarded-For`` and ``Forwarded`` (RFC 7239) are client-supplied text: they
+are read only when the socket peer is one of ``[regmw] trusted_proxies``, and
+then from the right, skipping trusted hops, so a client cannot choose its own
+identity by prepending addresses. A hop may carry a port, as some load
+balancers write it (``192.0.2.7:5501``, ``[2001:db8::7]:443``); the port is
+dropped, or every client behind that balancer would share one limit.
+
+When both headers arrive, the client could have written the one our proxies
+did not touch, so it counts only if it names the same client as the other; if
+they disagree, the proxy itself (the socket peer) is the client key, never an
+address the client chose. An unparseable hop (garbage, ``unknown``, an
+obfuscated ``_name``) also falls back to the peer.
+
+IPv6 clients are grouped by their /64 (configurable), because one host usually
+owns a whole /64 and could otherwise dodge a per-IP limit.
 """
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# One forwarded-pair of RFC 7239: token "=" ( token / quoted-string ), then ";" "," or the end.
+_PAIR = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)=("(?:[^"\\]|\\.)*"|[!#$%&\'*+.^_`|~0-9A-Za-z:\[\]-]*)\s*([;,]|\Z)')
+
+
+def parse_hop(hop: str) -> IPAddress | None:
+    """The address in one hop: ``ip``, ``ip:port``, ``[v6]`` or ``[v6]:port``; None if it is not one."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        end = hop.find("]")
+        if end < 0 or (hop[end + 1:] and not _is_port(hop[end + 1:])):
+            return None
+        hop = hop[1:end]
+    elif hop.count(":") == 1:  # IPv4 with a port (a bare IPv6 address has two or more colons)
+        hop, port = hop.split(":")
+        if not _is_port(":" + port):
+            return None
+    try:
+        return ipaddress.ip_address(hop)
+    except ValueError:
+        return None
+
+
+def _is_port(text: str) -> bool:
+    return len(text) > 1 and text[0] == ":" and text[1:].isdigit() and text[1:].isascii() and len(text) <= 6
+
+
+def forwarded_for(header: str) -> list[str] | None:
+    """The ``for=`` values of a ``Forwarded`` header, one per element, in order; None if malformed.
+
+    An element without ``for=`` gives an empty string (an unknown hop).
+    """
+    hops: list[str] = []
+    current: str | None = None
+    position = 0
+    while position < len(header):
+        match = _PAIR.match(header, position)
+        if match is None:
+            return None
+        key, value, separator = match.groups()
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if key.lower() == "for":
+            current = value
+        if separator != ";":
+            hops.append(current or "")
+            current = None
+        position = match.end()
+        if not separator:
+            break
+    return hops
+
 
 class ClientResolver:
+    """Turns a request into the key per-client rate limits count under.
+
+    ``trusted_proxies``: networks whose forwarded headers are believed, e.g.
+    ``[ip_network("10.0.0.0/8")]``. ``ipv6_prefix``: the IPv6 prefix length a
+    client is grouped by, e.g. 64.
+    """
+
     def __init__(self, trusted_proxies: Sequence[ipaddress._BaseNetwork] = (), ipv6_prefix: int = 64):
         self.trusted = tuple(trusted_proxies)
         self.ipv6_prefix = ipv6_prefix
@@ -23,28 +94,32 @@ class ClientResolver:
         """The string a per-client rate limit counts under."""
         peer = environ.get("REMOTE_ADDR") or "unknown"
         if self.trusted:
-            forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-            if forwarded and self._is_trusted(peer):
-                peer = self._from_forwarded(forwarded, peer)
+            x_forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+            forwarded = environ.get("HTTP_FORWARDED")
+            if (x_forwarded or forwarded) and self._is_trusted(parse_hop(peer)):
+                peer = self._client_behind_proxies(x_forwarded, forwarded, peer)
         return self._key(peer)
 
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.trusted)
+    def _is_trusted(self, ip: IPAddress | None) -> bool:
+        return ip is not None and any(ip in network for network in self.trusted)
 
-    def _from_forwarded(self, header: str, peer: str) -> str:
-        hops = [hop.strip() for hop in header.split(",") if hop.strip()]
+    def _client_behind_proxies(self, x_forwarded: str | None, forwarded: str | None, peer: str) -> str:
+        candidates = []
+        if x_forwarded:
+            candidates.append(self._from_chain([hop for hop in x_forwarded.split(",") if hop.strip()], peer))
+        if forwarded:
+            hops = forwarded_for(forwarded)
+            candidates.append(peer if hops is None else self._from_chain(hops, peer))
+        return candidates[0] if len(set(candidates)) == 1 else peer
+
+    def _from_chain(self, hops: list[str], peer: str) -> str:
+        """The rightmost hop that is not a trusted proxy; the peer if that hop is not an address."""
+        ip = None
         for hop in reversed(hops):
-            if not self._is_trusted(hop):
-                try:
-                    ipaddress.ip_address(hop)
-                except ValueError:
-                    return peer  # garbage in the header: fall back to the proxy itself
-                return hop
-        return hops[0] if hops else peer
+            ip = parse_hop(hop)
+            if not self._is_trusted(ip):
+                return str(ip) if ip is not None else peer
+        return str(ip) if ip is not None else peer  # every hop a trusted proxy: the first one
 
     def _key_uncached(self, address: str) -> str:
         try:

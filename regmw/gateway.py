@@ -37,6 +37,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from .catalog import MergedCatalog
 from .config import Option, Section
 from .errors import ConfigError, Refusal
 from .plugins import hookimpl
@@ -124,6 +125,10 @@ def _alive(conn: http.client.HTTPConnection) -> bool:
 
 class Gateway:
     """A WSGI app that forwards every request to ``upstream`` (``http(s)://host:port[/prefix]``)."""
+
+    #: The upstream is the registry: a manifest read whose reference breaks the tag/digest
+    #: grammar is forwarded for it to answer (see :class:`regmw.routes.UnknownReference`).
+    forwards_unknown_references = True
 
     def __init__(self, upstream: str, *, timeout: float = 60.0, pool_size: int = 16,
                  preserve_host: bool = True, verify_tls: bool = True) -> None:
@@ -376,14 +381,15 @@ def regmw_config_sections():
     return [SECTION]
 
 
-def create_gateway(config: Any) -> tuple[Gateway, dict[str, Gateway]]:
+def create_gateway(config: Any) -> tuple[Gateway | MergedCatalog, dict[str, Gateway]]:
     """Build ``(app, apps)`` for ``RegistryMiddleware(app, runtime, apps=apps)`` from ``[gateway]``.
 
     ``config`` is a validated :class:`~regmw.config.Config` (or a Runtime, or a
     mapping with a ``gateway`` table). With only ``upstream``, ``apps`` is
     empty. With ``old_upstream`` and ``new_upstream``, ``apps`` maps ``old`` and
     ``new`` to them and ``app`` (for unclassified requests) is ``upstream``, or
-    the old one when no ``upstream`` is given.
+    the old one when no ``upstream`` is given, wrapped in a
+    :class:`~regmw.catalog.MergedCatalog` that answers ``/v2/_catalog`` from both.
     """
     config = getattr(config, "config", config)
     section: Mapping[str, Any] = config["gateway"]
@@ -399,4 +405,6 @@ def create_gateway(config: Any) -> tuple[Gateway, dict[str, Gateway]]:
     if old:
         apps = {"old": Gateway(old, **options), "new": Gateway(new, **options)}
     app = Gateway(upstream, **options) if upstream else apps["old"]
+    if apps:  # a repository lives in one of the two: the catalog is both, merged (regmw.catalog)
+        app = MergedCatalog(app, [apps["old"], apps["new"]])
     return app, apps

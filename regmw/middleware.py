@@ -22,7 +22,7 @@ from prometheus_client import make_wsgi_app
 from . import metrics
 from .context import RequestContext
 from .errors import Refusal, name_invalid
-from .routes import NotAnApiRequest, parse_path
+from .routes import NotAnApiRequest, UnknownReference, parse_request
 from .runtime import Runtime, build
 
 log = logging.getLogger("regmw")
@@ -40,7 +40,10 @@ class RegistryMiddleware:
     ``config`` is a TOML path, a dict of sections, a prepared
     :class:`~regmw.runtime.Runtime`, or None (``REGMW_CONFIG`` / defaults).
     When the request was classified and ``apps`` has an entry for its path,
-    that app serves it; otherwise ``app`` does.
+    that app serves it; otherwise ``app`` does. A manifest read whose reference
+    breaks the grammar is answered ``404 MANIFEST_UNKNOWN`` here, unless every
+    app says ``forwards_unknown_references = True`` (the gateway: its upstream
+    answers such reads as it always has).
     """
 
     def __init__(
@@ -65,6 +68,10 @@ class RegistryMiddleware:
         self._response_started = _implemented(hook.regmw_response_started)
         self._finish_hook = _implemented(hook.regmw_finish)
         self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
+        # A registry front (the gateway) forwards a manifest read whose reference breaks the
+        # grammar and lets its upstream answer; an in-process app never sees one (404 here).
+        self.forward_unknown_references = all(
+            getattr(each, "forwards_unknown_references", False) for each in (app, *self.apps.values()))
         self._metrics_app = make_wsgi_app(metrics.REGISTRY)
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -74,11 +81,14 @@ class RegistryMiddleware:
                 return self._metrics_app(environ, start_response)
             return self._pass_through(path, environ, start_response)
         try:
-            route = parse_path(path)
-            if route.repository and _encoded_slash(environ):
-                raise name_invalid("encoded '/' in a repository name is not allowed", route.repository)
+            route = parse_request(environ)
         except NotAnApiRequest:
             return self._pass_through(path, environ, start_response)
+        except UnknownReference as unknown:
+            if not (unknown.forwardable and self.forward_unknown_references):
+                _INVALID.inc()
+                return unknown(environ, start_response)
+            route = unknown.route
         except Refusal as refusal:
             _INVALID.inc()
             return refusal(environ, start_response)
@@ -177,12 +187,3 @@ def _implemented(caller: Any) -> Any:
 def _reaches_api(path: str) -> bool:
     normalised = posixpath.normpath("/" + path.lstrip("/"))
     return normalised == "/v2" or normalised.startswith("/v2/")
-
-
-def _encoded_slash(environ: dict) -> bool:
-    """True if the raw request URI hid a '/' (or '.') in the path as %2F (%2E)."""
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if not raw:
-        return False
-    raw_path = raw.split("?", 1)[0].lower()
-    return "%2f" in raw_path or "%2e" in raw_path or "%5c" in raw_path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import pluggy
 from .backends import Services
 from .clients import ClientResolver
 from .config import Config, Section, _as_list, env_name, env_overrides, load_toml, merge, validate
-from .defaults.core import complete_admission
+from .defaults.core import check_rate_limiter, complete_admission
 from .errors import ConfigError
 from .plugins import load_plugins, make_manager
 from .tokens import TokenVerifier
@@ -98,6 +99,7 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
     services.cache = hook.regmw_cache(config=config, services=services)
     services.locks = hook.regmw_lock_manager(config=config, services=services)
     services.rate_limiter = hook.regmw_rate_limiter(config=config, services=services)
+    check_rate_limiter(services, provider_name(pm, services.rate_limiter))
     services.storage = hook.regmw_storage(config=config, services=services)
     services.classifier = hook.regmw_classifier(config=config, services=services)
     services.positions = hook.regmw_position_store(config=config, services=services)
@@ -105,10 +107,25 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
     services.jobs = hook.regmw_job_queue(config=config, services=services)
     services.prefetch = collect_prefetch(hook.regmw_prefetch(config=config, services=services))
     admission = hook.regmw_admission(config=config, services=services)
-    services.admission = complete_admission(admission, services) if admission is not None else None
+    services.admission = complete_admission(admission, services, provider_name(pm, admission))
     services.db_router = hook.regmw_db_router(config=config, services=services)
     hook.regmw_startup(services=services)
     return services
+
+
+def provider_name(pm: pluggy.PluginManager, backend: Any) -> str:
+    """The registered name of the plugin whose module defines ``backend``'s class, for error lines only."""
+    module = type(backend).__module__
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        if isinstance(plugin, types.ModuleType):
+            if plugin.__name__ == module:
+                return name
+        elif type(plugin).__module__ == module:
+            # objects registered in code get pluggy's id-number name: say what they are instead
+            return f"{type(plugin).__qualname__} ({module})" if name == str(id(plugin)) else name
+    return module
 
 
 def collect_prefetch(declared: Iterable[Iterable[Any] | None]) -> tuple[Any, ...]:

@@ -211,21 +211,3 @@ def test_cluster_slot_function_uses_the_configured_fleet_store(tmp_path, redis_s
     with cluster_slot("gc", max_holders=2, runtime=other_process):
         pass  # released: free again
 
-
-def test_the_hooks_doc_command_example_runs_as_printed(shared_locks_plugin, tmp_path, capsys):
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parent.parent / "docs/hooks.md").read_text()
-    (source,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "regmw_cli_commands" in block]
-    (tmp_path / "cli_plugins" / "is_read_only.py").write_text(source)
-    config, store = shared_locks_plugin
-    Path(config).write_text('[regmw]\nplugins = ["cli_plugins.shared_locks", "cli_plugins.is_read_only"]\n')
-    try:
-        assert main(["is-read-only", "team/app", "-c", config]) == 1
-        assert capsys.readouterr().err == "regmw: team/app is writable\n"
-        assert main(["-c", config, "readonly", "set", "team/app"]) == 0
-        assert main(["-c", config, "is-read-only", "team/app"]) == 0
-        assert capsys.readouterr().out.endswith("team/app is read-only\n")
-    finally:
-        sys.modules.pop("cli_plugins.is_read_only", None)

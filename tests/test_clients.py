@@ -1,6 +1,8 @@
 """Client identity: X-Forwarded-For only from trusted proxies; IPv6 by /64."""
 import ipaddress
 
+import pytest
+
 from regmw.clients import ClientResolver
 
 PROXY = [ipaddress.ip_network("10.0.0.0/8")]
@@ -37,3 +39,64 @@ def test_ipv6_grouped_by_prefix():
     assert c != a
     assert ClientResolver(ipv6_prefix=48).client_key({"REMOTE_ADDR": "2001:db8:1:3::1"}) == "2001:db8:1::/48"
     assert resolver.client_key({"REMOTE_ADDR": "::ffff:192.0.2.1"}) == "192.0.2.1"
+
+
+# --- hops with ports, and RFC 7239 Forwarded ----------------------------------------
+
+
+@pytest.mark.parametrize("hop, client", [
+    ("198.51.100.7:5501", "198.51.100.7"),  # ip:port, as some load balancers write it
+    ("[2001:db8:1:2::7]:443", "2001:db8:1:2::/64"),  # [v6]:port
+    ("[2001:db8:1:2::7]", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::7", "2001:db8:1:2::/64"),  # a bare v6 address is not mistaken for ip:port
+])
+def test_forwarded_for_hop_with_port(hop, client):
+    resolver = ClientResolver(PROXY)
+    assert resolver.client_key({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": f"6.6.6.6, {hop}, 10.0.0.5:80"}) == client
+
+
+def test_hops_with_ports_are_different_clients():
+    # Before ports were parsed, every such hop was garbage and all clients shared the proxy's limit.
+    resolver = ClientResolver(PROXY)
+    keys = {resolver.client_key({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": f"198.51.100.{i}:4000{i}"})
+            for i in range(1, 4)}
+    assert keys == {"198.51.100.1", "198.51.100.2", "198.51.100.3"}
+
+
+@pytest.mark.parametrize("hop", ["198.51.100.7:", "198.51.100.7:port", "198.51.100.7:1234567", "[2001:db8::7]x",
+                                 "[2001:db8::7", "unknown", "_hidden", "1.2.3.4:5:6"])
+def test_malformed_hop_falls_back_to_the_peer(hop):
+    resolver = ClientResolver(PROXY)
+    assert resolver.client_key({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": hop}) == "10.0.0.2"
+
+
+@pytest.mark.parametrize("header, client", [
+    ("for=198.51.100.7", "198.51.100.7"),
+    ('for="198.51.100.7:4711";proto=https;by=10.0.0.5', "198.51.100.7"),
+    ('for="[2001:db8:cafe::17]:4711"', "2001:db8:cafe::/64"),
+    ("for=6.6.6.6, for=198.51.100.7;proto=http, for=10.0.0.5", "198.51.100.7"),  # right to left, skipping proxies
+    ('For="198.51.100.7", for="10.0.0.5:80"', "198.51.100.7"),
+    ("for=unknown", "10.0.0.2"),  # no usable address: the proxy
+    ("for=_gazonk", "10.0.0.2"),
+    ('for="198.51.100.7', "10.0.0.2"),  # malformed
+    ("proto=https", "10.0.0.2"),  # no for=
+])
+def test_forwarded_header(header, client):
+    resolver = ClientResolver(PROXY)
+    assert resolver.client_key({"REMOTE_ADDR": "10.0.0.2", "HTTP_FORWARDED": header}) == client
+
+
+def test_forwarded_header_ignored_from_an_untrusted_peer():
+    resolver = ClientResolver(PROXY)
+    assert resolver.client_key({"REMOTE_ADDR": "203.0.113.9", "HTTP_FORWARDED": "for=1.1.1.1"}) == "203.0.113.9"
+    assert ClientResolver().client_key({"REMOTE_ADDR": "10.0.0.2", "HTTP_FORWARDED": "for=1.1.1.1"}) == "10.0.0.2"
+
+
+def test_both_headers_count_only_when_they_agree():
+    resolver = ClientResolver(PROXY)
+    agree = {"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "198.51.100.7:1234, 10.0.0.9",
+             "HTTP_FORWARDED": 'for="198.51.100.7:1234"'}
+    assert resolver.client_key(agree) == "198.51.100.7"
+    # Our proxy appends to X-Forwarded-For; the client wrote Forwarded itself to pick an identity.
+    spoofed = {"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "198.51.100.7", "HTTP_FORWARDED": "for=192.0.2.1"}
+    assert resolver.client_key(spoofed) == "10.0.0.2"

@@ -9,6 +9,7 @@ WOULD be stale. State changes are awaited by polling with a deadline.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import subprocess
 import time
@@ -451,6 +452,9 @@ def test_store_down_reads_go_to_primary_never_stale(cluster, tmp_path, redis_ser
         assert answer == {"value": 9, "port": cluster.primary_port, "role": "primary",
                           "reason": "store-unavailable"}
         repo = unique("sd-write")
+        # The replay is paused, so a write whose position cannot be stored waits for the bound
+        # (max_replay_lag + staleness) before it is answered; shorten it to exercise the floor.
+        writer.router.await_replay = functools.partial(writer.router.await_replay, timeout=0.2)
         for value in range(1, 6):  # writes still work; their positions cannot be stored
             assert writer.put(repo, value) == 201
             assert writer.get(repo)["value"] == value
@@ -649,3 +653,75 @@ def test_a_dead_pooled_connection_is_discarded_without_a_traceback(registry, clu
     with engine.connect() as conn:  # the dead connection was not handed out again
         assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
     assert registry.router.primary_state.up
+
+
+# --- a replica connection dropped under a statement: the same policy on every interface ---------
+
+
+def test_replica_dropped_mid_statement_orm_and_connection(registry, cluster):
+    """The replica backend is terminated while a statement runs on it (in-process, no gunicorn).
+
+    Nothing returned yet → the ORM query (through ``Session.execute``) and the
+    connection's statement continue on the primary; a result already returned
+    in the transaction → ``ReplicaLost``.
+    """
+    import threading
+
+    from regmw_dbroute import ReplicaLost
+    from sqlalchemy import BigInteger, Column, String, select
+    from sqlalchemy.orm import declarative_base
+
+    Base = declarative_base()
+
+    class Kv(Base):
+        __tablename__ = "kv"
+        repo = Column(String, primary_key=True)
+        value = Column(BigInteger)
+
+    repo = unique("orm")
+    cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 11)", repo)
+    cluster.wait_replica_caught_up()
+    slow = text("SELECT pg_sleep(5), inet_server_port()")
+
+    def terminate_sleeper():
+        cluster.wait_for(lambda: cluster.sql(
+            "replica", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE query LIKE '%%pg_sleep(5)%%' AND application_name = 'regmw-replica'"),
+            timeout=20, what="a slow read to terminate on the replica")
+
+    def during_slow_read(run):
+        killer = threading.Thread(target=terminate_sleeper)
+        killer.start()
+        try:
+            return run()
+        finally:
+            killer.join(30)
+
+    # ORM: nothing returned yet → the entity query runs again on the primary.
+    handle = registry.router.route(repo, is_write=False)
+    assert handle.role == "replica"
+    session = handle.session()
+    query = select(Kv).where(Kv.repo == repo, text("pg_sleep(5) IS NOT NULL"))
+    assert during_slow_read(lambda: session.scalars(query).one()).value == 11
+    assert handle.reason == "replica-failed" and handle.role == "primary"
+    assert session.execute(text("SELECT inet_server_port()")).scalar() == cluster.primary_port
+    session.expunge_all()
+    assert session.get(Kv, repo).value == 11
+    handle.close()
+
+    # A connection whose transaction already returned a result → ReplicaLost, not a retry.
+    handle = registry.router.route(repo, is_write=False)
+    assert handle.role == "replica"
+    conn = handle.connect()
+    assert conn.execute(text("SELECT inet_server_port()")).scalar() == cluster.replica_port
+    with pytest.raises(ReplicaLost):
+        during_slow_read(lambda: conn.execute(slow).one())
+    handle.close()
+
+    # After commit() a new transaction has returned nothing: retried again.
+    handle = registry.router.route(repo, is_write=False)
+    conn = handle.connect()
+    assert conn.execute(text("SELECT 1")).scalar() == 1
+    conn.commit()
+    assert during_slow_read(lambda: conn.execute(slow).one()[1]) == cluster.primary_port
+    handle.close()

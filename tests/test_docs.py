@@ -1,20 +1,47 @@
-"""The examples in the README and docs run as printed."""
+"""The examples in the README and docs run as printed, and each does what its text says.
+
+Every plugin example in docs/hooks.md and docs/writing-plugins.md starts with
+``# example: <name>``; :data:`CHECKS` holds one check per name (a test fails
+when an example has none), and every example must also survive the
+repository-less requests (``/v2/``, ``/v2/_catalog``). Nothing here reads the
+real date: the Friday example gets a Friday clock and a Thursday clock.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
 import re
+import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 from wsgiref.validate import validator
 
 import pytest
 from werkzeug.test import Client
 
-from regmw import RegistryMiddleware
+from regmw import ConfigError, RegistryMiddleware, StorageError, build, repository_key
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = ("docs/hooks.md", "docs/writing-plugins.md")
+MIGRATION_HEADER = "Regmw-Migration-Path"
+FRIDAY, THURSDAY = datetime.date(2026, 11, 27), datetime.date(2026, 11, 26)
 
 
 def python_blocks(doc: str) -> list[str]:
     text = (ROOT / doc).read_text()
     return [block for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "@hookimpl" in block]
+
+
+def examples() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for doc in DOCS:
+        for block in python_blocks(doc):
+            match = re.match(r"# example: ([\w-]+)\n", block)
+            assert match, f"{doc}: a plugin example without '# example: <name>' as its first line:\n{block}"
+            assert match.group(1) not in found, f"example name {match.group(1)} used twice"
+            found[match.group(1)] = block
+    return found
 
 
 def as_module(source: str, name: str) -> types.ModuleType:
@@ -24,8 +51,66 @@ def as_module(source: str, name: str) -> types.ModuleType:
 
 
 def app(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
+    start_response("201 Created" if environ["REQUEST_METHOD"] in ("PUT", "POST") else "200 OK",
+                   [("Content-Type", "text/plain")])
     return [b"ok"]
+
+
+class Seen:
+    """An app that keeps the last request's context and ``regmw.db``."""
+
+    def __init__(self):
+        self.context = None
+        self.db = None
+
+    def __call__(self, environ, start_response):
+        self.context, self.db = environ["regmw.context"], environ.get("regmw.db")
+        return app(environ, start_response)
+
+
+def middleware(plugin, config=None, registry=app) -> RegistryMiddleware:
+    config = dict(config or {})
+    config.setdefault("regmw", {}).setdefault("entry_points", False)
+    return RegistryMiddleware(registry, config, plugins=[plugin], environ={})
+
+
+class BufferedClient(Client):
+    """Reads and closes every response (so ``regmw_finish`` has run when a call returns)."""
+
+    def open(self, *args, **kwargs):
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
+def client_at(mw, address: str = "10.0.0.1") -> Client:
+    def from_address(environ, start_response):
+        environ["REMOTE_ADDR"] = address
+        return mw(environ, start_response)
+
+    return BufferedClient(validator(from_address))
+
+
+def old_layout(tmp_path: Path, *repositories: str) -> dict:
+    for name in repositories:
+        (tmp_path / "old" / "repositories" / name / "_manifests").mkdir(parents=True)
+    return {"regmw": {"plugins": ["migration"]}, "storage": {"root": str(tmp_path)},
+            "migration": {"old_root": "old", "new_root": "new"}}
+
+
+def round_trips() -> float:
+    from regmw_redis.connection import ROUND_TRIPS  # what the test measures: the redis plugin's connection
+
+    return ROUND_TRIPS._value.get()
+
+
+CHECKS: dict[str, Callable] = {}
+
+
+def check(name: str):
+    def register(function):
+        CHECKS[name] = function
+        return function
+    return register
 
 
 def test_readme_plugin_example_works_when_pasted():
@@ -33,7 +118,7 @@ def test_readme_plugin_example_works_when_pasted():
     plugin = as_module(source, "my_plugin")
     client = Client(validator(RegistryMiddleware(app, {}, plugins=[plugin], environ={})))
     assert client.get("/v2/", buffered=True).status_code == 200  # no repository: the example must cope
-    assert client.post("/v2/_catalog", buffered=True).status_code == 200
+    assert client.post("/v2/_catalog", buffered=True).status_code == 201
     refused = client.put("/v2/archive/old/manifests/v1", data=b"{}", buffered=True)
     assert refused.status_code == 403
     assert refused.json["errors"][0]["code"] == "DENIED"
@@ -41,19 +126,261 @@ def test_readme_plugin_example_works_when_pasted():
     assert served.status_code == 200 and served.headers["X-Served-Repository"] == "archive/old"
 
 
-@pytest.mark.parametrize("doc", ["docs/hooks.md", "docs/writing-plugins.md"])
-def test_every_hook_example_registers_and_serves(doc, capsys):
-    blocks = python_blocks(doc)
-    assert blocks
-    for index, source in enumerate(blocks):
-        plugin = as_module(source, f"example_{index}")
-        config = {"quota": {"full": ["big/monorepo"]}} if "quota" in source else {}
-        client = Client(validator(RegistryMiddleware(app, config, plugins=[plugin], environ={})))
-        for method in ("get", "put"):
-            response = getattr(client, method)("/v2/big/monorepo/manifests/latest", data=b"{}", buffered=True)
-            assert response.status_code in (200, 403, 429), (doc, index, response.data)
-        # repository-less API requests reach the hooks too (context.repository is None)
-        assert client.get("/v2/", buffered=True).status_code == 200, (doc, index)
-        assert client.post("/v2/_catalog", buffered=True).status_code in (200, 429), (doc, index)
-        if "quota" in source:
-            assert client.put("/v2/big/monorepo/manifests/latest", buffered=True).status_code == 403
+def test_every_example_has_a_check_of_what_it_does():
+    assert set(examples()) == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", sorted(examples()))
+def test_every_example_copes_with_repository_less_requests(name):
+    plugin = as_module(examples()[name], name)
+    config = {"quota": {"full": ["big/monorepo"]}} if name == "quota" else {}
+    client = client_at(middleware(plugin, config))
+    for response in (client.get("/v2/", buffered=True), client.post("/v2/_catalog", buffered=True)):
+        assert response.status_code < 500, (name, response.data)
+        if response.status_code >= 400:
+            assert response.json["errors"][0]["code"]
+
+
+@pytest.mark.parametrize("name", sorted(examples()))
+def test_every_example_does_what_the_docs_say(name, request):
+    CHECKS[name](as_module(examples()[name], name), request)
+
+
+# --- one check per example ---------------------------------------------------------------
+
+
+@check("config-section")
+def _(plugin, request):
+    assert build({"regmw": {"entry_points": False}}, plugins=[plugin], environ={}).config["audit"]["path"] == \
+        "/var/log/regmw-audit.log"
+    with pytest.raises(ConfigError, match="audit.pth"):
+        build({"regmw": {"entry_points": False}, "audit": {"pth": "/tmp/x"}}, plugins=[plugin], environ={})
+
+
+@check("redis-connection")
+def _(plugin, request):
+    runtime = build({"regmw": {"entry_points": False}}, plugins=[plugin], environ={})  # redis.example.com: never dialled
+    connection = runtime.services.redis
+    assert type(connection).__name__ == "TeamRedis" and connection.key("a", "b") == "team:a:b"
+    with_builtin = build({"regmw": {"plugins": ["redis"], "entry_points": False}}, plugins=[plugin], environ={})
+    assert type(with_builtin.services.redis).__name__ == "RedisConnection"  # trylast: the built-in wins
+
+
+@check("no-cache")
+def _(plugin, request):
+    mw = middleware(plugin, old_layout(request.getfixturevalue("tmp_path"), "group/app"))
+    mw.services.cache.set("k", b"v")
+    assert mw.services.cache.get("k") is None
+    asked = []
+    storage = mw.services.classifier.storage
+    mw.services.classifier.storage = type("Counting", (), {
+        "prefix_exists": lambda self, prefix: asked.append(prefix) or storage.prefix_exists(prefix)})()
+    client = client_at(mw)
+    for _ in range(2):
+        assert client.get("/v2/group/app/manifests/latest").headers[MIGRATION_HEADER] == "old"
+    assert len(asked) == 2  # nothing remembered: storage asked every time
+
+
+@check("frozen-namespaces")
+def _(plugin, request):
+    client = client_at(middleware(plugin))
+    refused = client.put("/v2/legacy/app/manifests/v1", data=b"{}")
+    assert refused.status_code == 503 and refused.json["errors"][0]["code"] == "UNAVAILABLE"
+    assert client.get("/v2/legacy/app/manifests/v1").status_code == 200
+    assert client.put("/v2/team/app/manifests/v1", data=b"{}").status_code == 201
+
+
+@check("no-pushes-on-friday")
+def _(plugin, request):
+    rules = {"ratelimit": {"rules": [{"by": "client", "limit": "2/hour", "methods": "read", "name": "reads"}]}}
+    mw = middleware(plugin, rules)
+    friday_rule = mw.services.rate_limiter.parts[-1]
+    assert friday_rule.today == datetime.date.today  # the real clock by default; injected here
+    friday_rule.today = lambda: FRIDAY
+    client = client_at(mw)
+    refused = client.put("/v2/team/app/manifests/v1", data=b"{}")
+    assert refused.status_code == 429 and "friday" in refused.json["errors"][0]["message"]
+    assert [client.get("/v2/team/app/manifests/latest").status_code for _ in range(3)] == [200, 200, 429]
+    friday_rule.today = lambda: THURSDAY
+    assert client_at(mw, "10.0.0.2").put("/v2/team/app/manifests/v1", data=b"{}").status_code == 201
+
+
+@check("inventory-storage")
+def _(plugin, request):
+    mw = middleware(plugin, {"regmw": {"plugins": ["migration"]}, "migration": {"new_root": "new"}})
+    storage = mw.services.storage
+    assert storage.prefix_exists("docker/registry/v2/repositories/group/app/")
+    assert not storage.prefix_exists("docker/registry/v2/repositories/group/other/")
+    assert client_at(mw).get("/v2/group/app/manifests/latest").headers[MIGRATION_HEADER] == "old"
+    storage.paths = None
+    with pytest.raises(StorageError):
+        storage.prefix_exists("docker/registry/v2/repositories/group/app/")
+    unavailable = client_at(mw).get("/v2/group/other/manifests/latest")
+    assert unavailable.status_code == 503 and unavailable.json["errors"][0]["code"] == "UNAVAILABLE"
+
+
+@check("migrated-list")
+def _(plugin, request):
+    mw = middleware(plugin, {"regmw": {"plugins": ["migration"]}, "migration": {"new_root": "new"}})
+    client = client_at(mw)
+    assert client.get("/v2/group/app/manifests/latest").headers[MIGRATION_HEADER] == "new"
+    assert client.get("/v2/team/app/manifests/latest").headers[MIGRATION_HEADER] == "old"
+    mw.services.classifier.mark_migrated("team/app")
+    assert client.get("/v2/team/app/manifests/latest").headers[MIGRATION_HEADER] == "new"
+
+
+@check("counted-positions")
+def _(plugin, request):
+    config = {"regmw": {"plugins": ["dbroute"], "entry_points": False},
+              "database": {"primary": "postgresql://registry@127.0.0.1:1/registry", "store": "memory",
+                           "connect_timeout": 1}}
+    runtime = build(config, plugins=[plugin], environ={})  # nothing listens on port 1: checks fail, routing waits
+    try:
+        positions = runtime.services.positions
+        assert type(positions).__name__ == "CountedPositions"
+        assert runtime.services.db_router.store is positions
+        assert positions.advance("team/app", 100, 60) == 100 and positions.advance("team/app", 50, 60) == 100
+        assert positions.recorded == 2 and positions.get("team/app").repository == 100
+    finally:
+        runtime.services.db_router.close()
+    assert build({"regmw": {"entry_points": False}}, plugins=[plugin], environ={}).services.positions is None
+
+
+def check_banner(plugin, request, redis_backend: bool):
+    config = {}
+    if redis_backend:
+        _, url = request.getfixturevalue("redis_server")
+        config = {"regmw": {"plugins": ["redis"]}, "redis": {"url": url}}
+    mw = middleware(plugin, config)
+    mw.services.cache.set(repository_key("team/app", "banner"), b"read-only on Sunday")
+    client = client_at(mw)
+    before = round_trips() if redis_backend else 0
+    assert client.get("/v2/team/app/manifests/latest").headers["X-Banner"] == "read-only on Sunday"
+    if redis_backend:  # read by the admission's one script call, not by a GET of its own
+        assert round_trips() - before == 1
+    assert "X-Banner" not in client.get("/v2/team/other/manifests/latest").headers
+
+
+@check("banner-prefetch")
+def _(plugin, request):
+    check_banner(plugin, request, False)
+    check_banner(plugin, request, True)
+
+
+def check_maintenance(plugin, request, redis_backend: bool):
+    """The issue's case: replacing admission as the docs showed gave 200 four times where 429s were due."""
+    config = {"ratelimit": {"rules": [{"by": "client", "limit": "3/hour", "name": "three"}]}}
+    if redis_backend:
+        _, url = request.getfixturevalue("redis_server")
+        config.update({"regmw": {"plugins": ["redis"]}, "redis": {"url": url}})
+    mw = middleware(plugin, config)
+    reader = client_at(mw, "10.0.0.1")
+    before = round_trips() if redis_backend else 0
+    assert [reader.get("/v2/team/app/manifests/latest").status_code for _ in range(4)] == [200, 200, 200, 429]
+    if redis_backend:
+        assert round_trips() - before == 4  # still one round trip per request
+    paused = client_at(mw, "10.0.0.2").put("/v2/team/app/manifests/v1", data=b"{}")
+    assert paused.status_code == 403 and paused.json["errors"][0]["code"] == "DENIED"
+    assert paused.headers["Retry-After"] == "600"
+    mw.services.admission.active = False
+    mw.services.locks.set_read_only("team/locked", 60, owner="docs")
+    writer = client_at(mw, "10.0.0.3")
+    assert writer.put("/v2/team/locked/manifests/v1", data=b"{}").status_code == 503
+    assert writer.put("/v2/team/app/manifests/v1", data=b"{}").status_code == 201
+
+
+@check("maintenance-window")
+def _(plugin, request):
+    check_maintenance(plugin, request, False)
+    check_maintenance(plugin, request, True)
+
+
+@check("one-database")
+def _(plugin, request):
+    seen = Seen()
+    client_at(middleware(plugin, registry=seen)).get("/v2/team/app/manifests/latest")
+    assert seen.db == "postgresql://registry@db.example.com/registry"
+
+
+@check("startup")
+def _(plugin, request):
+    capsys = request.getfixturevalue("capsys")
+    middleware(plugin)
+    assert capsys.readouterr().out == "regmw ready; cache backend: MemoryCache\n"
+
+
+@check("cli-command")
+def _(plugin, request):
+    """The command exists once the configuration loads the plugin, and answers from the configured lock manager."""
+    from regmw.cli import main
+
+    monkeypatch, tmp_path = request.getfixturevalue("monkeypatch"), request.getfixturevalue("tmp_path")
+    locks = types.ModuleType("docs_examples.locks")
+    exec("from regmw import hookimpl\n"
+         "class Locks:\n    def read_only(self, repository):\n        return repository == 'team/locked'\n"
+         "@hookimpl\ndef regmw_lock_manager(config):\n    return Locks()\n", locks.__dict__)
+    monkeypatch.setitem(sys.modules, "docs_examples", types.ModuleType("docs_examples"))
+    monkeypatch.setitem(sys.modules, "docs_examples.cli_command", plugin)
+    monkeypatch.setitem(sys.modules, "docs_examples.locks", locks)
+    config = tmp_path / "regmw.toml"
+    config.write_text('[regmw]\nplugins = ["docs_examples.locks", "docs_examples.cli_command"]\nentry_points = false\n')
+    capsys = request.getfixturevalue("capsys")
+    assert main(["is-read-only", "team/app", "-c", str(config)]) == 1
+    assert capsys.readouterr().err == "regmw: team/app is writable\n"
+    assert main(["-c", str(config), "is-read-only", "team/locked"]) == 0
+    assert capsys.readouterr().out == "team/locked is read-only\n"
+    assert main(["is-read-only", "team/app"]) == 2  # the plugin is not loaded: no such command
+
+
+@check("read-only-mirrors")
+def _(plugin, request):
+    client = client_at(middleware(plugin))
+    refused = client.put("/v2/mirror/alpine/manifests/v1", data=b"{}")
+    assert refused.status_code == 403 and refused.json["errors"][0]["code"] == "DENIED"
+    assert client.get("/v2/mirror/alpine/manifests/v1").status_code == 200
+    assert client.put("/v2/team/app/manifests/v1", data=b"{}").status_code == 201
+
+
+@check("classify-by-prefix")
+def _(plugin, request):
+    seen = Seen()
+    client = client_at(middleware(plugin, registry=seen))
+    client.get("/v2/fresh/app/manifests/latest")
+    assert seen.context.migration_path == "new"
+    client.get("/v2/team/app/manifests/latest")
+    assert seen.context.migration_path == "old"
+
+
+@check("route-by-method")
+def _(plugin, request):
+    seen = Seen()
+    client = client_at(middleware(plugin, registry=seen))
+    client.put("/v2/team/app/manifests/v1", data=b"{}")
+    assert seen.db == "primary"
+    client.get("/v2/team/app/manifests/v1")
+    assert seen.db == "replica"
+
+
+@check("repository-header")
+def _(plugin, request):
+    client = client_at(middleware(plugin))
+    assert client.get("/v2/team/app/tags/list").headers["X-Repository"] == "team/app"
+    assert "X-Repository" not in client.get("/v2/").headers
+
+
+@check("audit-log")
+def _(plugin, request):
+    caplog = request.getfixturevalue("caplog")
+    with caplog.at_level(logging.INFO, logger="audit"):
+        client_at(middleware(plugin)).get("/v2/team/app/manifests/latest")
+    assert [record.getMessage() for record in caplog.records if record.name == "audit"] == ["GET team/app -> 200"]
+
+
+@check("quota")
+def _(plugin, request):
+    client = client_at(middleware(plugin, {"quota": {"full": ["big/monorepo"]}}))
+    refused = client.put("/v2/big/monorepo/manifests/latest", data=b"{}")
+    assert refused.status_code == 403 and refused.json["errors"][0]["code"] == "DENIED"
+    assert refused.json["errors"][0]["detail"] == {"name": "big/monorepo"}
+    assert client.get("/v2/big/monorepo/manifests/latest").status_code == 200
+    assert client.put("/v2/small/app/manifests/latest", data=b"{}").status_code == 201

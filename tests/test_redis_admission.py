@@ -204,3 +204,23 @@ def test_redis_down_fail_closed_when_configured(redis_server, hot_path):
     assert response.headers["Retry-After"] == "5"
     assert _errors("ratelimit", "fail_closed") == closed + 1
     assert client.get("/elsewhere").status_code == 200
+
+
+@pytest.mark.parametrize("identity", ["10.1.2.3", "2001:db8::/64", "group/sub/app", "user@example.com", "*", "é/ü"])
+def test_script_counters_have_the_keys_limits_gives_them(identity):
+    """The script builds ``limits``' key around the identity once (public ``key_for``, no private helper).
+
+    Both hot paths must count the same windows: the script's key for an
+    identity is exactly what ``limits`` computes for it, for any identity a
+    rule can produce (client keys, IPv6 networks, repositories, subjects, ``*``).
+    """
+    from regmw.defaults.ratelimit import parse_rules
+
+    middleware = make_middleware("redis://127.0.0.1:1/0", prefetch=False, ratelimit={"rules": [  # never dialled
+        {"name": "per-client", "by": "client", "limit": "10/second;100/hour"}]})
+    admission = middleware.services.admission
+    (rule,) = parse_rules([{"name": "per-client", "by": "client", "limit": "10/second;100/hour"}])
+    assert len(admission.counters) == 2
+    for (_, item, head, tail, _, _), expected in zip(admission.counters, rule.items, strict=True):
+        assert head + identity + tail == "regmw:ratelimit:" + expected.key_for("per-client", identity)
+        assert item.key_for("per-client", identity) == expected.key_for("per-client", identity)

@@ -119,6 +119,11 @@ def test_manifest_put_get_delete(client):
     assert json.loads(client.get(f"/v2/{REPO}/tags/list").get_data()) == {"name": REPO, "tags": ["v1", "v2"]}
     page = client.get(f"/v2/{REPO}/tags/list", query_string={"n": 1})
     assert json.loads(page.get_data())["tags"] == ["v1"] and 'rel="next"' in page.headers["Link"]
+    assert page.headers["Link"] == f'</v2/{REPO}/tags/list?n=1&last=v1>; rel="next"'
+    after = client.get(f"/v2/{REPO}/tags/list", query_string={"n": 1, "last": "v1"})
+    assert json.loads(after.get_data())["tags"] == ["v2"] and "Link" not in after.headers
+    empty = client.get(f"/v2/{REPO}/tags/list", query_string={"n": 0})
+    assert json.loads(empty.get_data())["tags"] == [] and "Link" not in empty.headers  # no endless paging
 
     assert client.delete(f"/v2/{REPO}/manifests/v2").status_code == 202  # a tag: only the tag goes
     assert client.get(f"/v2/{REPO}/manifests/{digest}").status_code == 200

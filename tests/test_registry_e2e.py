@@ -200,7 +200,7 @@ def test_gateway_dispatches_old_and_new_upstreams(tmp_path, serve_wsgi, docker_r
     runtime = build(config(tmp_path, gateway={"old_upstream": docker_registry.url, "new_upstream": new_url}),
                     environ={}, plugins=[ByPrefix(), recorder])
     app, apps = create_gateway(runtime.config)
-    assert set(apps) == {"old", "new"} and app is apps["old"]
+    assert set(apps) == {"old", "new"} and app.app is apps["old"]  # wrapped in MergedCatalog
     url = serve_wsgi(RegistryMiddleware(app, runtime, apps=apps))
 
     data = os.urandom(200_000)

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Prepare a fresh machine to run the test suite: the real registry and client
-# the end-to-end tests drive (Debian's docker-registry and skopeo), Redis and
+# the end-to-end tests drive (Debian's docker-registry and skopeo), the Go packages
+# the OCI conformance suite is built from, Redis and
 # PostgreSQL running, and a virtualenv in .venv with regmw[test] installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v skopeo >/dev/null || ! command -v docker-registry >/dev/null || ! command -v redis-server >/dev/null; then
+# Debian packages: the registry, the client, Redis, and the Go toolchain and Go
+# libraries that ../shared/conformance/run.sh builds the OCI conformance suite from
+# (offline, no module proxy; tests/test_conformance.py runs it).
+DEBS="docker-registry skopeo redis-server golang-go golang-github-onsi-ginkgo-dev golang-gomega-dev
+golang-github-go-resty-resty-dev golang-github-google-uuid-dev golang-github-opencontainers-go-digest-dev
+golang-github-opencontainers-image-spec-dev golang-github-mitchellh-mapstructure-dev"
+missing=""
+for p in $DEBS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-registry skopeo redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then

@@ -17,11 +17,11 @@ from __future__ import annotations
 from regmw.plugins import hookimpl
 
 from .config import SECTION, settings_from_config
-from .handle import DbHandle, PrimaryUnavailable
+from .handle import DbHandle, PrimaryUnavailable, ReplicaLost
 from .router import Router
 from .store import make_store
 
-__all__ = ["DbHandle", "PrimaryUnavailable", "Router"]
+__all__ = ["DbHandle", "PrimaryUnavailable", "ReplicaLost", "Router"]
 
 
 @hookimpl
@@ -42,7 +42,7 @@ def regmw_db_router(config, services):
 
 @hookimpl
 def regmw_startup(services):
-    """Run the first health check and start the checker thread (a daemon; ``router.close()`` stops it)."""
+    """Run the first health check (the checker thread starts with the first request of each process)."""
     router = services.db_router
     if isinstance(router, Router):
         router.start()

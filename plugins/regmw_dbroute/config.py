@@ -127,19 +127,20 @@ SECTION = Section(
         ),
         "store": Option(
             "str", "auto",
-            "Where write positions are shared: `auto` = Redis when the `redis` plugin is enabled or `store_url` "
-            "is set, else `memory` (one process only); `redis`; `memory`.",
+            "Where write positions are shared: `auto` = Redis when a plugin provides the shared Redis "
+            "(`services.redis`, e.g. the `redis` plugin) or `store_url` is set, else `memory` (one process only); "
+            "`redis`; `memory`.",
             choices=("auto", "redis", "memory"),
         ),
         "store_url": Option(
             "str", "",
-            "Redis URL for the position store when the `redis` plugin does not provide the connection.",
+            "Redis URL for the position store when no plugin provides the shared Redis (`services.redis`).",
         ),
         "store_namespace": Option(
             "str", "",
             "Prefix of the position store's Redis keys (`<namespace>:{repository:<name>}:lsn`, "
-            "`<namespace>:{dbroute}:floor`). Empty: the `[redis] namespace` when the `redis` plugin is enabled, "
-            "else `regmw`. Deployments sharing one Redis (e.g. through `store_url`) need different namespaces, "
+            "`<namespace>:{dbroute}:floor`). Empty: the shared Redis' namespace (`[redis] namespace` "
+            "with the `redis` plugin), else `regmw`. Deployments sharing one Redis (e.g. through `store_url`) need different namespaces, "
             "or their positions and floors mix.",
             check=_check_namespace,
         ),

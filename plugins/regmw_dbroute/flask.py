@@ -4,15 +4,17 @@
 
     from regmw_dbroute.flask import db_session, engine, init_app
 
-    init_app(app)                      # optional: PrimaryUnavailable → OCI 503
+    init_app(app)                      # PrimaryUnavailable, ReplicaLost → OCI 503
 
     @app.get("/v2/<path:name>/tags/list")
     def tags(name):
         rows = db_session().execute(select(Tag).where(Tag.repository == name)).scalars()
 
-The session is bound to a connection of the routed database (so a replica
-that cannot be reached falls back to the primary at connect time) and is
-closed by regmw when the request finishes; no teardown handler is needed.
+The session is the handle's :class:`~regmw_dbroute.handle.RoutedSession`:
+the same failure policy as ``handle.execute()`` and ``handle.connect()`` (a
+replica failing before the transaction returned anything → retried once on
+the primary; after → :class:`~regmw_dbroute.handle.ReplicaLost`). regmw
+closes it when the request finishes; no teardown handler is needed.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any
 
 from regmw.errors import unavailable
 
-from .handle import DbHandle, PrimaryUnavailable
+from .handle import DbHandle, PrimaryUnavailable, ReplicaLost, is_connection_error
 
 
 def current_handle() -> DbHandle:
@@ -44,12 +46,40 @@ def engine() -> Any:
 
 
 def init_app(app: Any) -> None:
-    """Answer :class:`PrimaryUnavailable` raised by a view with an OCI 503 UNAVAILABLE body."""
+    """Answer the database failures a view cannot recover from with an OCI 503 UNAVAILABLE body.
 
-    def primary_unavailable(exc: PrimaryUnavailable):
+    * :class:`PrimaryUnavailable`: the primary (needed for a write, or for the fallback read) is down;
+    * :class:`ReplicaLost`: the replica failed after the transaction had returned results;
+    * a connection error SQLAlchemy raised itself: a write whose primary connection dropped
+      (the primary is then marked down), or a streamed (server-side cursor) result of a
+      replica failing while the view iterates it (the :class:`ReplicaLost` case).
+
+    Any other exception keeps Flask's own handling.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    def answer(message: str, database: str | None):
         from flask import Response
 
-        refusal = unavailable("database primary is unavailable", 5)
+        refusal = unavailable(message, 5, {"database": database} if database else None)
         return Response(refusal.body(), refusal.status, refusal.headers, content_type="application/json")
 
+    def primary_unavailable(exc: PrimaryUnavailable):
+        return answer("database primary is unavailable", None)
+
+    def replica_lost(exc: ReplicaLost):
+        return answer("database replica failed during the read; retry the request", None)
+
+    def database_error(exc: DBAPIError):
+        from flask import request
+
+        handle = request.environ.get("regmw.db")
+        if not (isinstance(handle, DbHandle) and is_connection_error(exc)):
+            raise exc
+        if handle.role == "primary":
+            handle.report_primary_failure(exc)
+        return answer("database connection lost; retry the request", handle.name)
+
     app.register_error_handler(PrimaryUnavailable, primary_unavailable)
+    app.register_error_handler(ReplicaLost, replica_lost)
+    app.register_error_handler(DBAPIError, database_error)

@@ -40,6 +40,10 @@ class PrimaryHistory:
                 self._times.popleft()
                 self._lsns.popleft()
 
+    def reset_lock(self) -> None:
+        """After a fork: a lock some parent thread held at the fork would never be released here."""
+        self._lock = threading.Lock()
+
     @property
     def latest(self) -> int | None:
         return self._lsns[-1] if self._lsns else None
@@ -78,6 +82,10 @@ class ReplicaState:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self.probe_lock = threading.Lock()  # one request-path replay query at a time
+
+    def reset_locks(self) -> None:
+        """After a fork: a lock some parent thread held at the fork would never be released here."""
+        self.__post_init__()
 
     def eligible(self, now: float) -> bool:
         """May serve reads: not quarantined, and checked successfully recently."""

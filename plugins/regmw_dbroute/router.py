@@ -23,13 +23,29 @@ connection the request still holds, or else through the primary's small
 ``position_engine`` pool, never through the request pool the writes hold. A
 pool timeout (every pooled connection busy) means this instance is loaded,
 not that a server is down: it never marks the primary (or a replica) down.
+
+When the position cannot be stored (the store is down or unreachable from
+this instance), the other instances cannot learn it: this instance then
+answers the write only once every replica that answers has replayed it (or a
+bound passed, see :meth:`Router.await_replay`), so no replica can serve an
+older version to anyone. A store that comes back *older* (restarted from its
+AOF, failed over) is caught by its epoch marker's ``run_id`` (see
+:mod:`.store`) and gets a new floor before it is trusted.
+
+Processes: the checker thread, the pools and the locks belong to one process.
+Under ``gunicorn --preload`` the router is built in the master and inherited
+by forked workers; after a fork the child drops the inherited pools (without
+closing the parent's sockets) and starts its own checker thread on its first
+request (:meth:`Router.ensure_running`). The master itself never starts one.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
+import weakref
 from typing import Any
 
 from prometheus_client import Counter
@@ -63,6 +79,25 @@ POSITIONS = Counter(
 
 RETRY_AFTER = 5
 
+REPLAY_WAITS = Counter(
+    "regmw_db_replay_waits_total",
+    "Writes whose position could not be stored and that waited for the replicas to replay them, by outcome "
+    "(replayed = answered once every answering replica had it, timeout = answered after the bound).",
+    ["outcome"],
+    registry=metrics.REGISTRY,
+)
+
+_ROUTERS: weakref.WeakSet[Router] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for router in list(_ROUTERS):
+        router._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def _short(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -87,10 +122,14 @@ class Router:
         self._pending: dict[str, tuple[int | None, float]] = {}  # repo -> (lsn, expires): not in the store yet
         self._pending_lock = threading.Lock()
         self._store_down_until = 0.0
+        self._closed = False
         self._last_primary_probe = 0.0
         self._rotation = itertools.count()
         self.checker = HealthChecker(self.check, settings.health_interval)
+        self._checker_pid: int | None = None  # the process whose checker thread is running
+        self._start_lock = threading.Lock()
         self._sync_replicas()
+        _ROUTERS.add(self)
 
     @classmethod
     def from_config(cls, config: Any, services: Any = None) -> Router:
@@ -100,9 +139,12 @@ class Router:
     # --- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        """One synchronous check (so the first requests can use replicas), then the checker thread."""
-        if self.checker.running:
-            return
+        """One synchronous check, so the first requests can use replicas, and the store's floor if it has none.
+
+        The checker thread is started by :meth:`ensure_running` on the first
+        request of each process, never here: a ``gunicorn --preload`` master
+        runs start-up, then forks workers, and a thread does not survive a fork.
+        """
         try:
             self.check()
         except Exception:
@@ -113,9 +155,35 @@ class Router:
                 self._initialize_store(positions)
         except (StoreUnavailable, SQLAlchemyError) as exc:
             log.warning("position store not initialised at start-up (done on first read): %s", _short(exc))
-        self.checker.start()
+
+    def ensure_running(self) -> None:
+        """Start this process's checker thread if it has none (cheap: one comparison once running)."""
+        pid = os.getpid()
+        if self._checker_pid == pid:
+            return
+        with self._start_lock:
+            if self._checker_pid == pid or self._closed:
+                return
+            self.checker.start()
+            self._checker_pid = pid
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's pools, locks and thread are not ours (SQLAlchemy: dispose(close=False))."""
+        for node in [self.primary, *(node for node, _ in self._replicas)]:
+            for engine in (node.engine, node.check_engine, node.position_engine):
+                if engine is not None:
+                    engine.dispose(close=False)
+        self._pending_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self.history.reset_lock()
+        self.primary_state.probe_lock = threading.Lock()
+        for _, state in self._replicas:
+            state.reset_locks()
+        self.checker = HealthChecker(self.check, self.settings.health_interval)
+        self._checker_pid = None
 
     def close(self) -> None:
+        self._closed = True
         self.checker.stop()
         for node, _ in self._replicas:
             node.dispose()
@@ -125,6 +193,7 @@ class Router:
 
     def route(self, repository: str | None, is_write: bool) -> DbHandle:
         """The handle for one request; raises a 503 :class:`~regmw.errors.Refusal` when nothing can serve it."""
+        self.ensure_running()
         handle = self._route_write(repository) if is_write else self._route_read(repository)
         ROUTES.labels(handle.role, handle.reason).inc()
         return handle
@@ -200,7 +269,9 @@ class Router:
         request's) still holds, if any, else through the primary's
         ``position_engine``. If it cannot be read, or the store is down, it is
         kept locally (``pending``): this instance sends reads of the repository
-        to the primary until it has put a position in the store, or the TTL passed.
+        to the primary until it has put a position in the store, or the TTL passed,
+        and the write is answered only after :meth:`await_replay` (the other
+        instances cannot know the position, so no replica may still lack it).
         """
         ttl = self.settings.lsn_ttl
         try:
@@ -210,6 +281,7 @@ class Router:
             POSITIONS.labels("unknown").inc()
             log.warning("cannot read the primary's WAL position after a write to %s: %s", repository, _short(exc))
             self._add_pending(repository, None)
+            REPLAY_WAITS.labels("unknown-position").inc()
             return None
         try:
             kept = self.store.advance(repository, lsn, ttl)
@@ -219,6 +291,11 @@ class Router:
             log.warning("cannot store the write position of %s (%s); reads of it go to the primary here",
                         repository, _short(exc))
             self._add_pending(repository, lsn)
+            replayed = self.await_replay(lsn)
+            REPLAY_WAITS.labels("replayed" if replayed else "timeout").inc()
+            if not replayed:
+                log.warning("write to %s answered before every replica replayed it (bound reached); "
+                            "other instances may read it stale until its position is stored", repository)
             return lsn
         POSITIONS.labels("stored").inc()
         return kept
@@ -233,6 +310,39 @@ class Router:
                 log.debug("WAL position not readable on the request's connection (%s); using the position pool",
                           _short(exc))
         return self.primary.current_wal_lsn(insert=True, engine=self.primary.position_engine)
+
+    def await_replay(self, lsn: int, timeout: float | None = None) -> bool:
+        """Wait until every replica that answers has replayed ``lsn``; False if ``timeout`` passed first.
+
+        The default bound, ``max_replay_lag + 3 × health_interval + connect_timeout``,
+        is when a replica that still lacks ``lsn`` is quarantined by every
+        instance (replay lag over ``max_replay_lag``) or stale (no good check).
+        A replica that does not answer (connection refused, or no longer in
+        recovery) cannot serve a read either and is not waited for. Polls each
+        replica's ``pg_last_wal_replay_lsn()`` on its check pool every 10 ms.
+        """
+        if timeout is None:
+            timeout = self.settings.max_replay_lag + self.settings.health_staleness
+        deadline = time.monotonic() + timeout
+        waiting = [node for node, _ in self._replicas]
+        while waiting:
+            behind = []
+            for node in waiting:
+                try:
+                    in_recovery, replayed = node.replay_status()
+                except PoolTimeout:  # our pool is busy, the replica may be fine: ask again
+                    behind.append(node)
+                    continue
+                except SQLAlchemyError:
+                    continue  # unreachable: it serves nobody
+                if in_recovery and replayed is not None and replayed < lsn:
+                    behind.append(node)
+            waiting = behind
+            if waiting and time.monotonic() >= deadline:
+                return False
+            if waiting:
+                time.sleep(0.01)  # polling replay positions, bounded by the deadline above
+        return True
 
     def _add_pending(self, repository: str, lsn: int | None) -> None:
         expires = time.monotonic() + self.settings.lsn_ttl
@@ -279,7 +389,8 @@ class Router:
         """The store lost its data (or is new): every committed write is covered by today's position."""
         floor = self.primary.current_wal_lsn(insert=True, engine=self.primary.position_engine)
         self.store.initialize(floor, self.settings.lsn_ttl)
-        log.warning("position store had no epoch marker; floor set to %s", format_lsn(floor))
+        log.warning("position store had no epoch marker of its current server run; floor set to %s",
+                    format_lsn(floor))
         return Positions(positions.repository, max(floor, positions.floor or 0), True)
 
     def _store_failed(self, exc: BaseException) -> None:
@@ -400,6 +511,8 @@ class Router:
 
     def status(self) -> dict[str, Any]:
         return {
+            "pid": os.getpid(),
+            "checker": self.checker.running and self._checker_pid == os.getpid(),
             "primary": {"name": self.primary.name, "up": self.primary_state.up, "reason": self.primary_state.reason},
             "replicas": [state.as_dict() for _, state in self._replicas],
             "store": getattr(self.store, "kind", type(self.store).__name__),

@@ -14,9 +14,20 @@ A store that lost its data (a Redis restart without persistence, a fresh
 process) has no marker; the router then records the primary's current position
 as the floor before trusting the store, so writes whose positions were lost are
 still covered: a read needs a replica that reached max(repository position, floor).
+
+A Redis that restarts *with* data (AOF or RDB, or a Sentinel failover to a
+replica) still has its marker but may have lost recent positions (the last
+second before an AOF ``everysec`` fsync, writes a replica had not received) or
+may come back older than positions some instance could not store meanwhile.
+So the marker holds the ``run_id`` of the Redis process that set it, and every
+read compares it, inside the same script that reads the positions, with the
+``run_id`` of the server answering (``INFO server``). A server that is not the
+one the marker was set on is treated like an empty store: a new floor first.
+Every instance sees it on its very next read, whether or not it saw the outage.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -25,6 +36,8 @@ from regmw.backends import Positions, PositionStore, StoreUnavailable, repositor
 from regmw.errors import ConfigError
 
 from .lsn import from_key, to_key
+
+log = logging.getLogger("regmw.dbroute")
 
 __all__ = [
     "MemoryPositionStore", "PositionStore", "Positions", "RedisPositionStore", "StoreUnavailable", "make_store",
@@ -92,6 +105,40 @@ return current
 """
 
 
+# KEYS[1] = floor key, KEYS[2] = epoch key, KEYS[3] = position key (optional).
+# Returns {position, floor, epoch state}: 0 no marker, 1 set on this server run, 2 set on another run.
+_GET = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local epoch = redis.call('GET', KEYS[2])
+local state = 0
+if epoch then
+  if epoch == run_id then state = 1 else state = 2 end
+end
+local position = false
+if KEYS[3] then position = redis.call('GET', KEYS[3]) end
+return {position, redis.call('GET', KEYS[1]), state}
+"""
+
+# KEYS[1] = floor key, KEYS[2] = epoch key; ARGV as _ADVANCE. Raises the floor (maximum kept),
+# then marks the store as initialised BY THIS SERVER RUN (its run_id), in one atomic step.
+_INITIALIZE = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local current = redis.call('GET', KEYS[1])
+local function greater(a, b)
+  local ah, bh = tonumber(string.sub(a, 1, 8), 16), tonumber(string.sub(b, 1, 8), 16)
+  if ah ~= bh then return ah > bh end
+  return tonumber(string.sub(a, 9, 16), 16) > tonumber(string.sub(b, 9, 16), 16)
+end
+if (not current) or string.len(current) ~= 16 or greater(ARGV[1], current) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+redis.call('SET', KEYS[2], run_id)
+return run_id
+"""
+
+
 class RedisPositionStore:
     """Positions in Redis, shared by every regmw instance.
 
@@ -99,34 +146,42 @@ class RedisPositionStore:
     hash-tagged key, so it sits in the repository's Redis Cluster slot), and
     ``<namespace>:{dbroute}:floor`` / ``:epoch`` for the floor and the marker,
     ``<namespace>`` being :func:`store_namespace`. ``key_for`` builds a full key
-    from the un-namespaced parts.
+    from the un-namespaced parts. The epoch marker's value is the ``run_id``
+    of the Redis server run that set it (see the module doc). ``get`` is one
+    script call (one round trip). Its keys span two hash slots, so with Redis
+    Cluster (``cluster=True``) the repository's key is read by a second call;
+    the run_id check then covers the node holding the floor and the marker,
+    not a restart of the node holding the repository's key.
     """
 
     kind = "redis"
 
-    def __init__(self, client: Any, key_for) -> None:
+    def __init__(self, client: Any, key_for, cluster: bool = False) -> None:
         self.client = client
+        self.cluster = cluster
         self._key_for = key_for
         self._floor_key = key_for("{dbroute}:floor")
         self._epoch_key = key_for("{dbroute}:epoch")
         self._advance = client.register_script(_ADVANCE)
+        self._get = client.register_script(_GET)
+        self._initialize = client.register_script(_INITIALIZE)
 
     def key(self, repository: str) -> str:
         return self._key_for(repository_key(repository, "lsn"))
 
     def get(self, repository: str | None) -> Positions:
+        keys = [self._floor_key, self._epoch_key]
+        if repository and not self.cluster:
+            keys.append(self.key(repository))
         try:
-            pipe = self.client.pipeline(transaction=False)
-            if repository:
-                pipe.get(self.key(repository))
-            pipe.get(self._floor_key)
-            pipe.exists(self._epoch_key)
-            values = pipe.execute()
+            position, floor, state = self._get(keys=keys)
+            if repository and self.cluster:
+                position = self.client.get(self.key(repository))
         except Exception as exc:  # redis.RedisError, OSError
             raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
-        if not repository:
-            values.insert(0, None)
-        return Positions(from_key(values[0]), from_key(values[1]), bool(values[2]))
+        if state == 2:
+            log.warning("position store: Redis restarted or failed over since its floor was set (run_id changed)")
+        return Positions(from_key(position), from_key(floor), state == 1)
 
     def advance(self, repository: str, lsn: int, ttl: float) -> int:
         try:
@@ -137,8 +192,7 @@ class RedisPositionStore:
 
     def initialize(self, floor: int, ttl: float) -> None:
         try:
-            self._advance(keys=[self._floor_key], args=[to_key(floor), max(1, int(ttl * 1000))])
-            self.client.set(self._epoch_key, b"1")
+            self._initialize(keys=[self._floor_key, self._epoch_key], args=[to_key(floor), max(1, int(ttl * 1000))])
         except Exception as exc:
             raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
 
@@ -179,4 +233,5 @@ def make_store(settings: Any, connection: Any = None) -> PositionStore:
         return RedisPositionStore(client, lambda key: f"{namespace}:{key}")
     if connection is None:
         raise ConfigError("database.store: redis needs a shared Redis (the `redis` plugin) or database.store_url")
-    return RedisPositionStore(connection.client, lambda key: f"{namespace}:{key}")
+    return RedisPositionStore(connection.client, lambda key: f"{namespace}:{key}",
+                              cluster=bool(getattr(connection, "cluster", False)))

@@ -92,8 +92,14 @@ def regmw_prefetch(config, services: Services):
 
 @hookimpl
 def regmw_classify(context):
+    """Ask ``services.classifier`` (this plugin's, or one a third-party plugin provides) and say what it decided."""
     classifier = context.services.classifier
-    return classifier.classify(context) if classifier is not None else None
+    if classifier is None:
+        return None
+    path = classifier.classify(context)
+    if path is not None and context.services.config["migration"]["response_header"]:
+        context.response_headers.append((HEADER, path))
+    return path
 
 
 @hookimpl

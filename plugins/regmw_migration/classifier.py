@@ -50,7 +50,6 @@ class Classifier:
         self.paused = section["paused"]
         self.old_ttl = section["old_ttl"]
         self.new_ttl = section["new_ttl"] or PERMANENT
-        self.header = section["response_header"]
         self.retry_after = section["retry_after"]
         self.flights = SingleFlight(section["max_inflight"], section["wait_timeout"])
 
@@ -86,8 +85,6 @@ class Classifier:
         if reason in ("old_prefix", "new_prefix"):
             reason = source
         metrics.classifications.labels(path, reason).inc()
-        if self.header:
-            context.response_headers.append((HEADER, path))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s: %s (decided by %s; state %s, token flag %s)",
                       context.method, repository, path, reason, state, flag)

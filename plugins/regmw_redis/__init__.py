@@ -4,7 +4,9 @@ Enable with ``[regmw] plugins = ["redis"]`` and configure ``[redis]``. The
 hook implementations are attributes of this module (it is what the plugin
 manager registers); the work lives in one small module per job:
 
-- :mod:`.connection`: URL parsing, the shared client, key namespacing, round-trip counting;
+- :mod:`.connection`: URL parsing, :class:`RedisConnection` (this runtime's
+  ``services.redis``, which every other plugin uses through the contract),
+  key namespacing, round-trip counting;
 - :mod:`.settings`: the ``[redis]`` section;
 - :mod:`.cache`, :mod:`.locks`, :mod:`.ratelimit`: the backends;
 - :mod:`.admission`: the one-round-trip hot path; :mod:`.scripts`: its Lua.
@@ -13,7 +15,7 @@ See docs/redis.md.
 """
 from __future__ import annotations
 
-from regmw.errors import ConfigError
+from regmw.backends import split_limiter
 from regmw.plugins import hookimpl
 
 from . import scripts
@@ -74,16 +76,8 @@ def regmw_admission(config, services):
     connection = services.redis
     if connection is None:
         return None
-    limiter = services.rate_limiter
-    rules = getattr(limiter, "rules", None) if limiter is not None else []
-    if rules is None:
-        return None  # a limiter whose rules are its own code: let the core call it
-    strategy = config["ratelimit"]["strategy"]
-    if rules and strategy != "fixed-window":
-        raise ConfigError(
-            f"{getattr(config, 'source', '<config>')}: ratelimit.strategy {strategy!r} needs "
-            '[redis] hot_path = "limits" (the one-round-trip script counts fixed windows)'
-        )
+    rules, others = split_limiter(services.rate_limiter)  # declarative rules count in the script
+    # [ratelimit] strategy vs hot_path is the schema's check (settings.py): the script counts fixed windows
     return RedisAdmission(
         services,
         connection,
@@ -91,6 +85,7 @@ def regmw_admission(config, services):
         connection.key("ratelimit"),
         _on(connection, services.locks, "read_only_key"),
         _on(connection, services.cache, "redis_key"),
+        others,
     )
 
 

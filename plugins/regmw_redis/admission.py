@@ -29,7 +29,7 @@ hash tag, which would make per-client limits per-repository.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from regmw.backends import ADMISSION_PARTS, RateLimitResult, Services, tightest
@@ -49,6 +49,9 @@ from .errors import REDIS_DOWN, report
 class RedisAdmission:
     """A :class:`regmw.backends.Admission` that asks Redis once per request.
 
+    ``rules``: the declarative rate-limit rules counted in the script.
+    ``others``: limiters whose rules are their own code (parts of a
+    :class:`regmw.backends.CompositeRateLimiter`), called after the script.
     ``lock_key`` / ``cache_key``: the Redis key of a repository's read-only
     lock / of a cache key, when the lock manager / the cache live on this
     admission's connection (None otherwise: the lock is then asked of the
@@ -65,11 +68,13 @@ class RedisAdmission:
         ratelimit_prefix: str,
         lock_key: Callable[[str], str] | None,
         cache_key: Callable[[str], str] | None,
+        others: Sequence[Any] = (),
     ) -> None:
         config = services.config
         self.connection = connection
         self.script = connection.client.register_script(scripts.ADMIT)
         self.rules = rules
+        self.others = tuple(others)  # limiters counting by their own code: called after the script
         self.prefix = ratelimit_prefix + ":"
         # Per (rule, limit): the key around the identity, built once. The same
         # names as ``limits`` (``item.key_for(rule, identity)``), so both hot
@@ -114,32 +119,63 @@ class RedisAdmission:
                 wanted.append(key)
         if wanted:
             keys += [self.cache_key(key) for key in wanted]
-        if not keys:
-            return self._separate_lock_check(context) if check_lock else None
 
-        try:
-            reply = self.script(keys=keys, args=args)
-        except REDIS_DOWN as exc:
-            return self._redis_down(context, exc, wanted, bool(counted), check_lock and self.lock_key is not None)
-
-        locked, n_counted = reply[0], reply[1]
-        limit = tightest(
-            RateLimitResult(count <= item.amount, item.amount, item.amount - count, pttl / 1000.0, rule.name)
-            for (rule, item), count, pttl in zip(
-                counted, reply[2:2 + 2 * n_counted:2], reply[3:3 + 2 * n_counted:2], strict=True
-            )
-        )
-        for key, value in zip(wanted, reply[2 + 2 * n_counted:], strict=True):
-            context.prefetched[key] = value
+        limit: RateLimitResult | None = None
+        locked = False
+        lock_checked = check_lock and self.lock_key is not None
+        if keys:
+            try:
+                reply = self.script(keys=keys, args=args)
+            except REDIS_DOWN as exc:
+                refusal = self._redis_down(context, exc, wanted, bool(counted), lock_checked)
+                if refusal is not None:
+                    return refusal
+            else:
+                locked, n_counted = reply[0], reply[1]
+                limit = tightest(
+                    RateLimitResult(count <= item.amount, item.amount, item.amount - count, pttl / 1000.0, rule.name)
+                    for (rule, item), count, pttl in zip(
+                        counted, reply[2:2 + 2 * n_counted:2], reply[3:3 + 2 * n_counted:2], strict=True
+                    )
+                )
+                for key, value in zip(wanted, reply[2 + 2 * n_counted:], strict=True):
+                    context.prefetched[key] = value
+        if self.others and (limit is None or limit.allowed):
+            refusal, limit = self._count_others(context, limit)
+            if refusal is not None:
+                return refusal
         if limit is not None:
             context.response_headers.extend(limit.headers())
             if not limit.allowed:
                 return refused_by_limit(limit)
         if locked:
             return read_only_refusal(repository, self.readonly["retry_after"])
-        if check_lock and self.lock_key is None:
+        if check_lock and not lock_checked:
             return self._separate_lock_check(context)
         return None
+
+    def _count_others(
+        self, context: Any, limit: RateLimitResult | None
+    ) -> tuple[Refusal | None, RateLimitResult | None]:
+        """Count the limiters whose rules are their own code (a composite's other parts), in order.
+
+        The first refusal stops the counting, as in
+        :class:`regmw.backends.CompositeRateLimiter`; a limiter whose store
+        fails gets the ``[ratelimit] fail_open`` policy.
+        """
+        results = [limit] if limit is not None else []
+        for limiter in self.others:
+            try:
+                result = limiter.hit(context)
+            except Exception as exc:  # noqa: BLE001 - any limiter's store failure gets the same policy
+                refusal = ratelimit_store_down(exc, self.ratelimit_fail_open)
+                if refusal is not None:
+                    return refusal, None
+                continue
+            results.append(result)
+            if not result.allowed:
+                break
+        return None, tightest(results)
 
     def _key_parts(self, rule: Rule, item: Any) -> tuple[str, str]:
         """``limits``' key for ``(rule, identity)`` split around the identity, through its public ``key_for``.
@@ -154,6 +190,7 @@ class RedisAdmission:
         return self.prefix + head, tail
 
     def _redis_down(self, context: Any, exc: Exception, wanted: list[str], limited: bool, lock: bool) -> Refusal | None:
+        """The script failed: every prefetch is a known miss, then each feature's failure policy."""
         if wanted:
             report("cache", "miss", exc)
             for key in wanted:
@@ -164,8 +201,6 @@ class RedisAdmission:
                 return refusal
         if lock:
             return readonly_store_down(exc, context.repository, self.readonly)
-        if context.is_write and context.repository and self.lock_key is None:
-            return self._separate_lock_check(context)
         return None
 
     def _separate_lock_check(self, context: Any) -> Refusal | None:

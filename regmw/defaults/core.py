@@ -2,7 +2,10 @@
 
 ``regmw_admit`` here runs the configured :class:`~regmw.backends.Admission`;
 the default admission counts the request against the rate limiter and checks
-the repository's read-only lock, each with its own failure policy.
+the repository's read-only lock, each with its own failure policy. Start-up
+completes whatever admission the plugins chose with the checks it does not
+``cover`` (:func:`complete_admission`), and refuses a rate limiter that would
+silently drop the configured rules (:func:`check_rate_limiter`).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import fnmatch
 import logging
 
 from regmw import metrics
-from regmw.backends import ADMISSION_PARTS, Services
+from regmw.backends import ADMISSION_PARTS, Services, split_limiter
 from regmw.config import Option, Section
 from regmw.errors import ConfigError, Refusal, too_many_requests, unavailable
 from regmw.plugins import hookimpl
@@ -66,7 +69,9 @@ class SequentialAdmission:
             refusal = self.rate_limit(context)
             if refusal is not None:
                 return refusal
-        return self.read_only(context)
+        if context.is_write and context.repository:  # reads skip the call (the hot path of a registry)
+            return self.read_only(context)
+        return None
 
 
 class CompletedAdmission:
@@ -96,7 +101,33 @@ class CompletedAdmission:
         return self.read_only(context)
 
 
-def complete_admission(admission, services: Services):
+def check_rate_limiter(services: Services, provider: str) -> None:
+    """Refuse a start-up where the chosen rate limiter would silently not count ``[ratelimit] rules``.
+
+    A plugin that *replaces* the limiter (a plain ``regmw_rate_limiter``)
+    drops the configured rules unless it counts them itself (and says so
+    with ``rules``); one that *adds* a limiter wraps the hook and composes
+    (:class:`regmw.backends.CompositeRateLimiter`), which keeps them.
+    """
+    section = services.config["ratelimit"]
+    if not section["enabled"] or not section["rules"]:
+        return
+    from .ratelimit import parse_rules
+
+    configured = [rule.name for rule in parse_rules(section["rules"])]
+    declarative, _ = split_limiter(services.rate_limiter)
+    counted = {rule.name for rule in declarative}
+    missing = [name for name in configured if name not in counted]
+    if missing:
+        what = "no rate limiter" if services.rate_limiter is None else type(services.rate_limiter).__qualname__
+        raise ConfigError(
+            f"{getattr(services.config, 'source', '<config>')}: ratelimit.rules {', '.join(missing)} would not be "
+            f"counted: plugin {provider} provides {what}, which does not count them; to add a limiter, wrap "
+            "regmw_rate_limiter and return CompositeRateLimiter(inner, yours) (docs/hooks.md)"
+        )
+
+
+def complete_admission(admission, services: Services, provider: str = "?"):
     """``admission``, plus the core's rate-limit and read-only checks for what it does not ``cover``.
 
     Replacing the admission (the maintenance-window example of docs/hooks.md)
@@ -105,22 +136,24 @@ def complete_admission(admission, services: Services):
     admission that claims a part (``covers = frozenset({"ratelimit"})``)
     takes that part on itself.
     """
+    if admission is None:  # every implementation declined (a wrapper returned None): the core's own
+        return SequentialAdmission(services)
     covers = getattr(admission, "covers", None)
     if covers is None:
         covers = frozenset()
     unknown = set(covers) - ADMISSION_PARTS
     if unknown:
         raise ConfigError(
-            f"regmw_admission: {type(admission).__qualname__}.covers names {', '.join(sorted(unknown))}; "
-            f"known parts: {', '.join(sorted(ADMISSION_PARTS))}"
+            f"regmw_admission: plugin {provider}: {type(admission).__qualname__}.covers names "
+            f"{', '.join(sorted(unknown))}; known parts: {', '.join(sorted(ADMISSION_PARTS))}"
         )
     added = ADMISSION_PARTS - frozenset(covers)
     if services.rate_limiter is None:
         added -= {"ratelimit"}
     if not added:
         return admission
-    log.info("admission %s does not cover %s: the core checks %s around it",
-             type(admission).__qualname__, " and ".join(sorted(added)), " and ".join(sorted(added)))
+    log.info("admission %s (plugin %s) does not cover %s: the core checks it around it",
+             type(admission).__qualname__, provider, " and ".join(sorted(added)))
     return CompletedAdmission(admission, services, frozenset(added))
 
 
@@ -162,7 +195,8 @@ SECTIONS = [
             "plugins": Option("list", [], "Built-in plugins to enable: migration, gcs, redis, dbroute (or dotted module paths)."),
             "entry_points": Option("bool", True, "Load third-party plugins from the `regmw` entry-point group."),
             "trusted_proxies": Option(
-                "cidrs", [], "Networks whose X-Forwarded-For is believed (e.g. your load balancer). Empty: the socket peer only."
+                "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
+                "balancer), read right to left; hops may carry a port. Empty: the socket peer only."
             ),
             "ipv6_prefix": Option(
                 "int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1, maximum=128

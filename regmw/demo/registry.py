@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Flask, Response, request, send_file
 
@@ -276,7 +277,8 @@ class _Handlers:
         n = request.args.get("n", type=int)
         if n is not None and 0 <= n < len(tags):
             tags = tags[:n]
-            headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[-1] if tags else ""}>; rel="next"'
+            if tags:  # n=0 asks for nothing: a Link to the same empty page would never end
+                headers["Link"] = f'</v2/{name}/tags/list?{urlencode({"n": n, "last": tags[-1]})}>; rel="next"'
         return Response(json.dumps({"name": name, "tags": tags}), 200, mimetype="application/json", headers=headers)
 
     def _tags(self, name: str) -> list[str]:

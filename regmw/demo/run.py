@@ -27,6 +27,9 @@ from .registry import create_app
 log = logging.getLogger("regmw.demo")
 
 LAYOUT = "docker/registry/v2"
+#: The demo's per-repository write limit: low enough for the self-test to see a 429, high
+#: enough that a whole OCI conformance run (about 60 writes to one repository) fits.
+WRITES_PER_MINUTE = 120
 
 
 class DecisionLog:
@@ -59,7 +62,7 @@ def demo_config(root: str, secret: str) -> dict[str, Any]:
         "auth": {"key": secret, "algorithms": ["HS256"], "issuer": "regmw-demo", "audience": "regmw-demo"},
         "ratelimit": {"rules": [
             {"name": "per-client", "by": "client", "limit": "100/second"},
-            {"name": "writes-per-repository", "by": "repository", "methods": "write", "limit": "50/minute"},
+            {"name": "writes-per-repository", "by": "repository", "methods": "write", "limit": f"{WRITES_PER_MINUTE}/minute"},
         ]},
     }
 
@@ -158,7 +161,7 @@ def self_test(port: int, secret: str, middleware: RegistryMiddleware) -> list[st
     bad = anonymous.request("GET", "/v2/Bad..Name/tags/list")
     check(6, bad.status == 400 and bad.error_code == "NAME_INVALID")
 
-    statuses = [anonymous.request("POST", "/v2/busy/app/blobs/uploads/") for _ in range(51)]
+    statuses = [anonymous.request("POST", "/v2/busy/app/blobs/uploads/") for _ in range(WRITES_PER_MINUTE + 1)]
     limited = [a for a in statuses if a.status == 429]
     check(7, bool(limited) and limited[0].error_code == "TOOMANYREQUESTS" and limited[0].headers.get("retry-after", "").isdigit())
     return failures

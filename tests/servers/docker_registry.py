@@ -45,6 +45,37 @@ class DockerRegistry:
 
 
 @pytest.fixture
+def make_docker_registry(tmp_path):
+    """``make_docker_registry()`` starts one more fresh ``docker-registry`` (own root and port) per call.
+
+    For tests that need several upstreams (the old/new catalog) or a clean one per
+    run (conformance). Needs the binary: no URL fallback, since one URL is one registry.
+    """
+    binary = shutil.which("docker-registry")
+    procs: list[subprocess.Popen] = []
+
+    def start() -> DockerRegistry:
+        if binary is None:
+            unavailable("docker-registry not on PATH (apt-get install docker-registry)")
+        base = tmp_path / f"registry-{len(procs)}"
+        root = base / "storage"
+        root.mkdir(parents=True)
+        port = free_port()
+        config = base / "registry.yml"
+        config.write_text(CONFIG.format(root=root, port=port))
+        log = open(base / "registry.log", "wb")
+        proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        procs.append(proc)
+        wait_for_port(port, proc=proc)
+        return DockerRegistry(f"http://127.0.0.1:{port}", port, root, proc)
+
+    yield start
+    for proc in procs:
+        stop(proc)
+
+
+@pytest.fixture
 def docker_registry(tmp_path):
     """A fresh ``docker-registry`` with its own storage root; killed at teardown."""
     binary = shutil.which("docker-registry")

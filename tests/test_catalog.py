@@ -1,0 +1,130 @@
+"""``/v2/_catalog`` in old/new gateway mode: merged from two real docker-registry upstreams,
+sorted, deduplicated, paged with ``n``/``last`` and a ``Link`` header like one registry."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import re
+from urllib.parse import urlsplit
+
+import pytest
+
+from regmw import RegistryMiddleware, build, hookimpl
+from regmw.catalog import _Upstream, merge_pages
+from regmw.gateway import create_gateway
+
+OLD = ["a/one", "c/three", "shared/x", "e/five", "g/seven"]
+NEW = ["b/two", "d/four", "shared/x", "f/six"]
+
+
+class ByPrefix:
+    @hookimpl
+    def regmw_classify(self, context):
+        return "new" if context.repository in NEW else "old"
+
+
+def request(url: str, method: str, target: str, body: bytes | None = None, headers: dict | None = None):
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, target, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def push_blob(url: str, name: str) -> None:
+    """A two-step blob push straight to docker-registry: enough for the repository to exist."""
+    status, headers, _ = request(url, "POST", f"/v2/{name}/blobs/uploads/")
+    assert status == 202
+    location = urlsplit(headers["Location"])
+    digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+    target = f"{location.path}?{location.query}&digest={digest}"
+    assert request(url, "PUT", target, name.encode(), {"Content-Type": "application/octet-stream"})[0] == 201
+
+
+@pytest.fixture
+def migrating_gateway(tmp_path, make_docker_registry, serve_wsgi):
+    old, new = make_docker_registry(), make_docker_registry()
+    for name in OLD:
+        push_blob(old.url, name)
+    for name in NEW:
+        push_blob(new.url, name)
+    runtime = build({"regmw": {"entry_points": False}, "storage": {"root": str(tmp_path)},
+                     "gateway": {"old_upstream": old.url, "new_upstream": new.url}},
+                    environ={}, plugins=[ByPrefix()])
+    app, apps = create_gateway(runtime.config)
+    yield serve_wsgi(RegistryMiddleware(app, runtime, apps=apps)), old
+    app.close()
+
+
+def catalog(url: str, query: str = ""):
+    status, headers, body = request(url, "GET", "/v2/_catalog" + (f"?{query}" if query else ""))
+    return status, headers.get("Link"), json.loads(body)
+
+
+@pytest.mark.services
+def test_catalog_lists_both_upstreams_sorted_once(migrating_gateway):
+    url, old = migrating_gateway
+    expected = sorted(set(OLD) | set(NEW))
+    status, link, body = catalog(url)
+    assert status == 200 and body == {"repositories": expected} and link is None
+    # the old upstream alone knows only its own
+    assert catalog(old.url)[2] == {"repositories": sorted(OLD)}
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_catalog_pages_with_n_last_and_link(migrating_gateway, n):
+    url, _ = migrating_gateway
+    expected = sorted(set(OLD) | set(NEW))
+    seen, query, pages = [], f"n={n}", 0
+    while query is not None:
+        status, link, body = catalog(url, query)
+        assert status == 200 and len(body["repositories"]) <= n
+        seen += body["repositories"]
+        pages += 1
+        if link is None:
+            query = None
+        else:
+            match = re.fullmatch(r'</v2/_catalog\?(last=[^&>]+&n=\d+)>; rel="next"', link)
+            assert match, link
+            query = match.group(1)
+        assert pages <= len(expected) + 1
+    assert seen == expected
+    assert pages == -(-len(expected) // n) or pages == len(expected) // n + 1  # full pages, maybe one empty
+
+
+@pytest.mark.services
+def test_catalog_last_and_bad_n(migrating_gateway):
+    url, _ = migrating_gateway
+    assert catalog(url, "last=d/four")[2]["repositories"] == ["e/five", "f/six", "g/seven", "shared/x"]
+    assert catalog(url, "n=2&last=c%2Fthree")[2]["repositories"] == ["d/four", "e/five"]
+    assert catalog(url, "n=0")[:3:2] == (200, {"repositories": []})
+    status, _, body = catalog(url, "n=1001")
+    assert status == 400 and body["errors"][0]["code"] == "PAGINATION_NUMBER_INVALID"
+
+
+def test_merge_asks_again_when_an_upstream_pages_short():
+    """An upstream whose pages are shorter than asked is read on until the merge can decide."""
+    data = {"old": ["a", "c", "e", "g", "i"], "new": ["b", "c", "d", "h"]}
+    calls = []
+
+    def fetch(upstream, count):
+        names = [name for name in data[upstream.app] if upstream.cursor is None or name > upstream.cursor]
+        page = names[:min(count, 2)]  # this upstream never returns more than 2
+        calls.append((upstream.app, upstream.cursor, count))
+        return page, len(names) > len(page)
+
+    def merged(n, last=None):
+        return merge_pages([_Upstream("old", [], last), _Upstream("new", [], last)], n, fetch)
+
+    assert merged(100) == (["a", "b", "c", "d", "e", "g", "h", "i"], False)
+    assert merged(3) == (["a", "b", "c"], True)
+    assert merged(3, "c") == (["d", "e", "g"], True)
+    assert merged(5, "g") == (["h", "i"], False)
+    calls.clear()
+    merged(1)
+    assert len(calls) == 2  # one page from each is enough for one name
