@@ -1,0 +1,289 @@
+"""Batched background database migrations against a REAL primary and streaming replica.
+
+The migrations are declared by tests/batches_plugin.py (loaded by dotted
+path, so the ``regmw db-migrations`` commands, run in-process through
+:func:`regmw.cli.main` with the same config file, see them too). Batches run
+as jobs of the embedded SQLite queue in a worker thread; the dbroute router of
+the same runtime measures replica lag, and a monitor thread polls its status
+every 10 ms (a quarantine lasts at least ``reintegrate_after`` health rounds
+of 100 ms, so it cannot slip between two polls). Every wait polls a
+condition against a deadline.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from regmw_batches.runner import Runner, backoff, runner_for
+from regmw_batches.settings import SECTION as BATCH_SECTION
+from regmw_batches.throttle import judge
+
+from regmw.cli import main
+from regmw.config import validate
+from regmw.runtime import build
+
+from . import batches_plugin
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
+
+ROWS = 1_000_000
+MB = 1024 * 1024
+QUARANTINE_LAG = 6.0        # [database] max_replay_lag: dbroute quarantines a replica this far behind
+QUARANTINE_BYTES = 96 * MB  # [database] max_byte_lag
+THROTTLE_LAG = 1.0          # [db_migrations] max_replica_lag: migrations pause here (below the above)
+THROTTLE_BYTES = 24 * MB    # [db_migrations] max_replica_byte_lag
+ARTIFICIAL_DELAY = "2500ms"  # recovery_min_apply_delay during the lag phase: > THROTTLE_LAG, < QUARANTINE_LAG
+
+
+def config_for(pg, tmp_path: Path) -> dict:
+    return {
+        "regmw": {"plugins": ["dbroute", "db-migrations", "tests.batches_plugin"]},
+        "database": {
+            "primary": pg.primary_url, "replicas": [pg.replica_url], "health_interval": 0.1,
+            "max_replay_lag": QUARANTINE_LAG, "max_byte_lag": QUARANTINE_BYTES, "lsn_ttl": 60.0, "store": "memory",
+        },
+        "jobs": {"queue_path": str(tmp_path / "jobs.sqlite3"), "poll_interval": 0.02, "run_in_process": False,
+                 "min_backoff": 0.1, "max_backoff": 1.0},
+        "db_migrations": {
+            "max_replica_lag": THROTTLE_LAG, "max_replica_byte_lag": THROTTLE_BYTES, "throttle_delay": 0.2,
+            "throttle_hold": 1.0, "min_backoff": 0.2, "max_backoff": 1.0, "scheduler_interval": 1.0,
+        },
+    }
+
+
+def write_config(config: dict, path: Path) -> Path:
+    def value(item):
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, str):
+            return '"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(item, list):
+            return "[" + ", ".join(value(x) for x in item) + "]"
+        return repr(item)
+
+    lines = []
+    for section, options in config.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {value(item)}" for key, item in options.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Monitor:
+    """Polls the router's status: every quarantine seen, and the largest lags."""
+
+    def __init__(self, router) -> None:
+        self.router = router
+        self.quarantines: list[dict] = []
+        self.max_time_lag = 0.0
+        self.max_byte_lag = 0
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            for replica in self.router.status()["replicas"]:
+                if replica["quarantined"]:
+                    self.quarantines.append(replica)
+                self.max_time_lag = max(self.max_time_lag, replica["time_lag"] or 0.0)
+                self.max_byte_lag = max(self.max_byte_lag, replica["byte_lag"] or 0)
+            self.polls += 1
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def worker_runtime(pg_cluster, tmp_path):
+    """(runtime, config path): a fresh state, and the embedded queue worked by 2 threads until teardown."""
+    for table in ("regmw_batched_migration_attempts", "regmw_batched_migration_batches", "regmw_batched_migrations"):
+        pg_cluster.sql("primary", f"DROP TABLE IF EXISTS {table}")
+    batches_plugin.CALLS.clear()
+    config = config_for(pg_cluster, tmp_path)
+    path = write_config(config, tmp_path / "regmw.toml")
+    runtime = build(config, environ={})
+    stop = threading.Event()
+    worker = threading.Thread(target=runtime.services.jobs.work, args=(stop, 2), daemon=True)
+    worker.start()
+    try:
+        yield runtime, path
+    finally:
+        stop.set()
+        worker.join(30)
+        runtime.services.db_router.close()
+
+
+def cli(capsys, *args: str) -> str:
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not reached within {timeout}s")
+
+
+def summary(runner: Runner, name: str) -> dict:
+    (row,) = runner.status(name)
+    return row
+
+
+def test_million_row_migration_completes_pauses_on_replica_lag_and_never_gets_a_replica_quarantined(
+        pg_cluster, worker_runtime, capsys):
+    runtime, path = worker_runtime
+    pg = pg_cluster
+    pg.sql("primary", "DROP TABLE IF EXISTS batch_big")
+    pg.sql("primary", "CREATE TABLE batch_big (id bigint PRIMARY KEY, a bigint, b bigint)")
+    pg.sql("primary", f"INSERT INTO batch_big (id) SELECT g FROM generate_series(1, {ROWS}) AS g")
+    pg.wait_replica_caught_up(60)
+    runner = runner_for(runtime.services)
+    router = runtime.services.db_router
+
+    with Monitor(router) as monitor:
+        # 1. at the baseline (200 ms apply delay) a migration over the 1,000,000 rows completes
+        started = time.monotonic()
+        assert "batch 0 enqueued" in cli(capsys, "db-migrations", "run", "backfill_a", "-c", str(path))
+        wait_for(lambda: summary(runner, "backfill_a")["status"] == "finished", 90, "backfill_a finished")
+        baseline_seconds = time.monotonic() - started
+        row = summary(runner, "backfill_a")
+        assert (row["total"], row["succeeded"], row["failed"], row["min_key"], row["max_key"]) == (20, 20, 0, 1, ROWS)
+        assert pg.sql("primary", "SELECT count(*) FROM batch_big WHERE a IS DISTINCT FROM id * 2") == [(0,)]
+        assert "backfill_a" in cli(capsys, "db-migrations", "status", "-c", str(path))
+
+        # 2. with 2.5 s of artificial replica lag, the next migration pauses, resumes, and also obeys the CLI
+        pg.set_apply_delay(ARTIFICIAL_DELAY)
+        assert "batch 0 enqueued" in cli(capsys, "db-migrations", "run", "backfill_b", "-c", str(path))
+        note = wait_for(lambda: (summary(runner, "backfill_b")["throttle"] or {}).get("pauses", 0) >= 1 and
+                        summary(runner, "backfill_b")["throttle"], 60, "backfill_b paused by replica lag")
+        assert "lags" in note["reason"], note
+        done_at_pause = summary(runner, "backfill_b")["succeeded"]
+        assert done_at_pause < 20
+        # it resumes by itself once the replica has replayed (the lag falls below the limit) ...
+        wait_for(lambda: summary(runner, "backfill_b")["succeeded"] > done_at_pause, 60, "backfill_b resumed")
+        resumed = summary(runner, "backfill_b")
+        assert resumed["throttle"]["pauses"] >= 1
+
+        # ... and an operator's pause holds: no batch for 10 health rounds, until resume
+        assert "paused" in cli(capsys, "db-migrations", "pause", "backfill_b", "-c", str(path))
+        held = summary(runner, "backfill_b")
+        assert held["status"] == "paused" and held["queued"] == 0
+        rounds = router.checker.rounds
+        wait_for(lambda: router.checker.rounds >= rounds + 10, 30, "10 health rounds")
+        assert summary(runner, "backfill_b")["succeeded"] == held["succeeded"]
+        pg.set_apply_delay(pg.apply_delay)
+        assert "resumed" in cli(capsys, "db-migrations", "resume", "backfill_b", "-c", str(path))
+        wait_for(lambda: summary(runner, "backfill_b")["status"] == "finished", 120, "backfill_b finished")
+
+    final = summary(runner, "backfill_b")
+    assert (final["total"], final["succeeded"], final["failed"]) == (20, 20, 0)
+    assert pg.sql("primary", "SELECT count(*) FROM batch_big WHERE b IS DISTINCT FROM id + 7") == [(0,)]
+    pg.wait_replica_caught_up(60)
+    assert pg.sql("replica", "SELECT count(*) FROM batch_big WHERE a IS DISTINCT FROM id * 2 "
+                  "OR b IS DISTINCT FROM id + 7") == [(0,)]
+    # never quarantined, and the lag it saw stayed below dbroute's quarantine limits
+    assert monitor.polls > 100
+    assert monitor.quarantines == []
+    assert monitor.max_time_lag < QUARANTINE_LAG and monitor.max_byte_lag < QUARANTINE_BYTES
+    assert monitor.max_time_lag >= THROTTLE_LAG  # the lag was real
+    print(f"\nbaseline migration of {ROWS} rows: {baseline_seconds:.1f}s; max lag seen {monitor.max_time_lag:.2f}s, "
+          f"{monitor.max_byte_lag / MB:.1f} MiB; pauses {final['throttle'].get('pauses')}, "
+          f"slows {final['throttle'].get('slows')}")
+    pg.sql("primary", "DROP TABLE batch_big")
+
+
+@pytest.fixture
+def small_table(pg_cluster):
+    pg_cluster.sql("primary", "DROP TABLE IF EXISTS batch_small")
+    pg_cluster.sql("primary", "CREATE TABLE batch_small (id bigint PRIMARY KEY, v bigint, w bigint)")
+    pg_cluster.sql("primary", "INSERT INTO batch_small (id) SELECT g FROM generate_series(1, 1000) AS g")
+    yield
+    pg_cluster.sql("primary", "DROP TABLE IF EXISTS batch_small")
+
+
+def test_failed_batch_is_retried_with_backoff_and_its_attempt_recorded(pg_cluster, worker_runtime, small_table):
+    runtime, _ = worker_runtime
+    runner = runner_for(runtime.services)
+    assert "batch 0 enqueued" in runner.start("flaky")
+    wait_for(lambda: summary(runner, "flaky")["status"] == "finished", 60, "flaky finished")
+    row = summary(runner, "flaky")
+    assert (row["total"], row["succeeded"], row["attempts"]) == (10, 10, 11)
+    assert pg_cluster.sql("primary", "SELECT count(*) FROM batch_small WHERE v IS DISTINCT FROM id * 3") == [(0,)]
+    from regmw_batches import state
+
+    with runner.engine.connect() as conn:
+        attempts = state.attempts(conn, "flaky")
+    failed = [a for a in attempts if a["outcome"] == "failed"]
+    assert [(a["batch"], a["attempt"]) for a in failed] == [(1, 1)]
+    assert "first attempt of batch 1 fails" in failed[0]["error"]
+    (retry,) = [a for a in attempts if a["batch"] == 1 and a["outcome"] == "succeeded"]
+    assert retry["attempt"] == 2
+    waited = (retry["started_at"] - failed[0]["finished_at"]).total_seconds()
+    assert waited >= backoff(runner.settings, 1) * 0.9  # the backoff was honoured (0.2 s)
+
+
+def test_batch_failing_for_good_stops_the_migration_and_resume_retries_it(
+        pg_cluster, worker_runtime, small_table, capsys):
+    runtime, path = worker_runtime
+    runner = runner_for(runtime.services)
+    runner.start("broken")
+    wait_for(lambda: summary(runner, "broken")["status"] == "failed", 60, "broken failed")
+    row = summary(runner, "broken")
+    assert (row["succeeded"], row["failed"], row["attempts"]) == (0, 1, 2)
+    assert "always fails" in row["last_error"]
+    assert batches_plugin.CALLS[("broken", 1)] == 2
+    assert pg_cluster.sql("primary", "SELECT count(*) FROM batch_small WHERE w IS NOT NULL") == [(0,)]  # rolled back
+    out = cli(capsys, "db-migrations", "status", "broken", "-c", str(path))
+    assert "failed" in out and "always fails" in out
+    assert "1 failed batch(es) retried" in cli(capsys, "db-migrations", "resume", "broken", "-c", str(path))
+    wait_for(lambda: batches_plugin.CALLS[("broken", 1)] == 4 and summary(runner, "broken")["status"] == "failed",
+             60, "broken failed again after resume")
+
+
+def test_throttle_rule():
+    settings = {"max_replica_lag": 2.0, "max_replica_byte_lag": 1000}
+
+    def report(time_lag=0.0, byte_lag=0, checked=100, quarantined=False, up=True):
+        return {"checked_lsn": checked, "primary_up": up, "health_interval": 0.1, "replicas": [
+            {"name": "r1", "time_lag": time_lag, "byte_lag": byte_lag, "quarantined": quarantined, "eligible": True}]}
+
+    assert judge(None, 10, settings).action == "go"  # no router
+    assert judge({"checked_lsn": None, "replicas": []}, 10, settings).action == "go"  # no replicas
+    assert judge(report(), 100, settings).action == "go"
+    assert judge(report(checked=99), 100, settings).action == "wait"  # no check since the previous batch
+    assert judge(report(up=False), 0, settings).action == "wait"
+    assert judge(report(time_lag=1.0), 0, settings).action == "slow"
+    assert judge(report(byte_lag=500), 0, settings).action == "slow"
+    assert judge(report(time_lag=2.0), 0, settings).action == "pause"
+    assert judge(report(byte_lag=1000), 0, settings).action == "pause"
+    assert judge(report(quarantined=True), 0, settings).action == "pause"
+    assert judge(report(time_lag=None), 0, settings).action == "pause"
+
+
+def test_throttle_limits_must_be_below_the_quarantine_limits():
+    from regmw.errors import ConfigError
+    from regmw_dbroute.config import SECTION as DATABASE
+
+    sections = {"database": DATABASE, "db_migrations": BATCH_SECTION}
+    primary = {"primary": "postgresql://u@127.0.0.1/db"}
+    validate({"database": primary, "db_migrations": {}}, sections, "<test>")  # the defaults are consistent
+    with pytest.raises(ConfigError, match="max_replica_lag .* must be below database.max_replay_lag"):
+        validate({"database": {**primary, "max_replay_lag": 5.0}, "db_migrations": {"max_replica_lag": 5.0}},
+                 sections, "<test>")
+    with pytest.raises(ConfigError, match="max_replica_byte_lag .* must be below database.max_byte_lag"):
+        validate({"database": primary, "db_migrations": {"max_replica_byte_lag": 16 * MB}}, sections, "<test>")
