@@ -2,7 +2,8 @@
 
 ``backfill_a``/``backfill_b`` fill two new columns of the 1,000,000-row
 ``batch_big`` table; ``flaky`` fails its batch 1 on the first attempt;
-``broken`` always fails. Each batch function is idempotent (it only sets a
+``broken`` always fails; ``mid_fill`` fills a column of the 300,000-row
+``batch_mid`` table. Each batch function is idempotent (it only sets a
 column to a value derived from the key).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from regmw.batched import BatchedMigration
 
 BIG = "batch_big"
 SMALL = "batch_small"
+MID = "batch_mid"
 
 #: (migration, batch start) -> calls, so a test can see what ran and make a batch fail once
 CALLS: dict[tuple[str, int], int] = {}
@@ -40,6 +42,12 @@ def backfill_b(conn, start: int, stop: int) -> None:
                  {"start": start, "stop": stop})
 
 
+def mid_fill(conn, start: int, stop: int) -> None:
+    _count("mid_fill", start)
+    conn.execute(text(f"UPDATE {MID} SET a = id - 1 WHERE id >= :start AND id < :stop"),
+                 {"start": start, "stop": stop})
+
+
 def flaky(conn, start: int, stop: int) -> None:
     conn.execute(text(f"UPDATE {SMALL} SET v = id * 3 WHERE id >= :start AND id < :stop"),
                  {"start": start, "stop": stop})
@@ -59,6 +67,7 @@ def regmw_batched_migrations(config):
     return [
         BatchedMigration("backfill_a", BIG, "id", 50_000, backfill_a, description="a = 2 × id"),
         BatchedMigration("backfill_b", BIG, "id", 50_000, backfill_b, description="b = id + 7"),
+        BatchedMigration("mid_fill", MID, "id", 20_000, mid_fill, description="a = id - 1"),
         BatchedMigration("flaky", SMALL, "id", 100, flaky, description="v = 3 × id; batch 1 fails once"),
         BatchedMigration("broken", SMALL, "id", 100, broken, max_attempts=2, description="always fails"),
     ]

@@ -102,23 +102,35 @@ class Monitor:
 
 
 @pytest.fixture
-def worker_runtime(pg_cluster, tmp_path):
-    """(runtime, config path): a fresh state, and the embedded queue worked by 2 threads until teardown."""
+def make_runtime(pg_cluster, tmp_path):
+    """Build a runtime from a config (fresh state tables) whose embedded queue 2 threads work until teardown."""
     for table in ("regmw_batched_migration_attempts", "regmw_batched_migration_batches", "regmw_batched_migrations"):
         pg_cluster.sql("primary", f"DROP TABLE IF EXISTS {table}")
     batches_plugin.CALLS.clear()
-    config = config_for(pg_cluster, tmp_path)
-    path = write_config(config, tmp_path / "regmw.toml")
-    runtime = build(config, environ={})
-    stop = threading.Event()
-    worker = threading.Thread(target=runtime.services.jobs.work, args=(stop, 2), daemon=True)
-    worker.start()
+    started = []
+
+    def make(config: dict):
+        path = write_config(config, tmp_path / f"regmw{len(started)}.toml")
+        runtime = build(config, environ={})
+        stop = threading.Event()
+        worker = threading.Thread(target=runtime.services.jobs.work, args=(stop, 2), daemon=True)
+        worker.start()
+        started.append((runtime, stop, worker))
+        return runtime, path
+
     try:
-        yield runtime, path
+        yield make
     finally:
-        stop.set()
-        worker.join(30)
-        runtime.services.db_router.close()
+        for runtime, stop, worker in started:
+            stop.set()
+            worker.join(30)
+            runtime.services.db_router.close()
+
+
+@pytest.fixture
+def worker_runtime(make_runtime, pg_cluster, tmp_path):
+    """(runtime, config path) with this module's test limits."""
+    return make_runtime(config_for(pg_cluster, tmp_path))
 
 
 def cli(capsys, *args: str) -> str:
@@ -149,7 +161,7 @@ def test_million_row_migration_completes_pauses_on_replica_lag_and_never_gets_a_
     runtime, path = worker_runtime
     pg = pg_cluster
     pg.sql("primary", "DROP TABLE IF EXISTS batch_big")
-    pg.sql("primary", "CREATE TABLE batch_big (id bigint PRIMARY KEY, a bigint, b bigint)")
+    pg.sql("primary", "CREATE TABLE batch_big (id bigint PRIMARY KEY, a bigint, b bigint) WITH (fillfactor = 40)")
     pg.sql("primary", f"INSERT INTO batch_big (id) SELECT g FROM generate_series(1, {ROWS}) AS g")
     pg.wait_replica_caught_up(60)
     runner = runner_for(runtime.services)
@@ -204,7 +216,79 @@ def test_million_row_migration_completes_pauses_on_replica_lag_and_never_gets_a_
     print(f"\nbaseline migration of {ROWS} rows: {baseline_seconds:.1f}s; max lag seen {monitor.max_time_lag:.2f}s, "
           f"{monitor.max_byte_lag / MB:.1f} MiB; pauses {final['throttle'].get('pauses')}, "
           f"slows {final['throttle'].get('slows')}")
+    from regmw_batches import state
+
+    with runner.engine.connect() as conn:  # one succeeded attempt per batch: no batch ran twice
+        for name in ("backfill_a", "backfill_b"):
+            assert sorted((a["batch"], a["outcome"]) for a in state.attempts(conn, name)) == [
+                (batch, "succeeded") for batch in range(20)]
     pg.sql("primary", "DROP TABLE batch_big")
+
+
+MID_ROWS = 300_000
+
+
+@pytest.fixture
+def paused_replay_runtime(pg_cluster, make_runtime, tmp_path):
+    """A 300,000-row table, replay paused on the replica, and a runtime with the DEFAULT lag limits.
+
+    dbroute quarantines at 16 MiB / 30 s, migrations pause at 4 MiB / 10 s.
+    Filling one column of the table writes well over 16 MiB of WAL (checked
+    below), so only the throttle can keep the paused replica out of quarantine.
+    """
+    pg = pg_cluster
+    pg.sql("primary", "DROP TABLE IF EXISTS batch_mid")
+    pg.sql("primary", "CREATE TABLE batch_mid (id bigint PRIMARY KEY, a bigint) WITH (fillfactor = 40)")
+    pg.sql("primary", f"INSERT INTO batch_mid (id) SELECT g FROM generate_series(1, {MID_ROWS}) AS g")
+    pg.wait_replica_caught_up(60)
+    config = config_for(pg, tmp_path)
+    config["database"] = {"primary": pg.primary_url, "replicas": [pg.replica_url], "health_interval": 0.1,
+                          "store": "memory"}
+    config["db_migrations"] = {"throttle_delay": 0.2, "throttle_hold": 1.0}
+    runtime, _ = make_runtime(config)
+    pg.pause_replay()
+    yield runtime
+    pg.resume_replay()
+    pg.sql("primary", "DROP TABLE IF EXISTS batch_mid")
+
+
+def test_paused_replay_pauses_the_migration_below_the_quarantine_byte_lag(pg_cluster, paused_replay_runtime):
+    runtime = paused_replay_runtime
+    runner = runner_for(runtime.services)
+    router = runtime.services.db_router
+    limit = runtime.config["database"]["max_byte_lag"]
+    assert limit == 16 * MB and runner.settings["max_replica_byte_lag"] == 4 * MB
+    with Monitor(router) as monitor:
+        runner.start("mid_fill")
+        note = wait_for(lambda: summary(runner, "mid_fill")["throttle"].get("state") == "paused" and
+                        summary(runner, "mid_fill")["throttle"], 60, "mid_fill paused")
+        assert "bytes" in note["reason"], note
+        held = summary(runner, "mid_fill")["succeeded"]
+        rounds = router.checker.rounds
+        wait_for(lambda: router.checker.rounds >= rounds + 10, 30, "10 health rounds")
+        assert summary(runner, "mid_fill")["succeeded"] == held < 15  # held while the replica does not replay
+        pg_cluster.resume_replay()
+        wait_for(lambda: summary(runner, "mid_fill")["status"] == "finished", 90, "mid_fill finished")
+    assert monitor.quarantines == []
+    assert 4 * MB <= monitor.max_byte_lag < limit
+    assert pg_cluster.sql("primary", "SELECT count(*) FROM batch_mid WHERE a IS DISTINCT FROM id - 1") == [(0,)]
+    print(f"\nreplay paused: held at {held}/15 batches, max byte lag {monitor.max_byte_lag / MB:.1f} MiB")
+
+
+def test_without_the_throttle_the_same_migration_gets_the_replica_quarantined(
+        pg_cluster, paused_replay_runtime, monkeypatch):
+    """The control: with the throttle rule replaced by "go", the paused replica falls 16 MiB behind."""
+    from regmw_batches import runner as runner_module
+    from regmw_batches.throttle import GO
+
+    monkeypatch.setattr(runner_module, "judge", lambda *args: GO)
+    runtime = paused_replay_runtime
+    runner = runner_for(runtime.services)
+    router = runtime.services.db_router
+    runner.start("mid_fill")
+    wait_for(lambda: any(r["quarantined"] and "byte lag" in r["reason"] for r in router.status()["replicas"]),
+             90, "replica quarantined for byte lag")
+    runner.pause("mid_fill")
 
 
 @pytest.fixture

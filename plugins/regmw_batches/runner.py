@@ -168,7 +168,20 @@ class Runner:
         return f"resumed{f' ({reset} failed batch(es) retried)' if reset else ''}; {self.kick(name)}"
 
     def kick(self, name: str) -> str:
-        """Enqueue the next batch if the migration is active and none is queued (the scheduler's step)."""
+        """Enqueue the next batch if the migration is active and none is queued (the scheduler's step).
+
+        Looks first without locking, so the periodic scheduler writes nothing
+        (no WAL) while a batch is queued, throttled or not.
+        """
+        with self.engine.connect() as conn:
+            current, busy = state.peek(conn, name, self.settings["stale_after"])
+            conn.rollback()
+        if current is None:
+            return "not started"
+        if current != "active":
+            return current
+        if busy:
+            return "a batch is queued"
         with self.engine.connect() as conn:
             with conn.begin():
                 row = state.lock_migration(conn, name, skip_locked=True)

@@ -174,6 +174,16 @@ def batch_failed(conn: Connection, name: str, batch: int, error: str, retry_in: 
         {"error": error[:2000], "retry": retry_in, "name": name, "batch": batch})
 
 
+def peek(conn: Connection, name: str, stale_after: float) -> tuple[str | None, bool]:
+    """(status, busy) WITHOUT locking anything: a lock (``FOR UPDATE``) writes WAL, which a paused
+    migration must not do (a commit every few seconds would keep a delayed replica lagging)."""
+    row = conn.execute(text(
+        f"SELECT m.status, EXISTS (SELECT 1 FROM {BATCHES} b WHERE b.migration = m.name AND b.status = 'queued' "
+        f"AND b.due_at >= now() - make_interval(secs => :stale)) FROM {MIGRATIONS} m WHERE m.name = :name"),
+        {"name": name, "stale": stale_after}).first()
+    return (row[0], bool(row[1])) if row else (None, False)
+
+
 def next_batch(conn: Connection, name: str, stale_after: float) -> tuple[int | None, bool]:
     """The batch to enqueue next, marked ``queued``; (None, busy) when none.
 
