@@ -61,13 +61,16 @@ class Cluster:
         self.redis = redis.Redis.from_url(redis_url)
         self.namespace = f"mig{os.getpid()}"
         self.config_path = tmp / "regmw.toml"
-        config = {
+        config: dict[str, dict[str, Any]] = {
             "regmw": {"plugins": plugins, "entry_points": False, "log_level": "WARNING"},
             "redis": {"url": redis_url, "namespace": self.namespace, "socket_timeout": 2.0},
             "storage": {"root": str(self.root)},
-            "migration": {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"},
-            **sections,
         }
+        if "migration" in plugins:
+            config["migration"] = {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"}
+        for name, values in sections.items():
+            config[name] = {**config.get(name, {}), **values}
+        self.jobs_namespace = config.get("jobs", {}).get("namespace", "regmw-jobs")
         write_toml(self.config_path, config)
         self.env = {**os.environ, "REGMW_TEST_REGISTRY_ROOT": str(self.root), "REGMW_CONFIG": "",
                     "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -99,10 +102,6 @@ class Cluster:
     def migration_state(self, repository: str) -> dict | None:
         raw = self.redis.hget(f"{self.jobs_namespace}:regmw:state:migration:{repository}", "value")
         return json.loads(raw) if raw else None
-
-    @property
-    def jobs_namespace(self) -> str:
-        return f"{self.namespace}-jobs"
 
     def new_repository_dir(self, repository: str) -> Path:
         return self.root / "new" / LAYOUT / "repositories" / repository

@@ -58,6 +58,12 @@ REFUSED = [
      "gcs.anonymous and gcs.credentials_file are both set"),
     ("gcs-credentials-unreadable", "[regmw]\nplugins = ['gcs']\n[gcs]\nbucket = 'b'\ncredentials_file = '/nonexistent.json'\n",
      "gcs.credentials_file: cannot read /nonexistent.json"),
+    ("webhook-to-metadata-service",
+     "[regmw]\nplugins = ['notifications']\n[notifications]\n"
+     "endpoints = [{name = 'ci', url = 'http://169.254.169.254/latest'}]\n",
+     "notifications.endpoints[0]: 169.254.169.254 is an internal address"),
+    ("jobs-without-redis", "[regmw]\nplugins = ['jobs']\n",
+     "the jobs plugin (dramatiq on Redis) needs the redis plugin"),
 ]
 
 
@@ -93,7 +99,8 @@ def test_every_cross_field_rule_has_a_case_in_the_table():
     load_plugins(pm, BUILTIN_PLUGINS, entry_points=False)
     rules = {check.__name__ for section in gather_sections(pm).values() for check in section.checks}
     assert rules == {"paired_upstreams", "check_auth", "url_and_options", "script_counts_fixed_windows",
-                     "lsn_ttl_outlives_quarantine", "store_url_needs_redis_store", "roots_differ", "one_credential"}
+                     "lsn_ttl_outlives_quarantine", "store_url_needs_redis_store", "roots_differ", "one_credential", "jobs_plugin_has_redis",
+                     "endpoints_are_valid"}
 
 
 def test_a_sentinel_service_name_may_come_from_the_option_instead_of_the_url(tmp_path, capsys):

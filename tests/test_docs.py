@@ -20,7 +20,7 @@ from wsgiref.validate import validator
 import pytest
 from werkzeug.test import Client
 
-from regmw import ConfigError, RegistryMiddleware, StorageError, build, repository_key
+from regmw import ConfigError, RegistryMiddleware, StorageError, build, hookimpl, repository_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("docs/hooks.md", "docs/writing-plugins.md")
@@ -384,3 +384,43 @@ def _(plugin, request):
     assert refused.json["errors"][0]["detail"] == {"name": "big/monorepo"}
     assert client.get("/v2/big/monorepo/manifests/latest").status_code == 200
     assert client.put("/v2/small/app/manifests/latest", data=b"{}").status_code == 201
+
+
+@check("skip-pulls")
+def _(plugin, request):
+    seen = []
+
+    class Inner:
+        @hookimpl
+        def regmw_event_sink(self, config, services):
+            return types.SimpleNamespace(emit=seen.append)
+
+    runtime = build({"regmw": {"entry_points": False}}, plugins=[Inner(), plugin], environ={})
+    runtime.services.events.emit({"action": "pull"})
+    runtime.services.events.emit({"action": "push"})
+    assert seen == [{"action": "push"}]
+
+
+@check("periodic-job")
+def _(plugin, request):
+    import threading
+
+    from regmw.jobs import PeriodicRunner, collect_jobs
+
+    runtime = build({"regmw": {"entry_points": False}}, plugins=[plugin], environ={})
+    runtime.services.cache.set("a", b"1")
+    job = collect_jobs(runtime.config, runtime.pm)["sweep-cache"]
+    assert job.every == 600 and job.instances == 1
+    assert PeriodicRunner(runtime.services, [job], threading.Event()).run_once(job)
+    assert runtime.services.cache.get("a") is None
+
+
+@check("counted-jobs")
+def _(plugin, request):
+    tmp = request.getfixturevalue("tmp_path")
+    runtime = build({"regmw": {"plugins": ["migration"], "entry_points": False}, "migration": {"new_root": "new"},
+                     "jobs": {"queue_path": str(tmp / "jobs.sqlite3")}}, plugins=[plugin], environ={})
+    queue = runtime.services.jobs
+    assert type(queue).__name__ == "CountedQueue"
+    queue.enqueue("migrate-repository", repository="team/app")
+    assert queue.enqueued == 1 and [r.state for r in queue.status("migrate-repository")] == ["queued"]

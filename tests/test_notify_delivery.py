@@ -160,5 +160,6 @@ def test_ten_thousand_events_survive_killed_workers_a_down_endpoint_and_a_redis_
     received = receiver.snapshot()
     check_order(received, sent)
     duplicates = len(received) - len(sent)
+    print(f"{duplicates} duplicates after {kills} kills")
     assert duplicates < len(sent) / 100, f"{duplicates} duplicates"
     assert receiver.bad_signatures == 0

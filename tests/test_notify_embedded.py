@@ -5,6 +5,7 @@ import pytest
 from werkzeug.test import Client
 
 from regmw import RegistryMiddleware
+from regmw.metrics import REGISTRY
 from regmw.cli import main
 
 from .servers.redis_apps import registry_app
@@ -58,6 +59,8 @@ def test_pushes_pulls_and_deletes_are_delivered_in_order_without_redis(embedded)
     assert events[7]["target"]["fromRepository"] == "team/app" and events[7]["target"]["repository"] == "team/other"
     assert all(set(event) == {"id", "timestamp", "action", "target", "request", "actor", "source"} for event in events)
     assert receiver.bad_signatures == 0
+    delivered = REGISTRY.get_sample_value("regmw_notify_delivered_events_total", {"endpoint": "hook"})
+    assert delivered is not None and delivered >= 9
 
 
 def test_filters_keep_unwanted_events_out(embedded):

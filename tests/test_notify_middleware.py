@@ -96,3 +96,19 @@ def test_events_spool_while_redis_is_down_and_arrive_in_order_once_it_is_back(
     down_latencies.sort()
     p99 = down_latencies[int(len(down_latencies) * 0.99) - 1]
     assert p99 < REQUEST_BOUND, f"p99 {p99:.3f}s with Redis down"
+
+
+def test_wait_for_replicas_that_do_not_confirm_keeps_a_spooled_copy(redis_server, tmp_path):
+    """``wait_replicas``: an XADD that no replica confirmed counts as not durable, so the spool keeps a copy."""
+    from regmw_notify.events import plugin_event
+    from regmw_notify.sink import NotifySink
+    from regmw_notify.stream import RedisStreams
+
+    from .servers.notify_apps import Connection
+
+    streams = RedisStreams(Connection(redis_server[1]), 2, wait_replicas=1, wait_timeout=0.01)
+    sink = NotifySink(streams, tmp_path / "spool")
+    sink.emit(plugin_event("push", "team/app", tag="1"))
+    assert sum(streams.client.xlen(streams.stream(shard)) for shard in range(2)) == 1  # added...
+    assert sink.spool.count() == 1  # ...and, unconfirmed, spooled too: delivered twice at worst, never lost
+    assert sink.forward_once() and sink.spool.count() == 0  # the forwarder does not re-add it forever

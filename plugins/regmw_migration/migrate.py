@@ -260,7 +260,7 @@ def migrated_event(repository: str, settings: Settings, state: dict) -> dict[str
         "id": event_id(repository, settings.new_root),
         "timestamp": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
         "action": EVENT_ACTION,
-        "target": {"repository": repository, "fromRoot": settings.old_root, "toRoot": settings.new_root,
+        "target": {"repository": repository, "mediaType": "", "fromRoot": settings.old_root, "toRoot": settings.new_root,
                    "objects": state.get("objects", 0), "size": state.get("bytes", 0)},
         "request": {}, "actor": {"name": ""},
         "source": {"addr": os.uname().nodename, "instanceID": ""},

@@ -61,21 +61,24 @@ def streams_of(config: Any, services: Any) -> RedisStreams | None:
 
 @hookimpl
 def regmw_event_sink(config, services):
+    """The sink; its spool forwarder starts here, so it runs even when another plugin wraps the sink."""
     section = config["notifications"]
-    return NotifySink(streams_of(config, services), section["spool_dir"], section["breaker_seconds"])
+    sink = NotifySink(streams_of(config, services), section["spool_dir"], section["breaker_seconds"])
+    sink.start()
+    return sink
 
 
 @hookimpl
 def regmw_startup(services):
-    sink = services.events
-    if not isinstance(sink, NotifySink):
-        return  # another plugin replaced or wrapped the sink: it runs its own machinery
+    """Start the in-process delivery thread when ``delivery_thread`` asks for it."""
     section = services.config["notifications"]
-    sink.start()
+    sink = services.events if isinstance(services.events, NotifySink) else None
+    streams = sink.streams if sink is not None else streams_of(services.config, services)
     thread = section["delivery_thread"]
-    if section["endpoints"] and (thread == "on" or (thread == "auto" and sink.streams is None)):
+    if section["endpoints"] and (thread == "on" or (thread == "auto" and streams is None)):
         worker = make_worker(services, sink)
-        threading.Thread(target=worker.run, args=(sink.closed,), name="regmw-notify-delivery", daemon=True).start()
+        stop = sink.closed if sink is not None else threading.Event()
+        threading.Thread(target=worker.run, args=(stop,), name="regmw-notify-delivery", daemon=True).start()
 
 
 def make_worker(services: Any, sink: NotifySink | None = None) -> Any:

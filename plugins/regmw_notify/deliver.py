@@ -28,12 +28,14 @@ class Outcome:
 class Poster:
     """Sends signed event batches to one endpoint over a kept-alive connection pool."""
 
-    def __init__(self, endpoint: Endpoint, allowed_networks: Sequence = ()) -> None:
+    def __init__(self, endpoint: Endpoint, allowed_networks: Sequence = (), connections: int = 64) -> None:
+        """``connections``: kept-alive connections to the endpoint, one per lane that may POST at once
+        (a lane per leased shard); fewer would make lanes open a new connection per POST."""
         self.endpoint = endpoint
         self._allowed = allowed_networks
         self._signer = Signer(endpoint.secrets)
         self._http = urllib3.PoolManager(
-            num_pools=4, maxsize=4, retries=False, timeout=urllib3.Timeout(total=endpoint.timeout),
+            num_pools=4, maxsize=connections, retries=False, timeout=urllib3.Timeout(total=endpoint.timeout),
         )
 
     def post(self, message_id: str, raw_events: Sequence[bytes]) -> Outcome:

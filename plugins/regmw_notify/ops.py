@@ -92,8 +92,9 @@ class Operations:
             return int(streams.client.xlen(key)), None
         depth = int(info["pending"]) + int(info.get("lag") or 0)
         oldest: float | None = None
-        if int(info["pending"]):
-            oldest = _parse_id(_text(streams.client.xpending(key, name)["min"]))[0] / 1000
+        first_pending = streams.client.xpending(key, name)["min"] if int(info["pending"]) else None
+        if first_pending is not None:
+            oldest = _parse_id(_text(first_pending))[0] / 1000
         elif depth:
             after = streams.client.xrange(key, min="(" + _text(info["last-delivered-id"]), count=1)
             if after:

@@ -54,10 +54,13 @@ class RedisLaneQueue:
         client = self.streams.client
         if self._cursor is not None:
             reply = client.xreadgroup(self.group, self.consumer, {self.key: self._cursor}, count=count)
-            entries = _entries(reply)
-            if entries:
-                self._cursor = entries[-1].id
-                return entries
+            messages = [message for _stream, batch in reply or () for message in batch]
+            if messages:
+                self._cursor = _text(messages[-1][0])
+                gone = [_text(entry_id) for entry_id, fields in messages if not fields]
+                if gone:  # pending but deleted from the stream: nothing to send; do not let it pin trimming
+                    self.streams.ack(self.shard, self.group, self.token, gone)
+                return _entries(reply)
             self._cursor = None
         reply = client.xreadgroup(self.group, self.consumer, {self.key: ">"}, count=count,
                                   block=int(block * 1000) if block else None)

@@ -28,7 +28,7 @@ import redis
 
 from . import metrics
 from .spool import Spool, claim_spool, queue_spool
-from .stream import RedisStreams
+from .stream import NotReplicated, RedisStreams
 
 log = logging.getLogger("regmw.notify")
 
@@ -126,7 +126,10 @@ class NotifySink:
                     metrics.spooled.set(0)
                     return False
             return True
-        self.streams.add([(row.repository, row.data) for row in rows])
+        try:
+            self.streams.add([(row.repository, row.data) for row in rows])
+        except NotReplicated as exc:  # added, but not confirmed by enough replicas: do not re-add them forever
+            log.warning("forwarded %d spooled events without replica confirmation: %s", len(rows), exc)
         spool.delete_through(rows[-1].seq)  # a crash between the two re-sends these: at-least-once
         metrics.spooled.dec(len(rows))
         return True

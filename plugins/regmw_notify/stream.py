@@ -165,7 +165,10 @@ class RedisStreams:
             if info is None:
                 return 0  # a group not created yet would start at "0": keep everything
             if int(info["pending"]):
-                floors.append(_parse_id(_text(self.client.xpending(self.stream(shard), name)["min"])))
+                oldest = self.client.xpending(self.stream(shard), name)["min"]
+                if oldest is None:  # acknowledged since XINFO: its floor moved on; trim next round
+                    return 0
+                floors.append(_parse_id(_text(oldest)))
             else:
                 ms, seq = _parse_id(_text(info["last-delivered-id"]))
                 floors.append((ms, seq + 1))

@@ -61,7 +61,7 @@ class Worker:
         self.claim_idle = claim_idle or max((endpoint.timeout for endpoint in endpoints), default=5.0) + 1.0
         self.max_shards = max_shards or streams.shards
         self.consumer = consumer_name()
-        self.posters = {endpoint.name: Poster(endpoint, allowed_networks) for endpoint in endpoints}
+        self.posters = {endpoint.name: Poster(endpoint, allowed_networks, self.max_shards) for endpoint in endpoints}
         self._held: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
 
@@ -109,6 +109,8 @@ class Worker:
 
     def _deliver(self, shard: int, lease: Any, stop: threading.Event) -> None:
         self.streams.take_fence(shard, lease.token)
+        # (again per hold: a Redis that lost its data since the worker started has no groups)
+        self.streams.ensure_groups([endpoint.name for endpoint in self.endpoints], [shard])
         lane_stop = threading.Event()
         lanes = [
             Lane(f"{endpoint.name}/{shard}",
@@ -141,6 +143,8 @@ class Worker:
                     metrics.depth.labels(str(shard), name).set(int(info.get("lag") or 0) + int(info["pending"]))
         except redis.RedisError as exc:
             log.debug("shard %d housekeeping: %s", shard, exc)
+        except Exception:  # housekeeping must never cost the shard its lease
+            log.exception("shard %d housekeeping failed", shard)
 
 
 class EmbeddedWorker:

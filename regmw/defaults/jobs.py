@@ -224,14 +224,22 @@ class SqliteJobQueue:
         return stop
 
 
+def jobs_plugin_has_redis(section: Any, config: Any) -> str | None:
+    """The `jobs` plugin (dramatiq on Redis) needs the `redis` plugin's connection."""
+    plugins = config["regmw"]["plugins"]
+    if "jobs" in plugins and "redis" not in plugins:
+        return "regmw.plugins: the jobs plugin (dramatiq on Redis) needs the redis plugin: plugins = [\"redis\", \"jobs\"]"
+    return None
+
+
 SECTION = Section(
     "jobs",
     "Background jobs (docs/jobs.md): the embedded SQLite queue, or dramatiq on Redis with the `jobs` plugin.",
     {
-        "queue_path": Option("path", "/var/lib/regmw/jobs.sqlite3",
+        "queue_path": Option("path", "regmw-jobs.sqlite3",
                              "SQLite file of the embedded queue (used when the `jobs` plugin is not enabled)."),
-        "run_in_process": Option("bool", True, "Embedded queue: a serving process runs jobs in background threads, "
-                                 "from its first request on (`regmw worker` runs them in the foreground)."),
+        "run_in_process": Option("bool", False, "Embedded queue: a serving process runs jobs in background threads, "
+                                 "from its first request on (`regmw demo` turns it on; otherwise run `regmw worker`)."),
         "threads": Option("int", 2, "Jobs run at once by one worker process.", minimum=1),
         "lease": Option("float", 30.0, "Embedded queue: seconds a claimed job stays claimed without renewal; a "
                         "runner that died has its job run again after this.", minimum=1),
@@ -246,6 +254,7 @@ SECTION = Section(
                                      "requeues dead workers' jobs (dramatiq's maintenance).", minimum=0, maximum=1),
         "namespace": Option("str", "regmw-jobs", "Redis queue (dramatiq): key namespace of the broker."),
     },
+    checks=(jobs_plugin_has_redis,),
 )
 
 

@@ -3,7 +3,9 @@
 Two reference registries (``old`` and ``new`` storage roots) sit behind one
 regmw middleware that classifies each repository (filesystem prefix checks +
 verified bearer-token flag), rate-limits in memory, honours read-only locks,
-and logs every decision. ``--self-test`` pushes and pulls through it over HTTP
+logs every decision, and sends a signed webhook for every manifest push to a
+receiver of its own (the ``notifications`` plugin on its embedded SQLite
+queue). ``--self-test`` pushes and pulls through it over HTTP
 and checks the decisions, then exits (0 when all held).
 """
 from __future__ import annotations
@@ -23,6 +25,9 @@ from regmw import RegistryMiddleware, hookimpl
 
 from .client import DemoClient
 from .registry import create_app
+from .webhooks import WebhookReceiver
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 log = logging.getLogger("regmw.demo")
 
@@ -54,23 +59,35 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def demo_config(root: str, secret: str) -> dict[str, Any]:
-    return {
+def demo_config(root: str, secret: str, webhooks: WebhookReceiver | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "regmw": {"plugins": ["migration"], "entry_points": False},
         "storage": {"root": root},
         "migration": {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"},
+        # background jobs from a persistent SQLite queue, run inside this process (no Redis, no `regmw worker`)
+        "jobs": {"queue_path": os.path.join(root, "jobs.sqlite3"), "run_in_process": True, "min_backoff": 0.2},
+        "migration_job": {"drain": 0.1},
         "auth": {"key": secret, "algorithms": ["HS256"], "issuer": "regmw-demo", "audience": "regmw-demo"},
         "ratelimit": {"rules": [
             {"name": "per-client", "by": "client", "limit": "100/second"},
             {"name": "writes-per-repository", "by": "repository", "methods": "write", "limit": f"{WRITES_PER_MINUTE}/minute"},
         ]},
     }
+    if webhooks is not None:  # webhook events through the embedded queue (no Redis), delivered in-process
+        config["regmw"]["plugins"].append("notifications")
+        config["notifications"] = {
+            "endpoints": [{"name": "demo", "url": webhooks.url, "secrets": [webhooks.secret], "actions": ["push", "migrated"],
+                           "media_types": [MANIFEST, ""]}],
+            "allowed_networks": ["127.0.0.0/8"], "spool_dir": os.path.join(root, "notifications"),
+        }
+    return config
 
 
-def build_demo(root: str, secret: str) -> tuple[RegistryMiddleware, DecisionLog]:
+def build_demo(root: str, secret: str, webhooks: WebhookReceiver | None = None) -> tuple[RegistryMiddleware, DecisionLog]:
     decisions = DecisionLog()
     apps = {"old": create_app(os.path.join(root, "old")), "new": create_app(os.path.join(root, "new"))}
-    middleware = RegistryMiddleware(apps["old"], demo_config(root, secret), apps=apps, plugins=[decisions], environ={})
+    middleware = RegistryMiddleware(apps["old"], demo_config(root, secret, webhooks), apps=apps, plugins=[decisions],
+                                    environ={})
     return middleware, decisions
 
 
@@ -87,7 +104,8 @@ def demo(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = args.root or tempfile.mkdtemp(prefix="regmw-demo-")
     secret = secrets.token_urlsafe(32)
-    middleware, decisions = build_demo(root, secret)
+    webhooks = WebhookReceiver().start()
+    middleware, decisions = build_demo(root, secret, webhooks)
     server = make_server("127.0.0.1", args.port, middleware, threaded=True, request_handler=_QuietHandler)
     port = server.server_port
     log.info("regmw demo: registry front on http://127.0.0.1:%d (storage %s)", port, root)
@@ -102,7 +120,7 @@ def demo(args) -> int:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        failures = self_test(port, secret, middleware)
+        failures = self_test(port, secret, middleware, webhooks)
     finally:
         server.shutdown()
     print()
@@ -122,10 +140,12 @@ CHECKS = (
     "a read-only repository refuses writes with 503 and serves reads",
     "an invalid repository name gets 400 NAME_INVALID",
     "the write rate limit answers 429 with Retry-After",
+    "every accepted manifest push arrived as a signed webhook event, in order",
+    "the migration job moved legacy/app to the new root (lock, copy, verify, mark new) and announced it",
 )
 
 
-def self_test(port: int, secret: str, middleware: RegistryMiddleware) -> list[str]:
+def self_test(port: int, secret: str, middleware: RegistryMiddleware, webhooks: WebhookReceiver) -> list[str]:
     failures: list[str] = []
 
     def check(index: int, ok: bool) -> None:
@@ -164,4 +184,24 @@ def self_test(port: int, secret: str, middleware: RegistryMiddleware) -> list[st
     statuses = [anonymous.request("POST", "/v2/busy/app/blobs/uploads/") for _ in range(WRITES_PER_MINUTE + 1)]
     limited = [a for a in statuses if a.status == 429]
     check(7, bool(limited) and limited[0].error_code == "TOOMANYREQUESTS" and limited[0].headers.get("retry-after", "").isdigit())
+
+    expected = [("push", "legacy/app"), ("push", "fresh/app"), ("push", "forged/app")]
+    deadline = time.monotonic() + 10
+    while len(webhooks.received()) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.02)  # delivery is asynchronous: poll until the events arrived, or give up
+    got = [(event["action"], event["target"]["repository"]) for event in webhooks.received()]
+    check(8, got == expected)
+
+    # the repository migration workflow, as a job from the persistent local queue run in this process
+    jobs = middleware.services.jobs
+    job_id = jobs.enqueue("migrate-repository", repository="legacy/app")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(
+            r.id == job_id and r.state in ("done", "failed") for r in jobs.status("migrate-repository")):
+        time.sleep(0.05)  # the job runs in a background thread: poll until it finished, or give up
+    while time.monotonic() < deadline and not any(e["action"] == "migrated" for e in webhooks.received()):
+        time.sleep(0.02)
+    migrated = [e["target"]["repository"] for e in webhooks.received() if e["action"] == "migrated"]
+    check(9, anonymous.request("GET", "/v2/legacy/app/tags/list").headers.get("regmw-migration-path") == "new"
+          and anonymous.pull_layer("legacy/app", "v1") == layer and migrated == ["legacy/app"])
     return failures

@@ -22,6 +22,7 @@ SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 class Receiver(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: the default 5 drops SYNs from many lanes (1 s retransmits)
 
     def __init__(self, secret: str = SECRET) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
