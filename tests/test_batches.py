@@ -109,12 +109,13 @@ def make_runtime(pg_cluster, tmp_path):
     batches_plugin.CALLS.clear()
     started = []
 
-    def make(config: dict):
+    def make(config: dict, work: bool = True):
         path = write_config(config, tmp_path / f"regmw{len(started)}.toml")
         runtime = build(config, environ={})
         stop = threading.Event()
         worker = threading.Thread(target=runtime.services.jobs.work, args=(stop, 2), daemon=True)
-        worker.start()
+        if work:
+            worker.start()
         started.append((runtime, stop, worker))
         return runtime, path
 
@@ -123,7 +124,8 @@ def make_runtime(pg_cluster, tmp_path):
     finally:
         for runtime, stop, worker in started:
             stop.set()
-            worker.join(30)
+            if worker.is_alive():
+                worker.join(30)
             runtime.services.db_router.close()
 
 
@@ -332,11 +334,37 @@ def test_batch_failing_for_good_stops_the_migration_and_resume_retries_it(
     assert "always fails" in row["last_error"]
     assert batches_plugin.CALLS[("broken", 1)] == 2
     assert pg_cluster.sql("primary", "SELECT count(*) FROM batch_small WHERE w IS NOT NULL") == [(0,)]  # rolled back
+    assert "batch_small.id" in cli(capsys, "db-migrations", "list", "-c", str(path))
     out = cli(capsys, "db-migrations", "status", "broken", "-c", str(path))
     assert "failed" in out and "always fails" in out
     assert "1 failed batch(es) retried" in cli(capsys, "db-migrations", "resume", "broken", "-c", str(path))
     wait_for(lambda: batches_plugin.CALLS[("broken", 1)] == 4 and summary(runner, "broken")["status"] == "failed",
              60, "broken failed again after resume")
+
+
+def test_lost_batch_job_is_enqueued_again_and_a_duplicate_job_is_a_no_op(
+        pg_cluster, make_runtime, small_table, tmp_path):
+    import sqlite3
+
+    from regmw.jobs import JobContext
+
+    config = config_for(pg_cluster, tmp_path)
+    config["db_migrations"]["stale_after"] = 1.0
+    runtime, _ = make_runtime(config, work=False)
+    runner = runner_for(runtime.services)
+    assert "batch 0 enqueued" in runner.start("flaky")
+    with sqlite3.connect(config["jobs"]["queue_path"]) as queue:  # the job is lost (say, with its Redis)
+        assert queue.execute("DELETE FROM jobs").rowcount == 1
+    assert runner.kick("flaky") == "a batch is queued"  # not yet overdue
+    wait_for(lambda: runner.kick("flaky") == "batch 0 enqueued", 30, "the lost batch enqueued again")
+    assert [record.kwargs["batch"] for record in runtime.services.jobs.status()] == [0]
+    worker_runtime, _ = make_runtime(config)  # a worker starts
+    wait_for(lambda: summary(runner, "flaky")["status"] == "finished", 60, "flaky finished")
+    calls = dict(batches_plugin.CALLS)
+    context = JobContext(runtime.services, "duplicate", "db-migration-batch")
+    runner.run_batch(context, "flaky", 0, 0)  # a second delivery of batch 0's job
+    assert batches_plugin.CALLS == calls
+    assert summary(runner, "flaky")["attempts"] == 11
 
 
 def test_throttle_rule():
