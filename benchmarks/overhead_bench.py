@@ -11,7 +11,10 @@ driven by concurrent HTTP/1.1 keep-alive clients over loopback:
                       (``[regmw] plugins = ["migration", "redis"]``) over the embedded
                       filesystem storage, ``[redis] hot_path = "script"`` (one EVALSHA
                       per request, which also prefetches the cached classification);
-``regmw_limits_path`` the same through ``limits`` (``hot_path = "limits"``): several round trips.
+``regmw_limits_path`` the same through ``limits`` (``hot_path = "limits"``): several round trips;
+``regmw_cluster``     ``regmw`` on a throwaway Redis Cluster (3 masters + 3 replicas on loopback,
+                      ``redis+cluster://``): a request's keys are in its client's slot and its
+                      repository's slot, one script per slot group, sent concurrently.
 
 The storage is a temporary directory holding the benchmarked repositories under
 the old layout (``<root>/old/repositories/<name>/_manifests/...``;
@@ -29,7 +32,7 @@ Redis round trips are counted at the connection in each server process
 packet, so a pipeline or a script counts once); storage requests are counted
 at ``FilesystemStorage.prefix_exists`` (the whole Storage contract).
 
-    python benchmarks/overhead_bench.py [--requests 3000] [--concurrency 8] [--rounds 2] [--json]
+    python benchmarks/overhead_bench.py [--requests 3000] [--concurrency 8] [--rounds 2] [--json] [--no-cluster]
 
 With ``--json`` the last line is one JSON object (see the end of this file).
 Figures are ratios measured side by side in one run; tests never assert them.
@@ -49,7 +52,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = ("bare", "flask_limiter", "regmw", "regmw_limits_path")
+KINDS = ("bare", "flask_limiter", "regmw", "regmw_limits_path", "regmw_cluster")
 REPOSITORIES = ("team/app", "team/api", "library/alpine", "group/sub/web")
 MIGRATION_HEADER = "Regmw-Migration-Path"
 LIMIT = "1000000/hour"  # never reached: we measure the cost of counting, not refusals
@@ -108,7 +111,10 @@ def _flask_app(counter: list[int], storage_counter: list[int]):
 
     @app.route("/-/bench/counters")
     def counters():
-        return jsonify(redis=counter[0], storage=storage_counter[0])
+        from regmw import metrics
+
+        nodes = metrics.REGISTRY.get_sample_value("regmw_redis_cluster_admission_nodes_total") or 0
+        return jsonify(redis=counter[0], storage=storage_counter[0], nodes=nodes)
 
     return app
 
@@ -134,7 +140,7 @@ def serve(kind: str, port: int, redis_url: str, storage_root: str) -> None:
         from regmw import RegistryMiddleware
 
         sys.path.insert(0, os.path.join(ROOT, "plugins"))
-        config = {
+        config = {  # regmw_cluster: the same, its --redis-url is a redis+cluster:// URL
             "regmw": {"plugins": ["migration", "redis"], "entry_points": False, "log_level": "ERROR"},
             "redis": {"url": redis_url, "hot_path": "limits" if kind == "regmw_limits_path" else "script"},
             "ratelimit": {"rules": [{"name": "per-client", "by": "client", "limit": LIMIT}]},
@@ -152,12 +158,45 @@ def serve(kind: str, port: int, redis_url: str, storage_root: str) -> None:
 # --- driver side ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def start_cluster(binary: str, tmp: str, procs: list) -> str:
+    """3 masters + 3 replicas on free loopback ports; the ``redis+cluster://`` URL once all slots are ok."""
+    import redis
+
+    ports = []
+    for index in range(6):
+        directory = os.path.join(tmp, f"cluster{index}")
+        os.makedirs(directory)
+        port, bus = _free_port(below=55536), _free_port(below=55536)
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", directory, "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(directory, "nodes.conf"),
+             "--cluster-node-timeout", "1000", "--cluster-port", str(bus)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        procs.append(proc)
+        _wait_port(port, proc)
+        ports.append(port)
+    subprocess.run([shutil.which("redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                    "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        infos = [redis.Redis(port=port, socket_timeout=1).cluster("info") for port in ports]
+        if all(info.get("cluster_state") == "ok" and int(info.get("cluster_slots_ok", 0)) == 16384 for info in infos):
+            return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in ports[:3])
+        time.sleep(0.05)
+    raise TimeoutError("redis cluster not ok after 30 s")
+
+
+def _free_port(below: int = 65536) -> int:
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port < below:  # a Cluster node's port must be below 55536
+            return port
+    raise RuntimeError(f"no free port below {below}")
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -271,6 +310,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all servers (best round is kept)")
     parser.add_argument("--redis-url", help="use this Redis instead of a throwaway redis-server")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--no-cluster", action="store_true", help="leave out the Redis Cluster side")
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--storage-root", help=argparse.SUPPRESS)
@@ -296,15 +336,19 @@ def main(argv=None) -> int:
             procs.append(redis_proc)
             _wait_port(redis_port, redis_proc)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        kinds = KINDS[:-1] if args.no_cluster else KINDS
+        urls = {kind: redis_url for kind in kinds}
+        if not args.no_cluster:
+            urls["regmw_cluster"] = start_cluster(shutil.which("redis-server"), tmp, procs)
         storage_root = os.path.join(tmp, "storage")
         make_storage(storage_root)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "plugins"),
                                                              os.environ.get("PYTHONPATH", "")]))
         ports = {}
-        for kind in KINDS:
+        for kind in kinds:
             port = _free_port()
             proc = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--serve", kind, "--port", str(port), "--redis-url", redis_url,
+                [sys.executable, os.path.abspath(__file__), "--serve", kind, "--port", str(port), "--redis-url", urls[kind],
                  "--storage-root", storage_root],
                 env=env, stdout=subprocess.DEVNULL,
             )
@@ -316,7 +360,7 @@ def main(argv=None) -> int:
 
         best: dict[str, dict] = {}
         for round_index in range(args.rounds):
-            for kind in KINDS:
+            for kind in kinds:
                 port = ports[kind]
                 drive(port, max(200, args.requests // 10), args.concurrency)  # warm up: connections, scripts
                 before = _get_json(port, "/-/bench/counters")
@@ -325,6 +369,7 @@ def main(argv=None) -> int:
                 measured = max(1, result["requests"])
                 result["redis_round_trips_per_request"] = round((after["redis"] - before["redis"]) / measured, 3)
                 result["storage_requests_per_request"] = round((after["storage"] - before["storage"]) / measured, 3)
+                result["nodes_per_request"] = round((after["nodes"] - before["nodes"]) / measured, 3)
                 if kind.startswith("regmw") and result["migration_paths"] != {"old": result["requests"]}:
                     raise RuntimeError(f"{kind}: {MIGRATION_HEADER} headers {result['migration_paths']} "
                                        f"for {result['requests']} requests, expected all 'old'")
@@ -340,17 +385,27 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print()
-    for kind in KINDS:
+    for kind in kinds:
         result = best[kind]
         print(f"best  {kind:18s} {result['rps']:8.1f} req/s  p50 {result['p50_ms']:7.3f} ms  p99 {result['p99_ms']:7.3f} ms  "
               f"round trips/request {result['redis_round_trips_per_request']:.2f}  "
               f"storage requests/request {result['storage_requests_per_request']:.3f}")
     ratio = best["regmw"]["p50_ms"] / best["flask_limiter"]["p50_ms"]
     print(f"regmw p50 / flask_limiter p50 = {ratio:.3f}  (target <= 1.0; round trips target 1)")
+    if "regmw_cluster" in best:
+        cluster = best["regmw_cluster"]
+        print(f"regmw_cluster p50 / regmw p50 = {cluster['p50_ms'] / best['regmw']['p50_ms']:.3f}  (target <= 1.3); "
+              f"nodes/request {cluster['nodes_per_request']:.2f}")
     if args.json:
         def pick(kind: str, *extra: str) -> dict:
             return {key: best[kind][key] for key in ("rps", "p50_ms", "p99_ms", *extra)}
 
+        extra = {}
+        if "regmw_cluster" in best:
+            extra = {
+                "regmw_cluster": pick("regmw_cluster", "redis_round_trips_per_request", "nodes_per_request"),
+                "regmw_cluster_vs_regmw_p50_ratio": round(best["regmw_cluster"]["p50_ms"] / best["regmw"]["p50_ms"], 3),
+            }
         print(json.dumps({
             "bare": pick("bare"),
             "flask_limiter": pick("flask_limiter", "redis_round_trips_per_request"),
@@ -360,6 +415,7 @@ def main(argv=None) -> int:
                                       "storage_requests_per_request"),
             "regmw_limits_path_vs_flask_limiter_p50_ratio": round(
                 best["regmw_limits_path"]["p50_ms"] / best["flask_limiter"]["p50_ms"], 3),
+            **extra,
             "workload": f"4 GET : 1 PUT manifest over {len(REPOSITORIES)} repositories, keep-alive, loopback",
             "classification": "regmw_migration over filesystem storage, cached in Redis (all old)",
         }))

@@ -191,8 +191,13 @@ def split_limiter(limiter: RateLimiter | None) -> tuple[list[Any], list[RateLimi
 class Storage(Protocol):
     """Answers existence questions about a registry's storage, cheaply.
 
-    ``prefix_exists`` raises :class:`regmw.errors.StorageError` when storage
-    cannot answer; an error is never reported as "does not exist".
+    ``prefix_exists(prefix)`` is true when any object's key starts with
+    ``prefix``: a plain key prefix, as GCS reads it, so a caller asking about a
+    folder ends the prefix with ``/``. The classifier asks
+    ``<root>/repositories/<name>/_`` (a repository's own ``_layers``,
+    ``_manifests`` or ``_uploads`` entries, never its children's: see
+    docs/classification.md). It raises :class:`regmw.errors.StorageError` when
+    storage cannot answer; an error is never reported as "does not exist".
     """
 
     def prefix_exists(self, prefix: str) -> bool: ...

@@ -48,8 +48,12 @@ class Refusal(Exception):
         detail: Any = None,
         headers: Iterable[tuple[str, str]] = (),
         retry_after: int | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}")
+        #: why, for the refusal metric and the access log (``rate_limit``, ``read_only``, ...);
+        #: None lets the middleware name it after the step that refused
+        self.reason = reason
         self.status = status
         self.code = code
         self.message = message
@@ -79,12 +83,12 @@ def name_invalid(message: str, name: str | None = None) -> Refusal:
     return Refusal(400, "NAME_INVALID", message, detail={"name": name} if name else None)
 
 
-def unavailable(message: str, retry_after: int, detail: Any = None) -> Refusal:
-    return Refusal(503, "UNAVAILABLE", message, detail=detail, retry_after=retry_after)
+def unavailable(message: str, retry_after: int, detail: Any = None, reason: str | None = None) -> Refusal:
+    return Refusal(503, "UNAVAILABLE", message, detail=detail, retry_after=retry_after, reason=reason)
 
 
 def too_many_requests(message: str, retry_after: int, headers: Iterable[tuple[str, str]] = ()) -> Refusal:
-    return Refusal(429, "TOOMANYREQUESTS", message, headers=headers, retry_after=retry_after)
+    return Refusal(429, "TOOMANYREQUESTS", message, headers=headers, retry_after=retry_after, reason="rate_limit")
 
 
 class ConfigError(ValueError):

@@ -45,6 +45,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.readonly_cli",
     "regmw.defaults.ratelimit",
     "regmw.defaults.filesystem",
+    "regmw.defaults.serve",
     "regmw.defaults.jobs",
     "regmw.defaults.jobs_cli",
     "regmw.defaults.purge",

@@ -42,14 +42,7 @@ def load_app(spec: str) -> Any:
 
 
 def serve(args) -> int:
-    from werkzeug.serving import run_simple
+    """``regmw serve``: gunicorn (:mod:`regmw.server`); the werkzeug server is only for ``regmw demo``."""
+    from .server import run
 
-    from .runtime import build
-
-    runtime = build(args.config)
-    app = load_app(args.app) if args.app else None
-    application = make_application(runtime, app=app, registry_root=args.registry_root)
-    logging.basicConfig(level=runtime.config["regmw"]["log_level"], format="%(asctime)s %(name)s %(message)s")
-    log.info("regmw serving on http://%s:%d", args.host, args.port)
-    run_simple(args.host, args.port, application, threaded=True)
-    return 0
+    return run(args.config, args.host, args.port, app=args.app, registry_root=args.registry_root)

@@ -599,6 +599,12 @@ def test_filesystem_storage_answers_existence(fs_root):
     assert storage.prefix_exists(f"{repos}/group/foo/") is False     # foobar exists, foo does not
     assert storage.prefix_exists(f"{repos}/nowhere/") is False
     assert storage.prefix_exists(f"{NEW_ROOT}/repositories/empty/") is False
+    # plain prefixes, as on GCS: "<name>/_" asks for the repository's own entries only
+    assert storage.prefix_exists(f"{repos}/group/foo") is True         # a plain prefix: foobar
+    assert storage.prefix_exists(f"{repos}/group/legacy/_") is True
+    assert storage.prefix_exists(f"{repos}/group/_") is False          # only child repositories
+    assert storage.prefix_exists(f"{repos}/flat/_") is False           # an entry, not an own entry
+    assert storage.prefix_exists(f"{repos}/nowhere/_") is False
     with pytest.raises(regmw.StorageError):
         storage.prefix_exists(f"{NEW_ROOT}/repositories/group/loop/")
     with pytest.raises(regmw.StorageError):

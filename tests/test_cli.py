@@ -149,8 +149,8 @@ def test_migrate_mark_through_redis_changes_what_servers_decide(tmp_path, redis_
     from regmw import RegistryMiddleware
 
     _, url = redis_server
-    (tmp_path / "old/repositories/group/app").mkdir(parents=True)
-    (tmp_path / "old/repositories/group/app/x").write_text("x")
+    (tmp_path / "old/repositories/group/app/_layers").mkdir(parents=True)  # an own entry: group/app is old
+    (tmp_path / "old/repositories/group/app/_layers/x").write_text("x")
     config = tmp_path / "c.toml"
     config.write_text(f'[regmw]\nplugins = ["migration", "redis"]\n[redis]\nurl = "{url}"\n'
                       f'[storage]\nroot = "{tmp_path}"\n[migration]\nold_root = "old"\nnew_root = "new"\n')

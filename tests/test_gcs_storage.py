@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import threading
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 from regmw_gcs import GCSStorage, naive_stat
-from regmw_gcs.client import make_retry
+from regmw_gcs.client import NO_BACKGROUND_FETCHES, make_retry
+from regmw_gcs.listing import ListPage, MalformedAnswer, read_page
 
 import regmw
 from regmw.errors import ConfigError, StorageError
+from tests.servers._util import wait_until
 from tests.servers.gcs_emulator import count_requests
 
 REPOS = "docker/registry/v2/repositories"
@@ -63,19 +67,63 @@ def test_prefix_check_is_one_request(seeded, name, expected):
         assert size < 300  # a small answer, whatever the repository holds below
 
 
-def test_client_makes_no_background_requests(seeded):
-    """google-cloud-storage 3.x would fetch bucket metadata in background threads (first use, every 404)."""
+def _thread_starts(monkeypatch) -> list[str]:
+    """Names of the threads started from now on (google-cloud-storage names its fetch threads by target)."""
+    names: list[str] = []
+    original = threading.Thread.start
+
+    def start(thread):
+        names.append(thread.name)
+        return original(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return names
+
+
+def test_client_makes_no_background_requests(seeded, gcs_emulator, monkeypatch):
+    """google-cloud-storage 3.x fetches bucket metadata in background threads; the library's switch stops it.
+
+    First the behaviour relied on, on the installed version: without the
+    switch, a plain client's first list starts a ``_fetch_background`` thread
+    that sends a ``buckets.get``. Then the plugin's client: no thread, and
+    exactly the requests the checks make.
+    """
+    monkeypatch.delenv(NO_BACKGROUND_FETCHES, raising=False)
+    started = _thread_starts(monkeypatch)
+    plain = gcs_emulator.make_client(quiet=False)
+    plain_log = count_requests(plain)
+    list(plain.list_blobs(gcs_emulator.bucket, prefix=f"{REPOS}/direct/", retry=None))
+    assert any("_fetch_background" in name for name in started), started
+    wait_until(lambda: any(urlsplit(url).path.endswith(f"/b/{gcs_emulator.bucket}") for _, url, _ in plain_log.entries),
+               what="the background buckets.get")
+
     storage, log = seeded
-    assert storage.client._bucket_metadata_cache is None
+    storage = storage_for(gcs_emulator)  # built with the variable unset: the plugin sets it
+    log = count_requests(storage.client)
+    assert os.environ[NO_BACKGROUND_FETCHES] == "true"
+    started.clear()
     for _ in range(3):
-        storage.stat(f"{REPOS}/absent/object")
-    assert log.count == 6
+        storage.stat(f"{REPOS}/absent/object")  # a 404, then a list
+        storage.prefix_exists(f"{REPOS}/absent/_")
+    assert [name for name in started if "background" in name] == []  # the library's fetch/verify threads
+    assert log.count == 9
 
 
-def test_prefix_without_trailing_slash_still_matches_whole_names(seeded):
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [("foo", True), ("foo/", False), ("foo/_", False), ("group/_", False), ("group/deep/_", True),
+     ("other/_", True), ("direct/_", False), ("group/", True)],
+    ids=["plain-prefix-matches-foobar", "directory-foo", "own-entries-of-foo", "parent-has-only-a-child",
+         "own-entries", "only-uploads", "object-not-an-own-entry", "directory-of-a-child"],
+)
+def test_a_prefix_is_a_plain_prefix(seeded, prefix, expected):
+    """``prefix_exists`` reads its argument as GCS does; the classifier's ``<name>/_`` finds own entries only."""
     storage, log = seeded
-    assert storage.prefix_exists(f"{REPOS}/foo") is False  # foobar must not count
-    assert query(log.entries[0][1])["prefix"] == [f"{REPOS}/foo/"]
+    assert storage.prefix_exists(f"{REPOS}/{prefix}") is expected
+    assert log.count == 1
+    params = query(log.entries[0][1])
+    assert params["prefix"] == [f"{REPOS}/{prefix}"]
+    assert params["delimiter"] == ["/"] and params["maxResults"] == ["1"]
 
 
 def test_root_prefixes_every_key(gcs_emulator):
@@ -195,7 +243,7 @@ def test_naive_stat_lists_everything_with_full_metadata(seeded, gcs_emulator):
     storage, log = seeded
     gcs_emulator.put(*(f"{REPOS}/big/_layers/sha256/{i:04d}/link" for i in range(30)))
     log.reset()
-    assert naive_stat(storage, f"{REPOS}/big").is_dir
+    assert naive_stat(storage, f"{REPOS}/big") is True
     assert log.count == 2
     params = query(log.entries[1][1])
     assert "delimiter" not in params and "fields" not in params and params["projection"] == ["full"]
@@ -255,10 +303,32 @@ def test_transient_errors_are_retried(seeded):
     assert len(failures) == 2
 
 
-def test_retry_settings():
+def test_retry_settings_shape_the_backoff(seeded, monkeypatch):
+    """The [gcs] retry options reach google.api_core's backoff (read from its sleeps, not its private fields)."""
+    from google.api_core.retry import retry_unary
+
     assert make_retry({"retry_deadline": 0}) is None
-    retry = make_retry({"retry_deadline": 3.0, "retry_initial": 0.5, "retry_maximum": 4.0, "retry_multiplier": 3.0})
-    assert retry.timeout == 3.0 and retry._initial == 0.5 and retry._maximum == 4.0 and retry._multiplier == 3.0
+    retry = make_retry({"retry_deadline": 3.0, "retry_initial": 0.001, "retry_maximum": 0.002,
+                        "retry_multiplier": 2.0})
+    assert retry.timeout == 3.0
+    sleeps: list[float] = []
+    monkeypatch.setattr(retry_unary.time, "sleep", sleeps.append)  # record the delays instead of waiting
+    storage, _ = seeded
+    storage = GCSStorage(storage.client, storage.bucket_name, timeout=5.0, retry=retry)
+    http = storage.client._http
+    counted = http.request
+    failures = []
+
+    def flaky(method, url, *args, **kwargs):
+        if len(failures) < 6:
+            failures.append(url)
+            raise requests.ConnectionError("connection reset (injected)")
+        return counted(method, url, *args, **kwargs)
+
+    http.request = flaky
+    assert storage.prefix_exists(f"{REPOS}/direct/") is True
+    assert len(sleeps) == 6
+    assert sleeps[0] <= 0.001 and all(delay <= 0.002 for delay in sleeps)  # defaults: up to 1 s, then 2 s, ...
 
 
 def test_config_requires_a_bucket():
@@ -266,3 +336,27 @@ def test_config_requires_a_bucket():
         regmw.build({"regmw": {"plugins": ["gcs"]}}, environ={})
     with pytest.raises(ConfigError, match="gcs.root"):
         regmw.build({"regmw": {"plugins": ["gcs"]}, "gcs": {"bucket": "b", "root": "a//b"}}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("answer", "found", "token"),
+    [
+        ({}, False, None),
+        ({"kind": "storage#objects", "nextPageToken": "t"}, False, "t"),
+        ({"prefixes": ["r/app/_layers/"]}, True, None),
+        ({"prefixes": ["r/app/_/"]}, True, None),                      # an empty segment is still one level
+        ({"items": [{"name": "r/app/_"}]}, True, None),                 # an object named exactly the prefix
+        ({"items": [{"name": "r/app/_x", "size": "1"}], "prefixes": [], "extra": 1}, True, None),
+    ],
+)
+def test_well_formed_list_answers(answer, found, token):
+    assert read_page(answer, "r/app/_") == ListPage(found, token)
+
+
+@pytest.mark.parametrize("answer", [
+    {"items": [{"name": "r/app/_x/y"}]}, {"prefixes": ["r/app/_"]}, {"prefixes": ["r/app/"]},
+    {"prefixes": ["r/apple/_x/"]}, {"items": [{"name": "r/ap"}]}, {"items": [], "nextPageToken": None, "prefixes": 0},
+])
+def test_list_answers_outside_the_promise(answer):
+    with pytest.raises(MalformedAnswer):
+        read_page(answer, "r/app/_")

@@ -246,11 +246,19 @@ def test_lock_store_down_fails_closed_for_writes_open_for_reads():
     assert Client(open_middleware).put("/v2/a/manifests/latest", data=b"{}").status_code == 200
 
 
-def test_metrics_endpoint():
-    client = Client(make())
+def test_metrics_endpoint_only_when_configured_and_only_to_allowed_networks():
+    assert Client(make()).get("/-/regmw/metrics").data == b"app:/-/regmw/metrics"  # not configured: the app's path
+    client = Client(make(config={"regmw": {"metrics_path": "/-/regmw/metrics"}}))
     client.get("/v2/a/tags/list")
-    text = client.get("/-/regmw/metrics").get_data(as_text=True)
-    assert "regmw_requests_total" in text
+    text = client.get("/-/regmw/metrics", environ_overrides={"REMOTE_ADDR": "127.0.0.1"}).get_data(as_text=True)
+    assert "regmw_requests_total" in text and "regmw_request_duration_seconds_bucket" in text
+    far = client.get("/-/regmw/metrics", environ_overrides={"REMOTE_ADDR": "10.1.2.3"},
+                     headers={"X-Forwarded-For": "127.0.0.1"})
+    assert far.status_code == 403 and far.json["errors"][0]["code"] == "DENIED"
+    allowed = Client(make(config={"regmw": {"metrics_path": "/m"}, "serve": {"metrics_allow": ["10.0.0.0/8"]}}))
+    assert allowed.get("/m", environ_overrides={"REMOTE_ADDR": "10.1.2.3"}).status_code == 200
+    assert allowed.get("/m", environ_overrides={"REMOTE_ADDR": "127.0.0.1"}).status_code == 403
+    assert allowed.get("/m").status_code == 403  # no peer address at all
 
 
 @pytest.mark.parametrize("path", ["/x/../v2/a/manifests/latest", "/static/..//v2/", "//v2/a/tags/list", "/./v2/a/tags/list",

@@ -235,3 +235,13 @@ def test_a_late_write_on_the_old_side_is_copied_by_a_second_pass(harness):
     harness.run_jobs()
     assert harness.tree("new", "late2/app") == harness.tree("old", "late2/app")
     assert "_manifests/tags/extra/current/link" in harness.tree("new", "late2/app")
+
+
+def test_a_child_repository_is_not_migrated_with_its_parent(harness):
+    push(harness, "nest/app", b"parent" * 100)
+    push(harness, "nest/app/child", b"child" * 100)
+    harness.services.jobs.enqueue(JOB_NAME, repository="nest/app")
+    harness.run_jobs()
+    assert harness.path("nest/app") == "new" and harness.path("nest/app/child") == "old"
+    assert not os.path.exists(os.path.join(harness.root, "new", LAYOUT, "repositories", "nest/app/child"))
+    assert harness.client.pull_layer("nest/app/child", "v1") == b"child" * 100

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # Debian packages: the registry, the client, Redis, and the Go toolchain and Go
 # libraries that ../shared/conformance/run.sh builds the OCI conformance suite from
 # (offline, no module proxy; tests/test_conformance.py runs it).
-DEBS="docker-registry skopeo redis-server golang-go golang-github-onsi-ginkgo-dev golang-gomega-dev
+DEBS="docker-registry skopeo redis-server redis-tools openssl golang-go golang-github-onsi-ginkgo-dev golang-gomega-dev
 golang-github-go-resty-resty-dev golang-github-google-uuid-dev golang-github-opencontainers-go-digest-dev
 golang-github-opencontainers-image-spec-dev golang-github-mitchellh-mapstructure-dev"
 missing=""

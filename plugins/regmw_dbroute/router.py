@@ -547,6 +547,10 @@ class Router:
             ],
         }
 
+    def ready(self) -> None:
+        """For ``/-/regmw/ready``: the primary answers a WAL-position query now (raises otherwise)."""
+        self.primary.current_wal_lsn()
+
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),

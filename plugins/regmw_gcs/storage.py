@@ -1,10 +1,14 @@
 """Existence checks on GCS that cost one small request whatever the repository's size.
 
-``prefix_exists`` is ONE ``objects.list`` call: ``prefix=<p>/`` (the trailing
-slash keeps ``foo`` from matching ``foobar``), ``delimiter=/`` (objects deeper
-than one level collapse into a handful of ``prefixes``), ``maxResults=1`` and a
-partial response of ``items(name),prefixes,nextPageToken``. Anything on the
-page, an object or a sub-prefix, means the prefix exists.
+``prefix_exists(prefix)`` is ONE ``objects.list`` call: ``prefix=<root>/<prefix>``
+(a plain prefix, as GCS reads it), ``delimiter=/`` (objects deeper than one
+level collapse into a handful of ``prefixes``), ``maxResults=1`` and a partial
+response of ``items(name),prefixes,nextPageToken``. Anything on the page, an
+object or a sub-prefix, means something's name starts with the prefix. A
+caller asking about a directory ends the prefix with ``/``; the classifier
+asks ``<root>/repositories/<name>/_``: the repository's OWN entries
+(``_layers/``, ``_manifests/``, ``_uploads/``), never its child repositories
+(docs/classification.md says why).
 
 The iterator google-cloud-storage returns would fetch a SECOND page when the
 first one holds only a prefix and a ``nextPageToken`` (it keeps paging until it
@@ -18,8 +22,10 @@ a page is followed for at most :data:`MAX_EMPTY_PAGES` more pages; still empty
 with a token after that, the check raises :class:`StorageError` rather than
 guess "absent". Only an empty page without a token means absent.
 
-Every failure (timeout, 5xx after retries, auth, a missing bucket) raises
-:class:`regmw.errors.StorageError`: an error is never reported as "absent".
+Every page is read strictly (:mod:`.listing`): an answer in a shape the API
+does not promise is a :class:`StorageError`, not "exists". So is every other
+failure (timeout, 5xx after retries, auth, a missing bucket, a body that is not
+JSON): an error is never reported as "absent" nor as "present".
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from regmw.backends import StoredObject
 from regmw.errors import StorageError
 
 from .client import make_client, make_retry
+from .listing import MalformedAnswer, read_page
 
 log = logging.getLogger("regmw.gcs")
 
@@ -44,6 +51,11 @@ log = logging.getLogger("regmw.gcs")
 GCS_ERRORS = (GoogleAPIError, GoogleAuthError, RequestException, OSError, ValueError)
 
 PREFIX_FIELDS = "items(name),prefixes,nextPageToken"
+
+#: what google-cloud-storage raises while unpacking a page in a shape the API does not
+#: promise (a top-level list, ``items`` that is a number, unhashable prefixes), before
+#: :func:`.listing.read_page` sees it
+MALFORMED_PAGE_ERRORS = (TypeError, AttributeError, KeyError)
 
 #: a full listing for the migration: names, sizes and checksums, never content
 LIST_FIELDS = "items(name,size,crc32c,updated),nextPageToken"
@@ -85,18 +97,20 @@ class GCSStorage:
         path = path.lstrip("/")
         return f"{self.root}/{path}" if self.root else path
 
-    def dir_key(self, path: str) -> str:
-        """The listing prefix for ``path``: its key with exactly one trailing slash."""
-        return self.key(path).rstrip("/") + "/"
-
     def prefix_exists(self, prefix: str) -> bool:
-        """True if any object or sub-prefix lies under ``prefix/``.
+        """True if some object's name starts with ``<root>/<prefix>`` (a plain prefix, as GCS reads it).
 
-        One HTTP request, unless GCS answers with an empty page and a
-        continuation token (then at most :data:`MAX_EMPTY_PAGES` more).
+        End ``prefix`` with ``/`` to ask about a directory (``group/foo/`` never
+        matches ``group/foobar/...``). One HTTP request, unless GCS answers with
+        an empty page and a continuation token (then at most
+        :data:`MAX_EMPTY_PAGES` more).
         """
-        metrics.storage_requests.labels(self.driver).inc()
-        return self._list_one(self.dir_key(prefix))
+        with metrics.storage_request(self.driver, "prefix_exists"):
+            return self._list_one(self.key(prefix))
+
+    def ready(self) -> None:
+        """For ``/-/regmw/ready``: one names-only listing under the root (raises StorageError)."""
+        self._list_one(self.key("repositories/"))
 
     def stat(self, path: str) -> StatResult | None:
         """The compound Stat: object metadata GET, then (if no such object) one names-only list.
@@ -140,14 +154,20 @@ class GCSStorage:
             for number in range(1 + MAX_EMPTY_PAGES):
                 if number:
                     metrics.storage_requests.labels(self.driver).inc()
-                page = next(pages, None)  # one page at a time: never let the iterator run on by itself
+                try:
+                    page = next(pages, None)  # one page at a time: never let the iterator run on by itself
+                except MALFORMED_PAGE_ERRORS as exc:
+                    raise MalformedAnswer(f"the client could not unpack the answer ({_describe(exc)})") from exc
                 if page is None:
                     return False
-                if page.num_items > 0 or page.prefixes:
+                answer = read_page(page.raw_page, prefix)
+                if answer.found:
                     return True
-                if not iterator.next_page_token:
+                if answer.next_page_token is None:
                     return False  # empty and nothing more: absent
                 log.debug("gs://%s/%s: empty page with a nextPageToken, following it", self.bucket_name, prefix)
+        except MalformedAnswer as exc:
+            raise StorageError(f"gcs: malformed answer listing gs://{self.bucket_name}/{prefix}: {exc}") from exc
         except GCS_ERRORS as exc:
             raise StorageError(f"gcs: cannot list gs://{self.bucket_name}/{prefix}: {_describe(exc)}") from exc
         raise StorageError(
@@ -167,7 +187,7 @@ class GCSStorage:
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         """Every object under ``prefix/`` (undelimited, metadata fields only: no content is read)."""
-        name = self.dir_key(prefix)
+        name = self.key(prefix)
         try:
             for blob in self.client.list_blobs(self.bucket_name, prefix=name, fields=LIST_FIELDS,
                                                timeout=self.timeout, retry=self.retry):

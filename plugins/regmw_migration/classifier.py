@@ -2,12 +2,13 @@
 
 Cached facts, under ``repository_key(<name>, "migration")``:
 
-* ``b"old"``: the repository exists under the old prefix. Expires after
+* ``b"old"``: the repository has its own entries under the old root
+  (:func:`own_entries`: its children do not count). Expires after
   ``old_ttl`` (repositories get migrated) and is overwritten by
   :meth:`Classifier.mark_migrated`. Written only if the key is absent
   (``Cache.add``, SET NX), so a look-up still in flight when the repository
   is migrated cannot put "old" back over the fresh "new" mark.
-* ``b"new"``: nothing under the old prefix and something under the new one,
+* ``b"new"``: none of its own entries under the old root and some under the new one,
   or the repository was marked migrated. Permanent by default: a new
   repository never goes back.
 
@@ -38,6 +39,25 @@ CACHED = {b"old": STATE_OLD, b"new": STATE_NEW}
 PERMANENT = 0  # Cache.set ttl 0: no expiry
 
 
+#: the first character of a repository's own entries in distribution's layout
+#: (``_layers/``, ``_manifests/``, ``_uploads/``); no name component may start with it
+OWN_ENTRY_MARK = "_"
+
+
+def own_entries(root: str, repository: str) -> str:
+    """The storage prefix of ``repository``'s own entries: ``<root>/repositories/<name>/_``.
+
+    Repository names nest (``group/app`` and ``group/app/builder`` are two
+    repositories), so "anything under ``<name>/``" would also find a child
+    repository and route ``<name>`` by its child's layout. A repository is
+    present when it has one of its own entries, and those are exactly the
+    names under ``<name>/`` that start with ``_``: a name component must start
+    with a letter or digit. One prefix, so still ONE list request (GCS) or
+    one ``scandir`` (filesystem), and ``foo`` never matches ``foobar``.
+    """
+    return f"{root}/repositories/{repository}/{OWN_ENTRY_MARK}"
+
+
 class Classifier:
     """Old/new classification for one configured runtime (``services.classifier``)."""
 
@@ -64,10 +84,12 @@ class Classifier:
         return self.cache_key(context.repository) if context.repository else None
 
     def old_prefix(self, repository: str) -> str:
-        return f"{self.old_root}/repositories/{repository}/"
+        """Where ``repository``'s own entries would be under the old root (see :func:`own_entries`)."""
+        return own_entries(self.old_root, repository)
 
     def new_prefix(self, repository: str) -> str:
-        return f"{self.new_root}/repositories/{repository}/"
+        """Where ``repository``'s own entries would be under the new root (see :func:`own_entries`)."""
+        return own_entries(self.new_root, repository)
 
     # --- the request path -------------------------------------------------
 
@@ -84,7 +106,7 @@ class Classifier:
         path, reason = decide(state, flag, self.paused)
         if reason in ("old_prefix", "new_prefix"):
             reason = source
-        metrics.classifications.labels(path, reason).inc()
+        metrics.classification(path, reason, source == "cache", context)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s: %s (decided by %s; state %s, token flag %s)",
                       context.method, repository, path, reason, state, flag)

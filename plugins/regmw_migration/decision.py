@@ -11,6 +11,10 @@
        ├─ false ──► exists under NEW prefix? ── yes ──► new (permanent), no ──► old
        └─ absent ──► exists under NEW prefix? ── yes ──► new, no ──► old
 
+"Exists under a prefix" means the repository's OWN entries (``_layers/``,
+``_manifests/``, ``_uploads/``) are there: a child repository's entries never
+count (:func:`.classifier.own_entries`).
+
 "new" is permanent: a false flag cannot demote a repository that already lives
 under the new prefix (routing it old would orphan its data there, and a push
 to old would then make it "exists under old → old" for good). A false flag

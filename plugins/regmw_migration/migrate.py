@@ -58,7 +58,9 @@ JOB_NAME = "migrate-repository"
 EVENT_ACTION = "migrated"
 EVENT_NAMESPACE = uuid.UUID("6c1c3f52-8d0e-4a3e-9a53-0b7c3c8a5e21")
 LINK_RE = re.compile(r"(?:_layers|_manifests/revisions)/sha256/([a-f0-9]{64})/link")
-SKIPPED = ("_uploads/",)  # uploads in progress are not migrated: the client restarts them (docs)
+#: a repository's own entries (child repositories are other entries of the same directory); upload
+#: sessions in progress (``_uploads/``) are not migrated: the client restarts them (docs)
+OWN_ENTRIES = ("_layers/", "_manifests/")
 MAX_PASSES = 3
 
 
@@ -113,7 +115,8 @@ def state_key(repository: str) -> str:
 
 
 def _kept(relative: str) -> bool:
-    return not relative.startswith(SKIPPED)
+    """A file the migration copies: the repository's own links, not a child repository's, not an upload."""
+    return relative.startswith(OWN_ENTRIES)
 
 
 def plan(storage: Any, settings: Settings, repository: str) -> Plan:

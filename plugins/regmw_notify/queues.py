@@ -28,7 +28,8 @@ class RedisLaneQueue:
         self.claim_idle_ms = int(claim_idle * 1000)
         self.stop = stop
         self.key = streams.stream(shard)
-        self._cursor: str | None = "0"  # reading our own pending entries first; None = new ones (">")
+        self._cursor = "0"  # the last entry of our pending list we took
+        self._owned_read_once = False
 
     def prepare(self) -> None:
         """Own every pending entry of the group before delivering anything (order across a takeover)."""
@@ -51,19 +52,31 @@ class RedisLaneQueue:
             self.stop.wait(min(0.2, max(0.01, self.claim_idle_ms / 4000)))
 
     def read(self, count: int, block: float) -> list[Entry]:
+        """The next entries, in stream order, from this consumer's own pending list.
+
+        New entries are taken into our pending list by a fenced script (a
+        worker whose lease lapsed cannot take entries and strand them in its
+        own pending list while its successor sends later ones); what we
+        deliver is always read back from that list, after the last entry we
+        took. So a read whose reply was lost (a connection reset, a timeout
+        that redis-py retried) cannot make the lane skip what it took: those
+        entries are pending for us and come back here, before anything newer.
+        """
         client = self.streams.client
-        if self._cursor is not None:
-            reply = client.xreadgroup(self.group, self.consumer, {self.key: self._cursor}, count=count)
-            messages = [message for _stream, batch in reply or () for message in batch]
-            if messages:
-                self._cursor = _text(messages[-1][0])
-                gone = [_text(entry_id) for entry_id, fields in messages if not fields]
-                if gone:  # pending but deleted from the stream: nothing to send; do not let it pin trimming
-                    self.streams.ack(self.shard, self.group, self.token, gone)
-                return _entries(reply)
-            self._cursor = None
-        reply = client.xreadgroup(self.group, self.consumer, {self.key: ">"}, count=count,
-                                  block=int(block * 1000) if block else None)
+        if not self._owned_read_once:
+            self._owned_read_once = True  # first, what we already own (taken over, or from an earlier hold)
+        elif not self.streams.take(self.shard, self.group, self.consumer, self.token, count) and block:
+            # nothing new: wait (without taking anything) until an entry after the last we took arrives
+            client.xread({self.key: self._cursor if self._cursor != "0" else "$"}, count=1, block=int(block * 1000))
+            self.streams.take(self.shard, self.group, self.consumer, self.token, count)
+        reply = client.xreadgroup(self.group, self.consumer, {self.key: self._cursor}, count=count)
+        messages = [message for _stream, batch in reply or () for message in batch]
+        if not messages:
+            return []
+        self._cursor = _text(messages[-1][0])
+        gone = [_text(entry_id) for entry_id, fields in messages if not fields]
+        if gone:  # pending but deleted from the stream: nothing to send; do not let it pin trimming
+            self.streams.ack(self.shard, self.group, self.token, gone)
         return _entries(reply)
 
     def ack(self, entries: list[Entry]) -> None:

@@ -38,6 +38,16 @@ if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 
 return redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 3))
 """
 
+#: Take up to ARGV[4] new entries into consumer ARGV[3]'s pending list, if ARGV[1] is still the fence.
+#: KEYS: fence, stream. ARGV: token, group, consumer, count. Returns how many were taken, or -1.
+#: Fenced, so a worker whose lease lapsed cannot take (and then strand) entries its successor must send.
+FENCED_READ = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return -1 end
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4], 'STREAMS', KEYS[2], '>')
+if not reply then return 0 end
+return #reply[1][2]
+"""
+
 #: Park entries: copy each to the dead-letter stream, then XACK, if ARGV[1] is still the fence.
 #: KEYS: fence, stream, dead. ARGV: token, group, reason, then (id, event, repository) triples.
 FENCED_PARK = """
@@ -76,6 +86,7 @@ class RedisStreams:
         self._take_fence = client.register_script(TAKE_FENCE)
         self._ack = client.register_script(FENCED_ACK)
         self._park = client.register_script(FENCED_PARK)
+        self._read = client.register_script(FENCED_READ)
 
     @property
     def client(self) -> Any:
@@ -137,6 +148,13 @@ class RedisStreams:
     def ack(self, shard: int, group: str, token: int, ids: Sequence[str]) -> None:
         if ids and self._ack(keys=[self.key(shard, "fence"), self.stream(shard)], args=[token, group, *ids]) == -1:
             raise Fenced(f"shard {shard}: lease {token} was superseded")
+
+    def take(self, shard: int, group: str, consumer: str, token: int, count: int) -> int:
+        """Move up to ``count`` new entries into ``consumer``'s pending list (fenced); how many it took."""
+        taken = int(self._read(keys=[self.key(shard, "fence"), self.stream(shard)], args=[token, group, consumer, count]))
+        if taken == -1:
+            raise Fenced(f"shard {shard}: lease {token} was superseded")
+        return taken
 
     def park(self, shard: int, group: str, token: int, entries: Sequence[Any], reason: str) -> None:
         args: list[Any] = [token, group, reason]

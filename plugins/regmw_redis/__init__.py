@@ -1,4 +1,4 @@
-"""regmw built-in plugin ``redis``: Redis (single node or Sentinel) behind the cache, locks and rate limits.
+"""regmw built-in plugin ``redis``: Redis (single node, Sentinel or Cluster) behind the cache, locks and rate limits.
 
 Enable with ``[regmw] plugins = ["redis"]`` and configure ``[redis]``. The
 hook implementations are attributes of this module (it is what the plugin
@@ -9,7 +9,8 @@ manager registers); the work lives in one small module per job:
   key namespacing, round-trip counting;
 - :mod:`.settings`: the ``[redis]`` section;
 - :mod:`.cache`, :mod:`.locks`, :mod:`.ratelimit`: the backends;
-- :mod:`.admission`: the one-round-trip hot path; :mod:`.scripts`: its Lua.
+- :mod:`.admission`: the one-round-trip hot path; :mod:`.scripts`: its Lua;
+- :mod:`.cluster`: Redis Cluster (``redis+cluster://``): lazy client, key tags, per-slot admission.
 
 See docs/redis.md.
 """
@@ -21,6 +22,7 @@ from regmw.plugins import hookimpl
 from . import scripts
 from .admission import RedisAdmission
 from .cache import RedisCache
+from .cluster import connection_for
 from .connection import RedisConnection
 from .errors import REDIS_DOWN, log
 from .locks import RedisLockManager
@@ -42,7 +44,7 @@ def regmw_config_sections():
 @hookimpl
 def regmw_redis(config):
     """``services.redis``: this runtime's connection (no connection is opened until first use)."""
-    return RedisConnection(config["redis"])
+    return connection_for(config["redis"])
 
 
 @hookimpl

@@ -21,11 +21,10 @@ read-only check per ``[readonly]``, and every prefetch key is a miss (stored
 as None, so the cache is not asked a second time while Redis is down).
 
 Redis Cluster: a script's keys must share one slot, and one request's keys do
-not (its client's counter, its repository's lock, its classification entry).
-This module targets single-node and Sentinel Redis; on Cluster the keys would
-have to be grouped by slot and sent as one pipeline of per-slot scripts
-(one round trip per node involved), or every key put under the repository's
-hash tag, which would make per-client limits per-repository.
+not (its client's counters ``{client:...}``, its repository's lock and
+classification ``{repository:...}``). There the call is split by
+:class:`regmw_redis.cluster.SlotGroups`: one script per slot, sent
+concurrently, the replies put back in this layout.
 """
 from __future__ import annotations
 
@@ -43,6 +42,7 @@ from regmw.defaults.ratelimit import Rule
 from regmw.errors import Refusal
 
 from . import scripts
+from .cluster import SlotGroups
 from .errors import REDIS_DOWN, report
 
 
@@ -73,6 +73,9 @@ class RedisAdmission:
         config = services.config
         self.connection = connection
         self.script = connection.client.register_script(scripts.ADMIT)
+        # One EVALSHA; on a Redis Cluster one per slot group, sent concurrently
+        # (a script's keys must share a slot; a request's need not).
+        self.call = SlotGroups(connection.client, self.script) if getattr(connection, "cluster", False) else self.script
         self.rules = rules
         self.others = tuple(others)  # limiters counting by their own code: called after the script
         self.prefix = ratelimit_prefix + ":"
@@ -125,7 +128,7 @@ class RedisAdmission:
         lock_checked = check_lock and self.lock_key is not None
         if keys:
             try:
-                reply = self.script(keys=keys, args=args)
+                reply = self.call(keys=keys, args=args)
             except REDIS_DOWN as exc:
                 refusal = self._redis_down(context, exc, wanted, bool(counted), lock_checked)
                 if refusal is not None:

@@ -29,6 +29,10 @@ class RedisCache:
         self.prefix = prefix + ":"
         self.default_ttl = default_ttl
 
+    def ready(self) -> None:
+        """For ``/-/regmw/ready``: one PING (raises when Redis does not answer)."""
+        self.client.ping()
+
     def redis_key(self, key: str) -> str:
         """The Redis key holding ``key`` (the admission script reads prefetch keys by it)."""
         return self.prefix + key

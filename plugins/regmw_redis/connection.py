@@ -173,6 +173,16 @@ class RedisConnection:
         self.namespace: str = section["namespace"]
         self.client: redis.Redis = build_client(section)
 
+    @property
+    def command_deadline(self) -> float | None:
+        """The longest one command can block: the longer timeout times (retries + 1).
+
+        Read from ``[redis]`` (what the client was built with), never from
+        redis-py's private ``Retry._retries``. None when no timeout is set.
+        """
+        timeouts = [t for t in (self.section["socket_timeout"], self.section["connect_timeout"]) if t]
+        return max(timeouts) * (1 + self.section["retries"]) if timeouts else None
+
     def key(self, *parts: str) -> str:
         """``<namespace>:<parts joined by ':'>``, e.g. ``regmw:{repository:a/b}:wal``."""
         return ":".join((self.namespace, *parts))

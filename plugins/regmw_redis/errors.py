@@ -8,11 +8,14 @@ from __future__ import annotations
 import logging
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from regmw import metrics
 
 #: Errors that mean "Redis could not answer": the feature's failure policy applies.
-REDIS_DOWN: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+#: ``RedisClusterException`` is not a RedisError: redis-py raises it (SlotNotCoveredError) for a slot
+#: without a master during a Cluster failover.
+REDIS_DOWN: tuple[type[BaseException], ...] = (redis.RedisError, OSError, RedisClusterException)
 
 log = logging.getLogger("regmw.redis")
 

@@ -170,16 +170,9 @@ class RedisLockManager:
         self._renew_slot = client.register_script(scripts.RENEW_SLOT)
         self._count_slots = client.register_script(scripts.COUNT_SLOTS)
 
-    def _socket_timeout(self) -> float | None:
-        """The longest one attempt of a command can block: read/connect timeout times (retries + 1)."""
-        pool = self.client.connection_pool
-        kwargs = getattr(pool, "connection_kwargs", {})
-        timeouts = [t for t in (kwargs.get("socket_timeout"), kwargs.get("socket_connect_timeout")) if t]
-        if not timeouts:
-            return None
-        retry = kwargs.get("retry")
-        attempts = 1 + (getattr(retry, "_retries", 0) or 0)
-        return max(timeouts) * attempts
+    def ready(self) -> None:
+        """For ``/-/regmw/ready``: one PING (raises when Redis does not answer)."""
+        self.client.ping()
 
     # --- keys ---------------------------------------------------------------
 
@@ -288,7 +281,7 @@ class RedisLockManager:
         ``sent`` is when the acquiring command was sent: the server-side expiry
         is at least ``sent + ttl``, which is what loss detection counts from.
         """
-        renewer = LeaseRenewer(renew, lease.ttl, lease.lost, lease.name, sent, self._socket_timeout())
+        renewer = LeaseRenewer(renew, lease.ttl, lease.lost, lease.name, sent, self.connection.command_deadline)
         renewer.start()
         try:
             yield

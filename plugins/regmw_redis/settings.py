@@ -6,11 +6,14 @@ from typing import Any
 
 from regmw.config import Option, Section
 
+from .cluster import CLUSTER_SCHEMES, parse_cluster_url
 from .connection import SCHEMES, parse_url
 
 
 def url_and_options(section: Mapping[str, Any], config: Any = None) -> str | None:
-    """`url` parses together with `service_name`/`db`/`password` (a Sentinel URL names its master, in the URL or in `service_name`); `service_name` and `sentinel_password` only with a `redis+sentinel://` URL; `tls_ca_file` only with TLS (`rediss://`, `rediss+sentinel://`)."""
+    """`url` parses together with `service_name`/`db`/`password` (a Sentinel URL names its master, in the URL or in `service_name`); `service_name` and `sentinel_password` only with a `redis+sentinel://` URL; `tls_ca_file` only with TLS (`rediss://`, `rediss+sentinel://`, `rediss+cluster://`); a Cluster has no `db` but 0."""
+    if section["url"].split("://", 1)[0] in CLUSTER_SCHEMES:
+        return _cluster_url_and_options(section)
     try:
         target = parse_url(section["url"], section)
     except ValueError as exc:
@@ -35,6 +38,19 @@ def script_counts_fixed_windows(section: Mapping[str, Any], config: Mapping[str,
     return None
 
 
+def _cluster_url_and_options(section: Mapping[str, Any]) -> str | None:
+    try:
+        target = parse_cluster_url(section["url"], section)
+    except ValueError as exc:
+        return f"redis.url: {exc}"
+    for key in ("service_name", "sentinel_password"):
+        if section.get(key):
+            return f"redis.{key} is set but redis.url is not a redis+sentinel:// URL"
+    if section.get("tls_ca_file") and not target.tls:
+        return "redis.tls_ca_file is set but redis.url does not use TLS (rediss+cluster://)"
+    return None
+
+
 def _check_namespace(value: str) -> str:
     if not value or any(char in value for char in "{} "):
         raise ValueError("must be non-empty, without braces or spaces (braces would become a hash tag)")
@@ -43,13 +59,14 @@ def _check_namespace(value: str) -> str:
 
 SECTION = Section(
     "redis",
-    "Shared Redis (single node or Sentinel) for the cache, read-only locks, cluster slots and rate limits.",
+    "Shared Redis (single node, Sentinel or Cluster) for the cache, read-only locks, cluster slots and rate limits.",
     {
         "url": Option(
             "url", "redis://127.0.0.1:6379/0",
             "redis://[[user]:password@]host:port/db, rediss:// (TLS), unix:///path.sock?db=N, or Sentinel "
-            "redis+sentinel://[[user]:password@]host:port,host:port/<service>[/db] (password = the master's).",
-            schemes=SCHEMES,
+            "redis+sentinel://[[user]:password@]host:port,host:port/<service>[/db] (password = the master's), or "
+            "Cluster redis+cluster://[[user]:password@]host:port[,host:port...] (rediss+cluster:// with TLS).",
+            schemes=SCHEMES + CLUSTER_SCHEMES,
         ),
         "service_name": Option("str", None, "Sentinel master name, when the URL does not carry it."),
         "sentinel_password": Option("str", None, "Password of the sentinels themselves (none by default)."),
@@ -75,7 +92,7 @@ SECTION = Section(
             "int", 2, "RESP protocol version spoken to Redis (2 parses faster in redis-py; 3 if your proxy needs it).",
             minimum=2, maximum=3,
         ),
-        "tls_ca_file": Option("path", None, "CA bundle verifying the server's certificate for rediss://."),
+        "tls_ca_file": Option("path", None, "CA bundle verifying the server's certificate for rediss:// and rediss+cluster://."),
         "cache_ttl": Option("float", 300.0, "Seconds a cache entry lives when the caller gives no TTL.", minimum=0.001),
         "hot_path": Option(
             "str", "script",

@@ -163,12 +163,13 @@ def refused_by_limit(result) -> Refusal:
 
 
 def read_only_refusal(repository: str, retry_after: int) -> Refusal:
-    return unavailable("repository is read-only (migration in progress)", retry_after, {"name": repository})
+    return unavailable("repository is read-only (migration in progress)", retry_after, {"name": repository},
+                       reason="read_only")
 
 
 def ratelimit_store_down(exc: BaseException, fail_open: bool) -> Refusal | None:
     metrics.report_backend_error("ratelimit", "fail_open" if fail_open else "fail_closed", exc, log)
-    return None if fail_open else unavailable("rate limiting is unavailable", 5)
+    return None if fail_open else unavailable("rate limiting is unavailable", 5, reason="rate_limit_unavailable")
 
 
 def readonly_store_down(exc: BaseException, repository: str, policy) -> Refusal | None:
@@ -177,7 +178,8 @@ def readonly_store_down(exc: BaseException, repository: str, policy) -> Refusal 
     )
     metrics.report_backend_error("readonly", "fail_closed" if closed else "fail_open", exc, log)
     if closed:
-        return unavailable("cannot check the repository's read-only lock", policy["retry_after"], {"name": repository})
+        return unavailable("cannot check the repository's read-only lock", policy["retry_after"], {"name": repository},
+                           reason="read_only_unavailable")
     return None
 
 
@@ -202,7 +204,9 @@ SECTIONS = [
                 "int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1, maximum=128
             ),
             "metrics_path": Option(
-                "str", "/-/regmw/metrics", "Path answering Prometheus metrics; empty to disable.", check=_absolute_path
+                "str", "", "Path answering Prometheus metrics on the API port, only to `[serve] metrics_allow` networks "
+                "(e.g. `/-/regmw/metrics`); empty: not on the API port (use `[serve] metrics_listen`).",
+                check=_absolute_path
             ),
             "log_level": Option(
                 "str", "INFO",

@@ -1,9 +1,20 @@
 """Storage existence checks on a local filesystem registry layout.
 
 The registry's filesystem driver keeps a repository under
-``<root>/docker/registry/v2/repositories/<name>/``; ``prefix_exists`` answers
-with one ``scandir`` that stops at the first entry, the filesystem twin of the
-GCS plugin's one-item delimited list.
+``<root>/docker/registry/v2/repositories/<name>/``. ``prefix_exists(prefix)``
+reads keys as plain prefixes, like GCS: it splits ``prefix`` at its last ``/``
+into a directory and the start of an entry's name, and answers with ONE
+``scandir`` of that directory that stops at the first entry whose name starts
+so. ``a/b/`` asks "is anything in ``a/b``?"; the classifier's
+``repositories/<name>/_`` asks "does ``<name>`` have its own ``_layers``,
+``_manifests`` or ``_uploads``?" and looks at nothing else (child
+repositories are other entries of the same directory). It is the filesystem
+twin of the GCS plugin's one-item delimited list.
+
+One difference stays, for the price of one ``scandir``: an empty directory
+that starts with the prefix counts here (the registry's filesystem driver
+leaves an empty ``_uploads/`` behind when an upload ends), where GCS, which has
+no directories, would list nothing.
 
 It is also an :class:`~regmw.backends.ObjectStorage` for the migration and
 purge jobs: ``list`` walks a prefix, ``copy`` writes a temporary file next to
@@ -19,6 +30,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from regmw import metrics
 from regmw.backends import StoredObject
 from regmw.config import Option, Section
 from regmw.errors import StorageError
@@ -38,15 +50,17 @@ class FilesystemStorage:
         return path
 
     def prefix_exists(self, prefix: str) -> bool:
-        """True if anything (a file or a sub-directory) exists under ``prefix``."""
-        path = self._path(prefix)
-        try:
-            with os.scandir(path) as entries:
-                return next(entries, None) is not None
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        except OSError as exc:
-            raise StorageError(f"cannot list {path}: {exc}") from exc
+        """True if an entry of ``prefix``'s directory has a name starting with the rest: one ``scandir``."""
+        directory, _, start = prefix.rpartition("/")
+        path = self._path(directory)
+        with metrics.storage_request(self.driver, "prefix_exists"):
+            try:
+                with os.scandir(path) as entries:
+                    return any(entry.name.startswith(start) for entry in entries)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            except OSError as exc:
+                raise StorageError(f"cannot list {path}: {exc}") from exc
 
     def _key(self, path: str) -> str:
         return os.path.relpath(path, self.root).replace(os.sep, "/")

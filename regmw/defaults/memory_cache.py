@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
 
 from regmw.config import Option, Section
 from regmw.plugins import hookimpl
@@ -22,6 +24,41 @@ from regmw.plugins import hookimpl
 ENTRY_OVERHEAD = 330
 
 
+class LRUBook:
+    """The books of a bounded in-process store: entries in least-recently-used order and their bytes.
+
+    Shared by the cache here and the embedded rate limiter
+    (:mod:`regmw.defaults.ratelimit`), so both bound their memory the same way:
+    every entry is charged ``cost(key, value)`` bytes (its characters plus a
+    measured per-entry overhead), and as soon as either cap is passed the least
+    recently used entries go, with no background sweep. Nothing here locks:
+    the owner holds its own lock around every call (it usually has more to do
+    under it).
+    """
+
+    __slots__ = ("bytes", "cost", "data", "max_bytes", "max_entries")
+
+    def __init__(self, max_entries: int, max_bytes: int, cost: Callable[[Any, Any], int]) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.cost = cost
+        self.data: OrderedDict[Hashable, Any] = OrderedDict()
+        self.bytes = 0
+
+    def add(self, key: Hashable, value: Any) -> None:
+        """Insert an absent ``key`` as the most recently used, then evict down to the caps."""
+        data = self.data
+        data[key] = value
+        self.bytes += self.cost(key, value)
+        while len(data) > self.max_entries or self.bytes > self.max_bytes:
+            oldest, evicted = data.popitem(last=False)
+            self.bytes -= self.cost(oldest, evicted)
+
+    def remove(self, key: Hashable) -> None:
+        value = self.data.pop(key)
+        self.bytes -= self.cost(key, value)
+
+
 class MemoryCache:
     """A :class:`regmw.backends.Cache` in this process: other processes do not see its entries."""
 
@@ -31,8 +68,8 @@ class MemoryCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.default_ttl = default_ttl
-        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self._bytes = 0
+        self._book = LRUBook(max_entries, max_bytes, lambda key, item: self._cost(key, item[0]))
+        self._data: OrderedDict[str, tuple[bytes, float]] = self._book.data
         self._lock = threading.Lock()
 
     @staticmethod
@@ -46,7 +83,7 @@ class MemoryCache:
                 return None
             value, expires = item
             if expires and expires < time.monotonic():
-                self._remove(key)
+                self._book.remove(key)
                 return None
             self._data.move_to_end(key)
             return value
@@ -68,29 +105,21 @@ class MemoryCache:
                 current_expiry = self._data[key][1]
                 if not replace and not (current_expiry and current_expiry < time.monotonic()):
                     return False
-                self._remove(key)
-            self._data[key] = (value, expires)
-            self._bytes += cost
-            while len(self._data) > self.max_entries or self._bytes > self.max_bytes:
-                oldest = next(iter(self._data))
-                self._remove(oldest)
+                self._book.remove(key)
+            self._book.add(key, (value, expires))
         return True
 
     def delete(self, key: str) -> None:
         with self._lock:
             if key in self._data:
-                self._remove(key)
-
-    def _remove(self, key: str) -> None:
-        value, _ = self._data.pop(key)
-        self._bytes -= self._cost(key, value)
+                self._book.remove(key)
 
     def __len__(self) -> int:
         return len(self._data)
 
     @property
     def size_bytes(self) -> int:
-        return self._bytes
+        return self._book.bytes
 
 
 SECTION = Section(

@@ -1,16 +1,34 @@
-"""Rate limiting on the ``limits`` library: rules, keys, and the default limiter.
+"""Rate limiting: rules in ``limits``' syntax, the embedded bounded limiter, and the ``limits`` one.
 
 Rules come from ``[ratelimit] rules``; each counts requests by one identity
 (client address, repository, token subject, or globally), optionally only for
-reads or writes. The limiter here uses ``limits``' storage by URI and its
-strategies, so the same class serves ``memory://`` (the embedded default),
-``redis://`` and ``redis+sentinel://``.
+reads or writes, with limits written as ``limits.parse_many`` reads them
+(``"100/minute;1000/hour"``).
+
+Two limiters count them:
+
+- :class:`MemoryRateLimiter`, the embedded default: a counter table of its
+  own, bounded by ``[ratelimit] max_bytes`` (least recently used counters go
+  first, with the cache's accounting, :class:`~regmw.defaults.memory_cache.LRUBook`).
+  It replaces ``limits``' ``MemoryStorage``, which starts a timer thread every
+  10 ms that rescans every key under the GIL and frees keys only when they
+  expire: fed 100,000 repository names, a server on it slowed down and grew
+  without bound. Here a hit is one lock, one dict look-up and a few
+  additions, whatever the number of keys (docs/performance.md has the figures).
+- :class:`LimitsRateLimiter`: ``limits``' strategies over a storage chosen by
+  URI (the Redis plugin's ``hot_path = "limits"``, which keeps every strategy).
+
+Both expose ``rules`` and ``declarative = True``: the rules are plain data that
+another store may count instead (the Redis plugin's one-round-trip admission
+counts the same rules in its script).
 """
 from __future__ import annotations
 
+import math
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import limits
@@ -19,7 +37,10 @@ from limits.strategies import STRATEGIES
 
 from regmw.backends import RateLimitResult, tightest
 from regmw.config import Option, Section
+from regmw.errors import ConfigError
 from regmw.plugins import hookimpl
+
+from .memory_cache import LRUBook
 
 if TYPE_CHECKING:
     from regmw.context import RequestContext
@@ -79,8 +100,161 @@ def check_rules(value: list[dict]) -> list[dict]:
     return value
 
 
+#: Strategies the embedded limiter counts; ``moving-window`` keeps a timestamp
+#: per admitted request (up to the limit per key), which a byte cap per counter
+#: cannot hold, so it is refused at start-up (the Redis plugin's
+#: ``hot_path = "limits"`` has it).
+MEMORY_STRATEGIES = ("fixed-window", "sliding-window-counter")
+
+#: Bytes charged per counter on top of its identity's characters: the key tuple,
+#: the identity str's header, the counter list and its numbers, the OrderedDict
+#: slot and link and the hash table's spare room. Measured with tracemalloc on
+#: CPython 3.11 (tests/test_ratelimit.py holds a million keys under the cap with
+#: it); generous on purpose, like the cache's ENTRY_OVERHEAD.
+COUNTER_OVERHEAD = 360
+
+
+def _counter_cost(key: tuple[int, str], counter: list) -> int:
+    return len(key[1]) + COUNTER_OVERHEAD
+
+
+class MemoryRateLimiter:
+    """The embedded limiter: exact per process, O(1) per request, memory bounded by ``max_bytes``.
+
+    One counter per (limit, identity), kept in least-recently-used order. A hit
+    takes the table's lock once for all the request's limits, so threads never
+    admit more than a limit between them. A counter evicted to stay under the
+    cap (the least recently used, so the coldest key) starts again from zero
+    the next time its key is seen: the limit holds while a key's counter is
+    resident, which a cap sized for the hot keys keeps true for them.
+
+    ``fixed-window`` counts like ``limits`` (the window opens at a key's first
+    hit; refused hits are counted too, as the Redis script does);
+    ``sliding-window-counter`` weights the previous window like ``limits``
+    (windows aligned on the clock; a refused hit is not counted).
+    """
+
+    declarative = True  # capability: ``rules`` may be counted by another store
+    shared = False  # capability: counts seen by this process only
+
+    def __init__(
+        self,
+        rules: list[Rule],
+        strategy: str = "fixed-window",
+        max_bytes: int = 32 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if strategy not in MEMORY_STRATEGIES:
+            raise ValueError(
+                f"strategy {strategy!r} is not supported by the embedded rate limiter "
+                f"(one of: {', '.join(MEMORY_STRATEGIES)}; moving-window needs the redis plugin's hot_path = \"limits\")"
+            )
+        self.rules = rules
+        self.strategy = strategy
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._sliding = strategy == "sliding-window-counter"
+        self._book = LRUBook(1 << 62, max_bytes, _counter_cost)
+        self._lock = threading.Lock()
+        # Per rule, its limits as (table index, amount, window seconds): built once.
+        index = 0
+        self._plan: list[tuple[Rule, list[tuple[int, int, float]]]] = []
+        for rule in rules:
+            limits_of_rule = []
+            for item in rule.items:
+                limits_of_rule.append((index, item.amount, float(item.get_expiry())))
+                index += 1
+            self._plan.append((rule, limits_of_rule))
+
+    @property
+    def counters(self) -> int:
+        """Counters held now (no ``__len__``: an empty limiter must stay truthy)."""
+        return len(self._book.data)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes charged for the counters held now (never above ``max_bytes``)."""
+        return self._book.bytes
+
+    def hit(self, context: RequestContext) -> RateLimitResult:
+        """Count the request against each matching limit, the first refusal stopping the counting.
+
+        Returns the first refusal, else the limit with the fewest requests left
+        (:func:`~regmw.backends.tightest`'s choice), built once: a result object
+        per counted limit would cost more than the counting.
+        """
+        wanted = [(rule.name, rule_limits, identity) for rule, rule_limits in self._plan
+                  if (identity := rule.identity(context)) is not None]
+        if not wanted:
+            return _UNLIMITED
+        count = self._count_sliding if self._sliding else self._count_fixed
+        with self._lock:
+            allowed, amount, remaining, reset, name = count(wanted, self._clock())
+        return RateLimitResult(allowed, amount, remaining, reset, name)
+
+    def _count_fixed(self, wanted: list, now: float) -> tuple[bool, int, int, float, str]:
+        book = self._book
+        data = book.data
+        chosen = None
+        for name, rule_limits, identity in wanted:
+            for index, amount, expiry in rule_limits:
+                key = (index, identity)
+                counter = data.get(key)  # [window end, hits in it]
+                if counter is None:
+                    counter = [now + expiry, 1]
+                    book.add(key, counter)
+                else:
+                    data.move_to_end(key)
+                    if counter[0] <= now:
+                        counter[0], counter[1] = now + expiry, 1
+                    else:
+                        counter[1] += 1
+                remaining = amount - counter[1]
+                if remaining < 0:
+                    return False, amount, remaining, counter[0] - now, name
+                if chosen is None or remaining < chosen[2]:
+                    chosen = (True, amount, remaining, counter[0] - now, name)
+        return chosen
+
+    def _count_sliding(self, wanted: list, now: float) -> tuple[bool, int, int, float, str]:
+        book = self._book
+        data = book.data
+        chosen = None
+        for name, rule_limits, identity in wanted:
+            for index, amount, expiry in rule_limits:
+                key = (index, identity)
+                window = int(now // expiry)
+                counter = data.get(key)  # [window number, hits in it, hits in the one before]
+                if counter is None:
+                    counter = [window, 0, 0]
+                    book.add(key, counter)
+                else:
+                    data.move_to_end(key)
+                    if counter[0] != window:
+                        counter[2] = counter[1] if counter[0] == window - 1 else 0
+                        counter[0], counter[1] = window, 0
+                previous_left = (window + 1) * expiry - now  # how long the previous window still weighs
+                weighted = math.floor(counter[2] * previous_left / expiry + counter[1])
+                allowed = weighted < amount
+                if allowed:
+                    counter[1] += 1
+                    weighted += 1
+                # when one request's worth frees up (as limits reports it)
+                reset = previous_left % (expiry / counter[2]) if counter[2] else previous_left
+                if not allowed:
+                    return False, amount, amount - weighted, reset, name
+                if chosen is None or amount - weighted < chosen[2]:
+                    chosen = (True, amount, amount - weighted, reset, name)
+        return chosen
+
+
+_UNLIMITED = RateLimitResult(True)
+
+
 class LimitsRateLimiter:
     """Counts a request against every matching rule with a ``limits`` strategy."""
+
+    declarative = True
 
     def __init__(self, rules: list[Rule], storage_uri: str = "memory://", strategy: str = "fixed-window", **storage_options):
         self.rules = rules
@@ -117,7 +291,16 @@ SECTION = Section(
             check=check_rules,
         ),
         "strategy": Option(
-            "str", "fixed-window", "The `limits` strategy.", choices=tuple(sorted(STRATEGIES))
+            "str", "fixed-window",
+            "The `limits` strategy. The embedded limiter counts fixed-window and sliding-window-counter "
+            '(moving-window needs the redis plugin with `hot_path = "limits"`).',
+            choices=tuple(sorted(STRATEGIES)),
+        ),
+        "max_bytes": Option(
+            "int", 32 * 1024 * 1024,
+            "Embedded limiter only: most bytes of counters kept in memory (identity + ~360 B each); "
+            "the least recently used go first. 32 MiB holds about 90,000 counters.",
+            minimum=4096,
         ),
         "fail_open": Option(
             "bool", True, "When the counter store is down: true lets requests through (counted in metrics), false answers 503."
@@ -136,4 +319,7 @@ def regmw_rate_limiter(config):
     section = config["ratelimit"]
     if not section["enabled"] or not section["rules"]:
         return None
-    return LimitsRateLimiter(parse_rules(section["rules"]), "memory://", section["strategy"])
+    try:
+        return MemoryRateLimiter(parse_rules(section["rules"]), section["strategy"], section["max_bytes"])
+    except ValueError as exc:
+        raise ConfigError(f"{getattr(config, 'source', '<config>')}: ratelimit.strategy: {exc}") from None

@@ -3,7 +3,7 @@
 The reference registry stores exactly what ``registry:2``'s filesystem driver
 stores, at the same paths, so that anything built for a real registry's
 storage (regmw's filesystem storage stat, which asks whether
-``docker/registry/v2/repositories/<name>/`` holds anything) works unchanged on
+``docker/registry/v2/repositories/<name>/`` holds an own ``_`` entry) works unchanged on
 it, and a storage root can be served by either::
 
     <root>/docker/registry/v2/

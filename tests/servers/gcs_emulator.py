@@ -73,15 +73,17 @@ class Emulator:
         self.client = self.make_client()
         self._stopped = False
 
-    def make_client(self):
+    def make_client(self, quiet: bool = True):
+        """A client of this emulator; ``quiet``: without google-cloud-storage's background requests."""
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
-        from regmw_gcs.client import quiet
+        from regmw_gcs.client import quiet as quieten
 
-        return quiet(storage.Client(
+        client = storage.Client(
             project="regmw-test", credentials=AnonymousCredentials(), client_options={"api_endpoint": self.endpoint}
-        ))
+        )
+        return quieten(client) if quiet else client
 
     def gcs_section(self, **extra: Any) -> dict[str, Any]:
         """A ``[gcs]`` config section for this emulator (no retries: tests want the first answer)."""

@@ -1,0 +1,272 @@
+"""``regmw serve`` on gunicorn: threaded workers, metrics of every worker, graceful shutdown.
+
+Why these choices (measured in docs/performance.md, benchmarks/gateway_bench.py):
+
+* **gunicorn, ``gthread`` workers.** A blob transfer holds one thread for
+  minutes; with the sync worker it would also hold the worker's heartbeat, and
+  ``timeout`` would kill a long pull. Threads stream; the worker's main loop
+  keeps beating. ``[serve] workers`` processes × ``threads`` threads.
+* **Graceful shutdown that refuses.** On SIGTERM gunicorn stops accepting,
+  lets in-flight requests finish for ``graceful_timeout`` seconds, then kills.
+  But its workers keep the shared listening socket open while they drain, so
+  the kernel would still complete new handshakes into the backlog and leave
+  those clients hanging. :class:`Arbiter` therefore ``shutdown()``\\ s the
+  listening sockets first: from then on a new connection is refused
+  (ECONNREFUSED) and a load balancer moves on at once, while connections
+  already accepted stream to the end. Only a full stop does this; a reload
+  (SIGHUP) or fewer workers (TTOU) keeps listening.
+* **Metrics across workers.** prometheus-client's multiprocess mode must be
+  chosen before it is imported, and ``regmw`` imports it; so :func:`run`
+  creates a fresh ``PROMETHEUS_MULTIPROC_DIR`` and re-executes itself
+  (``python -m regmw.server``, same PID) with it set. The master answers
+  ``[serve] metrics_listen`` with every worker's values summed; a dead worker's
+  counters stay counted. The directory is removed when the server exits.
+* **The app is built in each worker** (after fork): Redis pools, database
+  health threads and upstream pools must not be shared across processes. The
+  master validates the configuration first, so a bad one fails as one line
+  (exit 2) before any worker starts.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter as _GunicornArbiter
+from gunicorn.workers.gthread import ThreadWorker
+
+from .errors import ConfigError
+
+log = logging.getLogger("regmw.server")
+
+_OWNED_DIR = "REGMW_SERVE_METRICS_DIR"  # set when this server created PROMETHEUS_MULTIPROC_DIR (and removes it)
+
+
+class DrainingWorker(ThreadWorker):
+    """gunicorn's threaded worker, tolerating a listening socket the master already shut down."""
+
+    def accept(self, listener: Any) -> None:
+        try:
+            super().accept(listener)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # The master is stopping (Arbiter.stop): our SIGTERM is on its way; stop polling the listener.
+            self.set_accept_enabled(False)
+
+
+class Arbiter(_GunicornArbiter):
+    """gunicorn's arbiter, which stops listening (refuses new connections) before draining."""
+
+    def stop(self, graceful: bool = True) -> None:
+        for listener in self.LISTENERS:
+            try:
+                listener.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        super().stop(graceful)
+
+
+class RegmwServer(BaseApplication):
+    """A gunicorn application serving :func:`regmw.serve.make_application` in each worker."""
+
+    def __init__(self, *, config: str | None, bind: str, section: dict[str, Any], log_level: str,
+                 app: str | None = None, registry_root: str | None = None) -> None:
+        self.regmw_config = config
+        self.bind = bind
+        self.section = section
+        self.log_level = log_level
+        self.app_spec = app
+        self.registry_root = registry_root
+        super().__init__()
+
+    def load_config(self) -> None:
+        section = self.section
+        settings = {
+            "bind": [self.bind],
+            "worker_class": "regmw.server.DrainingWorker",
+            "workers": section["workers"],
+            "threads": section["threads"],
+            "worker_connections": section["worker_connections"],
+            "timeout": section["timeout"],
+            "graceful_timeout": section["graceful_timeout"],
+            "keepalive": section["keepalive"],
+            "accesslog": None,  # regmw writes its own JSON access log (regmw.access)
+            "errorlog": "-",
+            "loglevel": self.log_level.lower(),
+            "proc_name": "regmw",
+            "control_socket_disable": True,  # one fixed path per user: several servers would fight over it
+            "when_ready": self._when_ready,
+            "child_exit": _child_exit,
+            "on_exit": _on_exit,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+        # (tested with gunicorn 27, whose gthread worker drains in-flight requests on SIGTERM: setup.cfg pins it)
+
+    def load(self) -> Any:
+        """Runs in each worker, after fork."""
+        from .runtime import build
+        from .serve import load_app, make_application
+
+        _configure_logging(self.log_level)
+        runtime = build(self.regmw_config)
+        app = load_app(self.app_spec) if self.app_spec else None
+        return make_application(runtime, app=app, registry_root=self.registry_root)
+
+    def run(self) -> None:
+        try:
+            Arbiter(self).run()
+        except RuntimeError as exc:
+            print(f"regmw: {exc}", file=sys.stderr)
+            sys.exit(1)
+
+    def _when_ready(self, arbiter: Any) -> None:
+        listen = self.section["metrics_listen"]
+        if listen:
+            start_metrics_server(listen)
+        log.info("regmw serving on http://%s (%d workers x %d threads)", self.bind,
+                 self.section["workers"], self.section["threads"])
+
+
+def start_metrics_server(listen: str) -> tuple[Any, Any]:
+    """Serve every worker's metrics on ``HOST:PORT`` from this (the master) process."""
+    from prometheus_client import start_http_server
+
+    from .metrics import exposition_registry
+
+    host, _, port = listen.rpartition(":")
+    return start_http_server(int(port), addr=host.strip("[]"), registry=exposition_registry())
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def _on_exit(server: Any) -> None:
+    owned = os.environ.get(_OWNED_DIR)
+    if owned and owned == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(owned, ignore_errors=True)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    access = logging.getLogger("regmw.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.propagate = False
+        access.setLevel(logging.INFO)
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_config(config: str | None, app: str | None = None, registry_root: str | None = None) -> Any:
+    """Validate the configuration as start-up would, without building backends; raises ConfigError.
+
+    Returns the validated config. In gateway mode the upstream settings are
+    checked too (building a Gateway opens no connection).
+    """
+    validated = _validated(config)
+    if not app and not registry_root:
+        from .gateway import create_gateway
+
+        create_gateway(validated)
+    return validated
+
+
+def _validated(config: str | None) -> Any:
+    """Validation as start-up does it (the same plugins, sections and checks), building no backend.
+
+    Backends must not be built in the master: threads (database health) and
+    sockets (Redis, upstream pools) do not survive into forked workers.
+    """
+    from .config import env_overrides, load_toml, merge, validate
+    from .plugins import manager_for
+    from .runtime import gather_sections
+
+    path = config or os.environ.get("REGMW_CONFIG")
+    source = str(path or "<defaults>")
+    raw = load_toml(path) if path else {}
+    sections = gather_sections(manager_for(raw, os.environ, source=source))
+    return validate(merge(raw, env_overrides(sections, os.environ)), sections, source)
+
+
+_DIR_PREFIX = "regmw-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove metrics directories of servers that are gone (killed before they could clean up)."""
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        pid = name[len(_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
+def run(config: str | None, host: str = "127.0.0.1", port: int = 5000, *, app: str | None = None,
+        registry_root: str | None = None) -> int:
+    """What ``regmw serve`` calls: validate, then serve on gunicorn until SIGTERM/SIGINT.
+
+    Raises :class:`~regmw.errors.ConfigError` for a bad configuration (before
+    any process starts). Does not return while serving: the process re-executes
+    itself once to switch prometheus-client to multiprocess mode.
+    """
+    check_config(config, app, registry_root)
+    argv = [sys.executable, "-m", "regmw.server", "--host", host, "--port", str(port)]
+    for flag, value in (("--config", config), ("--app", app), ("--registry-root", registry_root)):
+        if value:
+            argv += [flag, value]
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _remove_stale_metrics_dirs()
+        directory = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")  # exec keeps the PID
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_OWNED_DIR] = directory
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, argv)
+    return main(argv[3:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="regmw-server", description="regmw on gunicorn (use `regmw serve`)")
+    parser.add_argument("--config")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--app")
+    parser.add_argument("--registry-root")
+    args = parser.parse_args(argv)
+    try:
+        validated = check_config(args.config, args.app, args.registry_root)
+    except ConfigError as exc:
+        print(f"regmw: configuration error: {exc}", file=sys.stderr)
+        _on_exit(None)
+        return 2
+    RegmwServer(config=args.config, bind=_bind(args.host, args.port), section=dict(validated["serve"]),
+                log_level=validated["regmw"]["log_level"], app=args.app, registry_root=args.registry_root).run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

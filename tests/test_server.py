@@ -1,0 +1,285 @@
+"""`regmw serve` on gunicorn, as real processes on real sockets, in front of a real docker-registry.
+
+skopeo pushes and pulls through it; SIGTERM in the middle of a 200 MiB pull
+lets the pull finish while new connections are refused; metrics come from
+every worker on the separate metrics address; health/ready; the JSON access log.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.oci_image import write_oci_layout
+from tests.servers._util import free_port, stop, wait_for_port
+from tests.test_registry_e2e import assert_same_image, docker_ref, skopeo  # noqa: F401 - skopeo is a fixture
+
+REPO = "group/project"
+MIB = 1024 * 1024
+
+
+@dataclass
+class Served:
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    metrics_port: int | None
+
+    def log_lines(self) -> list[dict]:
+        """The JSON access log lines written so far (other stderr lines are gunicorn's)."""
+        lines = []
+        for raw in self.log.read_text(errors="replace").splitlines():
+            if raw.startswith("{"):
+                lines.append(json.loads(raw))
+        return lines
+
+
+@pytest.fixture
+def regmw_serve(tmp_path):
+    """``start(config_text, metrics=False)``: `regmw serve` (gunicorn) on a free port; stopped by PID."""
+    started: list[subprocess.Popen] = []
+
+    def start(config_text: str, metrics: bool = False, workers: int = 2, serve_extra: str = "") -> Served:
+        port = free_port()
+        metrics_port = free_port() if metrics else None
+        serve = f"[serve]\nworkers = {workers}\nthreads = 8\n{serve_extra}"
+        if metrics_port:
+            serve += f'metrics_listen = "127.0.0.1:{metrics_port}"\n'
+        config = tmp_path / f"regmw-{port}.toml"
+        config.write_text(serve + config_text)
+        log = tmp_path / f"regmw-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "regmw.cli", "--config", str(config), "serve",
+                                     "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "REGMW_CONFIG": ""})
+        started.append(proc)
+        wait_for_port(port, proc=proc, timeout=30)
+        if metrics_port:
+            wait_for_port(metrics_port, proc=proc, timeout=30)
+        return Served(f"http://127.0.0.1:{port}", port, proc, log, metrics_port)
+
+    yield start
+    for proc in started:
+        stop(proc, timeout=10)
+
+
+def gateway_config(upstream: str) -> str:
+    return (f'[regmw]\nentry_points = false\n[gateway]\nupstream = "{upstream}"\n'
+            '[[ratelimit.rules]]\nby = "client"\nlimit = "100000/minute"\nname = "per-client"\n')
+
+
+def request(url: str, method: str, path: str, body=None, headers: dict | None = None):
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def push_blob(url: str, blocks: list[bytes]) -> str:
+    """Push one blob (the concatenation of ``blocks``, streamed) monolithically; return its digest."""
+    digest = hashlib.sha256()
+    for block in blocks:
+        digest.update(block)
+    digest = "sha256:" + digest.hexdigest()
+    status, headers, _ = request(url, "POST", f"/v2/{REPO}/blobs/uploads/")
+    assert status == 202, status
+    location = urlsplit(headers["Location"])
+    target = f"{location.path}?{location.query}&digest={digest}"
+    status, _, body = request(url, "PUT", target, body=iter(blocks),
+                              headers={"Content-Length": str(sum(map(len, blocks))),
+                                       "Content-Type": "application/octet-stream"})
+    assert status == 201, body
+    return digest
+
+
+# --- skopeo through gunicorn -----------------------------------------------------
+
+
+@pytest.mark.services
+def test_skopeo_push_and_pull_through_regmw_serve(tmp_path, docker_registry, regmw_serve, skopeo):  # noqa: F811
+    served = regmw_serve(gateway_config(docker_registry.url))
+    image = write_oci_layout(tmp_path / "image")
+
+    skopeo(f"oci:{image.path}:latest", docker_ref(served.url))
+    skopeo(docker_ref(served.url), f"oci:{tmp_path / 'pulled'}:latest")
+
+    assert_same_image(image, tmp_path / "pulled")
+    # pushed through regmw into the real registry, which holds it
+    status, _, body = request(docker_registry.url, "GET", f"/v2/{REPO}/tags/list")
+    assert status == 200 and json.loads(body)["tags"] == ["latest"]
+    patched = [line for line in served.log_lines() if line["method"] == "PATCH"]
+    assert patched and all(line["status"] == 202 and line["resource"] == "uploads" for line in patched)
+
+
+# --- graceful shutdown --------------------------------------------------------------
+
+
+def connection_refused(port: int) -> bool:
+    """True once the port refuses; a connection reset (caught in the backlog as it closed) is not yet that."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False
+
+
+@pytest.mark.services
+def test_sigterm_lets_a_200_mib_pull_finish_and_refuses_new_connections(docker_registry, regmw_serve):
+    block = os.urandom(MIB)
+    blocks = [block] * 200
+    digest = push_blob(docker_registry.url, blocks)
+    served = regmw_serve(gateway_config(docker_registry.url))
+
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    conn.request("GET", f"/v2/{REPO}/blobs/{digest}")
+    response = conn.getresponse()
+    assert response.status == 200 and int(response.getheader("Content-Length")) == 200 * MIB
+    hasher = hashlib.sha256()
+    first = response.read(MIB)
+    hasher.update(first)
+
+    served.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while not connection_refused(served.port):  # poll for the condition, bounded
+        assert time.monotonic() < deadline, "still accepting connections 20 s after SIGTERM"
+        time.sleep(0.05)
+    assert served.proc.poll() is None  # still draining our pull
+
+    received = len(first)
+    while chunk := response.read(4 * MIB):
+        hasher.update(chunk)
+        received += len(chunk)
+    conn.close()
+    assert received == 200 * MIB and "sha256:" + hasher.hexdigest() == digest
+    assert served.proc.wait(timeout=30) == 0  # exits once the pull is done, well before graceful_timeout
+    assert connection_refused(served.port)
+
+
+# --- metrics, health, ready, logs ------------------------------------------------------
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{key}="{val}"' in head for key, val in labels.items()):
+            total += float(value)
+    return total
+
+
+@pytest.mark.services
+def test_metrics_of_all_workers_on_the_separate_port_not_on_the_api_port(docker_registry, regmw_serve):
+    served = regmw_serve(gateway_config(docker_registry.url), metrics=True, workers=2)
+    for _ in range(20):  # spread over both workers by the kernel; the total must still be 20
+        assert request(served.url, "GET", "/v2/")[0] == 200
+    assert request(served.url, "GET", "/v2/a/manifests/latest")[0] == 404
+    status, _, body = request(f"http://127.0.0.1:{served.metrics_port}", "GET", "/metrics")
+    text = body.decode()
+    assert status == 200
+    assert metric(text, "regmw_request_duration_seconds_count", resource="base", method="GET", status="2xx") == 20
+    assert metric(text, "regmw_request_duration_seconds_count", resource="manifests", status="4xx") == 1
+    assert metric(text, "regmw_upstream_response_seconds_count", upstream="upstream") == 21
+    # The API port does not answer metrics unless configured: the path goes to the upstream (404 there).
+    status, _, body = request(served.url, "GET", "/-/regmw/metrics")
+    assert status == 404 and b"regmw_requests_total" not in body
+
+
+@pytest.mark.services
+def test_metrics_on_the_api_port_only_when_configured_and_allowed(docker_registry, regmw_serve):
+    config = gateway_config(docker_registry.url).replace(
+        "entry_points = false\n", 'entry_points = false\nmetrics_path = "/-/regmw/metrics"\n')
+    served = regmw_serve(config)  # default allow-list: loopback
+    for _ in range(6):
+        request(served.url, "GET", "/v2/")
+    status, _, body = request(served.url, "GET", "/-/regmw/metrics")
+    assert status == 200  # every worker's figures, whichever worker answers
+    assert metric(body.decode(), "regmw_request_duration_seconds_count", resource="base") == 6
+    elsewhere = regmw_serve(config, serve_extra='metrics_allow = ["10.0.0.0/8"]\n')
+    status, _, body = request(elsewhere.url, "GET", "/-/regmw/metrics")
+    assert status == 403 and json.loads(body)["errors"][0]["code"] == "DENIED"
+
+
+@pytest.mark.services
+def test_health_ready_and_a_dependency_down(tmp_path, docker_registry, regmw_serve, redis_server):
+    redis_proc, redis_url = redis_server
+    config = gateway_config(docker_registry.url).replace(
+        "entry_points = false\n", 'entry_points = false\nplugins = ["redis"]\n') + f'[redis]\nurl = "{redis_url}"\n'
+    served = regmw_serve(config)
+    status, _, body = request(served.url, "GET", "/-/regmw/health")
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+    status, _, body = request(served.url, "GET", "/-/regmw/ready")
+    answer = json.loads(body)
+    assert status == 200 and answer["status"] == "ready"
+    assert {"cache", "locks", "upstream"} <= set(answer["checks"]) and all(c["ok"] for c in answer["checks"].values())
+
+    stop(redis_proc)
+    status, _, body = request(served.url, "GET", "/-/regmw/ready")
+    answer = json.loads(body)
+    assert status == 503 and answer["status"] == "not ready"
+    assert not answer["checks"]["cache"]["ok"] and "Connection" in answer["checks"]["cache"]["error"]
+    assert answer["checks"]["upstream"]["ok"]
+
+    stop(docker_registry.proc)
+    answer = json.loads(request(served.url, "GET", "/-/regmw/ready")[2])
+    assert not answer["checks"]["upstream"]["ok"]
+    assert request(served.url, "GET", "/-/regmw/health")[0] == 200  # alive all the same
+
+
+@pytest.mark.services
+def test_json_access_log_line(docker_registry, regmw_serve):
+    served = regmw_serve(gateway_config(docker_registry.url))
+    status, headers, _ = request(served.url, "GET", f"/v2/{REPO}/tags/list", headers={"X-Request-Id": "req-42"})
+    assert status == 404 and headers["X-Request-Id"] == "req-42"
+    status, headers, _ = request(served.url, "GET", "/v2/Bad..Name/tags/list")
+    assert status == 400
+    generated = headers["X-Request-Id"]
+    deadline = time.monotonic() + 10
+    while len(served.log_lines()) < 2:  # each worker writes its line after the response: poll for it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    lines = {line["request_id"]: line for line in served.log_lines()}
+    line = lines["req-42"]
+    assert line["method"] == "GET" and line["path"] == f"/v2/{REPO}/tags/list" and line["status"] == 404
+    assert line["repository"] == REPO and line["resource"] == "tags" and line["client"] == "127.0.0.1"
+    assert line["ratelimit_remaining"] == 99999 and line["refusal"] is None and line["migration_path"] is None
+    assert line["duration_ms"] > 0 and line["ts"].endswith("Z")
+    assert len(generated) == 32 and lines[generated]["refusal"] == "invalid" and lines[generated]["status"] == 400
+
+
+@pytest.mark.services
+def test_metrics_directory_is_removed_at_exit_and_stale_ones_at_start(tmp_path, docker_registry, regmw_serve):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID no process has any more
+    stale = Path(tempfile.gettempdir()) / f"regmw-metrics-{gone.pid}-test"
+    stale.mkdir()
+    served = regmw_serve(gateway_config(docker_registry.url))
+    assert not stale.exists()
+    environ = dict(item.split("=", 1) for item in
+                   Path(f"/proc/{served.proc.pid}/environ").read_text().split("\0") if "=" in item)
+    own = Path(environ["PROMETHEUS_MULTIPROC_DIR"])
+    assert own.is_dir() and own.name.startswith(f"regmw-metrics-{served.proc.pid}-")
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=30) == 0
+    assert not own.exists()
