@@ -367,6 +367,52 @@ def test_lost_batch_job_is_enqueued_again_and_a_duplicate_job_is_a_no_op(
     assert summary(runner, "flaky")["attempts"] == 11
 
 
+def test_worker_sigkilled_mid_batch_on_dramatiq_leaves_no_trace_and_another_finishes(
+        pg_cluster, small_table, make_runtime, tmp_path):
+    """Two `regmw worker` processes on dramatiq (real Redis); the one running batch 3 is SIGKILLed in it."""
+    import json
+    import os
+    import signal
+
+    from .migration_cluster import Cluster
+    from .servers.redis_server import start_redis
+    from .servers._util import stop as stop_process
+
+    proc, port = start_redis(tmp_path)
+    marker = tmp_path / "stalled"
+    sections = {
+        "database": {"primary": pg_cluster.primary_url, "replicas": [pg_cluster.replica_url],
+                     "health_interval": 0.1, "store": "memory"},
+        "jobs": {"namespace": f"batches{os.getpid()}-jobs", "heartbeat_timeout": 2.0, "maintenance_chance": 0.3,
+                 "min_backoff": 0.2, "max_backoff": 1.0},
+        "db_migrations": {"batch_timeout": 5.0, "throttle_delay": 0.2},
+    }
+    cluster = Cluster(tmp_path, f"redis://127.0.0.1:{port}/0",
+                      plugins=["redis", "jobs", "dbroute", "db-migrations", "tests.batches_plugin"], sections=sections)
+    cluster.env["REGMW_TEST_STALL_MARKER"] = str(marker)
+    try:
+        workers = [cluster.start_worker(threads=1) for _ in range(2)]
+        started = cluster.regmw("db-migrations", "run", "stalls_once")
+        assert started.returncode == 0 and "batch 0 enqueued" in started.stdout, started.stderr
+        wait_for(marker.exists, 60, "batch 3 stalled")
+        victim = next(worker for worker in workers if str(worker.pid) == marker.read_text())
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+
+        wait_for(lambda: pg_cluster.sql("primary", "SELECT status FROM regmw_batched_migrations "
+                                        "WHERE name = 'stalls_once'") == [("finished",)],
+                 90, "stalls_once finished by the surviving worker", interval=0.1)
+        status = json.loads(cluster.regmw("db-migrations", "status", "stalls_once", "--json").stdout)
+        assert (status["status"], status["succeeded"], status["total"]) == ("finished", 10, 10)
+    finally:
+        cluster.close()
+        stop_process(proc)
+    assert pg_cluster.sql("primary", "SELECT count(*) FROM batch_small WHERE w IS DISTINCT FROM id + 1") == [(0,)]
+    # the killed attempt left nothing: one succeeded attempt per batch, none failed
+    assert pg_cluster.sql("primary", "SELECT batch, outcome FROM regmw_batched_migration_attempts "
+                          "WHERE migration = 'stalls_once' ORDER BY batch") == [(b, "succeeded") for b in range(10)]
+
+
 def test_throttle_rule():
     settings = {"max_replica_lag": 2.0, "max_replica_byte_lag": 1000}
 
