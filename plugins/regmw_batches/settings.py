@@ -31,6 +31,14 @@ def throttle_below_quarantine(section: Mapping[str, Any], config: Any = None) ->
     return None
 
 
+def primary_is_known(section: Mapping[str, Any], config: Any = None) -> str | None:
+    """`primary` is set, or the `dbroute` plugin's `[database]` section names one."""
+    if section["primary"] or (config is not None and config.get("database")):
+        return None
+    return ("db_migrations.primary is empty and no [database] section (plugin dbroute) names a primary: "
+            "set one of them")
+
+
 SECTION = Section(
     "db_migrations",
     "Batched background database migrations (plugin `db-migrations`, docs/db-migrations.md).",
@@ -86,5 +94,5 @@ SECTION = Section(
             minimum=0.1,
         ),
     },
-    checks=(throttle_below_quarantine,),
+    checks=(primary_is_known, throttle_below_quarantine),
 )
