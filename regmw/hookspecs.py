@@ -119,6 +119,17 @@ def regmw_jobs(config):
     """
 
 
+@hookspec
+def regmw_batched_migrations(config):
+    """Return a list of :class:`regmw.batched.BatchedMigration` declarations.
+
+    Each is a batch function ``run(connection, start, stop)`` over an integer
+    key range of one table. The ``db-migrations`` plugin stores their state on
+    the primary, runs each batch as a job and slows or pauses while replicas
+    lag (``regmw db-migrations run|status|pause|resume``; docs/db-migrations.md).
+    """
+
+
 @hookspec(firstresult=True)
 def regmw_job_queue(config, services):
     """Return the :class:`~regmw.backends.JobQueue` (``services.jobs``).

@@ -32,10 +32,11 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "dbroute": "regmw_dbroute",
     "notifications": "regmw_notify",
     "jobs": "regmw_jobs",
+    "db-migrations": "regmw_batches",
 }
 
 #: the setup.cfg extra that installs each built-in's dependencies
-BUILTIN_EXTRAS: dict[str, str] = {"gcs": "gcs", "redis": "redis", "dbroute": "db", "jobs": "jobs"}
+BUILTIN_EXTRAS: dict[str, str] = {"gcs": "gcs", "redis": "redis", "dbroute": "db", "jobs": "jobs", "db-migrations": "db"}
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.core",

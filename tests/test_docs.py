@@ -415,6 +415,23 @@ def _(plugin, request):
     assert runtime.services.cache.get("a") is None
 
 
+@check("batched-migration")
+def _(plugin, request):
+    from regmw.batched import collect_migrations
+
+    runtime = build({"regmw": {"entry_points": False}}, plugins=[plugin], environ={})
+    migration = collect_migrations(runtime.config, runtime.pm)["backfill-manifest-size"]
+    assert (migration.table, migration.key, migration.batch_size) == ("manifests", "id", 10_000)
+
+    class Connection:
+        def execute(self, statement, params):
+            self.seen = (str(statement), params)
+
+    connection = Connection()
+    migration.run(connection, 1, 10_001)
+    assert "UPDATE manifests" in connection.seen[0] and connection.seen[1] == {"start": 1, "stop": 10_001}
+
+
 @check("counted-jobs")
 def _(plugin, request):
     tmp = request.getfixturevalue("tmp_path")
