@@ -203,6 +203,48 @@ class Storage(Protocol):
     def prefix_exists(self, prefix: str) -> bool: ...
 
 
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """One object found by :meth:`ObjectStorage.list`.
+
+    ``key`` is the full key (relative to the storage root, ``/``-separated),
+    ``size`` its length in bytes, ``checksum`` a content checksum the backend
+    keeps server-side (GCS: crc32c; filesystem: None, compute it when needed),
+    ``modified`` its modification time (seconds since the epoch).
+    """
+
+    key: str
+    size: int
+    checksum: str | None = None
+    modified: float = 0.0
+
+
+@runtime_checkable
+class ObjectStorage(Storage, Protocol):
+    """A :class:`Storage` that can also list, copy and delete objects (migration and purge jobs need it).
+
+    ``list(prefix)`` yields every object under ``prefix`` (recursively, in no
+    promised order). ``copy(src, dst)`` copies one object inside the storage,
+    server-side where the backend can (GCS ``rewrite``: no byte passes through
+    regmw), and makes ``dst`` appear whole or not at all. ``head(key)`` is the
+    :class:`StoredObject` of one key or None; ``delete(key)`` removes one
+    object (absent is not an error); ``digest(key)`` is the ``sha256:<hex>``
+    of an object's content, or None when the backend cannot compute it
+    without downloading it. Every failure raises
+    :class:`regmw.errors.StorageError`.
+    """
+
+    def list(self, prefix: str) -> Iterable[StoredObject]: ...
+
+    def head(self, key: str) -> StoredObject | None: ...
+
+    def copy(self, src: str, dst: str) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def digest(self, key: str) -> str | None: ...
+
+
 @runtime_checkable
 class Admission(Protocol):
     """Everything that must be decided before a request is let in.
@@ -302,6 +344,48 @@ class EventSink(Protocol):
     def emit(self, event: dict[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """What a job queue knows about one enqueued job (``regmw migrate status``, ``regmw jobs status``)."""
+
+    id: str
+    name: str
+    kwargs: dict[str, Any]
+    state: Literal["queued", "running", "done", "failed"]
+    attempts: int = 0
+    error: str = ""
+    updated: float = 0.0
+
+
+@runtime_checkable
+class JobQueue(Protocol):
+    """The job queue (``services.jobs``, provider hook ``regmw_job_queue``); jobs are declared by ``regmw_jobs``.
+
+    ``enqueue(name, **kwargs)`` stores the job durably before it returns and
+    returns its id; ``delay`` (seconds, a reserved keyword) holds it back.
+    Jobs run at least once: a worker that dies mid-job has the job run again,
+    so every job is idempotent by contract (see docs/jobs.md). ``status``
+    lists the known jobs (optionally of one name); ``work(stop)`` runs jobs,
+    periodic ones included, until the event is set (``regmw worker``).
+    ``get_state``/``set_state`` keep a small durable record per key for jobs
+    that resume: ``set_state`` writes only if ``token`` is at least the
+    stored one (a fencing token), and returns False otherwise.
+    ``shared``: every process sees the same queue.
+    """
+
+    shared: bool
+
+    def enqueue(self, name: str, *, delay: float = 0.0, **kwargs: Any) -> str: ...
+
+    def status(self, name: str | None = None) -> list[JobRecord]: ...
+
+    def work(self, stop: Any, threads: int = 1) -> None: ...
+
+    def get_state(self, key: str) -> dict[str, Any] | None: ...
+
+    def set_state(self, key: str, value: dict[str, Any], token: int) -> bool: ...
+
+
 @dataclass
 class Services:
     """The named services built at start-up (see :func:`regmw.runtime.build_services`), shared by every request."""
@@ -316,7 +400,7 @@ class Services:
     classifier: Classifier | None = None
     positions: PositionStore | None = None
     events: EventSink | None = None  # regmw_event_sink: notifications (emit is durable before it returns)
-    jobs: Any = None  # job queue
+    jobs: JobQueue | None = None  # regmw_job_queue: jobs declared through regmw_jobs
     #: every ``regmw_prefetch`` declaration, collected before the admission is
     #: built: an Admission reading the cache anyway reads each key on the
     #: request's way in, into ``context.prefetched[key]``.

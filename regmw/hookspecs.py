@@ -106,6 +106,41 @@ def regmw_event_sink(config, services):
 
 
 @hookspec
+def regmw_jobs(config):
+    """Return a list of :class:`regmw.jobs.Job` declarations this plugin runs.
+
+    A job is ``run(context, **kwargs)``; it is enqueued by name through
+    ``services.jobs.enqueue(name, **kwargs)`` (kwargs are JSON) and may run
+    more than once, so it must be idempotent. A job with ``every`` set is
+    periodic: each worker runs it every ``every`` seconds while holding one of
+    its ``instances`` slots of the cluster semaphore (``context.lease``);
+    ``context.check()`` raises once the slot is lost, before the next side
+    effect. See docs/jobs.md.
+    """
+
+
+@hookspec
+def regmw_batched_migrations(config):
+    """Return a list of :class:`regmw.batched.BatchedMigration` declarations.
+
+    Each is a batch function ``run(connection, start, stop)`` over an integer
+    key range of one table. The ``db-migrations`` plugin stores their state on
+    the primary, runs each batch as a job and slows or pauses while replicas
+    lag (``regmw db-migrations run|status|pause|resume``; docs/db-migrations.md).
+    """
+
+
+@hookspec(firstresult=True)
+def regmw_job_queue(config, services):
+    """Return the :class:`~regmw.backends.JobQueue` (``services.jobs``).
+
+    Default: the embedded SQLite queue run in-process; the ``jobs`` plugin
+    provides dramatiq on the shared Redis (``services.redis``). Called after
+    the event sink, so a job can emit events.
+    """
+
+
+@hookspec
 def regmw_prefetch(config, services):
     """Return a list of functions ``context -> cache key | None`` to read on each request's way in.
 

@@ -31,10 +31,12 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "redis": "regmw_redis",
     "dbroute": "regmw_dbroute",
     "notifications": "regmw_notify",
+    "jobs": "regmw_jobs",
+    "db-migrations": "regmw_batches",
 }
 
 #: the setup.cfg extra that installs each built-in's dependencies
-BUILTIN_EXTRAS: dict[str, str] = {"gcs": "gcs", "redis": "redis", "dbroute": "db"}
+BUILTIN_EXTRAS: dict[str, str] = {"gcs": "gcs", "redis": "redis", "dbroute": "db", "jobs": "jobs", "db-migrations": "db"}
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.core",
@@ -44,6 +46,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "regmw.defaults.ratelimit",
     "regmw.defaults.filesystem",
     "regmw.defaults.serve",
+    "regmw.defaults.jobs",
+    "regmw.defaults.jobs_cli",
+    "regmw.defaults.purge",
     "regmw.gateway",
 )
 

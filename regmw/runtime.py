@@ -85,7 +85,7 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
     """Call the provider hooks once, in the contract's order, each seeing the services built before it.
 
     ``regmw_redis`` → cache, locks, rate limiter, storage → classifier →
-    position store → every ``regmw_prefetch`` declaration → admission (which
+    position store → event sink → job queue → every ``regmw_prefetch`` declaration → admission (which
     therefore sees all of them) → database router → ``regmw_startup``.
     """
     hook = pm.hook
@@ -104,6 +104,7 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
     services.classifier = hook.regmw_classifier(config=config, services=services)
     services.positions = hook.regmw_position_store(config=config, services=services)
     services.events = hook.regmw_event_sink(config=config, services=services)
+    services.jobs = hook.regmw_job_queue(config=config, services=services)
     services.prefetch = collect_prefetch(hook.regmw_prefetch(config=config, services=services))
     admission = hook.regmw_admission(config=config, services=services)
     services.admission = complete_admission(admission, services, provider_name(pm, admission))

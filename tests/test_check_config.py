@@ -62,6 +62,14 @@ REFUSED = [
      "[regmw]\nplugins = ['notifications']\n[notifications]\n"
      "endpoints = [{name = 'ci', url = 'http://169.254.169.254/latest'}]\n",
      "notifications.endpoints[0]: 169.254.169.254 is an internal address"),
+    ("jobs-without-redis", "[regmw]\nplugins = ['jobs']\n",
+     "the jobs plugin (dramatiq on Redis) needs the redis plugin"),
+    ("migration-throttle-above-quarantine",
+     f"[regmw]\nplugins = ['dbroute', 'db-migrations']\n[database]\n{PG}\nmax_replay_lag = 5\nlsn_ttl = 60\n"
+     "[db_migrations]\nmax_replica_lag = 5\n",
+     "db_migrations.max_replica_lag (5s) must be below database.max_replay_lag (5s)"),
+    ("migrations-without-primary", "[regmw]\nplugins = ['db-migrations']\n",
+     "db_migrations.primary is empty and no [database] section (plugin dbroute) names a primary"),
 ]
 
 
@@ -97,8 +105,8 @@ def test_every_cross_field_rule_has_a_case_in_the_table():
     load_plugins(pm, BUILTIN_PLUGINS, entry_points=False)
     rules = {check.__name__ for section in gather_sections(pm).values() for check in section.checks}
     assert rules == {"paired_upstreams", "check_auth", "url_and_options", "script_counts_fixed_windows",
-                     "lsn_ttl_outlives_quarantine", "store_url_needs_redis_store", "roots_differ", "one_credential",
-                     "endpoints_are_valid"}
+                     "lsn_ttl_outlives_quarantine", "store_url_needs_redis_store", "roots_differ", "one_credential", "jobs_plugin_has_redis",
+                     "endpoints_are_valid", "throttle_below_quarantine", "primary_is_known"}
 
 
 def test_a_sentinel_service_name_may_come_from_the_option_instead_of_the_url(tmp_path, capsys):

@@ -10,7 +10,7 @@ def test_demo_self_test_passes_every_check(tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "self-test: 9 of 9 checks held" in output
+    assert "self-test: 10 of 10 checks held" in output
     assert "Traceback" not in output
     # the pushes really landed in the two layouts the classification checks
     assert (tmp_path / "old/docker/registry/v2/repositories/legacy/app/_manifests").is_dir()

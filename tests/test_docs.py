@@ -399,3 +399,45 @@ def _(plugin, request):
     assert refused.json["errors"][0]["detail"] == {"name": "big/monorepo"}
     assert client.get("/v2/big/monorepo/manifests/latest").status_code == 200
     assert client.put("/v2/small/app/manifests/latest", data=b"{}").status_code == 201
+
+
+@check("periodic-job")
+def _(plugin, request):
+    import threading
+
+    from regmw.jobs import PeriodicRunner, collect_jobs
+
+    runtime = build({"regmw": {"entry_points": False}}, plugins=[plugin], environ={})
+    runtime.services.cache.set("a", b"1")
+    job = collect_jobs(runtime.config, runtime.pm)["sweep-cache"]
+    assert job.every == 600 and job.instances == 1
+    assert PeriodicRunner(runtime.services, [job], threading.Event()).run_once(job)
+    assert runtime.services.cache.get("a") is None
+
+
+@check("batched-migration")
+def _(plugin, request):
+    from regmw.batched import collect_migrations
+
+    runtime = build({"regmw": {"entry_points": False}}, plugins=[plugin], environ={})
+    migration = collect_migrations(runtime.config, runtime.pm)["backfill-manifest-size"]
+    assert (migration.table, migration.key, migration.batch_size) == ("manifests", "id", 10_000)
+
+    class Connection:
+        def execute(self, statement, params):
+            self.seen = (str(statement), params)
+
+    connection = Connection()
+    migration.run(connection, 1, 10_001)
+    assert "UPDATE manifests" in connection.seen[0] and connection.seen[1] == {"start": 1, "stop": 10_001}
+
+
+@check("counted-jobs")
+def _(plugin, request):
+    tmp = request.getfixturevalue("tmp_path")
+    runtime = build({"regmw": {"plugins": ["migration"], "entry_points": False}, "migration": {"new_root": "new"},
+                     "jobs": {"queue_path": str(tmp / "jobs.sqlite3")}}, plugins=[plugin], environ={})
+    queue = runtime.services.jobs
+    assert type(queue).__name__ == "CountedQueue"
+    queue.enqueue("migrate-repository", repository="team/app")
+    assert queue.enqueued == 1 and [r.state for r in queue.status("migrate-repository")] == ["queued"]

@@ -128,6 +128,9 @@ class Router:
         self.checker = HealthChecker(self.check, settings.health_interval)
         self._checker_pid: int | None = None  # the process whose checker thread is running
         self._start_lock = threading.Lock()
+        #: the primary's WAL position sampled at the start of the last COMPLETED health round:
+        #: every replica figure in :meth:`replica_lag` was measured after the primary stood there
+        self.checked_lsn: int | None = None
         self._sync_replicas()
         _ROUTERS.add(self)
 
@@ -449,11 +452,13 @@ class Router:
     def check(self) -> None:
         """One health round: sample the primary, check every replica, flush pending positions."""
         started = time.monotonic()
+        round_lsn: int | None = None
         try:
             lsn = self.primary.current_wal_lsn()
         except SQLAlchemyError as exc:
             self.primary_state.mark(False, _short(exc))
         else:
+            round_lsn = lsn
             self.history.add(started, lsn)
             self.primary_state.mark(True)
         self._sync_replicas()
@@ -472,6 +477,8 @@ class Router:
             state.record_check(replayed, byte_lag, self.history.lag(replayed, when), when)
         if self._pending:
             self.flush_pending()
+        if round_lsn is not None:
+            self.checked_lsn = round_lsn
 
     def _sync_replicas(self) -> None:
         try:
@@ -508,6 +515,37 @@ class Router:
             if name is None or node.name == name:
                 return state
         raise KeyError(name)
+
+    @property
+    def primary_url(self) -> str:
+        """The configured primary's URL (``[database] primary``), for tools that open their own connections."""
+        return self.settings.primary
+
+    def replica_lag(self) -> dict[str, Any]:
+        """The health checker's latest lag figures, for background writers that throttle themselves.
+
+        ``checked_lsn``: the primary's position at the start of the last
+        completed health round (None before one): a writer that noted the
+        primary's position after its own write knows the figures include that
+        write once ``checked_lsn`` reaches it. ``replicas``: each one's
+        ``time_lag`` (seconds), ``byte_lag``, ``quarantined`` and ``eligible``.
+        ``max_replay_lag``/``max_byte_lag``: the quarantine limits, so a writer
+        can keep below them. Starts this process's checker thread if needed.
+        """
+        self.ensure_running()
+        now = time.monotonic()
+        return {
+            "checked_lsn": self.checked_lsn,
+            "primary_up": self.primary_state.up,
+            "health_interval": self.settings.health_interval,
+            "max_replay_lag": self.settings.max_replay_lag,
+            "max_byte_lag": self.settings.max_byte_lag,
+            "replicas": [
+                {"name": state.name, "time_lag": state.time_lag, "byte_lag": state.byte_lag,
+                 "quarantined": state.quarantined, "eligible": state.eligible(now)}
+                for _, state in self._replicas
+            ],
+        }
 
     def ready(self) -> None:
         """For ``/-/regmw/ready``: the primary answers a WAL-position query now (raises otherwise)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Mapping
 
 from google.api_core.exceptions import GoogleAPIError, NotFound
@@ -38,6 +39,7 @@ from google.auth.exceptions import GoogleAuthError
 from requests.exceptions import RequestException
 
 from regmw import metrics
+from regmw.backends import StoredObject
 from regmw.errors import StorageError
 
 from .client import make_client, make_retry
@@ -55,6 +57,9 @@ PREFIX_FIELDS = "items(name),prefixes,nextPageToken"
 #: :func:`.listing.read_page` sees it
 MALFORMED_PAGE_ERRORS = (TypeError, AttributeError, KeyError)
 
+#: a full listing for the migration: names, sizes and checksums, never content
+LIST_FIELDS = "items(name,size,crc32c,updated),nextPageToken"
+
 #: extra pages followed when a page is empty but carries a nextPageToken
 MAX_EMPTY_PAGES = 3
 
@@ -71,7 +76,7 @@ class StatResult:
 
 
 class GCSStorage:
-    """:class:`regmw.backends.Storage` on a GCS bucket, keys relative to ``root``."""
+    """:class:`regmw.backends.ObjectStorage` on a GCS bucket, keys relative to ``root``."""
 
     driver = "gcs"
 
@@ -169,6 +174,58 @@ class GCSStorage:
             f"gcs: cannot list gs://{self.bucket_name}/{prefix}: {1 + MAX_EMPTY_PAGES} empty pages, "
             "each with a nextPageToken (existence unknown)"
         )
+
+
+    # --- ObjectStorage: list / head / copy / delete (the migration and purge jobs) -------------
+
+    def _relative(self, name: str) -> str:
+        return name[len(self.root) + 1:] if self.root else name
+
+    def _stored(self, blob: Any) -> StoredObject:
+        modified = blob.updated.timestamp() if blob.updated else 0.0
+        return StoredObject(self._relative(blob.name), int(blob.size or 0), blob.crc32c, modified)
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object under ``prefix/`` (undelimited, metadata fields only: no content is read)."""
+        name = self.key(prefix)
+        try:
+            for blob in self.client.list_blobs(self.bucket_name, prefix=name, fields=LIST_FIELDS,
+                                               timeout=self.timeout, retry=self.retry):
+                yield self._stored(blob)
+        except GCS_ERRORS as exc:
+            raise StorageError(f"gcs: cannot list gs://{self.bucket_name}/{name}: {_describe(exc)}") from exc
+
+    def head(self, key: str) -> StoredObject | None:
+        blob = self.get_object(self.key(key))
+        return None if blob is None else self._stored(blob)
+
+    def copy(self, src: str, dst: str) -> None:
+        """Server-side copy with ``objects.rewrite`` (no byte passes through regmw), following rewrite tokens.
+
+        GCS makes the destination appear whole when the last rewrite call completes.
+        """
+        source = self.bucket.blob(self.key(src))
+        target = self.bucket.blob(self.key(dst))
+        token = None
+        try:
+            while True:
+                token, _, _ = target.rewrite(source, token=token, timeout=self.timeout, retry=self.retry)
+                if token is None:
+                    return
+        except GCS_ERRORS as exc:
+            raise StorageError(f"gcs: cannot copy {source.name} to {target.name}: {_describe(exc)}") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self.bucket.blob(self.key(key)).delete(timeout=self.timeout, retry=self.retry)
+        except NotFound:
+            return
+        except GCS_ERRORS as exc:
+            raise StorageError(f"gcs: cannot delete gs://{self.bucket_name}/{self.key(key)}: {_describe(exc)}") from exc
+
+    def digest(self, key: str) -> str | None:
+        """None: GCS keeps crc32c/md5, not sha256; computing it would download the object (never done)."""
+        return None
 
 
 def _describe(exc: BaseException) -> str:

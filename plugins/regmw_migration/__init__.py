@@ -54,7 +54,20 @@ def mark_migrated(services: Services, repository: str) -> None:
 
 @hookimpl
 def regmw_config_sections():
-    return [SECTION]
+    from .jobsettings import SECTION as JOB_SECTION
+
+    return [SECTION, JOB_SECTION]
+
+
+@hookimpl
+def regmw_jobs(config):
+    """The repository migration job (``migrate-repository``, see :mod:`.migrate`)."""
+    from regmw.jobs import Job
+
+    from .migrate import JOB_NAME, job
+
+    return [Job(JOB_NAME, job, max_retries=config["migration_job"]["max_retries"],
+                description="copy one repository old → new, verify, mark new, announce")]
 
 
 @hookimpl
@@ -102,5 +115,6 @@ def regmw_finish(context, status):
 @hookimpl
 def regmw_cli_commands():
     from .cli import migrate_mark
+    from .migrate_cli import migrate
 
-    return [migrate_mark]
+    return [migrate_mark, migrate]

@@ -64,6 +64,9 @@ def demo_config(root: str, secret: str, webhooks: WebhookReceiver | None = None)
         "regmw": {"plugins": ["migration"], "entry_points": False},
         "storage": {"root": root},
         "migration": {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"},
+        # background jobs from a persistent SQLite queue, run inside this process (no Redis, no `regmw worker`)
+        "jobs": {"queue_path": os.path.join(root, "jobs.sqlite3"), "run_in_process": True, "min_backoff": 0.2},
+        "migration_job": {"drain": 0.1},
         "auth": {"key": secret, "algorithms": ["HS256"], "issuer": "regmw-demo", "audience": "regmw-demo"},
         "ratelimit": {"rules": [
             {"name": "per-client", "by": "client", "limit": "100/second"},
@@ -73,8 +76,8 @@ def demo_config(root: str, secret: str, webhooks: WebhookReceiver | None = None)
     if webhooks is not None:  # webhook events through the embedded queue (no Redis), delivered in-process
         config["regmw"]["plugins"].append("notifications")
         config["notifications"] = {
-            "endpoints": [{"name": "demo", "url": webhooks.url, "secrets": [webhooks.secret], "actions": ["push"],
-                           "media_types": [MANIFEST]}],
+            "endpoints": [{"name": "demo", "url": webhooks.url, "secrets": [webhooks.secret], "actions": ["push", "migrated"],
+                           "media_types": [MANIFEST, ""]}],
             "allowed_networks": ["127.0.0.0/8"], "spool_dir": os.path.join(root, "notifications"),
         }
     return config
@@ -136,6 +139,7 @@ CHECKS = (
     "a forged token is ignored (repository stays old)",
     "a read-only repository refuses writes with 503 and serves reads",
     "an invalid repository name gets 400 NAME_INVALID",
+    "the migration job moved legacy/app to the new root (lock, copy, verify, mark new) and announced it",
     "the write rate limit answers 429 with Retry-After",
     "every accepted manifest push arrived as a signed webhook event, in order",
 )
@@ -177,14 +181,29 @@ def self_test(port: int, secret: str, middleware: RegistryMiddleware, webhooks: 
     bad = anonymous.request("GET", "/v2/Bad..Name/tags/list")
     check(6, bad.status == 400 and bad.error_code == "NAME_INVALID")
 
+    # the repository migration workflow, as a job from the persistent local queue run in this process
+    jobs = middleware.services.jobs
+    job_id = jobs.enqueue("migrate-repository", repository="legacy/app")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(
+            r.id == job_id and r.state in ("done", "failed") for r in jobs.status("migrate-repository")):
+        time.sleep(0.05)  # the job runs in a background thread: poll until it finished, or give up
+    while time.monotonic() < deadline and not any(e["action"] == "migrated" for e in webhooks.received()):
+        time.sleep(0.02)
+    migrated = [e["target"]["repository"] for e in webhooks.received() if e["action"] == "migrated"]
+    check(7, anonymous.request("GET", "/v2/legacy/app/tags/list").headers.get("regmw-migration-path") == "new"
+          and anonymous.pull_layer("legacy/app", "v1") == layer and migrated == ["legacy/app"])
+
     statuses = [anonymous.request("POST", "/v2/busy/app/blobs/uploads/") for _ in range(WRITES_PER_MINUTE + 1)]
     limited = [a for a in statuses if a.status == 429]
-    check(7, bool(limited) and limited[0].error_code == "TOOMANYREQUESTS" and limited[0].headers.get("retry-after", "").isdigit())
+    check(8, bool(limited) and limited[0].error_code == "TOOMANYREQUESTS" and limited[0].headers.get("retry-after", "").isdigit())
 
     expected = [("push", "legacy/app"), ("push", "fresh/app"), ("push", "forged/app")]
     deadline = time.monotonic() + 10
-    while len(webhooks.received()) < len(expected) and time.monotonic() < deadline:
+    while len([e for e in webhooks.received() if e["action"] == "push"]) < len(expected) and time.monotonic() < deadline:
         time.sleep(0.02)  # delivery is asynchronous: poll until the events arrived, or give up
-    got = [(event["action"], event["target"]["repository"]) for event in webhooks.received()]
-    check(8, got == expected)
+    got = [(event["action"], event["target"]["repository"]) for event in webhooks.received()
+           if event["action"] == "push"]
+    check(9, got == expected)
+
     return failures

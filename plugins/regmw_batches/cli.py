@@ -1,0 +1,102 @@
+"""``regmw db-migrations list|status|run|pause|resume``: operate batched background migrations.
+
+Commands work on the state tables on the primary and on ``services.jobs``
+(through :class:`~.runner.Runner`), with the same configuration file as
+``regmw serve`` and ``regmw worker``; the batches themselves run in workers.
+"""
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import click
+
+from regmw.cli import Failure, config_option, get_runtime
+from regmw.errors import ConfigError
+
+from .runner import runner_for
+
+
+def _runner():
+    return runner_for(get_runtime().services)
+
+
+def _do(operation, names) -> None:
+    for name in names:
+        try:
+            click.echo(f"{name}: {operation(name)}")
+        except ConfigError as exc:
+            raise Failure(str(exc), 2) from None
+
+
+@click.group("db-migrations")
+@config_option
+def group() -> None:
+    """Batched background database migrations (docs/db-migrations.md)."""
+
+
+@group.command("list")
+@config_option
+def list_() -> None:
+    """The declared migrations: name, table.key, batch size, description."""
+    for name, spec in sorted(_runner().migrations.items()):
+        click.echo(f"{name:30} {spec.table}.{spec.key:20} batch={spec.batch_size:<8} {spec.description}")
+
+
+@group.command("run")
+@click.argument("names", nargs=-1, required=True)
+@config_option
+def run(names: tuple[str, ...]) -> None:
+    """Start migrations (state tables, key range, batches) and enqueue their first batch; idempotent."""
+    _do(_runner().start, names)
+
+
+@group.command("pause")
+@click.argument("names", nargs=-1, required=True)
+@config_option
+def pause(names: tuple[str, ...]) -> None:
+    """Pause migrations; returns once a batch in flight has committed. No batch runs until `resume`."""
+    _do(_runner().pause, names)
+
+
+@group.command("resume")
+@click.argument("names", nargs=-1, required=True)
+@config_option
+def resume(names: tuple[str, ...]) -> None:
+    """Resume paused migrations (and retry the failed batches of failed ones)."""
+    _do(_runner().resume, names)
+
+
+def _when(value) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+@group.command("status")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per migration")
+@config_option
+def status(name: str | None, as_json: bool) -> None:
+    """Each started migration: status, batches done/total, failures, throttle state, last error."""
+    try:
+        rows = _runner().status(name)
+    except ConfigError as exc:
+        raise Failure(str(exc), 2) from None
+    if name and not rows:
+        raise Failure(f"batched migration {name!r} has not been started", 1)
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row, default=str, sort_keys=True))
+            continue
+        throttle = row["throttle"]
+        note = ""
+        if throttle:
+            since = datetime.fromtimestamp(throttle["since"], UTC).strftime("%H:%M:%S")
+            note = (f"  throttle={throttle['state']} since {since} (pauses={throttle['pauses']}, "
+                    f"slows={throttle['slows']}){': ' + throttle['reason'] if throttle['reason'] else ''}")
+        click.echo(f"{row['name']:30} {row['status']:8} {row['succeeded']}/{row['total']} batches "
+                   f"({row['table_name']}.{row['key_column']} {row['min_key']}..{row['max_key']}, "
+                   f"batch {row['batch_size']}) queued={row['queued']} failed={row['failed']} "
+                   f"attempts={row['attempts']} started {_when(row['created_at'])} "
+                   f"finished {_when(row['finished_at'])}{note}")
+        if row["last_error"]:
+            click.echo(f"    last error: {row['last_error'].splitlines()[0]}")

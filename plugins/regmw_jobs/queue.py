@@ -1,0 +1,185 @@
+"""The dramatiq job queue: one actor per declared job, status records and fenced job state in Redis.
+
+Key layout (``<ns>`` = ``[jobs] namespace``; dramatiq's own keys share it)::
+
+    <ns>:regmw:records          hash job id -> JSON record (state, attempts, error, ...)
+    <ns>:regmw:state:<key>      hash {token, value}: a job's resumable state, written only by
+                                the highest fencing token (a Lua compare-and-set)
+
+Records follow dramatiq's life cycle through :class:`StatusMiddleware`:
+``queued`` when enqueued (and again when a failed attempt is scheduled for
+retry), ``running`` when a worker starts it, ``done``, or ``failed`` once
+dramatiq's Retries middleware gives up (the message then sits in dramatiq's
+dead-letter queue). A worker killed mid-job leaves its record ``running``
+until dramatiq requeues the message (heartbeat timeout) and another worker
+starts it again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
+from dramatiq.middleware import CurrentMessage, Middleware
+
+from regmw.backends import JobRecord
+from regmw.errors import ConfigError
+from regmw.jobs import Job, JobContext, PeriodicRunner
+
+log = logging.getLogger("regmw.jobs")
+
+QUEUE = "regmw"
+TIME_LIMIT_MS = 24 * 3600 * 1000  # a migration of a big repository may take long; the lock bounds it, not dramatiq
+
+#: KEYS: state hash. ARGV: token, value. Writes only if token >= the stored one.
+SET_STATE = """
+local stored = redis.call('HGET', KEYS[1], 'token')
+if stored and tonumber(stored) > tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'value', ARGV[2])
+return 1
+"""
+
+
+class StatusMiddleware(Middleware):
+    """Keeps ``<ns>:regmw:records`` in step with what dramatiq does to each message."""
+
+    def __init__(self, queue: DramatiqJobQueue) -> None:
+        self.queue = queue
+
+    def before_process_message(self, broker, message) -> None:
+        self.queue._record(message.message_id, message.actor_name, message.kwargs, "running",
+                           message.options.get("retries", 0) + 1)
+
+    def after_process_message(self, broker, message, *, result=None, exception=None) -> None:
+        retries = message.options.get("retries", 0)  # Retries (before us) counted this failure already
+        attempts = retries + 1 if exception is None else max(1, retries)
+        if exception is None:
+            state, error = "done", ""
+        else:
+            state = "failed" if message.failed else "queued"
+            error = f"{type(exception).__name__}: {exception}"
+        self.queue._record(message.message_id, message.actor_name, message.kwargs, state, attempts, error)
+
+    def after_skip_message(self, broker, message) -> None:
+        self.queue._record(message.message_id, message.actor_name, message.kwargs, "failed", 0, "skipped")
+
+
+class DramatiqJobQueue:
+    """A :class:`~regmw.backends.JobQueue` on dramatiq's Redis broker (``shared``: every process sees it)."""
+
+    shared = True
+
+    def __init__(self, services: Any, section: Any, jobs: dict[str, Job]) -> None:
+        self.services = services
+        self.section = section
+        self.jobs = jobs
+        connection = services.redis
+        self.client = connection.client
+        self.namespace = section["namespace"]
+        self.broker = RedisBroker(
+            client=self.client, namespace=self.namespace,
+            heartbeat_timeout=int(section["heartbeat_timeout"] * 1000),
+            maintenance_chance=int(section["maintenance_chance"] * MAINTENANCE_SCALE),
+        )
+        self.broker.add_middleware(CurrentMessage())
+        self.broker.add_middleware(StatusMiddleware(self))
+        self._set_state = self.client.register_script(SET_STATE)
+        self.actors = {name: self._actor(job) for name, job in jobs.items() if not job.periodic}
+
+    def _actor(self, job: Job) -> dramatiq.Actor:
+        services = self.services
+
+        def run(**kwargs: Any) -> None:
+            message = CurrentMessage.get_current_message()
+            attempt = message.options.get("retries", 0) + 1 if message is not None else 1
+            job_id = message.message_id if message is not None else ""
+            job.run(JobContext(services, job_id, job.name, attempt), **kwargs)
+
+        run.__name__ = job.name
+        return dramatiq.Actor(
+            run, broker=self.broker, actor_name=job.name, queue_name=QUEUE, priority=0,
+            options={"max_retries": job.max_retries, "min_backoff": int(self.section["min_backoff"] * 1000),
+                     "max_backoff": int(self.section["max_backoff"] * 1000), "time_limit": TIME_LIMIT_MS},
+        )
+
+    # --- keys ---------------------------------------------------------------
+
+    def _records_key(self) -> str:
+        return f"{self.namespace}:regmw:records"
+
+    def _state_key(self, key: str) -> str:
+        return f"{self.namespace}:regmw:state:{key}"
+
+    def _record(self, job_id: str, name: str, kwargs: dict, state: str, attempts: int, error: str = "") -> None:
+        value = {"name": name, "kwargs": kwargs, "state": state, "attempts": attempts, "error": error[:2000],
+                 "updated": time.time()}
+        try:
+            self.client.hset(self._records_key(), job_id, json.dumps(value))
+        except Exception as exc:  # a status record is information, not the job: never fail the job for it
+            log.warning("job %s: status record not written: %s", job_id, exc)
+
+    # --- the contract -------------------------------------------------------------
+
+    def enqueue(self, name: str, *, delay: float = 0.0, **kwargs: Any) -> str:
+        actor = self.actors.get(name)
+        if actor is None:
+            raise ConfigError(f"no job named {name!r} is declared (known: {', '.join(sorted(self.actors)) or 'none'})")
+        message = actor.message_with_options(kwargs=kwargs)
+        self._record(message.message_id, name, kwargs, "queued", 0)
+        self.broker.enqueue(message, delay=int(delay * 1000) or None)
+        return message.message_id
+
+    def status(self, name: str | None = None) -> list[JobRecord]:
+        records = []
+        for job_id, raw in self.client.hgetall(self._records_key()).items():
+            value = json.loads(raw)
+            if name and value["name"] != name:
+                continue
+            records.append(JobRecord(job_id.decode() if isinstance(job_id, bytes) else job_id, value["name"],
+                                     value["kwargs"], value["state"], value["attempts"], value["error"],
+                                     value["updated"]))
+        return sorted(records, key=lambda record: record.updated)
+
+    def get_state(self, key: str) -> dict[str, Any] | None:
+        raw = self.client.hget(self._state_key(key), "value")
+        return json.loads(raw) if raw else None
+
+    def set_state(self, key: str, value: dict[str, Any], token: int) -> bool:
+        return bool(self._set_state(keys=[self._state_key(key)], args=[token, json.dumps(value)]))
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Keep this worker's dramatiq heartbeat fresh while its jobs run.
+
+        dramatiq's Redis broker records a heartbeat with every broker command,
+        but a consumer whose prefetch is full sends none until a job ends: a
+        job longer than ``heartbeat_timeout`` would be requeued to another
+        worker while it still runs. We refresh the broker's entry in dramatiq's
+        ``<ns>:__heartbeats__`` sorted set (its dispatch script's key) every
+        quarter of the timeout, so only a dead process stops heartbeating.
+        """
+        key = f"{self.namespace}:__heartbeats__"
+        interval = self.section["heartbeat_timeout"] / 4
+        while not stop.wait(interval):
+            try:
+                self.client.zadd(key, {self.broker.broker_id: int(time.time() * 1000)})
+            except Exception as exc:  # Redis down: dramatiq's own commands fail too; keep trying
+                log.warning("dramatiq heartbeat not written: %s", exc)
+
+    def work(self, stop: threading.Event, threads: int = 1) -> None:
+        """Run a dramatiq worker (every actor's queue) and the periodic jobs until ``stop`` is set."""
+        periodic = PeriodicRunner(self.services, self.jobs.values(), stop)
+        periodic.start()
+        worker = dramatiq.Worker(self.broker, worker_threads=max(1, threads), worker_timeout=200)
+        worker.start()
+        try:
+            self._heartbeat(stop)
+        finally:
+            worker.stop(timeout=10_000)
+            periodic.join(5)
+

@@ -1,0 +1,88 @@
+"""`regmw migrate` (enqueue, --dry-run, status), `regmw jobs status` and `regmw worker` on the embedded queue."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from regmw.cli import main
+
+from .servers.migration_apps import seed
+
+LAYOUT = "docker/registry/v2"
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    path = tmp_path / "regmw.toml"
+    path.write_text(f"""
+[regmw]
+plugins = ["migration"]
+entry_points = false
+[storage]
+root = "{tmp_path}"
+[migration]
+old_root = "old/{LAYOUT}"
+new_root = "new/{LAYOUT}"
+[migration_job]
+drain = 0
+[jobs]
+queue_path = "{tmp_path / 'jobs.sqlite3'}"
+poll_interval = 0.05
+""")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def hermetic(monkeypatch):
+    import os
+
+    for name in [name for name in os.environ if name.startswith("REGMW_")]:
+        monkeypatch.delenv(name)
+
+
+def test_dry_run_lists_files_and_blobs_and_enqueues_nothing(config, tmp_path, capsys):
+    seeded = seed(str(tmp_path), "team/app", 1000)
+    assert main(["migrate", "--dry-run", "team/app", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    hex_ = seeded.manifest_digest.split(":")[1]
+    assert f"old/{LAYOUT}/blobs/sha256/{hex_[:2]}/{hex_}/data -> new/{LAYOUT}/blobs/sha256/" in out
+    assert "_manifests/tags/v1/current/link" in out
+    assert "team/app: 8 objects" in out  # 5 links (2 layers, revision, tag current + index) + 3 blobs
+    assert main(["migrate", "status", "-c", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == "queued=0 running=0 done=0 failed=0"
+
+
+def test_bad_names_are_refused_with_one_line(config, capsys):
+    assert main(["migrate", "Bad..Name", "-c", str(config)]) == 2
+    assert capsys.readouterr().err == "regmw: repository name does not match the distribution grammar: 'Bad..Name'\n"
+
+
+def test_a_worker_process_runs_what_migrate_enqueued(config, tmp_path, capsys):
+    seed(str(tmp_path), "team/app", 1000)
+    assert main(["migrate", "team/app", "team/missing", "-c", str(config)]) == 0
+    assert capsys.readouterr().out.count("\tqueued\t") == 2
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "regmw"), "worker", "-c", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert main(["migrate", "status", "-c", str(config)]) == 0
+            out = capsys.readouterr().out
+            if "done=1" in out:
+                break
+            time.sleep(0.05)
+        assert "team/app\tdone" in out and "done=1" in out, out
+        assert (tmp_path / "new" / LAYOUT / "repositories" / "team/app" / "_manifests").is_dir()
+        # the repository that does not exist is retried, never marked
+        assert "team/missing\tqueued" in out or "team/missing\trunning" in out
+        assert main(["jobs", "status", "-c", str(config)]) == 0
+        assert "migrate-repository" in capsys.readouterr().out
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(20)
+    assert worker.returncode == 0
