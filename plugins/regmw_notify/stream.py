@@ -141,8 +141,11 @@ class RedisStreams:
         connections (and sum the replies), confirming nothing. So the entries
         are grouped by the master serving their shard's slot, and each group
         is one plain pipeline on that master (a shard's entries keep their
-        order: a shard lives on one master). A slot moved meanwhile answers
-        MOVED: a RedisError, so the caller spools the events (at-least-once).
+        order: a shard lives on one master). A dead master or a slot moved
+        meanwhile (MOVED) is a RedisError, so the caller spools the events
+        (at-least-once); as these pipelines bypass the cluster client's own
+        error handling, the slot map is re-read first, so the next attempt
+        (the spool forwarder's) goes to the promoted replica or new owner.
         """
         client = self.client
         by_node: dict[str, tuple[Any, list[int]]] = {}
@@ -157,7 +160,11 @@ class RedisStreams:
                 repository, data = entries[index]
                 pipe.xadd(self.stream(shard_of(repository, self.shards)), _fields(repository, data, only))
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
-            results = pipe.execute()
+            try:
+                results = pipe.execute()
+            except redis.RedisError:
+                _refresh_slot_map(client)
+                raise
             for index, entry_id in zip(indexes, results[:-1], strict=True):
                 ids[index] = _text(entry_id)
             confirmed.append(int(results[-1]))
@@ -242,6 +249,14 @@ class RedisStreams:
             mapping["disabled"] = disabled
         if mapping:
             self.client.hset(self.endpoint_key(endpoint), mapping=mapping)
+
+
+def _refresh_slot_map(client: Any) -> None:
+    """Re-read the cluster's slot map (what redis-py does after a connection error or MOVED)."""
+    try:
+        client.nodes_manager.initialize()
+    except REDIS_DOWN:
+        pass
 
 
 def _fields(repository: str, data: bytes, only: str | None) -> dict[str, Any]:
