@@ -1,5 +1,6 @@
 """The click command line: core commands, commands contributed by plugins, shared-store refusals."""
 import importlib
+import socket
 import subprocess
 import sys
 import textwrap
@@ -44,6 +45,16 @@ SHARED_LOCKS = """
     @hookimpl
     def regmw_lock_manager(config):
         return SharedLocks()
+
+    EVENTS = []  # stands for the notifications plugin's durable sink
+
+    class RecordingSink:
+        def emit(self, event):
+            EVENTS.append(event)
+
+    @hookimpl
+    def regmw_event_sink(config, services):
+        return RecordingSink()
 """
 
 
@@ -75,6 +86,9 @@ def test_readonly_works_on_any_shared_lock_manager(shared_locks_plugin, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["-c", config, "readonly", "clear", "team/app", "--force"]) == 0
     assert store.HELD == {}
+    # each change announced through services.events; the refused attempts announced nothing
+    assert [(e["action"], e["target"]["repository"], e["actor"]["name"]) for e in store.EVENTS] == [
+        ("locked", "team/app", "migrator-7"), ("unlocked", "team/app", "regmw-cli@" + socket.gethostname())]
 
 
 def test_readonly_refuses_a_lock_manager_that_is_not_shared(capsys):
