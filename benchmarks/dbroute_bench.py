@@ -3,7 +3,9 @@
 Starts its own PostgreSQL 15 primary + streaming replica and its own
 throwaway redis-server on a free port, then, for each replica lag (the
 replica's ``recovery_min_apply_delay``, default 0, 200 ms and 1 s), runs the
-SAME workload under three routers, side by side in one run. Each side runs
+SAME workload under three routers, side by side in one run, in ``--rounds``
+rounds with the sides in a shuffled order in each (the figures cover every
+round; each round's read p50 is reported too). Each side runs
 in ``--processes`` worker processes (default 3), each with its own
 ``regmw.RegistryMiddleware`` (its own runtime, pools and checker thread) in
 front of a small Flask app, as gunicorn workers would:
@@ -32,7 +34,7 @@ took (routing, the store or window lookup, and the query), over every read.
 
 Usage::
 
-    python benchmarks/dbroute_bench.py [--duration 5] [--rate 150] [--processes 3] [--window 500]
+    python benchmarks/dbroute_bench.py [--duration 3] [--rounds 2] [--rate 150] [--processes 3] [--window 500]
                                        [--lags 0,200ms,1s] [--json]
 """
 from __future__ import annotations
@@ -298,8 +300,8 @@ def worker_process(side: str, spec: dict, index: int, inboxes: list, ready, go, 
     results.put({"counts": dict(counts), "latencies": latencies})
 
 
-def run_side(side: str, spec: dict, processes: int) -> dict:
-    """One side at one lag: ``processes`` workers started together; their figures merged."""
+def run_side(side: str, spec: dict, processes: int) -> tuple[Counter, list[float]]:
+    """One side at one lag for one round: ``processes`` workers started together; their counts and latencies."""
     context = multiprocessing.get_context("fork")
     inboxes = [context.Queue() for _ in range(processes)]
     ready, results, go = context.Queue(), context.Queue(), context.Event()
@@ -322,6 +324,11 @@ def run_side(side: str, spec: dict, processes: int) -> dict:
             worker.join(timeout=10)
             if worker.is_alive():
                 worker.kill()
+    return merged, latencies
+
+
+def summarize(merged: Counter, latencies: list[float], round_p50s: list[float]) -> dict:
+    """The reported figures of one side at one lag, over every round."""
     reads = merged["reads"]
     follow_ups = merged["immediate_reads"] + merged["later_reads"]
     stale = merged["stale_immediate"] + merged["stale_later"]
@@ -345,6 +352,7 @@ def run_side(side: str, spec: dict, processes: int) -> dict:
         "errors": merged["errors"],
         "read_p50_ms": round(statistics.median(latencies), 3) if latencies else 0.0,
         "read_p99_ms": round(percentile(latencies, 0.99), 3),
+        "read_p50_ms_per_round": [round(p50, 3) for p50 in round_p50s],
     }
 
 
@@ -370,7 +378,10 @@ def start_redis(workdir: str) -> tuple[subprocess.Popen, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per side and lag (default 5)")
+    parser.add_argument("--duration", type=float, default=3.0,
+                        help="seconds per side, lag and round (default 3)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds per lag, sides shuffled in each (default 2)")
     parser.add_argument("--rate", type=float, default=150.0, help="requests per second, all processes (default 150)")
     parser.add_argument("--processes", type=int, default=3, help="worker processes per side (default 3)")
     parser.add_argument("--clients", type=int, default=3, help="client threads per process (default 3)")
@@ -395,22 +406,34 @@ def main(argv: list[str] | None = None) -> int:
             cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 0)", repo)
         print(f"primary 127.0.0.1:{cluster.primary_port}, replica 127.0.0.1:{cluster.replica_port}, "
               f"redis 127.0.0.1:{redis_port}; {args.processes} processes x {args.clients} clients, "
-              f"{args.rate:g} req/s, {args.duration:g} s per side and lag", file=sys.stderr)
+              f"{args.rate:g} req/s, {args.rounds} rounds of {args.duration:g} s per side and lag", file=sys.stderr)
         for lag in lags:
             cluster.set_apply_delay(lag)
             label = LAGS.get(lag, lag)
             by_lag[label] = {}
+            merged = {side: (Counter(), [], []) for side in SIDES}
+            rng = random.Random(args.seed)
+            for round_index in range(args.rounds):
+                order = list(SIDES)
+                rng.shuffle(order)  # no side always runs first (or last) while the shared machine's load drifts
+                for side in order:
+                    reset(cluster)
+                    spec = {
+                        "primary_url": cluster.primary_url, "replica_url": cluster.replica_url,
+                        "replica_port": cluster.replica_port, "redis_url": f"redis://127.0.0.1:{redis_port}/0",
+                        "namespace": f"dbroute-bench-{uuid.uuid4().hex[:8]}", "window_ms": args.window,
+                        "duration": args.duration, "rate_per_process": args.rate / args.processes,
+                        "clients": args.clients, "seed": args.seed * 100 + round_index,
+                        "later_max_ms": args.later,
+                    }
+                    counts, latencies = run_side(side, spec, args.processes)
+                    merged[side][0].update(counts)
+                    merged[side][1].extend(latencies)
+                    merged[side][2].append(statistics.median(latencies) if latencies else 0.0)
+                    print(f"lag {label:7s} round {round_index + 1} {side:20s} reads={counts['reads']:5d} "
+                          f"p50={merged[side][2][-1]:.2f} ms", file=sys.stderr)
             for side in SIDES:
-                reset(cluster)
-                spec = {
-                    "primary_url": cluster.primary_url, "replica_url": cluster.replica_url,
-                    "replica_port": cluster.replica_port, "redis_url": f"redis://127.0.0.1:{redis_port}/0",
-                    "namespace": f"dbroute-bench-{uuid.uuid4().hex[:8]}", "window_ms": args.window,
-                    "duration": args.duration, "rate_per_process": args.rate / args.processes,
-                    "clients": args.clients, "seed": args.seed, "later_max_ms": args.later,
-                }
-                figures = run_side(side, spec, args.processes)
-                by_lag[label][side] = figures
+                figures = by_lag[label][side] = summarize(*merged[side])
                 print(f"lag {label:7s} {side:20s} reads={figures['reads']:5d} "
                       f"replica={figures['replica_read_share']:.3f} "
                       f"stale={figures['stale_immediate']}/{figures['immediate_reads']} immediate "
@@ -427,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         headline = by_lag.get("200ms") or next(iter(by_lag.values()))
         summary: dict = {side: headline[side] for side in SIDES}
         summary.update({
-            "lags": by_lag, "processes": args.processes, "store": "redis", "window_ms": args.window,
+            "lags": by_lag, "processes": args.processes, "store": "redis", "window_ms": args.window, "rounds": args.rounds,
             "later_max_ms": args.later,
             "headline_lag": "200ms" if "200ms" in by_lag else next(iter(by_lag)),
         })
