@@ -11,7 +11,9 @@ in ``--processes`` worker processes (default 3), each with its own
 front of a small Flask app, as gunicorn workers would:
 
 * ``regmw``: the ``dbroute`` plugin, its position store on the shared Redis
-  (``[database] store_url``, a namespace of its own per lag);
+  (``[database] store_url``, a namespace of its own per run of a side);
+  ``--regmw-store memory`` is the control: positions stay in the process
+  that wrote, so the other processes' follow-up reads must go stale;
 * ``primary_after_write``: what a careful team would write without LSNs:
   after a write to a repository, reads of it go to the primary for
   ``--window`` ms (default 500), tracked in the same Redis (``SET … PX``) so
@@ -193,9 +195,12 @@ def build_side(side: str, spec: dict):
         config = {
             "regmw": {"plugins": ["dbroute"], **regmw_only},
             "database": {"primary": spec["primary_url"], "replicas": [spec["replica_url"]],
-                         "store": "redis", "store_url": spec["redis_url"],
-                         "store_namespace": spec["namespace"], "pool_size": 10, "health_interval": 0.5},
+                         "pool_size": 10, "health_interval": 0.5},
         }
+        if spec["regmw_store"] == "redis":
+            config["database"].update(store="redis", store_url=spec["redis_url"], store_namespace=spec["namespace"])
+        else:  # the control: each process keeps its own positions, the others never see them
+            config["database"]["store"] = "memory"
         middleware = RegistryMiddleware(make_app(), config, environ={})
         return middleware, middleware.services.db_router.close
     if side == "primary_after_write":
@@ -390,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the second follow-up read comes 0..LATER ms after the write (default 2000)")
     parser.add_argument("--lags", default="0,200ms,1s",
                         help="recovery_min_apply_delay values, comma-separated (default 0,200ms,1s)")
+    parser.add_argument("--regmw-store", choices=("redis", "memory"), default="redis",
+                        help="regmw's position store; memory (not shared) is the control that must go stale")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print one JSON line last")
     args = parser.parse_args(argv)
@@ -424,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                         "namespace": f"dbroute-bench-{uuid.uuid4().hex[:8]}", "window_ms": args.window,
                         "duration": args.duration, "rate_per_process": args.rate / args.processes,
                         "clients": args.clients, "seed": args.seed * 100 + round_index,
-                        "later_max_ms": args.later,
+                        "later_max_ms": args.later, "regmw_store": args.regmw_store,
                     }
                     counts, latencies = run_side(side, spec, args.processes)
                     merged[side][0].update(counts)
@@ -450,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         headline = by_lag.get("200ms") or next(iter(by_lag.values()))
         summary: dict = {side: headline[side] for side in SIDES}
         summary.update({
-            "lags": by_lag, "processes": args.processes, "store": "redis", "window_ms": args.window, "rounds": args.rounds,
+            "lags": by_lag, "processes": args.processes, "store": args.regmw_store, "window_ms": args.window, "rounds": args.rounds,
             "later_max_ms": args.later,
             "headline_lag": "200ms" if "200ms" in by_lag else next(iter(by_lag)),
         })
