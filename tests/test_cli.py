@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from regmw.cli import main
+from tests.test_plugins import install
 
 SHARED_LOCKS = """
     import itertools, time
@@ -111,7 +112,7 @@ def test_migrate_mark_exists_only_when_the_migration_plugin_is_enabled(tmp_path,
 
 
 def test_a_third_party_plugin_contributes_a_command(tmp_path, monkeypatch, capsys):
-    (tmp_path / "regmw_greet.py").write_text(textwrap.dedent("""
+    install(tmp_path, monkeypatch, "regmw_greet", """
         import click
         from regmw import hookimpl
         from regmw.cli import config_option, get_runtime
@@ -126,13 +127,7 @@ def test_a_third_party_plugin_contributes_a_command(tmp_path, monkeypatch, capsy
         @hookimpl
         def regmw_cli_commands():
             return [greet]
-    """))
-    dist = tmp_path / "regmw_greet-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: regmw-greet\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[regmw]\ngreet = regmw_greet\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+    """, project="regmw-greet", entry="greet")
     config = tmp_path / "c.toml"
     config.write_text("[cache]\nmax_entries = 42\n")
     try:
