@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -24,12 +23,7 @@ import time
 import redis
 from regmw_dbroute.lsn import to_key
 from regmw_dbroute.store import RedisPositionStore
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from _common import free_port
 
 
 def pipeline_get(client: redis.Redis, store: RedisPositionStore, repository: str) -> list:

@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
+from _common import free_port, wait_port
 
 MIB = 1024 * 1024
 ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
@@ -66,25 +66,6 @@ storage:
 http:
   addr: 127.0.0.1:{port}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(port)
 
 
 def ensure_wrk() -> str:
@@ -307,7 +288,7 @@ def main() -> None:
         registry = subprocess.Popen([registry_binary, "serve", config], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
         procs.append(registry)
-        wait_for_port(port, registry)
+        wait_port(port, registry, 30.0)
         direct = f"http://127.0.0.1:{port}"
 
         gport = free_port()
@@ -320,7 +301,7 @@ def main() -> None:
                                          "--port", str(gport)], stdout=log, stderr=log,
                                         env={**os.environ, "REGMW_CONFIG": ""})
         procs.append(gateway_proc)
-        wait_for_port(gport, gateway_proc)
+        wait_port(gport, gateway_proc, 30.0)
         gateway = f"http://127.0.0.1:{gport}"
         sides = {"direct": direct, "gateway": gateway}
 

@@ -50,11 +50,12 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from _common import children, cpu_seconds, free_port, wait_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -178,36 +179,6 @@ def write_lists(directory: str, length: int, seed: int = 7) -> dict[str, str]:
     return lists
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing on port {port}")
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as handle:
-        return [int(child) for child in handle.read().split()]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Server:
     def __init__(self, kind: str, root: str, redis_url: str) -> None:
         self.kind, self.port = kind, free_port()
@@ -217,7 +188,7 @@ class Server:
             [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", "4", "--timeout", "0",
              "--log-level", "error", "-b", f"127.0.0.1:{self.port}", "http_bench:application()"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        wait_port(self.port, self.proc)
+        wait_port(self.port, self.proc, 60.0)
         deadline = time.monotonic() + 30
         while not children(self.proc.pid):  # the master listens before it forks the worker
             if time.monotonic() > deadline:
@@ -279,7 +250,7 @@ def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", directory], stdout=subprocess.DEVNULL)
-    wait_port(port, proc)
+    wait_port(port, proc, 60.0)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 

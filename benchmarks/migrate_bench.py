@@ -26,23 +26,17 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import statistics
 import tempfile
 import threading
 import time
 from typing import Any
+from _common import free_port
 
 from regmw import build
 
 OLD, NEW = "old/docker/registry/v2", "new/docker/registry/v2"
 JOB = "migrate-repository"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def layout_objects(name: str, layer_size: int) -> dict[str, bytes]:

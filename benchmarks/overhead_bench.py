@@ -51,6 +51,8 @@ import tempfile
 import threading
 import time
 
+from _common import wait_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("bare", "flask_limiter", "regmw", "regmw_limits_path", "regmw_cluster")
 REPOSITORIES = ("team/app", "team/api", "library/alpine", "group/sub/web")
@@ -174,7 +176,7 @@ def start_cluster(binary: str, tmp: str, procs: list) -> str:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         procs.append(proc)
-        _wait_port(port, proc)
+        wait_port(port, proc, 15.0)
         ports.append(port)
     subprocess.run([shutil.which("redis-cli"), "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
                     "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True, timeout=60)
@@ -197,21 +199,6 @@ def _free_port(below: int = 65536) -> int:
         if port < below:  # a Cluster node's port must be below 55536
             return port
     raise RuntimeError(f"no free port below {below}")
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing on port {port}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -334,7 +321,7 @@ def main(argv=None) -> int:
                  "--dir", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             procs.append(redis_proc)
-            _wait_port(redis_port, redis_proc)
+            wait_port(redis_port, redis_proc, 15.0)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
         kinds = KINDS[:-1] if args.no_cluster else KINDS
         urls = {kind: redis_url for kind in kinds}
@@ -353,7 +340,7 @@ def main(argv=None) -> int:
                 env=env, stdout=subprocess.DEVNULL,
             )
             procs.append(proc)
-            _wait_port(port, proc)
+            wait_port(port, proc, 15.0)
             ports[kind] = port
             if kind.startswith("regmw"):
                 check_classified(port, kind)

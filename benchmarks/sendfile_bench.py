@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from _common import children, cpu_seconds, free_port, wait_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SIDES = ("bare", "regmw", "python_copy")
@@ -61,27 +63,14 @@ def application():
     return blob_app
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def worker_of(master: int) -> int:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        with open(f"/proc/{master}/task/{master}/children") as handle:
-            children = handle.read().split()
-        if children:
-            return int(children[0])
+        workers = children(master)
+        if workers:
+            return workers[0]
         time.sleep(0.05)
     raise TimeoutError("no gunicorn worker")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(kind: str, blob: str) -> tuple[subprocess.Popen, int]:
@@ -90,16 +79,8 @@ def start(kind: str, blob: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", "4",
                              "--timeout", "0", "--log-level", "error", "-b", f"127.0.0.1:{port}",
                              "sendfile_bench:application()"], env=env, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{kind}: gunicorn exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(kind)
+    wait_port(port, proc, 60.0)
+    return proc, port
 
 
 def fetch(port: int, size: int) -> float:

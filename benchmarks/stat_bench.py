@@ -50,7 +50,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,6 +68,7 @@ from regmw_migration.classifier import own_entries
 from werkzeug.test import Client
 
 from regmw import RegistryMiddleware
+from _common import free_port
 
 SIZES = (0, 100, 1000, 10000)
 BUCKET = "registry"
@@ -93,12 +93,6 @@ class Counter:
             return response
 
         http.request = request
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def object_names(repository: str, count: int) -> list[str]:

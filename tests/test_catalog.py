@@ -3,7 +3,6 @@ sorted, deduplicated, paged with ``n``/``last`` and a ``Link`` header like one r
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import re
 from urllib.parse import urlsplit
@@ -13,6 +12,7 @@ import pytest
 from regmw import RegistryMiddleware, build, hookimpl
 from regmw.catalog import _Upstream, merge_pages
 from regmw.gateway import create_gateway
+from tests.servers._util import http_request as request
 
 OLD = ["a/one", "c/three", "shared/x", "e/five", "g/seven"]
 NEW = ["b/two", "d/four", "shared/x", "f/six"]
@@ -24,15 +24,6 @@ class ByPrefix:
         return "new" if context.repository in NEW else "old"
 
 
-def request(url: str, method: str, target: str, body: bytes | None = None, headers: dict | None = None):
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def push_blob(url: str, name: str) -> None:

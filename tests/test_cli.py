@@ -1,5 +1,6 @@
 """The click command line: core commands, commands contributed by plugins, shared-store refusals."""
 import importlib
+import socket
 import subprocess
 import sys
 import textwrap
@@ -7,6 +8,7 @@ import textwrap
 import pytest
 
 from regmw.cli import main
+from tests.test_plugins import install
 
 SHARED_LOCKS = """
     import itertools, time
@@ -44,6 +46,16 @@ SHARED_LOCKS = """
     @hookimpl
     def regmw_lock_manager(config):
         return SharedLocks()
+
+    EVENTS = []  # stands for the notifications plugin's durable sink
+
+    class RecordingSink:
+        def emit(self, event):
+            EVENTS.append(event)
+
+    @hookimpl
+    def regmw_event_sink(config, services):
+        return RecordingSink()
 """
 
 
@@ -75,6 +87,9 @@ def test_readonly_works_on_any_shared_lock_manager(shared_locks_plugin, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["-c", config, "readonly", "clear", "team/app", "--force"]) == 0
     assert store.HELD == {}
+    # each change announced through services.events; the refused attempts announced nothing
+    assert [(e["action"], e["target"]["repository"], e["actor"]["name"]) for e in store.EVENTS] == [
+        ("locked", "team/app", "migrator-7"), ("unlocked", "team/app", "regmw-cli@" + socket.gethostname())]
 
 
 def test_readonly_refuses_a_lock_manager_that_is_not_shared(capsys):
@@ -97,7 +112,7 @@ def test_migrate_mark_exists_only_when_the_migration_plugin_is_enabled(tmp_path,
 
 
 def test_a_third_party_plugin_contributes_a_command(tmp_path, monkeypatch, capsys):
-    (tmp_path / "regmw_greet.py").write_text(textwrap.dedent("""
+    install(tmp_path, monkeypatch, "regmw_greet", """
         import click
         from regmw import hookimpl
         from regmw.cli import config_option, get_runtime
@@ -112,13 +127,7 @@ def test_a_third_party_plugin_contributes_a_command(tmp_path, monkeypatch, capsy
         @hookimpl
         def regmw_cli_commands():
             return [greet]
-    """))
-    dist = tmp_path / "regmw_greet-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: regmw-greet\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[regmw]\ngreet = regmw_greet\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+    """, project="regmw-greet", entry="greet")
     config = tmp_path / "c.toml"
     config.write_text("[cache]\nmax_entries = 42\n")
     try:

@@ -26,6 +26,7 @@ from werkzeug.test import Client
 from regmw.middleware import RegistryMiddleware
 
 from .servers._util import need_binary, stop, wait_for_port
+from .servers._util import wait_until as poll_until
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
@@ -118,13 +119,8 @@ def registry(cluster):
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached within {timeout}s")
+    """The shared poll-with-deadline, with a 20 s default: replication and health checks take longer here."""
+    return poll_until(predicate, timeout, what)
 
 
 def unique(prefix: str) -> str:

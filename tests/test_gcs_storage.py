@@ -283,22 +283,28 @@ def test_unanswered_request_times_out_as_an_error(gcs_emulator):
             storage.prefix_exists(f"{REPOS}/x/")
 
 
-def test_transient_errors_are_retried(seeded):
-    storage, _ = seeded
-    storage = GCSStorage(storage.client, storage.bucket_name, timeout=5.0,
-                         retry=make_retry({"retry_deadline": 5.0, "retry_initial": 0.001,
-                                           "retry_maximum": 0.001, "retry_multiplier": 1.0}))
+def fail_requests(storage, count: int) -> list[str]:
+    """Make the storage client's next ``count`` HTTP requests fail with a connection reset; return their URLs."""
     http = storage.client._http
     counted = http.request
-    failures = []
+    failures: list[str] = []
 
     def flaky(method, url, *args, **kwargs):
-        if len(failures) < 2:
+        if len(failures) < count:
             failures.append(url)
             raise requests.ConnectionError("connection reset (injected)")
         return counted(method, url, *args, **kwargs)
 
     http.request = flaky
+    return failures
+
+
+def test_transient_errors_are_retried(seeded):
+    storage, _ = seeded
+    storage = GCSStorage(storage.client, storage.bucket_name, timeout=5.0,
+                         retry=make_retry({"retry_deadline": 5.0, "retry_initial": 0.001,
+                                           "retry_maximum": 0.001, "retry_multiplier": 1.0}))
+    failures = fail_requests(storage, 2)
     assert storage.prefix_exists(f"{REPOS}/direct/") is True
     assert len(failures) == 2
 
@@ -315,17 +321,7 @@ def test_retry_settings_shape_the_backoff(seeded, monkeypatch):
     monkeypatch.setattr(retry_unary.time, "sleep", sleeps.append)  # record the delays instead of waiting
     storage, _ = seeded
     storage = GCSStorage(storage.client, storage.bucket_name, timeout=5.0, retry=retry)
-    http = storage.client._http
-    counted = http.request
-    failures = []
-
-    def flaky(method, url, *args, **kwargs):
-        if len(failures) < 6:
-            failures.append(url)
-            raise requests.ConnectionError("connection reset (injected)")
-        return counted(method, url, *args, **kwargs)
-
-    http.request = flaky
+    fail_requests(storage, 6)
     assert storage.prefix_exists(f"{REPOS}/direct/") is True
     assert len(sleeps) == 6
     assert sleeps[0] <= 0.001 and all(delay <= 0.002 for delay in sleeps)  # defaults: up to 1 s, then 2 s, ...

@@ -48,15 +48,15 @@ class FaultyStorage(FilesystemStorage):
 
 
 class Recorder:
-    """An event sink recording what it is given; ``fail_next`` makes one emit crash."""
+    """An event sink recording what it is given; ``fail_next = ACTION`` makes the next such emit crash."""
 
     def __init__(self) -> None:
         self.events: list[dict] = []
-        self.fail_next = False
+        self.fail_next: str | None = None
 
     def emit(self, event: dict) -> None:
-        if self.fail_next:
-            self.fail_next = False
+        if self.fail_next == event["action"]:
+            self.fail_next = None
             raise Crash("crash while emitting")
         self.events.append(event)
 
@@ -143,14 +143,16 @@ def test_migrates_repositories_sharing_a_blob_and_announces_each_once(harness):
         assert harness.client.pull_layer(name, "v1") == shared + name.encode()
         assert harness.client.pull_layer(name, "shared") == shared
         assert not harness.services.locks.read_only(name)
+    # per repository, in order: locked (writes refused from here), migrated, unlocked (writes go to new)
     assert [(e["action"], e["target"]["repository"]) for e in harness.recorder.events] == [
-        (EVENT_ACTION, "team/a"), (EVENT_ACTION, "team/b"), (EVENT_ACTION, "team/c")]
+        (action, name) for name in ("team/a", "team/b", "team/c") for action in ("locked", EVENT_ACTION, "unlocked")]
+    assert len({e["id"] for e in harness.recorder.events}) == 9
     assert {r.state for r in harness.services.jobs.status(JOB_NAME)} == {"done"}
     # a second request to migrate is a no-op: no copy, no second event
     copies = harness.storage.copies
     harness.services.jobs.enqueue(JOB_NAME, repository="team/a")
     harness.run_jobs()
-    assert harness.storage.copies == copies and len(harness.recorder.events) == 3
+    assert harness.storage.copies == copies and len(harness.recorder.events) == 9
     # the new side takes writes after the migration
     push(harness, "team/a", b"after", tag="v2")
     assert harness.client.pull_layer("team/a", "v2") == b"after"
@@ -178,7 +180,10 @@ def test_a_crash_mid_copy_leaves_the_repository_old_and_a_rerun_finishes(harness
     harness.run_jobs()
     assert harness.path("crash/app") == "new"
     assert harness.tree("new", "crash/app") == before
-    assert [e["id"] for e in harness.recorder.events] == [event_id("crash/app", f"new/{LAYOUT}")]
+    # the dead run announced its lock but never an unlock; the rerun: locked, migrated (its fixed id), unlocked
+    assert [e["action"] for e in harness.recorder.events] == ["locked", "locked", EVENT_ACTION, "unlocked"]
+    assert [e["id"] for e in harness.recorder.events if e["action"] == EVENT_ACTION] == [
+        event_id("crash/app", f"new/{LAYOUT}")]
 
 
 def test_a_rerun_while_the_dead_runs_lock_is_held_is_retried_not_run(harness):
@@ -197,7 +202,7 @@ def test_a_rerun_while_the_dead_runs_lock_is_held_is_retried_not_run(harness):
 
 def test_a_crash_after_the_mark_is_finished_by_the_rerun_with_the_same_event(harness):
     push(harness, "late/app", b"y" * 3000)
-    harness.recorder.fail_next = True
+    harness.recorder.fail_next = EVENT_ACTION
     harness.services.jobs.enqueue(JOB_NAME, repository="late/app")
     with pytest.raises(Crash):
         harness.run_jobs()
@@ -205,7 +210,8 @@ def test_a_crash_after_the_mark_is_finished_by_the_rerun_with_the_same_event(har
     assert harness.services.jobs.get_state(state_key("late/app"))["phase"] == "marked"
     harness.services.jobs._finish(harness.services.jobs.status(JOB_NAME)[0].id, "queued")
     harness.run_jobs()
-    assert len(harness.recorder.events) == 1
+    # the crashed emit delivered nothing; the rerun from "marked" announces once, then the unlock
+    assert [e["action"] for e in harness.recorder.events] == ["locked", EVENT_ACTION, "unlocked"]
     assert harness.services.jobs.get_state(state_key("late/app"))["phase"] == "done"
     assert harness.client.pull_layer("late/app", "v1") == b"y" * 3000
 

@@ -9,7 +9,6 @@ a manifest read with a reference the grammar refuses is forwarded as is.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 from urllib.parse import urlsplit
 
@@ -18,6 +17,7 @@ import pytest
 from regmw import RegistryMiddleware, build
 from regmw.demo.registry import create_app
 from regmw.gateway import create_gateway
+from tests.servers._util import http_request as send
 
 REPO = "group/app"
 
@@ -31,16 +31,6 @@ def config(tmp_path, **sections) -> dict:
     }
 
 
-def send(url: str, method: str, target: str, body: bytes | None = None, headers: dict | None = None):
-    """One request with ``target`` sent byte for byte (http.client does not re-encode it)."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.request(method, target, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def code(body: bytes) -> str:

@@ -18,7 +18,7 @@ def installed_plugin(tmp_path, monkeypatch):
     entry_points.txt); importlib.metadata finds it exactly as it finds a
     pip-installed plugin.
     """
-    (tmp_path / "regmw_hello.py").write_text(textwrap.dedent('''
+    install(tmp_path, monkeypatch, "regmw_hello", '''
         from regmw import Option, Refusal, Section, hookimpl
 
         @hookimpl
@@ -33,13 +33,7 @@ def installed_plugin(tmp_path, monkeypatch):
         @hookimpl
         def regmw_response_started(context, status, headers):
             headers.append(("X-Hello", context.repository or "-"))
-    '''))
-    dist = tmp_path / "regmw_hello-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: regmw-hello\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[regmw]\nhello = regmw_hello\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+    ''', project="regmw-hello", entry="hello")
     yield
     sys.modules.pop("regmw_hello", None)
 
@@ -78,14 +72,18 @@ def test_builtin_plugins_are_enabled_by_name(tmp_path, capsys):
     assert "regmw_migration  (built-in)" in capsys.readouterr().out
 
 
-def install(tmp_path, monkeypatch, name: str, source: str | None) -> None:
-    """A distribution `name` whose `regmw` entry point is module `name` (absent when source is None)."""
+def install(tmp_path, monkeypatch, name: str, source: str | None, project: str | None = None,
+            entry: str | None = None) -> None:
+    """A distribution whose `regmw` entry point `entry` is module `name` (absent when source is None).
+
+    ``project`` (the distribution's name) and ``entry`` default to ``name``. Also used by test_cli.
+    """
     if source is not None:
         (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
     dist = tmp_path / f"{name}-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(f"[regmw]\n{name} = {name}\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project or name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[regmw]\n{entry or name} = {name}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
 

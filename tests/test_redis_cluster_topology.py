@@ -143,29 +143,59 @@ def test_reshard_under_load_no_errors_no_over_admission(redis_cluster_fresh):
     source_id = group.node(source).execute_command("CLUSTER", "MYID").decode()
     target_id = group.node(target).execute_command("CLUSTER", "MYID").decode()
 
+    # The loader thread owns ``statuses`` (read after join). ``durations`` (one entry per answered
+    # request; append and len are atomic) is what the main thread polls, ``errors`` what the loader
+    # raised (werkzeug's Client raises a middleware exception in the thread, where it would be lost),
+    # ``in_flight`` when the request being answered started (a hang is reported as one).
     statuses: Counter = Counter()
+    durations: list[float] = []
+    errors: list[BaseException] = []
+    in_flight: list[float] = []
     done = threading.Event()
     failures = (_errors("ratelimit", "fail_open"), _errors("cache", "miss"))
     redirects = _redirections("moved") + _redirections("ask")
+    # A request makes a few Redis commands (one admission script per slot group, each re-run once
+    # through the cluster client after a redirection), each bounded by its timeouts and retries:
+    # ten command deadlines is generous, and far below the 30 s a hang would take.
+    bound = 10 * middleware.services.redis.command_deadline
+
+    def get() -> None:
+        in_flight[:] = [time.monotonic()]
+        status = client.get(path, environ_overrides={"REMOTE_ADDR": peer}).status_code
+        durations.append(time.monotonic() - in_flight.pop())
+        statuses[status] += 1
 
     def load() -> None:
-        while not done.is_set() and sum(statuses.values()) < 20_000:
-            statuses[client.get(path, environ_overrides={"REMOTE_ADDR": peer}).status_code] += 1
+        try:
+            while not done.is_set() and len(durations) < 5_000:
+                get()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
 
     for _ in range(20):
-        statuses[client.get(path, environ_overrides={"REMOTE_ADDR": peer}).status_code] += 1
-    loader = threading.Thread(target=load)
+        get()
+    loader = threading.Thread(target=load, daemon=True)
     loader.start()
     try:
         group.redis_cli("--cluster", "reshard", f"127.0.0.1:{source}", "--cluster-from", source_id,
                         "--cluster-to", target_id, "--cluster-slots", str(len(moved)), "--cluster-yes", timeout=60)
-        sent_at_move = sum(statuses.values())
+        sent_at_move = len(durations)
+        # How many requests ran during the move depends on the machine's load (on two busy cores the
+        # reshard can end after a few dozen), so the load goes on until 50 requests ran on the new
+        # layout AND the limit was passed by 50, whichever comes later.
+        wanted = max(sent_at_move + 50, limit + 50)
         deadline = time.monotonic() + 30
-        while sum(statuses.values()) < sent_at_move + 50 and time.monotonic() < deadline:
-            time.sleep(0.01)  # let requests run on the new layout (polled, bounded)
+        while len(durations) < wanted and loader.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)  # polled, bounded
     finally:
         done.set()
         loader.join(30)
+    hung = time.monotonic() - in_flight[0] if in_flight else float("inf")
+    assert not loader.is_alive(), f"a request hung for {hung:.1f} s (bound {bound} s)"
+    assert not errors, f"the loader died after {len(durations)} requests: {errors[0]!r}"
+    assert max(durations) < bound, f"slowest request {max(durations):.2f} s, bound {bound} s"
+    assert len(durations) >= wanted, (f"{len(durations)} requests answered, {sent_at_move} at the move, "
+                                      f"wanted {wanted}: the load stalled")
     assert group.master_of("{repository:" + repository + "}") == target  # the keys really moved
     assert set(statuses) <= {200, 429}, statuses
     assert sum(statuses.values()) > limit

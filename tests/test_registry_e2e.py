@@ -8,7 +8,6 @@ across two real upstreams; (c) unreachable and silent upstreams.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import socket
@@ -24,7 +23,7 @@ from regmw.defaults.filesystem import FilesystemStorage
 from regmw.demo.registry import create_app
 from regmw.gateway import Gateway, create_gateway
 from tests.oci_image import write_oci_layout
-from tests.servers._util import free_port, need_binary
+from tests.servers._util import free_port, http_request, need_binary
 
 REPO = "group/project"
 
@@ -91,14 +90,7 @@ def assert_same_image(image, pulled_dir: Path) -> None:
 
 
 def get(url: str, path: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
+    return http_request(url, method, path, body, headers)
 
 
 def repository_files(root: Path, name: str = REPO) -> set[str]:

@@ -24,6 +24,7 @@ import pytest
 
 from tests.oci_image import write_oci_layout
 from tests.servers._util import free_port, stop, wait_for_port
+from tests.servers._util import http_request as request
 from tests.test_registry_e2e import assert_same_image, docker_ref, skopeo  # noqa: F401 - skopeo is a fixture
 
 REPO = "group/project"
@@ -81,15 +82,6 @@ def gateway_config(upstream: str) -> str:
             '[[ratelimit.rules]]\nby = "client"\nlimit = "100000/minute"\nname = "per-client"\n')
 
 
-def request(url: str, method: str, path: str, body=None, headers: dict | None = None):
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def push_blob(url: str, blocks: list[bytes]) -> str:

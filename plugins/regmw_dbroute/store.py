@@ -87,15 +87,19 @@ class MemoryPositionStore:
             self._initialized = True
 
 
-# KEYS[1] = position key; ARGV[1] = 16-hex-digit LSN, ARGV[2] = TTL in ms.
+# greater(a, b) for two 16-hex-digit LSNs, shared by _ADVANCE and _INITIALIZE.
 # Compares the two 32-bit halves as numbers: exact, unlike one Lua double.
-_ADVANCE = """
-local current = redis.call('GET', KEYS[1])
+_GREATER = """
 local function greater(a, b)
   local ah, bh = tonumber(string.sub(a, 1, 8), 16), tonumber(string.sub(b, 1, 8), 16)
   if ah ~= bh then return ah > bh end
   return tonumber(string.sub(a, 9, 16), 16) > tonumber(string.sub(b, 9, 16), 16)
 end
+"""
+
+# KEYS[1] = position key; ARGV[1] = 16-hex-digit LSN, ARGV[2] = TTL in ms.
+_ADVANCE = _GREATER + """
+local current = redis.call('GET', KEYS[1])
 if (not current) or string.len(current) ~= 16 or greater(ARGV[1], current) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return ARGV[1]
@@ -121,14 +125,9 @@ return {position, redis.call('GET', KEYS[1]), state}
 
 # KEYS[1] = floor key, KEYS[2] = epoch key; ARGV as _ADVANCE. Raises the floor (maximum kept),
 # then marks the store as initialised BY THIS SERVER RUN (its run_id), in one atomic step.
-_INITIALIZE = """
+_INITIALIZE = _GREATER + """
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 local current = redis.call('GET', KEYS[1])
-local function greater(a, b)
-  local ah, bh = tonumber(string.sub(a, 1, 8), 16), tonumber(string.sub(b, 1, 8), 16)
-  if ah ~= bh then return ah > bh end
-  return tonumber(string.sub(a, 9, 16), 16) > tonumber(string.sub(b, 9, 16), 16)
-end
 if (not current) or string.len(current) ~= 16 or greater(ARGV[1], current) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 else

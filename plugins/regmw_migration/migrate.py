@@ -48,6 +48,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from regmw import events
 from regmw.backends import StoredObject
 from regmw.errors import ConfigError
 from regmw.jobs import JobContext, LeaseLost, RetryLater
@@ -55,7 +56,7 @@ from regmw.jobs import JobContext, LeaseLost, RetryLater
 log = logging.getLogger("regmw.migration.job")
 
 JOB_NAME = "migrate-repository"
-EVENT_ACTION = "migrated"
+EVENT_ACTION = events.MIGRATED
 EVENT_NAMESPACE = uuid.UUID("6c1c3f52-8d0e-4a3e-9a53-0b7c3c8a5e21")
 LINK_RE = re.compile(r"(?:_layers|_manifests/revisions)/sha256/([a-f0-9]{64})/link")
 #: a repository's own entries (child repositories are other entries of the same directory); upload
@@ -201,6 +202,8 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
     if not fence.acquire():
         raise RetryLater(f"{repository} is read-only under another owner (an earlier run's lock expires by itself)")
     locked_at = time.monotonic()
+    events.emit(services, events.repository_event(events.LOCKED, repository, actor=owner, reason="migration",
+                                                  token=fence.token))
     try:
         if not jobs.set_state(key, {"phase": "locked", "owner": owner, "token": fence.token}, fence.token):
             raise LeaseLost(f"{repository}: a newer run holds the migration")
@@ -231,6 +234,8 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
             raise LeaseLost(f"{repository}: a newer run holds the migration")
     except Exception:
         fence.release()  # a failed run leaves the repository old and writable (a rerun locks it again)
+        events.emit(services, events.repository_event(events.UNLOCKED, repository, actor=owner,
+                                                      reason="migration failed"))
         raise
     outcome = _finish(context, settings, repository, {"objects": work.objects, "bytes": work.bytes}, owner,
                       fence.token, locked_at)
@@ -247,7 +252,9 @@ def _finish(context: JobContext, settings: Settings, repository: str, state: dic
         services.locks.clear_read_only(repository, owner)
     locked_ms = (time.monotonic() - locked_at) * 1000 if locked_at else 0.0
     if services.events is not None:
-        services.events.emit(migrated_event(repository, settings, state))
+        services.events.emit(migrated_event(repository, settings, state))  # raises: the job reruns and re-emits
+    if owner:
+        events.emit(services, events.repository_event(events.UNLOCKED, repository, actor=owner, reason="migrated"))
     services.jobs.set_state(state_key(repository), {**state, "phase": "done", "owner": owner, "token": token,
                                                     "locked_ms": locked_ms}, token)
     log.info("%s migrated (%s objects, %s bytes, writes refused for %.0f ms)", repository, state.get("objects"),
@@ -256,18 +263,10 @@ def _finish(context: JobContext, settings: Settings, repository: str, state: dic
 
 
 def migrated_event(repository: str, settings: Settings, state: dict) -> dict[str, Any]:
-    """A ``migrated`` event in distribution's notification format (the notifications plugin's envelope)."""
-    from datetime import UTC, datetime
-
-    return {
-        "id": event_id(repository, settings.new_root),
-        "timestamp": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
-        "action": EVENT_ACTION,
-        "target": {"repository": repository, "mediaType": "", "fromRoot": settings.old_root, "toRoot": settings.new_root,
-                   "objects": state.get("objects", 0), "size": state.get("bytes", 0)},
-        "request": {}, "actor": {"name": ""},
-        "source": {"addr": os.uname().nodename, "instanceID": ""},
-    }
+    """The ``migrated`` event, with the same id in every run (a rerun's re-emit de-duplicates)."""
+    return events.repository_event(
+        EVENT_ACTION, repository, event_id=event_id(repository, settings.new_root), fromRoot=settings.old_root,
+        toRoot=settings.new_root, objects=state.get("objects", 0), size=state.get("bytes", 0))
 
 
 def copy(storage: Any, work: Plan, fence: Fence) -> int:

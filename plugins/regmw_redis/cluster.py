@@ -32,7 +32,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import redis
 from prometheus_client import Counter
@@ -54,7 +54,7 @@ from redis.retry import Retry
 from regmw import metrics
 from regmw.defaults.ratelimit import Rule
 
-from .connection import RedisConnection, counting
+from .connection import RedisConnection, counting, split_hosts
 
 __all__ = [
     "CLUSTER_SCHEMES", "ClusterConnection", "ClusterTarget", "LazyRedisCluster", "NODES", "REDIRECTIONS", "SlotGroups",
@@ -100,17 +100,7 @@ def parse_cluster_url(url: str, section: Mapping[str, Any] | None = None) -> Clu
     parts = urlsplit(url)
     if parts.scheme not in CLUSTER_SCHEMES:
         raise ValueError(f"not a cluster URL: {url!r}")
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
-    username = password = None
-    if userinfo:
-        user, _, secret = userinfo.partition(":")
-        username, password = unquote(user) or None, unquote(secret) or None
-    nodes = []
-    for item in hostlist.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"cluster node address {item!r} is not host:port")
-        nodes.append((host.strip("[]"), int(port)))
+    username, password, nodes = split_hosts(parts.netloc, "cluster node address")
     if parts.path.strip("/") not in ("", "0") or (section.get("db") or 0) != 0:
         raise ValueError("a Redis Cluster has only database 0 (drop the /<db> from the URL and [redis] db)")
     return ClusterTarget(

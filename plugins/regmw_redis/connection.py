@@ -123,17 +123,7 @@ def parse_url(url: str, section: Mapping[str, Any] | None = None) -> RedisTarget
             password=section.get("password") or (unquote(parts.password) if parts.password else None),
             tls=scheme == "rediss",
         )
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
-    username = password = None
-    if userinfo:
-        user, _, secret = userinfo.partition(":")
-        username, password = unquote(user) or None, unquote(secret) or None
-    sentinels = []
-    for item in hostlist.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"sentinel address {item!r} is not host:port")
-        sentinels.append((host.strip("[]"), int(port)))
+    username, password, sentinels = split_hosts(parts.netloc, "sentinel address")
     path = [piece for piece in parts.path.split("/") if piece]
     service = section.get("service_name") or (unquote(path[0]) if path else None)
     if not service:
@@ -145,6 +135,26 @@ def parse_url(url: str, section: Mapping[str, Any] | None = None) -> RedisTarget
         scheme, url, tuple(sentinels), service, int(db), username, section.get("password") or password,
         tls=scheme.startswith("rediss"),
     )
+
+
+def split_hosts(netloc: str, what: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """``[[user]:password@]host:port[,host:port...]`` as (username, password, [(host, port), ...]).
+
+    Shared by the sentinel and the Cluster URL (urlsplit cannot parse a host list). ``what`` names
+    an address in the error (``sentinel address``, ``cluster node address``).
+    """
+    userinfo, _, hostlist = netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, _, secret = userinfo.partition(":")
+        username, password = unquote(user) or None, unquote(secret) or None
+    hosts = []
+    for item in hostlist.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{what} {item!r} is not host:port")
+        hosts.append((host.strip("[]"), int(port)))
+    return username, password, hosts
 
 
 def _path_db(path: str, scheme: str) -> int:

@@ -5,7 +5,9 @@ any plugin's commands. It works on whatever ``services.locks`` the
 configuration provides (the redis plugin's, a third party's), through the
 :class:`~regmw.backends.LockManager` contract only, and refuses a lock manager
 that is not ``shared``: a lock set by this command in its own process would
-vanish with it while every server kept accepting writes.
+vanish with it while every server kept accepting writes. Setting and
+clearing a lock emit ``locked`` / ``unlocked`` events through
+``services.events`` when a sink is configured.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import socket
 
 import click
 
+from regmw import events
 from regmw.cli import Failure, config_option, get_runtime
 from regmw.errors import Refusal
 from regmw.plugins import hookimpl
@@ -62,6 +65,8 @@ def set_command(repository: str, ttl: float, owner: str | None) -> None:
     if lease is None:
         raise Failure(f"{repository} is already read-only under another owner")
     click.echo(f"{repository} read-only for {ttl:.0f}s (owner {lease.owner}, token {lease.token})")
+    events.emit(get_runtime().services, events.repository_event(events.LOCKED, repository, actor=lease.owner,
+                                                                reason="operator", token=lease.token))
 
 
 @readonly.command("clear")
@@ -79,6 +84,8 @@ def clear_command(repository: str, owner: str | None, force: bool) -> None:
         hint = "" if force else f" under owner {owner} (--force clears any owner's lock)"
         raise Failure(f"{repository} was not read-only{hint}")
     click.echo(f"{repository} writable")
+    events.emit(get_runtime().services, events.repository_event(events.UNLOCKED, repository, actor=owner,
+                                                                reason="operator"))
 
 
 @readonly.command("list")

@@ -1,11 +1,13 @@
 """Helpers for fixtures that own real servers: free ports, waiting, skip-or-fail."""
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
 import subprocess
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -68,3 +70,19 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
             return value
         time.sleep(0.01)
     raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def http_request(url: str, method: str, target: str, body=None, headers: dict | None = None):
+    """One request on a fresh connection; ``target`` is sent byte for byte (http.client does not re-encode it).
+
+    Returns ``(status, headers as a dict, body bytes)``. Shared by the end-to-end tests that talk to
+    real servers over HTTP, so they all send requests the same way.
+    """
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, target, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()

@@ -44,6 +44,21 @@ class DockerRegistry:
     proc: subprocess.Popen | None = None
 
 
+def _start(binary: str, root: Path, config: Path, log: Path, procs: list[subprocess.Popen]) -> DockerRegistry:
+    """Start ``docker-registry serve`` on a free port with storage under ``root``; return once it listens.
+
+    The process is appended to ``procs`` before the wait, so the caller stops it even when the wait fails.
+    """
+    root.mkdir(parents=True)
+    port = free_port()
+    config.write_text(CONFIG.format(root=root, port=port))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([binary, "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
+    procs.append(proc)
+    wait_for_port(port, proc=proc)
+    return DockerRegistry(f"http://127.0.0.1:{port}", port, root, proc)
+
+
 @pytest.fixture
 def make_docker_registry(tmp_path):
     """``make_docker_registry()`` starts one more fresh ``docker-registry`` (own root and port) per call.
@@ -58,17 +73,7 @@ def make_docker_registry(tmp_path):
         if binary is None:
             unavailable("docker-registry not on PATH (apt-get install docker-registry)")
         base = tmp_path / f"registry-{len(procs)}"
-        root = base / "storage"
-        root.mkdir(parents=True)
-        port = free_port()
-        config = base / "registry.yml"
-        config.write_text(CONFIG.format(root=root, port=port))
-        log = open(base / "registry.log", "wb")
-        proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        procs.append(proc)
-        wait_for_port(port, proc=proc)
-        return DockerRegistry(f"http://127.0.0.1:{port}", port, root, proc)
+        return _start(binary, base / "storage", base / "registry.yml", base / "registry.log", procs)
 
     yield start
     for proc in procs:
@@ -85,15 +90,10 @@ def docker_registry(tmp_path):
             unavailable("docker-registry not on PATH (apt-get install docker-registry) and REGMW_TEST_REGISTRY_URL unset")
         yield DockerRegistry(url.rstrip("/"), int(url.rsplit(":", 1)[1].split("/")[0]), None)
         return
-    root = tmp_path / "registry-storage"
-    root.mkdir()
-    port = free_port()
-    config = tmp_path / "registry.yml"
-    config.write_text(CONFIG.format(root=root, port=port))
-    with open(tmp_path / "registry.log", "wb") as log:
-        proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(port, proc=proc)
-            yield DockerRegistry(f"http://127.0.0.1:{port}", port, root, proc)
-        finally:
+    procs: list[subprocess.Popen] = []
+    try:
+        yield _start(binary, tmp_path / "registry-storage", tmp_path / "registry.yml", tmp_path / "registry.log",
+                     procs)
+    finally:
+        for proc in procs:
             stop(proc)
