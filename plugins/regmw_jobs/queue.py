@@ -1,6 +1,7 @@
 """The dramatiq job queue: one actor per declared job, status records and fenced job state in Redis.
 
-Key layout (``<ns>`` = ``[jobs] namespace``; dramatiq's own keys share it)::
+Key layout (``<ns>`` = ``[jobs] namespace``, on a Redis Cluster ``{<ns>}``:
+see :func:`broker_namespace`; dramatiq's own keys share it)::
 
     <ns>:regmw:records          hash job id -> JSON record (state, attempts, error, ...)
     <ns>:regmw:state:<key>      hash {token, value}: a job's resumable state, written only by
@@ -46,6 +47,22 @@ return 1
 """
 
 
+def broker_namespace(namespace: str, cluster: bool) -> str:
+    """The key prefix of the queue: ``namespace``, or on a Redis Cluster ``{namespace}`` (one hash tag).
+
+    dramatiq's dispatch script is called with the namespace as its only key
+    and builds every other key name (queues, delay queues, acks, heartbeats)
+    inside Lua from it; on a Cluster those keys must be on the node the
+    script runs on, i.e. in the namespace's slot ("Script attempted to access
+    a non local key" otherwise). A namespace that already carries a hash tag
+    is kept as it is. The price: all job traffic goes to one master, which
+    a job queue's rate (a few commands per job) does not notice.
+    """
+    start = namespace.find("{")
+    tagged = start >= 0 and namespace.find("}", start + 1) > start + 1  # Redis's rule: a non-empty {...}, first one
+    return namespace if not cluster or tagged else "{" + namespace + "}"
+
+
 class StatusMiddleware(Middleware):
     """Keeps ``<ns>:regmw:records`` in step with what dramatiq does to each message."""
 
@@ -81,7 +98,7 @@ class DramatiqJobQueue:
         self.jobs = jobs
         connection = services.redis
         self.client = connection.client
-        self.namespace = section["namespace"]
+        self.namespace = broker_namespace(section["namespace"], bool(getattr(connection, "cluster", False)))
         self.broker = RedisBroker(
             client=self.client, namespace=self.namespace,
             heartbeat_timeout=int(section["heartbeat_timeout"] * 1000),

@@ -24,11 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
 
 from . import metrics
 from .spool import Spool, claim_spool, queue_spool
-from .stream import NotReplicated, RedisStreams
+from .stream import REDIS_DOWN, NotReplicated, RedisStreams
 
 log = logging.getLogger("regmw.notify")
 
@@ -68,7 +67,7 @@ class NotifySink:
         try:
             self.streams.add([(repository, data)])
             _STREAM.inc()
-        except redis.RedisError as exc:
+        except REDIS_DOWN as exc:
             log.warning("redis unavailable for events (spooling to %s): %s", self.spool_dir, exc)
             with self._lock:
                 self._retry_redis_at = self.clock() + self.breaker_seconds
@@ -111,7 +110,7 @@ class NotifySink:
                 try:
                     if not self.forward_once():
                         break
-                except redis.RedisError as exc:
+                except REDIS_DOWN as exc:
                     log.debug("forwarder: redis still unavailable: %s", exc)
                     self.closed.wait(max(0.05, self.breaker_seconds / 2))
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 #: Raise the shard's fence to ARGV[1] if it is higher. KEYS: fence. Returns 1, or 0 if a newer token holds it.
 TAKE_FENCE = """
@@ -58,6 +59,11 @@ for i = 4, #ARGV, 3 do
 end
 return (#ARGV - 3) / 3
 """
+
+
+#: What "Redis is down" looks like: on a cluster redis-py also raises RedisClusterException (not a
+#: RedisError) when no node serves a slot or the slot map cannot be read.
+REDIS_DOWN: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
 
 
 class Fenced(Exception):
@@ -116,18 +122,55 @@ class RedisStreams:
             repository, data = entries[0]
             return [_text(self.client.xadd(self._streams[shard_of(repository, self.shards)],
                                            {"e": data, "r": repository}))]
+        if self.wait_replicas and getattr(self.connection, "cluster", False):
+            return self._add_on_cluster_and_wait(entries, only)
         pipe = self.client.pipeline(transaction=False)
         for repository, data in entries:
-            fields = {"e": data, "r": repository}
-            if only:
-                fields["only"] = only
-            pipe.xadd(self.stream(shard_of(repository, self.shards)), fields)
+            pipe.xadd(self.stream(shard_of(repository, self.shards)), _fields(repository, data, only))
         if self.wait_replicas:
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
         results = pipe.execute()
         if self.wait_replicas and int(results[-1]) < self.wait_replicas:
             raise NotReplicated(f"WAIT: {results[-1]} of {self.wait_replicas} replicas acknowledged")
         return [_text(entry_id) for entry_id in results[: len(entries)]]
+
+    def _add_on_cluster_and_wait(self, entries: Sequence[tuple[str, bytes]], only: str | None) -> list[str]:
+        """XADD then WAIT on each master, on ONE connection to it: WAIT counts that connection's writes.
+
+        A cluster pipeline would send WAIT to every master on other
+        connections (and sum the replies), confirming nothing. So the entries
+        are grouped by the master serving their shard's slot, and each group
+        is one plain pipeline on that master (a shard's entries keep their
+        order: a shard lives on one master). A dead master or a slot moved
+        meanwhile (MOVED) is a RedisError, so the caller spools the events
+        (at-least-once); as these pipelines bypass the cluster client's own
+        error handling, the slot map is re-read first, so the next attempt
+        (the spool forwarder's) goes to the promoted replica or new owner.
+        """
+        client = self.client
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for index, (repository, _data) in enumerate(entries):
+            node = client.get_node_from_key(self.stream(shard_of(repository, self.shards)))
+            by_node.setdefault(node.name, (node, []))[1].append(index)
+        ids: list[str] = [""] * len(entries)
+        confirmed = []
+        for node, indexes in by_node.values():
+            pipe = node.redis_connection.pipeline(transaction=False)
+            for index in indexes:
+                repository, data = entries[index]
+                pipe.xadd(self.stream(shard_of(repository, self.shards)), _fields(repository, data, only))
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
+            try:
+                results = pipe.execute()
+            except redis.RedisError:
+                _refresh_slot_map(client)
+                raise
+            for index, entry_id in zip(indexes, results[:-1], strict=True):
+                ids[index] = _text(entry_id)
+            confirmed.append(int(results[-1]))
+        if min(confirmed) < self.wait_replicas:
+            raise NotReplicated(f"WAIT: {min(confirmed)} of {self.wait_replicas} replicas acknowledged")
+        return ids
 
     # --- delivery ----------------------------------------------------------------------
 
@@ -206,6 +249,21 @@ class RedisStreams:
             mapping["disabled"] = disabled
         if mapping:
             self.client.hset(self.endpoint_key(endpoint), mapping=mapping)
+
+
+def _refresh_slot_map(client: Any) -> None:
+    """Re-read the cluster's slot map (what redis-py does after a connection error or MOVED)."""
+    try:
+        client.nodes_manager.initialize()
+    except REDIS_DOWN:
+        pass
+
+
+def _fields(repository: str, data: bytes, only: str | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"e": data, "r": repository}
+    if only:
+        fields["only"] = only
+    return fields
 
 
 def _text(value: Any) -> str:

@@ -24,7 +24,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import redis
 
 from regmw.errors import BackendUnavailable, SlotUnavailable
 
@@ -34,7 +33,7 @@ from .endpoints import Endpoint
 from .lane import Lane
 from .queues import RedisLaneQueue, SpoolLaneQueue
 from .spool import Spool
-from .stream import Fenced, RedisStreams
+from .stream import REDIS_DOWN, Fenced, RedisStreams
 
 log = logging.getLogger("regmw.notify")
 
@@ -63,6 +62,7 @@ class Worker:
         self.consumer = consumer_name()
         self.posters = {endpoint.name: Poster(endpoint, allowed_networks, self.max_shards) for endpoint in endpoints}
         self._held: dict[int, threading.Thread] = {}
+        self._next = 0  # the shard the next round of lease attempts starts at
         self._lock = threading.Lock()
 
     def run(self, stop: threading.Event) -> None:
@@ -72,12 +72,16 @@ class Worker:
                 try:
                     self.streams.ensure_groups([endpoint.name for endpoint in self.endpoints])
                     groups_ready = True
-                except redis.RedisError as exc:
+                except REDIS_DOWN as exc:
                     log.warning("notifications worker: redis unavailable: %s", exc)
                     stop.wait(0.5)
                     continue
             with self._lock:
-                for shard in range(self.streams.shards):
+                # from a rotating start: with max_shards_per_worker below the shard count, a worker
+                # whose first shards are held elsewhere must still get to try the others
+                shards = self.streams.shards
+                start, self._next = self._next, (self._next + self.max_shards) % shards
+                for shard in [(start + offset) % shards for offset in range(shards)]:
                     if len(self._held) >= self.max_shards:
                         break
                     if shard not in self._held:
@@ -99,7 +103,7 @@ class Worker:
                 self._deliver(shard, lease, stop)
         except SlotUnavailable:
             pass
-        except (BackendUnavailable, redis.RedisError, Fenced) as exc:
+        except (BackendUnavailable, Fenced, *REDIS_DOWN) as exc:
             log.info("shard %d released: %s", shard, exc)
         except Exception:
             log.exception("shard %d: worker failed", shard)
@@ -141,7 +145,7 @@ class Worker:
             for name, info in self.streams.groups(shard).items():
                 if name in names:
                     metrics.depth.labels(str(shard), name).set(int(info.get("lag") or 0) + int(info["pending"]))
-        except redis.RedisError as exc:
+        except REDIS_DOWN as exc:
             log.debug("shard %d housekeeping: %s", shard, exc)
         except Exception:  # housekeeping must never cost the shard its lease
             log.exception("shard %d housekeeping failed", shard)

@@ -252,7 +252,8 @@ SECTION = Section(
                                     "a dead worker's jobs are requeued.", minimum=1),
         "maintenance_chance": Option("float", 0.001, "Redis queue (dramatiq): probability that a broker command also "
                                      "requeues dead workers' jobs (dramatiq's maintenance).", minimum=0, maximum=1),
-        "namespace": Option("str", "regmw-jobs", "Redis queue (dramatiq): key namespace of the broker."),
+        "namespace": Option("str", "regmw-jobs", "Redis queue (dramatiq): key namespace of the broker (on a Redis "
+                            "Cluster `{<namespace>}`, one hash tag, unless it has one)."),
     },
     checks=(jobs_plugin_has_redis,),
 )

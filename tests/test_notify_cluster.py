@@ -1,0 +1,299 @@
+"""Notifications on a real Redis Cluster (3 masters + 3 replicas on loopback).
+
+Requests through the middleware with ``[redis] url = "redis+cluster://..."``
+make events; ``regmw notifications worker`` processes (the same worker, in a
+subprocess) deliver them to a real receiver: every event, in order per
+repository, signatures verifying. Every notify script call touches one slot
+(a shard's stream, fence and dead letters share the ``{notify-shard:N}`` tag),
+and ``wait_replicas`` waits on the master that took each XADD.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+from redis.exceptions import SlotNotCoveredError
+from werkzeug.test import Client
+
+from regmw import RegistryMiddleware
+from regmw_notify import make_worker
+from regmw_notify.events import plugin_event
+from regmw_notify.ops import Operations
+from regmw_notify.sink import NotifySink
+from regmw_notify.stream import NotReplicated, RedisStreams, _text, shard_of
+from regmw_redis.cluster import slot_of
+
+from .servers.redis_apps import registry_app
+from .servers.webhook_receiver import SECRET, first_deliveries
+from .servers._util import stop
+from .test_notify_delivery import wait_until
+from .test_redis_cluster import _record_script_calls
+
+pytestmark = pytest.mark.services
+
+SHARDS = 8
+
+
+def _ns() -> str:
+    return "n" + uuid.uuid4().hex[:10]
+
+
+def _endpoint(receiver, **extra) -> dict:
+    table = {"name": "hook", "url": receiver.url, "secrets": [SECRET], "timeout": 0.5,
+             "retry_schedule": [0, 0.05, 0.1], "jitter": 0.2}
+    table.update(extra)
+    return table
+
+
+def _config(url: str, namespace: str, endpoints: list[dict], spool_dir, **notifications) -> dict:
+    section = {"endpoints": endpoints, "allowed_networks": ["127.0.0.0/8"], "shards": SHARDS,
+               "spool_dir": str(spool_dir), "lease_ttl": 1.5}
+    section.update(notifications)
+    return {
+        "regmw": {"plugins": ["redis", "notifications"], "entry_points": False},
+        "redis": {"url": url, "namespace": namespace, "socket_timeout": 0.5, "connect_timeout": 0.5},
+        "notifications": section,
+    }
+
+
+def _cli_worker(url: str, namespace: str, receiver, tmp_path) -> subprocess.Popen:
+    """``regmw -c worker.toml notifications worker``, the command an operator runs (at most 4 of the 8 shards)."""
+    tmp_path.mkdir()
+    config = tmp_path / "worker.toml"
+    config.write_text("\n".join([
+        "[regmw]", 'plugins = ["redis", "notifications"]', "entry_points = false",
+        "[redis]", f"url = {json.dumps(url)}", f"namespace = {json.dumps(namespace)}",
+        "[notifications]", f"shards = {SHARDS}", "lease_ttl = 3.0", "max_shards_per_worker = 4", 'allowed_networks = ["127.0.0.0/8"]',
+        f"spool_dir = {json.dumps(str(tmp_path / 'cli-spool'))}",
+        f'endpoints = [{{ name = "hook", url = {json.dumps(receiver.url)}, secrets = [{json.dumps(SECRET)}], '
+        'timeout = 0.5, retry_schedule = [0, 0.05, 0.1] }]', ""]))
+    return subprocess.Popen([sys.executable, "-m", "regmw.cli", "-c", str(config), "notifications", "worker"],
+                            stderr=open(tmp_path / "stderr", "w"))
+
+
+def _push(client: Client, repository: str, tag: int) -> None:
+    response = client.put(f"/v2/{repository}/manifests/{tag}", data=b"{}", buffered=True,
+                          headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    assert response.status_code == 201
+
+
+def _check_order(firsts: list[dict], expected: int) -> None:
+    assert len(firsts) == expected
+    last: dict[str, int] = {}
+    for event in firsts:
+        repository, tag = event["target"]["repository"], int(event["target"]["tag"])
+        assert tag == last.get(repository, 0) + 1, f"{repository}: {tag} after {last.get(repository)}"
+        last[repository] = tag
+
+
+def test_pushes_on_cluster_reach_the_receiver_in_order_per_repository(redis_cluster, webhook_receiver, tmp_path):
+    """300 pushes over 20 repositories, two worker processes sharing 8 shards: every event, in order, signed.
+
+    Both are ``regmw notifications worker`` processes, each allowed 4 shards,
+    so both must deliver (their consumers show up in the shards' groups).
+    """
+    receiver = webhook_receiver()
+    namespace = _ns()
+    config = _config(redis_cluster.url, namespace, [_endpoint(receiver)], tmp_path / "spool", wait_replicas=1,
+                     wait_timeout=1.0)
+    middleware = RegistryMiddleware(registry_app, config, environ={})
+    assert middleware.services.redis.cluster
+    client = Client(middleware)
+    workers = [_cli_worker(redis_cluster.url, namespace, receiver, tmp_path / f"worker{index}") for index in range(2)]
+    repositories = [f"team{index % 5}/app{index}" for index in range(20)]
+    try:
+        for tag in range(1, 16):
+            for repository in repositories:
+                _push(client, repository, tag)
+        wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= 300, 30, "300 events delivered")
+        assert all(worker.poll() is None for worker in workers)
+    finally:
+        for worker in workers:
+            stop(worker)
+        middleware.services.events.close()
+    firsts = first_deliveries(receiver.snapshot())
+    _check_order(firsts, 300)
+    assert all(event["action"] == "push" and event["request"]["method"] == "PUT" for event in firsts)
+    assert receiver.bad_signatures == 0
+    # nothing was spooled: every XADD reached its shard's master and WAIT saw a replica confirm it
+    assert not list((tmp_path / "spool").glob("spool-*.sqlite3"))
+    streams = middleware.services.events.streams
+    used = {slot_of(streams.stream(shard)) for shard in range(SHARDS)}
+    nodes = {streams.client.get_node_from_key(streams.stream(shard)).name for shard in range(SHARDS)}
+    assert len(used) == SHARDS and len(nodes) > 1  # the shards really are spread over the masters
+    pids = {_text(consumer["name"]).split(":")[1] for shard in range(SHARDS)
+            for consumer in streams.client.xinfo_consumers(streams.stream(shard), "hook")}
+    assert pids == {str(worker.pid) for worker in workers}
+
+
+def test_every_notify_script_call_stays_in_one_slot(redis_cluster, webhook_receiver, tmp_path, monkeypatch):
+    """Emit, deliver (take fence, fenced read and ack), park and replay on the cluster: each script call, one slot."""
+    calls = _record_script_calls(monkeypatch)
+    receiver = webhook_receiver()
+    namespace = _ns()
+    refusing = webhook_receiver()
+    refusing.status = 503  # every event to "parks" fails, and is older than its max_age: parked
+    endpoints = [_endpoint(receiver), _endpoint(refusing, name="parks", max_age=0.0, retry_schedule=[0])]
+    middleware = RegistryMiddleware(registry_app, _config(redis_cluster.url, namespace, endpoints,
+                                                          tmp_path / "spool"), environ={})
+    sink = middleware.services.events
+    sent = [plugin_event("push", f"team/app{index}", tag="1") for index in range(24)]
+    for event in sent:
+        sink.emit(event)
+    streams: RedisStreams = sink.streams
+    stop_event = threading.Event()
+    worker = make_worker(middleware.services)
+    thread = threading.Thread(target=worker.run, args=(stop_event,), daemon=True)
+    try:
+        thread.start()
+        wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= len(sent), 20, "deliveries to hook")
+        operations = Operations(worker.endpoints, streams)
+        wait_until(lambda: len(operations.dead_letters("parks")) == len(sent), 20, "every event parked for 'parks'")
+        assert operations.replay("parks") == len(sent)
+    finally:
+        stop_event.set()
+        thread.join(10)
+        sink.close()
+    scripts = {script for script, _ in calls}
+    firsts = {line.strip().splitlines()[0] for line in (
+        "local current = tonumber(redis.call('GET', KEYS[1]) or '0')",
+        "if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return -1 end",
+        "local moved = 0")}
+    assert firsts <= scripts, scripts
+    assert any(len(keys) == 3 for _, keys in calls)  # the park script: fence, stream, dead letters
+    for script, keys in calls:
+        assert len({slot_of(key) for key in keys}) == 1, f"{script}: {keys} span slots"
+    assert receiver.bad_signatures == 0
+
+
+
+def _waits(redis_cluster) -> dict[int, int]:
+    """WAIT calls each node has served (INFO commandstats)."""
+    out = {}
+    for port in redis_cluster.alive_ports():
+        stats = redis_cluster.node(port).info("commandstats")
+        out[port] = int(stats.get("cmdstat_wait", {}).get("calls", 0))
+    return out
+
+
+def test_wait_replicas_waits_on_the_master_that_took_the_event(redis_cluster, tmp_path):
+    """WAIT goes, on the XADD's own connection, to the shard's master only; 2 replicas asked of 1 is a spooled copy.
+
+    (A cluster pipeline would send WAIT to every master on other connections
+    and add up their replica counts: 3 masters x 1 replica would "confirm"
+    ``wait_replicas = 2`` of a write no replica had seen.)
+    """
+    namespace = _ns()
+    config = _config(redis_cluster.url, namespace, [], tmp_path / "spool", wait_replicas=1, wait_timeout=1.0)
+    middleware = RegistryMiddleware(registry_app, config, environ={})
+    sink = middleware.services.events
+    streams: RedisStreams = sink.streams
+    event = plugin_event("push", "team/app", tag="1")
+    master = streams.client.get_node_from_key(streams.stream(shard_of("team/app", SHARDS))).port
+    before = _waits(redis_cluster)
+    sink.emit(event)
+    after = _waits(redis_cluster)
+    assert {port: after[port] - before[port] for port in after} == {
+        port: 1 if port == master else 0 for port in after}
+    assert not list((tmp_path / "spool").glob("spool-*.sqlite3"))
+    # a batch over several masters (the spool forwarder's path): one WAIT on each master it wrote to
+    entries = [(f"team/app{index}", b"{}") for index in range(16)]
+    masters = {streams.client.get_node_from_key(streams.stream(shard_of(repo, SHARDS))).port for repo, _ in entries}
+    before = _waits(redis_cluster)
+    ids = streams.add(entries)
+    after = _waits(redis_cluster)
+    assert len(ids) == 16 and all(ids)
+    assert {port for port in after if after[port] > before[port]} == masters and len(masters) > 1
+    for (repository, _), entry_id in zip(entries, ids, strict=True):
+        stored = streams.client.xrange(streams.stream(shard_of(repository, SHARDS)), entry_id, entry_id)
+        assert stored[0][1][b"r"] == repository.encode()
+    sink.close()
+    strict = RedisStreams(middleware.services.redis, SHARDS, wait_replicas=2, wait_timeout=0.05)
+    with pytest.raises(NotReplicated, match="1 of 2"):
+        strict.add([("team/app", b"{}")])
+
+
+class _SlotWithoutMaster:
+    """A cluster connection whose every command meets a slot no master serves (both its nodes down)."""
+
+    cluster = True
+    namespace = "regmw"
+
+    class client:  # noqa: N801 - stands in for the RedisCluster instance
+        @staticmethod
+        def register_script(script):
+            return None
+
+        @staticmethod
+        def xadd(*args, **kwargs):
+            raise SlotNotCoveredError("Command # 1 (XADD ...) could not be executed: slot 1234 not covered")
+
+    @staticmethod
+    def key(*parts: str) -> str:
+        return ":".join(("regmw", *parts))
+
+
+def test_a_slot_without_master_counts_as_redis_down_and_the_event_is_spooled(tmp_path):
+    """redis-py raises SlotNotCoveredError, a RedisClusterException that is not a RedisError: still "Redis down"."""
+    sink = NotifySink(RedisStreams(_SlotWithoutMaster(), SHARDS), tmp_path / "spool", breaker_seconds=5)
+    sink.emit(plugin_event("push", "team/app", tag="1"))
+    sink.emit(plugin_event("push", "team/app", tag="2"))  # the breaker is open: straight to the spool
+    assert sink.spool.count() == 2
+    assert [row.repository for row in sink.spool.read(0, 10)] == ["team/app", "team/app"]
+
+
+def test_a_master_failover_loses_no_event_with_wait_replicas(redis_cluster_fresh, tmp_path):
+    """Kill the master of a shard mid-stream: events confirmed by WAIT survive, the rest are spooled and forwarded.
+
+    The WAIT pipelines bypass the cluster client's error handling, so the
+    stream re-reads the slot map itself after a failure; without that every
+    later XADD would go on to the dead master and the spool would never drain.
+    """
+    group = redis_cluster_fresh
+    config = _config(group.url, _ns(), [], tmp_path / "spool", wait_replicas=1, wait_timeout=0.5,
+                     breaker_seconds=0.2)
+    middleware = RegistryMiddleware(registry_app, config, environ={})
+    sink = middleware.services.events
+    streams: RedisStreams = sink.streams
+    key = streams.stream(shard_of("team/app", SHARDS))
+    sent: list[str] = []
+
+    def emit() -> None:
+        event = plugin_event("push", "team/app", tag=str(len(sent) + 1))
+        sink.emit(event)
+        sent.append(event["id"])
+
+    def stored() -> list[str]:
+        master = group.node(group.master_of(key))
+        return [json.loads(fields[b"e"])["id"] for _, fields in master.xrange(key)]
+
+    try:
+        for _ in range(20):
+            emit()
+        assert not list((tmp_path / "spool").glob("spool-*.sqlite3"))  # all confirmed by the replica
+        victim = group.master_of(key)
+        group.process(victim).send_signal(signal.SIGKILL)
+        group.process(victim).wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            emit()
+            try:
+                if group.master_of(key) != victim and set(sent) <= set(stored()):
+                    break
+            except (redis.RedisError, RuntimeError):
+                pass
+            time.sleep(0.05)
+        ids = stored()
+        assert group.master_of(key) != victim
+        assert set(sent) <= set(ids), f"{len(set(sent) - set(ids))} of {len(sent)} events not in the stream"
+        firsts = list(dict.fromkeys(ids))  # at-least-once: a spooled copy of a confirmed one may repeat
+        assert firsts[:20] == sent[:20]  # the confirmed ones, in order, on the promoted replica
+    finally:
+        sink.close()
