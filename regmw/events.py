@@ -22,13 +22,18 @@ log = logging.getLogger("regmw.events")
 LOCKED, UNLOCKED, MIGRATED = "locked", "unlocked", "migrated"
 
 
+def now_rfc3339() -> str:
+    """``2026-11-27T07:00:00.123456Z`` (UTC, microseconds), cheaply: it runs on every write request."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%06dZ" % int(now % 1 * 1_000_000)
+
+
 def repository_event(action: str, repository: str, *, event_id: str | None = None, actor: str = "",
                      **target: Any) -> dict[str, Any]:
     """An event about ``repository``; ``event_id`` fixed by the caller makes re-emits de-duplicate."""
-    now = time.time()
     return {
         "id": event_id or str(uuid.uuid4()),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%06dZ" % int(now % 1 * 1_000_000),
+        "timestamp": now_rfc3339(),
         "action": action,
         "target": {"repository": repository, "mediaType": "", **target},
         "request": {},

@@ -25,22 +25,16 @@ from __future__ import annotations
 import json
 import os
 import uuid
-import time
 from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qs
 
+from regmw.events import now_rfc3339, repository_event
 from regmw.routes import DIGEST_RE
 
 MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 BLOB_MEDIA_TYPE = "application/octet-stream"
 INSTANCE_ID = str(uuid.uuid4())
-
-
-def now_rfc3339() -> str:
-    """``2026-11-27T07:00:00.123456Z`` (UTC, microseconds), cheaply: this runs on every write request."""
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%06dZ" % int(now % 1 * 1_000_000)
 
 
 def action_for(method: str, resource: str, status: int, query: str, pulls: bool = True) -> str | None:
@@ -111,12 +105,8 @@ def build_event(context: Any, status: int, headers: list[tuple[str, str]], actio
 
 
 def plugin_event(action: str, repository: str, **target: Any) -> dict[str, Any]:
-    """An event a plugin emits (``repository migrated``, ``locked``, ...), in the same format."""
-    return {
-        "id": str(uuid.uuid4()), "timestamp": now_rfc3339(), "action": action,
-        "target": {"repository": repository, **target}, "request": {}, "actor": {"name": ""},
-        "source": source({}),
-    }
+    """An event a plugin emits (``repository migrated``, ``locked``, ...): the core's, with this instance's source."""
+    return {**repository_event(action, repository, **target), "source": source({})}
 
 
 def source(environ: dict) -> dict[str, str]:
