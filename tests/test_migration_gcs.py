@@ -80,7 +80,8 @@ def test_migration_on_gcs_copies_server_side_and_downloads_nothing(gcs_emulator,
         for key, data in objects.items():
             assert bucket.blob(NEW + key[len(OLD):]).download_as_bytes() == data
         assert services.cache.get(services.classifier.cache_key(name)) == b"new"
-    assert [e["target"]["repository"] for e in recorder.events] == ["g/a", "g/b"]
+    assert [(e["action"], e["target"]["repository"]) for e in recorder.events] == [
+        (action, name) for name in ("g/a", "g/b") for action in ("locked", "migrated", "unlocked")]
     urls = [url for _, url, _ in log.entries]
     assert any("/rewriteTo/" in url for url in urls)
     downloads = [url for url in urls if "alt=media" in url or "/download/" in url]
