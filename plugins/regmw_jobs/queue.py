@@ -179,6 +179,9 @@ class DramatiqJobQueue:
         worker while it still runs. We refresh the broker's entry in dramatiq's
         ``<ns>:__heartbeats__`` sorted set (its dispatch script's key) every
         quarter of the timeout, so only a dead process stops heartbeating.
+        That key and ``broker_id`` are dramatiq's internals, not its API: the
+        version is pinned in setup.cfg (2.2.x) to the one this was written
+        and tested against.
         """
         key = f"{self.namespace}:__heartbeats__"
         interval = self.section["heartbeat_timeout"] / 4
