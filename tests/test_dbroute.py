@@ -676,6 +676,11 @@ def test_replica_dropped_mid_statement_orm_and_connection(registry, cluster):
 
     repo = unique("orm")
     cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 11)", repo)
+    # kv as earlier tests (and autovacuum) may leave it: some rows and fresh statistics. The planner
+    # then picks a sequential scan and may evaluate the sleep before ``repo = ...`` on every row.
+    cluster.sql("primary", "INSERT INTO kv (repo, value) SELECT %s || g, g FROM generate_series(1, 50) g",
+                unique("orm-filler") + "-")
+    cluster.sql("primary", "ANALYZE kv")
     cluster.wait_replica_caught_up()
     slow = text("SELECT pg_sleep(5), inet_server_port()")
 
@@ -697,7 +702,10 @@ def test_replica_dropped_mid_statement_orm_and_connection(registry, cluster):
     handle = registry.router.route(repo, is_write=False)
     assert handle.role == "replica"
     session = handle.session()
-    query = select(Kv).where(Kv.repo == repo, text("pg_sleep(5) IS NOT NULL"))
+    # An uncorrelated sub-select is an InitPlan: it sleeps once per statement whatever the plan, where a
+    # bare ``pg_sleep(5)`` in WHERE can run once per scanned row (then the retry on the primary outlasts
+    # statement_timeout: a slow statement, which is rightly not retried, not a lost connection).
+    query = select(Kv).where(Kv.repo == repo, text("(SELECT pg_sleep(5)) IS NOT NULL"))
     assert during_slow_read(lambda: session.scalars(query).one()).value == 11
     assert handle.reason == "replica-failed" and handle.role == "primary"
     assert session.execute(text("SELECT inet_server_port()")).scalar() == cluster.primary_port
