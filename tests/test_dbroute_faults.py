@@ -126,12 +126,18 @@ def app_config(cluster, redis_url: str) -> dict:
 
 
 class Gunicorn:
-    """``gunicorn -w 3 --threads 4 'tests.servers.dbroute_app:create_app()'`` on a free port."""
+    """``gunicorn -w 3 --threads 8 'tests.servers.dbroute_app:create_app()'`` on a free port.
+
+    8 threads: the mid-query test starts 7 slow reads at once and waits until
+    all 7 run on the replica together; the kernel may hand all of them to one
+    worker, and a worker with fewer threads queued the rest behind 1.5 s
+    sleeps, so they never ran together (a flaky timeout, not a routing fault).
+    """
 
     def __init__(self, config: dict, log: Path, preload: bool) -> None:
         self.port = free_port()
         env = dict(os.environ, REGMW_TEST_CONFIG=json.dumps(config), PYTHONPATH=str(ROOT))
-        args = [sys.executable, "-m", "gunicorn", "-w", "3", "--threads", "4", "-b", f"127.0.0.1:{self.port}",
+        args = [sys.executable, "-m", "gunicorn", "-w", "3", "--threads", "8", "-b", f"127.0.0.1:{self.port}",
                 "--graceful-timeout", "5", "--log-level", "warning"]
         if preload:
             args.append("--preload")
