@@ -9,8 +9,12 @@ served by its own gunicorn (1 gthread worker, 4 threads) and driven by ``wrk``
                                  plugin) on the filesystem storage, one per-client and one
                                  per-repository rate-limit rule (the bounded in-memory limiter),
                                  the read-only check;
-``regmw_redis``                  the same chain on a throwaway Redis (``redis`` plugin, one
-                                 EVALSHA per request);
+``regmw_embedded_absent``        the same, but no repository exists in storage: every request is
+                                 a repository never seen, so classification makes its two
+                                 filesystem checks (old root, new root) on every request, since
+                                 absence is never cached (the worst case);
+``regmw_redis``                  the same chain as ``regmw_embedded`` on a throwaway Redis
+                                 (``redis`` plugin, one EVALSHA per request);
 ``flask_limiter_memory``         Flask-Limiter, the same two limits on ``memory://``, headers ON;
 ``flask_limiter_memory_noheaders`` the same, headers OFF;
 ``flask_limiter_redis``          Flask-Limiter on the same Redis, headers ON;
@@ -25,6 +29,10 @@ served by its own gunicorn (1 gthread worker, 4 threads) and driven by ``wrk``
 Traffic: GET manifests; repository names drawn from a Zipf distribution
 (s = 1.1) over 1,000,000 names, client addresses uniform over 100,000, sent
 through a trusted proxy (``X-Forwarded-For``; every side trusts 127.0.0.1).
+The app answers 200 for every name, so the storage holds what that claims:
+every repository the request list names exists in the filesystem storage
+(one in ten under the new root, the rest under the old one, as mid-migration),
+except for ``regmw_embedded_absent``, whose storage is empty.
 The request list is pregenerated and wrk's Lua script walks it, each side
 continuing where its previous round stopped, so later rounds keep bringing new
 keys. Limits are never reached (we measure the cost of counting).
@@ -60,7 +68,7 @@ from _common import children, cpu_seconds, free_port, wait_port
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LIMIT = "100000000/hour"  # never reached
-SIDES = ("bare", "regmw_embedded", "regmw_redis", "flask_limiter_memory", "flask_limiter_memory_noheaders",
+SIDES = ("bare", "regmw_embedded", "regmw_embedded_absent", "regmw_redis", "flask_limiter_memory", "flask_limiter_memory_noheaders",
          "flask_limiter_redis", "flask_limiter_redis_noheaders", "regmw_rules", "regmw_rules_1k")
 REPOSITORIES, CLIENTS, ZIPF_S = 1_000_000, 100_000, 1.1
 
@@ -99,7 +107,7 @@ def application():
 
         config = {
             "regmw": {"plugins": [] if kind.startswith("regmw_rules") else
-                      ["migration"] + (["redis"] if kind == "regmw_redis" else []),
+                      ["migration"] + (["redis"] if kind.startswith("regmw_redis") else []),
                       "entry_points": False, "log_level": "ERROR", "trusted_proxies": ["127.0.0.1/32"]},
             "storage": {"root": root},
             "ratelimit": {"rules": [{"name": "per-client", "by": "client", "limit": LIMIT},
@@ -107,7 +115,7 @@ def application():
         }
         if "migration" in config["regmw"]["plugins"]:
             config["migration"] = {"old_root": "old", "new_root": "new"}
-        if kind == "regmw_redis":
+        if kind.startswith("regmw_redis"):
             config["redis"] = {"url": redis_url, "namespace": f"bench{os.getpid()}"}
         return RegistryMiddleware(app.wsgi_app, config, environ={})
     return app
@@ -177,6 +185,25 @@ def write_lists(directory: str, length: int, seed: int = 7) -> dict[str, str]:
             handle.write(f"/v2/org{name % 10}/repo-{name}/manifests/latest\t{client(rnd.randrange(1000))}\n")
     lists["small"] = small
     return lists
+
+
+def populate(storage: str, listing: str) -> int:
+    """Make every repository ``listing`` names exist in ``storage`` (one own entry each); returns how many.
+
+    One in ten lives under the new root, the rest under the old one. An empty
+    ``_manifests`` file is enough for the own-entries check (a name under the
+    repository's directory starting with ``_``) and costs no data block.
+    """
+    names = set()
+    with open(listing) as handle:
+        for line in handle:
+            names.add(line.split("/manifests/", 1)[0][len("/v2/"):])
+    for name in names:
+        number = int(name.rsplit("-", 1)[1])
+        directory = os.path.join(storage, "new" if number % 10 == 0 else "old", "repositories", name)
+        os.makedirs(directory, exist_ok=True)
+        open(os.path.join(directory, "_manifests"), "w").close()
+    return len(names)
 
 
 class Server:
@@ -283,13 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         script = os.path.join(work, "walk.lua")
         with open(script, "w") as handle:
             handle.write(LUA)
-        storage = os.path.join(work, "storage")
-        os.makedirs(os.path.join(storage, "old", "repositories"))
+        storage, empty = os.path.join(work, "storage"), os.path.join(work, "empty")
+        os.makedirs(os.path.join(empty, "old", "repositories"))
+        existing = populate(storage, lists["big"]) + populate(storage, lists["small"])
+        print(f"storage: {existing} repositories exist (the names the request lists use)")
         redis_proc, redis_url = start_redis(work)
         servers: dict[str, Server] = {}
         try:
             for side in SIDES:
-                servers[side] = Server(side, storage, redis_url)
+                servers[side] = Server(side, empty if side.endswith("_absent") else storage, redis_url)
                 check_headers(servers[side])
                 servers[side].pause()
             rounds = []
@@ -320,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     bare = result["bare"]
     ratios = {
         "regmw_embedded_vs_bare_rps": round(result["regmw_embedded"]["rps"] / bare["rps"], 3),
+        "regmw_embedded_absent_vs_bare_rps": round(result["regmw_embedded_absent"]["rps"] / bare["rps"], 3),
         "regmw_redis_vs_bare_rps": round(result["regmw_redis"]["rps"] / bare["rps"], 3),
         "regmw_redis_vs_flask_limiter_redis_p99": round(
             result["regmw_redis"]["p99_ms"] / result["flask_limiter_redis"]["p99_ms"], 3),

@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import time
-import uuid
 from typing import Any
 
 access_log = logging.getLogger("regmw.access")
 
 #: A client-supplied request id is kept only if it is short and plain (it ends up in logs).
+#: Request ids need to be unique, not secret: Python's generator, reseeded in every forked
+#: worker, instead of ``uuid4`` (``os.urandom`` is a getrandom() syscall that releases the GIL,
+#: and under gunicorn's threads every release can hand the GIL to another thread and wait to
+#: get it back: measured in docs/performance.md).
+_random_bits = random.getrandbits
+
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
@@ -35,7 +41,7 @@ def request_id(supplied: str | None) -> str:
     """The client's (or a proxy's) id when it is sane, else a new random one."""
     if supplied and _SANE_ID.fullmatch(supplied):
         return supplied
-    return uuid.uuid4().hex
+    return f"{_random_bits(128):032x}"  # uuid4().hex's shape, without the syscall (see _random_bits)
 
 
 def _timestamp(now: float) -> str:

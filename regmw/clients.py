@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -44,6 +45,21 @@ def parse_hop(hop: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(hop)
     except ValueError:
+        return None
+
+
+def _ipv4(text: str) -> int | None:
+    """``text`` as an integer if it is an IPv4 address in canonical dotted-quad form, else None.
+
+    The per-request fast path: ``inet_pton`` is C and strict (four decimal
+    octets, no leading zeros, no spaces), so what it accepts is exactly the
+    text ``str(ip_address(text))`` would give back; 0.2 us here against
+    3.2 us for ``ipaddress.ip_address`` (docs/performance.md). Anything else
+    (IPv6, a port, garbage) takes the ``ipaddress`` path.
+    """
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, ValueError):  # ValueError: a NUL or a character that is not ASCII
         return None
 
 
@@ -89,6 +105,9 @@ class ClientResolver:
         self.trusted = tuple(trusted_proxies)
         self.ipv6_prefix = ipv6_prefix
         self._key = lru_cache(maxsize=4096)(self._key_uncached)
+        # IPv4 networks as (address, mask) integers, for the fast path's membership test
+        self._trusted_v4 = tuple((int(net.network_address), int(net.netmask)) for net in self.trusted
+                                 if net.version == 4)
 
     def client_key(self, environ: dict) -> str:
         """The string a per-client rate limit counts under."""
@@ -96,12 +115,22 @@ class ClientResolver:
         if self.trusted:
             x_forwarded = environ.get("HTTP_X_FORWARDED_FOR")
             forwarded = environ.get("HTTP_FORWARDED")
-            if (x_forwarded or forwarded) and self._is_trusted(parse_hop(peer)):
+            if (x_forwarded or forwarded) and self._hop_is_trusted(peer):
                 peer = self._client_behind_proxies(x_forwarded, forwarded, peer)
-        return self._key(peer)
+        return peer if _ipv4(peer) is not None else self._key(peer)  # a canonical IPv4 address is its own key
 
     def _is_trusted(self, ip: IPAddress | None) -> bool:
         return ip is not None and any(ip in network for network in self.trusted)
+
+    def _v4_is_trusted(self, address: int) -> bool:
+        for network, mask in self._trusted_v4:  # a loop, not any(genexpr): this runs per hop per request
+            if address & mask == network:
+                return True
+        return False
+
+    def _hop_is_trusted(self, hop: str) -> bool:
+        v4 = _ipv4(hop)
+        return self._v4_is_trusted(v4) if v4 is not None else self._is_trusted(parse_hop(hop))
 
     def _client_behind_proxies(self, x_forwarded: str | None, forwarded: str | None, peer: str) -> str:
         candidates = []
@@ -114,12 +143,20 @@ class ClientResolver:
 
     def _from_chain(self, hops: list[str], peer: str) -> str:
         """The rightmost hop that is not a trusted proxy; the peer if that hop is not an address."""
-        ip = None
+        address: str | None = None
         for hop in reversed(hops):
+            hop = hop.strip()
+            v4 = _ipv4(hop)
+            if v4 is not None:  # the fast path: canonical IPv4 text is the address's own str()
+                address = hop
+                if not self._v4_is_trusted(v4):
+                    return address
+                continue
             ip = parse_hop(hop)
+            address = str(ip) if ip is not None else None
             if not self._is_trusted(ip):
-                return str(ip) if ip is not None else peer
-        return str(ip) if ip is not None else peer  # every hop a trusted proxy: the first one
+                return address if address is not None else peer
+        return address if address is not None else peer  # every hop a trusted proxy: the first one
 
     def _key_uncached(self, address: str) -> str:
         try:

@@ -98,3 +98,37 @@ def _defaults() -> dict:
     from regmw_redis.settings import SECTION
 
     return {key: option.default for key, option in SECTION.options.items()}
+
+
+def test_execute_redials_a_killed_connection_and_keeps_error_replies_pooled(redis_server):
+    """The lean request-path call keeps the client's failure rule (re-dial once) and its pool."""
+    _, url = redis_server
+    connection = RedisConnection({**_defaults(), "url": url})
+    try:
+        assert connection.execute("SET", "regmw-test:k", b"v") in (b"OK", "OK")
+        assert connection.execute("GET", "regmw-test:k") == b"v"
+        # the server drops every client connection (a restart, a failover): the pooled one is dead
+        killer = redis.Redis.from_url(url)
+        assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+        assert connection.execute("GET", "regmw-test:k") == b"v"  # re-dialled, not raised
+        clients_before = killer.info("clients")["connected_clients"]
+        for _ in range(20):
+            with pytest.raises(redis.ResponseError):
+                connection.execute("INCR", "regmw-test:k")  # an error reply: raised as is
+        # the connection went back to the pool each time: no new connections were dialled
+        assert killer.info("clients")["connected_clients"] == clients_before
+        assert connection.execute("GET", "regmw-test:k") == b"v"
+    finally:
+        connection.close()
+
+
+def test_run_script_reloads_a_script_redis_forgot(redis_server):
+    _, url = redis_server
+    connection = RedisConnection({**_defaults(), "url": url})
+    try:
+        script = connection.client.register_script("return tonumber(ARGV[1]) + #KEYS")
+        assert connection.run_script(script, ["a", "b"], [40]) == 42
+        connection.execute("SCRIPT", "FLUSH")  # Redis restarted without its script cache
+        assert connection.run_script(script, ["a"], [1]) == 2
+    finally:
+        connection.close()

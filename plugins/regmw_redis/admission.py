@@ -75,7 +75,10 @@ class RedisAdmission:
         self.script = connection.client.register_script(scripts.ADMIT)
         # One EVALSHA; on a Redis Cluster one per slot group, sent concurrently
         # (a script's keys must share a slot; a request's need not).
-        self.call = SlotGroups(connection.client, self.script) if getattr(connection, "cluster", False) else self.script
+        if getattr(connection, "cluster", False):
+            self.call = SlotGroups(connection.client, self.script)
+        else:  # through RedisConnection.execute: the client's per-command layer skipped (measured)
+            self.call = lambda keys, args: connection.run_script(self.script, keys, args)
         self.rules = rules
         self.others = tuple(others)  # limiters counting by their own code: called after the script
         self.prefix = ratelimit_prefix + ":"

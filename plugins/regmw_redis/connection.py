@@ -197,6 +197,51 @@ class RedisConnection:
         """``<namespace>:<parts joined by ':'>``, e.g. ``regmw:{repository:a/b}:wal``."""
         return ":".join((self.namespace, *parts))
 
+    def execute(self, *args: Any) -> Any:
+        """One command on a pooled connection, its raw reply (what ``execute_command`` would parse).
+
+        Why not ``client.execute_command``: on the request path (the admission's
+        EVALSHA, an event's XADD) redis-py's per-command client layer (retry
+        wrapper, observability recorder, event dispatch, response callbacks)
+        costs about 20 us of a ~110 us loopback round trip on this project's
+        VM (docs/performance.md, "Redis commands on the request path"). This
+        keeps redis-py's pool, connections and parser (hiredis when
+        installed) and its failure rule: a connection or timeout error drops
+        that connection and re-dials up to ``[redis] retries`` times, as the
+        client's ``Retry(NoBackoff(), retries)`` does. A Redis error reply
+        (``ResponseError``) is raised as is; the connection stays pooled.
+        A cluster connection routes by key, so it goes through its client.
+        """
+        if self.cluster:
+            return self.client.execute_command(*args)
+        pool = self.client.connection_pool
+        attempts = 1 + self.section["retries"]
+        for attempt in range(attempts):
+            conn = pool.get_connection()
+            try:
+                conn.send_command(*args)
+                return conn.read_response()
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()
+                if attempt + 1 == attempts:
+                    raise
+            except redis.ResponseError:
+                raise
+            except BaseException:
+                conn.disconnect()  # a reply may be left unread on it
+                raise
+            finally:
+                pool.release(conn)
+        raise AssertionError("unreachable")
+
+    def run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA of a registered ``script`` through :meth:`execute`, loading it once if Redis lost it."""
+        try:
+            return self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self.execute("SCRIPT", "LOAD", script.script)
+            return self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
     def ping(self) -> None:
         """Raise a :class:`redis.RedisError` (or OSError) when Redis does not answer."""
         self.client.ping()
