@@ -12,14 +12,38 @@ What the proxy guarantees, because registry clients depend on it:
 
 * bodies stream both ways, 256 KiB at a time, whether the client sent a
   Content-Length or ``Transfer-Encoding: chunked`` (a layer push is never
-  held in memory);
+  held in memory); a large response body is not copied at all (below);
 * method, path and the raw query string pass unchanged (the ``?_state=``
   token in a PATCH Location must survive), hop-by-hop headers are dropped;
 * the client's Host is forwarded, so the upstream builds Location headers that
   point back at the gateway; any Location that still names the upstream is
   rewritten to the gateway;
 * an unreachable upstream answers 502, a timeout 504, both with an OCI error
-  body (code ``UNAVAILABLE``), never a traceback.
+  body (code ``UNAVAILABLE``), never a traceback; once the headers are out, a
+  body the upstream cuts short (fewer bytes than its Content-Length) or stops
+  sending for ``timeout`` seconds breaks the client's connection, so the
+  client sees a failed transfer, never a short one or a hang.
+
+Zero-copy responses (``[gateway] zero_copy``, on by default). On Linux, a
+response body of a known length of at least :data:`SPLICE_MIN` (1 MiB) from a
+plain-http upstream, for any method but HEAD and a status that has a body,
+served by gunicorn over HTTP/1.x on its plain (not TLS) blocking socket
+(``environ["gunicorn.socket"]``), is moved with ``os.splice`` from the
+upstream socket through a pipe into the client's socket, inside the kernel.
+What http.client had already buffered after the response head is yielded to
+the server first (the server sends the headers with it); the rest never
+enters Python, and iteration then ends. ``response.length`` is kept in step,
+so the connection goes back to the pool only when exactly the whole body was
+moved; a client that goes away (EPIPE, ECONNRESET) closes the upstream
+connection. Moved bytes are counted in ``regmw_gateway_zero_copy_bytes_total``.
+This writes to the client socket behind the server's back, which is right only
+when the gateway's body reaches gunicorn unchanged (``RegistryMiddleware``
+passes it through): ``regmw.wsgi`` under your own gunicorn, wrapped in a WSGI
+middleware that rewrites bodies, needs ``zero_copy = false``; the catalog
+(:mod:`regmw.catalog`), which reads pages in-process, never passes the socket
+on. Measured (docs/performance.md, "Zero-copy pulls"): bodies below 1 MiB were
+no faster spliced (a pipe per response and two system calls per piece), a
+4 MiB one was; a 256 KiB pipe beat the default 64 KiB one and a 1 MiB one.
 
 Connections come from a small keep-alive pool per upstream, on the standard
 library's ``http.client``. Measured against urllib3's pool on the same

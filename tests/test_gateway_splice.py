@@ -257,3 +257,64 @@ def test_a_large_catalog_page_read_in_process_is_never_spliced_to_the_client(raw
     status, headers, body = http_request(served.url, "GET", "/v2/_catalog?n=3")
     assert status == 200 and json.loads(body) == {"repositories": names[:3]}
     assert metric(served, ZERO_COPY) == 0
+
+
+def parsed(head: bytes, method: str = "GET") -> http.client.HTTPResponse:
+    """A real HTTPResponse, its head parsed from a real socket."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(head)
+    theirs.close()
+    response = http.client.HTTPResponse(ours, method=method)
+    response.begin()
+    ours.close()
+    return response
+
+
+LARGE = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % MIB
+
+
+@pytest.mark.parametrize(("case", "head", "method", "environ", "spliced"), [
+    ("gunicorn, HTTP/1.1, 1 MiB", LARGE, "GET", {}, True),
+    ("HTTP/1.0", LARGE, "GET", {"SERVER_PROTOCOL": "HTTP/1.0"}, True),
+    ("HTTP/2 frames its data", LARGE, "GET", {"SERVER_PROTOCOL": "HTTP/2.0"}, False),
+    ("no server socket", LARGE, "GET", {"gunicorn.socket": None}, False),
+    ("non-blocking client socket", LARGE, "GET", {"timeout": 5.0}, False),
+    ("HEAD", LARGE, "HEAD", {}, False),
+    ("below the threshold", b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (MIB - 1), "GET", {}, False),
+    ("chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "GET", {}, False),
+    ("no length", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", "GET", {}, False),
+    ("304", b"HTTP/1.1 304 Not Modified\r\nContent-Length: %d\r\n\r\n" % MIB, "GET", {}, False),
+])
+def test_when_the_body_is_spliced(case, head, method, environ, spliced):
+    from regmw.gateway import _splice_target
+
+    client, peer = socket.socketpair()
+    with client, peer:
+        if "timeout" in environ:
+            client.settimeout(environ.pop("timeout"))
+        env = {"gunicorn.socket": client, "SERVER_PROTOCOL": "HTTP/1.1", **environ}
+        assert (_splice_target(env, method, parsed(head, method)) is client) is spliced, case
+
+
+def test_a_tls_client_socket_is_never_spliced_into():
+    import ssl
+
+    from regmw.gateway import _splice_target
+
+    raw, peer = socket.socketpair()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with peer, context.wrap_socket(raw, do_handshake_on_connect=False, server_hostname="x") as tls:
+        tls.setblocking(True)
+        assert _splice_target({"gunicorn.socket": tls, "SERVER_PROTOCOL": "HTTP/1.1"}, "GET", parsed(LARGE)) is None
+
+
+def test_zero_copy_is_for_plain_http_upstreams_and_follows_the_option():
+    from regmw import build
+    from regmw.gateway import Gateway, create_gateway
+
+    assert Gateway("http://127.0.0.1:1").zero_copy is True  # Linux
+    assert Gateway("https://127.0.0.1:1").zero_copy is False  # splice cannot see through TLS
+    off = build({"gateway": {"upstream": "http://127.0.0.1:1", "zero_copy": False}}, environ={})
+    assert create_gateway(off.config)[0].zero_copy is False
+    on = build({}, environ={"REGMW_GATEWAY_UPSTREAM": "http://127.0.0.1:1"})
+    assert create_gateway(on.config)[0].zero_copy is True
