@@ -8,7 +8,12 @@ then measures each figure twice, ``direct`` against the registry and
 
 * ``push_mib_s``: one blob of ``--size-mib`` (1 GiB) pushed as a registry
   client does: POST, one streamed chunked PATCH, PUT ``?digest=``;
-* ``pull_mib_s``: that blob pulled (GET, read in 1 MiB pieces);
+* ``pull_mib_s``: that blob pulled (GET, read in 1 MiB pieces); with
+  ``--pulls N``, the median of N pulls, the sides alternating (one pull is
+  one sample of a machine others share);
+* ``pull_cpu_s``: CPU seconds the serving processes used per pull (direct:
+  the registry; gateway: the gunicorn workers), the median too: what the
+  gateway's hop costs, much less sensitive to other load than the rate;
 * ``concurrent_pull_s``: 32 threads each pulling one 10 MiB blob, wall time;
 * ``small_p50_ms``, ``small_p99_ms``, ``small_rps``: ``GET`` of a small
   manifest by ``wrk`` (C, so the load generator does not share a GIL with
@@ -23,7 +28,10 @@ one Python process (no regmw around them): the standard library's
 ``http.client`` with the gateway's own pool, and urllib3's pool, each
 streaming the big blob and doing ``--small`` small GETs.
 
-Usage: ``.venv/bin/python benchmarks/gateway_bench.py [--json] [--size-mib 1024]``
+``--no-zero-copy`` runs the gateway with ``[gateway] zero_copy = false`` (every
+response body copied through Python) to compare with the default splice path.
+
+Usage: ``.venv/bin/python benchmarks/gateway_bench.py [--json] [--size-mib 1024] [--pulls 1] [--no-zero-copy]``
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
-from _common import free_port, wait_port
+from _common import children, cpu_seconds, free_port, wait_port
 
 MIB = 1024 * 1024
 ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
@@ -273,6 +281,9 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the push/pull blob (default 1 GiB)")
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per side")
     parser.add_argument("--small", type=int, default=2000, help="small GETs per transport")
+    parser.add_argument("--pulls", type=int, default=1, help="pulls of the big blob per side (median reported)")
+    parser.add_argument("--zero-copy", action=argparse.BooleanOptionalAction, default=True,
+                        help="[gateway] zero_copy of the gateway under test (default on)")
     args = parser.parse_args()
     wrk_binary = ensure_wrk()
     registry_binary = shutil.which("docker-registry") or sys.exit("apt-get install -y docker-registry")
@@ -295,6 +306,7 @@ def main() -> None:
         regmw_config = os.path.join(work, "regmw.toml")
         with open(regmw_config, "w") as handle:
             handle.write(f'[regmw]\nentry_points = false\n[gateway]\nupstream = "{direct}"\n'
+                         f'zero_copy = {str(args.zero_copy).lower()}\n'
                          '[[ratelimit.rules]]\nby = "client"\nlimit = "100000000/minute"\n')
         log = open(os.path.join(work, "regmw.log"), "wb")
         gateway_proc = subprocess.Popen([sys.executable, "-m", "regmw.cli", "--config", regmw_config, "serve",
@@ -329,8 +341,17 @@ def main() -> None:
             "push_mib_s", "pull_mib_s", "concurrent_pull_s", "small_p50_ms", "small_p99_ms", "small_rps")}
         for side, url in sides.items():
             results["push_mib_s"][side] = round(args.size_mib / push(url, REPO, size, block, digest), 1)
-        for side, url in sides.items():
-            results["pull_mib_s"][side] = round(args.size_mib / pull(url, REPO, digest, size), 1)
+        servers = {"direct": lambda: [registry.pid], "gateway": lambda: children(gateway_proc.pid)}
+        rates: dict[str, list[float]] = {side: [] for side in sides}
+        cpu: dict[str, list[float]] = {side: [] for side in sides}
+        for _ in range(args.pulls):
+            for side, url in sides.items():
+                pids = servers[side]()
+                before = sum(map(cpu_seconds, pids))
+                rates[side].append(args.size_mib / pull(url, REPO, digest, size))
+                cpu[side].append(sum(map(cpu_seconds, pids)) - before)
+        results["pull_mib_s"] = {side: round(statistics.median(values), 1) for side, values in rates.items()}
+        results["pull_cpu_s"] = {side: round(statistics.median(values), 2) for side, values in cpu.items()}
         for side, url in sides.items():
             results["concurrent_pull_s"][side] = round(concurrent_pulls(url, "bench/ten", ten_digest, len(ten)), 2)
         for side, url in sides.items():
@@ -353,9 +374,11 @@ def main() -> None:
             "small_p50_overhead_ms": round(results["small_p50_ms"]["gateway"] - results["small_p50_ms"]["direct"], 3),
         }
         results.update(ratios)
-        print(f"blob of {args.size_mib} MiB; gateway = regmw serve (gunicorn) in front of docker-registry")
+        results["zero_copy"] = args.zero_copy
+        print(f"blob of {args.size_mib} MiB; gateway = regmw serve (gunicorn) in front of docker-registry, "
+              f"zero_copy {'on' if args.zero_copy else 'off'}")
         print(f"{'':22}{'direct':>12}{'gateway':>12}")
-        for key in ("push_mib_s", "pull_mib_s", "concurrent_pull_s", "small_p50_ms", "small_p99_ms", "small_rps",
+        for key in ("push_mib_s", "pull_mib_s", "pull_cpu_s", "concurrent_pull_s", "small_p50_ms", "small_p99_ms", "small_rps",
                     "rss_growth_mb"):
             row = results[key]
             direct_value = "-" if row["direct"] is None else row["direct"]

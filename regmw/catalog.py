@@ -37,7 +37,10 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_BODY = 8 * 1024 * 1024  # a 1000-entry page of 255-character names is ~260 KB
 
-_NOT_FORWARDED = ("wsgi.input", "CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_TRANSFER_ENCODING", "HTTP_CONTENT_LENGTH")
+#: ``gunicorn.socket`` too: a gateway splices a large body straight into that socket (regmw.gateway),
+#: and a page read here must come back as bytes, never reach the client on its own.
+_NOT_FORWARDED = ("wsgi.input", "CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_TRANSFER_ENCODING", "HTTP_CONTENT_LENGTH",
+                  "gunicorn.socket")
 
 
 @dataclass

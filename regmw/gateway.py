@@ -12,14 +12,38 @@ What the proxy guarantees, because registry clients depend on it:
 
 * bodies stream both ways, 256 KiB at a time, whether the client sent a
   Content-Length or ``Transfer-Encoding: chunked`` (a layer push is never
-  held in memory);
+  held in memory); a large response body is not copied at all (below);
 * method, path and the raw query string pass unchanged (the ``?_state=``
   token in a PATCH Location must survive), hop-by-hop headers are dropped;
 * the client's Host is forwarded, so the upstream builds Location headers that
   point back at the gateway; any Location that still names the upstream is
   rewritten to the gateway;
 * an unreachable upstream answers 502, a timeout 504, both with an OCI error
-  body (code ``UNAVAILABLE``), never a traceback.
+  body (code ``UNAVAILABLE``), never a traceback; once the headers are out, a
+  body the upstream cuts short (fewer bytes than its Content-Length) or stops
+  sending for ``timeout`` seconds breaks the client's connection, so the
+  client sees a failed transfer, never a short one or a hang.
+
+Zero-copy responses (``[gateway] zero_copy``, on by default). On Linux, a
+response body of a known length of at least :data:`SPLICE_MIN` (1 MiB) from a
+plain-http upstream, for any method but HEAD and a status that has a body,
+served by gunicorn over HTTP/1.x on its plain (not TLS) blocking socket
+(``environ["gunicorn.socket"]``), is moved with ``os.splice`` from the
+upstream socket through a pipe into the client's socket, inside the kernel.
+What http.client had already buffered after the response head is yielded to
+the server first (the server sends the headers with it); the rest never
+enters Python, and iteration then ends. ``response.length`` is kept in step,
+so the connection goes back to the pool only when exactly the whole body was
+moved; a client that goes away (EPIPE, ECONNRESET) closes the upstream
+connection. Moved bytes are counted in ``regmw_gateway_zero_copy_bytes_total``.
+This writes to the client socket behind the server's back, which is right only
+when the gateway's body reaches gunicorn unchanged (``RegistryMiddleware``
+passes it through): ``regmw.wsgi`` under your own gunicorn, wrapped in a WSGI
+middleware that rewrites bodies, needs ``zero_copy = false``; the catalog
+(:mod:`regmw.catalog`), which reads pages in-process, never passes the socket
+on. Measured (docs/performance.md, "Zero-copy pulls"): bodies below 1 MiB were
+no faster spliced (a pipe per response and two system calls per piece), a
+4 MiB one was; a 256 KiB pipe beat the default 64 KiB one and a 1 MiB one.
 
 Connections come from a small keep-alive pool per upstream, on the standard
 library's ``http.client``. Measured against urllib3's pool on the same
@@ -38,7 +62,9 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import select
+import socket
 import ssl
 import threading
 import time
@@ -47,6 +73,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, urlsplit
+
+try:
+    import fcntl
+except ImportError:  # not a Unix: no splice either
+    fcntl = None  # type: ignore[assignment]
 
 from . import metrics
 from .catalog import MergedCatalog
@@ -61,8 +92,17 @@ CHUNK = 256 * 1024
 #: ``ready()`` waits at most this long for the upstream (a probe must answer quickly).
 READY_TIMEOUT = 3.0
 
+#: Bodies at least this long (Content-Length) are spliced when they may be (see :func:`_splice_target`):
+#: below it the pipe and the extra system calls cost more than the copy they save.
+SPLICE_MIN = 1024 * 1024
+#: Pipe capacity asked for the splice (the kernel's default is 64 KiB): one CHUNK per pair of splices.
+PIPE_SIZE = CHUNK
+_CAN_SPLICE = all(hasattr(module, name) for module, name in (
+    (os, "splice"), (os, "pipe2"), (fcntl, "F_SETPIPE_SZ")))
+
 _upstream_seconds = metrics.Children(metrics.upstream_duration)
 _upstream_errors = metrics.Children(metrics.upstream_errors)
+_zero_copy_bytes = metrics.Children(metrics.gateway_zero_copy_bytes)
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1), and
 #: ``Expect`` (http.client cannot do 100-continue; the WSGI server already did).
@@ -149,9 +189,12 @@ class Gateway:
     forwards_unknown_references = True
 
     def __init__(self, upstream: str, *, timeout: float = 60.0, pool_size: int = 16,
-                 preserve_host: bool = True, verify_tls: bool = True, name: str = "upstream") -> None:
+                 preserve_host: bool = True, verify_tls: bool = True, name: str = "upstream",
+                 zero_copy: bool = True) -> None:
         parts = urlsplit(upstream)
         self.name = name  # the ``upstream`` label of the gateway metrics
+        # splice() moves socket bytes in the kernel; it cannot see through TLS on either side
+        self.zero_copy = zero_copy and _CAN_SPLICE and parts.scheme == "http"
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"gateway upstream must be an http(s) URL with a host, not {upstream!r}")
         self.upstream = upstream
@@ -211,7 +254,8 @@ class Gateway:
         _upstream_seconds[(self.name, f"{response.status // 100}xx")].observe(time.perf_counter() - start)
         status = f"{response.status} {response.reason or _phrase(response.status)}"
         start_response(status, self._response_headers(environ, response))
-        return _ResponseBody(self.pool, conn, response, self.name)
+        splice_to = _splice_target(environ, method, response) if self.zero_copy else None
+        return _ResponseBody(self.pool, conn, response, self.name, splice_to)
 
     # --- request ------------------------------------------------------------
 
@@ -345,27 +389,71 @@ class _RequestBody:
 
 
 class _ResponseBody:
-    """The upstream's body as a WSGI iterable; gives the connection back to the pool when read to the end."""
+    """The upstream's body as a WSGI iterable; gives the connection back to the pool when read to the end.
+
+    With ``splice_to`` (the client's socket, see :func:`_splice_target`) the
+    body does not pass through Python: what http.client has buffered already
+    is yielded (so the server sends the headers, then those bytes), and the
+    rest is spliced from the upstream socket into the client socket by
+    :func:`_splice`, after which iteration ends with nothing more to yield.
+    """
 
     def __init__(self, pool: ConnectionPool, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
-                 name: str = "upstream"):
+                 name: str = "upstream", splice_to: socket.socket | None = None):
         self.pool, self.conn, self.response = pool, conn, response
         self.name = name
+        self.splice_to = splice_to
         self.done = False
 
     def __iter__(self) -> Iterator[bytes]:
+        if self.splice_to is not None:
+            yield from self._spliced(self.splice_to)
+            return
         while True:
             try:
                 chunk = self.response.read(CHUNK)
+                if not chunk and self.response.length:
+                    # http.client ends a Content-Length body the upstream cut short with b"", silently;
+                    # ending the iteration here would leave the client waiting for the rest.
+                    raise http.client.IncompleteRead(b"", self.response.length)
             except (OSError, http.client.HTTPException):
                 # Headers are out: the only honest signal left is a broken body.
-                _upstream_errors[(self.name, "body")].inc()
-                log.warning("gateway: upstream body failed mid-stream", exc_info=True)
+                self._broken()
                 raise
             if not chunk:
                 self.done = True
                 return
             yield chunk
+
+    def _spliced(self, client: socket.socket) -> Iterator[bytes]:
+        response = self.response
+        try:
+            # peek(): the bytes the BufferedReader holds (one raw read only when it holds none);
+            # read() of no more than those takes them without a raw read and keeps response.length right.
+            head = response.read(min(len(response.fp.peek()), response.length))
+            if not head:
+                raise http.client.IncompleteRead(b"", response.length)
+        except (OSError, http.client.HTTPException):
+            self._broken()
+            raise
+        yield head  # the server sends the headers, then these bytes
+        moved = 0
+        try:
+            for count in _splice(self.conn.sock, client, response.length):
+                response.length -= count  # http.client's own account of what is left
+                moved += count
+        except _UpstreamFailed as failed:
+            self._broken()
+            raise failed.__cause__ from None
+        finally:
+            if moved:
+                _zero_copy_bytes[(self.name,)].inc(moved)
+        response.read()  # length is 0: closes the response as http.client does at the end of a body
+        self.done = True
+
+    def _broken(self) -> None:
+        _upstream_errors[(self.name, "body")].inc()
+        log.warning("gateway: upstream body failed mid-stream", exc_info=True)
 
     def close(self) -> None:
         # isclosed(): http.client saw the last byte (Content-Length reached, or the last chunk).
@@ -374,6 +462,83 @@ class _ResponseBody:
             self.pool.put(self.conn)
         else:
             self.conn.close()
+
+
+class _UpstreamFailed(Exception):
+    """The upstream side of a splice failed (``__cause__``); the client side raises its OSError as is."""
+
+
+def _splice_target(environ: dict, method: str, response: http.client.HTTPResponse) -> socket.socket | None:
+    """The client socket to splice this response's body into, or None to copy it through Python.
+
+    Only where the body goes straight from the upstream socket to the client
+    socket byte for byte: gunicorn's plain (not TLS) socket for an HTTP/1.x
+    request (HTTP/2 frames its data; a blocking socket, as the gthread worker
+    hands it over, so a splice into it never answers EAGAIN), a body of a known
+    length of at least :data:`SPLICE_MIN` (no chunked framing to translate),
+    and a response that has a body at all.
+    """
+    client = environ.get("gunicorn.socket")
+    if (type(client) is not socket.socket or client.gettimeout() is not None
+            or environ.get("SERVER_PROTOCOL") not in ("HTTP/1.1", "HTTP/1.0")):
+        return None
+    if method == "HEAD" or response.status < 200 or response.status in (204, 304):
+        return None
+    if response.chunked or response.length is None or response.length < SPLICE_MIN:
+        return None
+    return client
+
+
+def _splice(upstream: socket.socket, client: socket.socket, length: int) -> Iterator[int]:
+    """Move ``length`` bytes upstream socket -> pipe -> client socket in the kernel; yield each count moved.
+
+    The upstream socket has a timeout, so Python made it non-blocking: a splice
+    out of it answers EAGAIN when nothing has arrived, and the wait for more is
+    a poll bounded by that timeout (then TimeoutError, as a read would raise).
+    Upstream failures (EOF before ``length``: IncompleteRead) come wrapped in
+    :class:`_UpstreamFailed`; the client's (EPIPE, ECONNRESET) are raised as
+    they are, and the server treats them as a client gone.
+    """
+    timeout = upstream.gettimeout()
+    wait_ms = None if timeout is None else max(1, int(timeout * 1000))
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the default 64 KiB pipe still works, with more splices per byte
+        poller = select.poll()
+        poller.register(upstream, select.POLLIN)
+        source, target = upstream.fileno(), client.fileno()
+        remaining = length
+        while remaining:
+            try:
+                count = _fill(source, write_end, min(remaining, PIPE_SIZE), poller, wait_ms, remaining)
+            except (OSError, http.client.HTTPException) as exc:
+                raise _UpstreamFailed() from exc
+            left = count
+            while left:
+                left -= os.splice(read_end, target, left,
+                                  flags=os.SPLICE_F_MOVE | (os.SPLICE_F_MORE if remaining > count else 0))
+            remaining -= count
+            yield count
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _fill(source: int, pipe: int, count: int, poller: select.poll, wait_ms: int | None, remaining: int) -> int:
+    """Splice up to ``count`` bytes from the upstream socket into the (empty) pipe; wait for them if need be."""
+    while True:
+        try:
+            moved = os.splice(source, pipe, count, flags=os.SPLICE_F_MOVE)
+        except BlockingIOError:
+            if not poller.poll(wait_ms):
+                raise TimeoutError("timed out waiting for the upstream body") from None
+            continue
+        if not moved:
+            raise http.client.IncompleteRead(b"", remaining)
+        return moved
 
 
 def _phrase(status: int) -> str:
@@ -413,6 +578,9 @@ SECTION = Section(
         "preserve_host": Option("bool", True, "Forward the client's Host header, so the upstream's Location headers "
                                               "name the gateway."),
         "verify_tls": Option("bool", True, "Verify https upstreams' certificates."),
+        "zero_copy": Option("bool", True, "On Linux, move large response bodies (Content-Length of 1 MiB or more) "
+                                          "from a plain-http upstream to the client with `splice`, in the kernel, "
+                                          "instead of copying them through Python; off: always copy."),
     },
     checks=(paired_upstreams,),
 )
@@ -436,7 +604,7 @@ def create_gateway(config: Any) -> tuple[Gateway | MergedCatalog, dict[str, Gate
     config = getattr(config, "config", config)
     section: Mapping[str, Any] = config["gateway"]
     options = {key: section.get(key, SECTION.options[key].default)
-               for key in ("timeout", "pool_size", "preserve_host", "verify_tls")}
+               for key in ("timeout", "pool_size", "preserve_host", "verify_tls", "zero_copy")}
     old, new, upstream = section.get("old_upstream"), section.get("new_upstream"), section.get("upstream")
     problem = paired_upstreams(section)  # a validated config has passed it already; a plain mapping has not
     if problem:

@@ -91,6 +91,13 @@ upstream_errors = Counter(
     ["upstream", "kind"],
     registry=REGISTRY,
 )
+gateway_zero_copy_bytes = Counter(
+    "regmw_gateway_zero_copy_bytes_total",
+    "Gateway mode: response body bytes moved from the upstream to the client with splice, in the kernel "
+    "(not copied through Python), by upstream.",
+    ["upstream"],
+    registry=REGISTRY,
+)
 
 
 class Children:
