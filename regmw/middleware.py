@@ -18,9 +18,17 @@ per-request cost was measured with ``timeit`` on the project's (busy, 2-core)
 VM and kept small by choice: label children are bound once and kept in a
 dict (look-up + observe 5.2 us against 17.0 us through ``labels()`` each
 time); the start time is one ``perf_counter()``; the request id is the
-client's when sane, else ``uuid4().hex`` (5.9 us); the log line, one
+client's when sane, else 128 random bits from Python's generator (no
+syscall; see :func:`regmw.accesslog.request_id`); the log line, one
 ``json.dumps``, is the largest item (52 us there) and is skipped entirely
 when the ``regmw.access`` logger is off.
+
+Under gunicorn's threads, what the request path costs is dominated less by
+Python work than by syscalls that release the GIL: each release can hand the
+GIL to another thread, and getting it back costs far more CPU on a VM than
+the syscall (one ``os.urandom`` per request, for ``uuid4``, cost about 200 us
+of server CPU per request over HTTP; docs/performance.md). With embedded
+defaults and a repository already classified, the path makes none.
 """
 from __future__ import annotations
 

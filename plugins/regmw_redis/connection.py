@@ -203,8 +203,8 @@ class RedisConnection:
         Why not ``client.execute_command``: on the request path (the admission's
         EVALSHA, an event's XADD) redis-py's per-command client layer (retry
         wrapper, observability recorder, event dispatch, response callbacks)
-        costs about 20 us of a ~110 us loopback round trip on this project's
-        VM (docs/performance.md, "Redis commands on the request path"). This
+        costs 18-29 us of a ~110 us loopback round trip on this project's VM
+        (``benchmarks/redis_call_bench.py``; docs/performance.md). This
         keeps redis-py's pool, connections and parser (hiredis when
         installed) and its failure rule: a connection or timeout error drops
         that connection and re-dials up to ``[redis] retries`` times, as the
