@@ -96,8 +96,8 @@ log = logging.getLogger("regmw.gateway")
 CHUNK = 256 * 1024
 #: Pieces a request body is read in. gunicorn's readers receive up to 1 MiB per ``recv()`` and hand
 #: back exactly what was asked, re-buffering the surplus (copied again) for the next read: 256 KiB
-#: reads of a 1 MiB chunk re-copied 768, 512 and 256 KiB of it, which cost the gateway 3.5x the CPU
-#: of a push (docs/performance.md, "Pushes").
+#: reads of a 1 MiB chunk re-copied 768, 512 and 256 KiB of it: a chunked push cost the gateway 3.5x the CPU
+#: it costs with 1 MiB reads (docs/performance.md, "Pushes").
 REQUEST_PIECE = 1024 * 1024
 
 #: ``ready()`` waits at most this long for the upstream (a probe must answer quickly).
