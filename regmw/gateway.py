@@ -10,9 +10,10 @@ During a storage migration there are two upstreams, and the middleware's
 
 What the proxy guarantees, because registry clients depend on it:
 
-* bodies stream both ways, 256 KiB at a time, whether the client sent a
-  Content-Length or ``Transfer-Encoding: chunked`` (a layer push is never
-  held in memory); a large response body is not copied at all (below);
+* bodies stream both ways, whether the client sent a Content-Length or
+  ``Transfer-Encoding: chunked`` (a layer push is never held in memory):
+  request bodies 1 MiB at a time (:data:`REQUEST_PIECE`), response bodies
+  256 KiB at a time; a large response body is not copied at all (below);
 * method, path and the raw query string pass unchanged (the ``?_state=``
   token in a PATCH Location must survive), hop-by-hop headers are dropped;
 * the client's Host is forwarded, so the upstream builds Location headers that
@@ -50,9 +51,14 @@ library's ``http.client``. Measured against urllib3's pool on the same
 upstream (``benchmarks/gateway_bench.py``, ``transport``; docs/performance.md),
 ``http.client`` streamed a large blob at least as fast and answered small
 requests with a lower p50 (urllib3 adds layers per request and per chunk), so
-urllib3 was not adopted. The 256 KiB piece size is measured too: 64 KiB pieces
-cost a third of the pull throughput in per-piece work, 1 MiB pieces pushed the
-gateway's RSS past 50 MB during 32 concurrent pulls.
+urllib3 was not adopted. The 256 KiB response piece size is measured too:
+64 KiB pieces cost a third of the pull throughput in per-piece work, 1 MiB
+pieces pushed the gateway's RSS past 50 MB during 32 concurrent pulls. Request
+bodies are read in 1 MiB pieces instead, the most gunicorn receives at once:
+smaller reads made gunicorn's body readers copy the rest of each receive again
+and again, which was most of a push's CPU in the gateway. A chunked body goes
+out as it came in, each piece one chunk whose size line, data and CRLF leave in
+one ``sendmsg()`` (joining them copied every byte once more).
 
 Each upstream request is timed to its response head
 (``regmw_upstream_response_seconds``) and failures are counted by kind
@@ -88,6 +94,11 @@ from .plugins import hookimpl
 log = logging.getLogger("regmw.gateway")
 
 CHUNK = 256 * 1024
+#: Pieces a request body is read in. gunicorn's readers receive up to 1 MiB per ``recv()`` and hand
+#: back exactly what was asked, re-buffering the surplus (copied again) for the next read: 256 KiB
+#: reads of a 1 MiB chunk re-copied 768, 512 and 256 KiB of it: a chunked push cost the gateway 3.5x the CPU
+#: it costs with 1 MiB reads (docs/performance.md, "Pushes").
+REQUEST_PIECE = 1024 * 1024
 
 #: ``ready()`` waits at most this long for the upstream (a probe must answer quickly).
 READY_TIMEOUT = 3.0
@@ -367,8 +378,12 @@ class _RequestBody:
             conn.putheader("Content-Length", str(self.length))
         conn.endheaders()
         if self.chunked:
+            plain = type(conn.sock) is socket.socket  # TLS sockets have no sendmsg()
             for chunk in self._chunks():
-                conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                if plain:
+                    _sendmsg_all(conn.sock, [b"%x\r\n" % len(chunk), chunk, b"\r\n"])
+                else:
+                    conn.send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             conn.send(b"0\r\n\r\n")
         elif self.length:
             for chunk in self._chunks():
@@ -377,7 +392,7 @@ class _RequestBody:
     def _chunks(self) -> Iterator[bytes]:
         remaining = self.length
         while remaining is None or remaining > 0:
-            chunk = self.stream.read(CHUNK if remaining is None else min(CHUNK, remaining))
+            chunk = self.stream.read(REQUEST_PIECE if remaining is None else min(REQUEST_PIECE, remaining))
             if not chunk:
                 if remaining:
                     raise _ClientGone()
@@ -386,6 +401,19 @@ class _RequestBody:
             if remaining is not None:
                 remaining -= len(chunk)
             yield chunk
+
+
+def _sendmsg_all(sock: socket.socket, parts: list[bytes]) -> None:
+    """Send ``parts`` back to back with ``sendmsg()``: a chunk's framing without joining it to the data (a copy)."""
+    views = [memoryview(part) for part in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:  # drop what went out; a partial send leaves the rest of one part first
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 class _ResponseBody:
