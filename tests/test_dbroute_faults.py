@@ -209,6 +209,20 @@ def unique(prefix: str) -> str:
 # --- a replica stopped in the middle of slow reads ---------------------------------------
 
 
+def replica_reads_in_every_worker(server: Gunicorn, repo: str, workers: int = 3, timeout: float = 20) -> None:
+    """Read ``repo`` until each of the ``workers`` gunicorn workers has answered it from the replica."""
+    seen: set[int] = set()
+    last: dict = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers:
+        assert time.monotonic() < deadline, f"replica reads only in workers {seen}; last answer {last}"
+        with ThreadPoolExecutor(6) as pool:
+            for status, body in pool.map(lambda _: server.read(repo), range(6)):
+                last = body
+                if status == 200 and body["role"] == "replica":
+                    seen.add(body["pid"])
+
+
 def test_replica_stopped_mid_query_on_every_interface(cluster, server):
     """One slow read per interface runs on the replica when it is stopped with ``-m immediate``.
 
@@ -219,6 +233,10 @@ def test_replica_stopped_mid_query_on_every_interface(cluster, server):
     repo = unique("midquery")
     cluster.sql("primary", "INSERT INTO kv (repo, value) VALUES (%s, 7)", repo)  # no position: replica reads
     cluster.wait_replica_caught_up()
+    # Each worker's checker must have seen the replica past the store's floor (a Redis
+    # restart in an earlier test raises it): until then a worker rightly reads on the
+    # primary, and the slow reads below could never all be running on the replica.
+    replica_reads_in_every_worker(server, repo)
     reads = [(via, "0") for via in INTERFACES] + [(via, "1") for via in INTERFACES if via != "execute"]
     with ThreadPoolExecutor(len(reads)) as pool:
         futures = {pool.submit(server.read, repo, via=via, sleep=1.5, after=after): (via, after)

@@ -232,7 +232,7 @@ class _SlotWithoutMaster:
             return None
 
         @staticmethod
-        def xadd(*args, **kwargs):
+        def execute_command(*args, **kwargs):  # the XADD of an event (RedisStreams.add)
             raise SlotNotCoveredError("Command # 1 (XADD ...) could not be executed: slot 1234 not covered")
 
     @staticmethod
