@@ -27,13 +27,13 @@ from typing import Any
 
 access_log = logging.getLogger("regmw.access")
 
-#: A client-supplied request id is kept only if it is short and plain (it ends up in logs).
 #: Request ids need to be unique, not secret: Python's generator, reseeded in every forked
 #: worker, instead of ``uuid4`` (``os.urandom`` is a getrandom() syscall that releases the GIL,
 #: and under gunicorn's threads every release can hand the GIL to another thread and wait to
 #: get it back: measured in docs/performance.md).
 _random_bits = random.getrandbits
 
+#: A client-supplied request id is kept only if it is short and plain (it ends up in logs).
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 

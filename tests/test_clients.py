@@ -100,3 +100,23 @@ def test_both_headers_count_only_when_they_agree():
     # Our proxy appends to X-Forwarded-For; the client wrote Forwarded itself to pick an identity.
     spoofed = {"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "198.51.100.7", "HTTP_FORWARDED": "for=192.0.2.1"}
     assert resolver.client_key(spoofed) == "10.0.0.2"
+
+
+@pytest.mark.parametrize("header, client", [
+    ("198.51.100.7", "198.51.100.7"),  # the fast path: canonical IPv4, its own key
+    ("  198.51.100.7  ", "198.51.100.7"),  # spaces around a hop
+    ("010.0.0.1", "10.0.0.2"),  # a leading zero is not an address (ipaddress refuses it too): the peer
+    ("198.51.100.7, 10.1.2.3", "198.51.100.7"),  # a trusted IPv4 hop is skipped
+    ("10.1.2.3, 10.4.5.6", "10.1.2.3"),  # every hop a trusted proxy: the first one
+    ("::ffff:198.51.100.7", "198.51.100.7"),  # IPv4-mapped IPv6 takes the ipaddress path, same key
+    ("1.2.3.4\x00", "10.0.0.2"),  # a NUL is garbage, never an address
+])
+def test_ipv4_fast_path_agrees_with_ipaddress(header, client):
+    resolver = ClientResolver(PROXY)
+    assert resolver.client_key({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": header}) == client
+
+
+def test_untrusted_ipv4_peer_is_its_own_key_and_a_trusted_one_is_not():
+    resolver = ClientResolver(PROXY)
+    assert resolver.client_key({"REMOTE_ADDR": "203.0.113.9", "HTTP_X_FORWARDED_FOR": "1.1.1.1"}) == "203.0.113.9"
+    assert resolver.client_key({"REMOTE_ADDR": "10.9.9.9", "HTTP_X_FORWARDED_FOR": "1.1.1.1"}) == "1.1.1.1"

@@ -209,3 +209,30 @@ def test_ready_names_a_database_primary_that_is_down(pg_cluster):
         assert answer.json["checks"]["database"]["error"]
     finally:
         middleware.services.db_router.close()
+
+
+def test_generated_request_ids_differ_across_forked_workers():
+    """Ids come from Python's generator (no syscall); forked workers must not repeat each other's."""
+    import os
+
+    from regmw.accesslog import request_id
+
+    request_id(None)  # the parent has drawn from the generator before forking, as a preloaded master may
+    readers = []
+    for _ in range(3):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a worker: write its first three ids and leave at once
+            os.close(read_end)
+            os.write(write_end, " ".join(request_id(None) for _ in range(3)).encode())
+            os._exit(0)
+        os.close(write_end)
+        readers.append((pid, read_end))
+    ids = []
+    for pid, read_end in readers:
+        with os.fdopen(read_end) as handle:
+            ids += handle.read().split()
+        os.waitpid(pid, 0)
+    assert len(ids) == 9 and len(set(ids)) == 9
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in ids)
+    assert request_id("client-id-1") == "client-id-1" and request_id("bad id\n") != "bad id\n"
