@@ -123,7 +123,7 @@ class RedisStreams:
         if len(entries) == 1 and not self.wait_replicas and not only:  # the request path: one plain XADD
             repository, data = entries[0]
             return [_text(self._execute("XADD", self._streams[shard_of(repository, self.shards)], "*",
-                                                  "e", data, "r", repository))]
+                                        "e", data, "r", repository))]
         if self.wait_replicas and getattr(self.connection, "cluster", False):
             return self._add_on_cluster_and_wait(entries, only)
         pipe = self.client.pipeline(transaction=False)

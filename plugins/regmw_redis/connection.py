@@ -225,7 +225,7 @@ class RedisConnection:
                 conn.disconnect()
                 if attempt + 1 == attempts:
                     raise
-            except redis.ResponseError:
+            except redis.ResponseError:  # Redis answered: the connection is in step, keep it pooled
                 raise
             except BaseException:
                 conn.disconnect()  # a reply may be left unread on it
