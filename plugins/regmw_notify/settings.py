@@ -21,6 +21,16 @@ def endpoints_are_valid(section, config) -> str | None:
     return None
 
 
+def wait_fits_the_socket_timeout(section, config) -> str | None:
+    """wait_timeout below [redis] socket_timeout when wait_replicas is set: otherwise the socket times out
+    before WAIT answers, so a master without replicas looks down and its events are re-added again and again."""
+    socket_timeout = (config.get("redis") or {}).get("socket_timeout")
+    if section["wait_replicas"] and socket_timeout and section["wait_timeout"] >= socket_timeout:
+        return (f"notifications.wait_timeout ({section['wait_timeout']}) must be below redis.socket_timeout "
+                f"({socket_timeout}) when notifications.wait_replicas is set")
+    return None
+
+
 SECTION = Section(
     "notifications",
     "Webhook notifications: events of successful requests, queued durably and delivered in order per repository.",
@@ -77,7 +87,7 @@ SECTION = Section(
         "max_shards_per_worker": Option("int", 0, "Shards one worker process leases at most; 0 = all it can get.",
                                         minimum=0),
     },
-    checks=(endpoints_are_valid,),
+    checks=(endpoints_are_valid, wait_fits_the_socket_timeout),
 )
 
 
