@@ -62,6 +62,10 @@ REFUSED = [
      "[regmw]\nplugins = ['notifications']\n[notifications]\n"
      "endpoints = [{name = 'ci', url = 'http://169.254.169.254/latest'}]\n",
      "notifications.endpoints[0]: 169.254.169.254 is an internal address"),
+    ("wait-outlasting-the-socket",
+     "[regmw]\nplugins = ['redis', 'notifications']\n[redis]\nsocket_timeout = 0.25\n"
+     "[notifications]\nwait_replicas = 1\nwait_timeout = 0.25\n",
+     "notifications.wait_timeout (0.25) must be below redis.socket_timeout (0.25)"),
     ("jobs-without-redis", "[regmw]\nplugins = ['jobs']\n",
      "the jobs plugin (dramatiq on Redis) needs the redis plugin"),
     ("migration-throttle-above-quarantine",
@@ -106,7 +110,8 @@ def test_every_cross_field_rule_has_a_case_in_the_table():
     rules = {check.__name__ for section in gather_sections(pm).values() for check in section.checks}
     assert rules == {"paired_upstreams", "check_auth", "url_and_options", "script_counts_fixed_windows",
                      "lsn_ttl_outlives_quarantine", "store_url_needs_redis_store", "roots_differ", "one_credential", "jobs_plugin_has_redis",
-                     "endpoints_are_valid", "throttle_below_quarantine", "primary_is_known"}
+                     "endpoints_are_valid", "wait_fits_the_socket_timeout", "throttle_below_quarantine",
+                     "primary_is_known"}
 
 
 def test_a_sentinel_service_name_may_come_from_the_option_instead_of_the_url(tmp_path, capsys):
