@@ -310,3 +310,66 @@ def test_a_master_failover_loses_no_event_with_wait_replicas(redis_cluster_fresh
         assert firsts[:20] == sent[:20]  # the confirmed ones, in order, on the promoted replica
     finally:
         sink.close()
+
+
+def _push_retrying(client: Client, repository: str, tag: int, deadline: float) -> None:
+    """Push as a client does while the slot has no master: the read-only check fails closed (503), so retry."""
+    while True:
+        response = client.put(f"/v2/{repository}/manifests/{tag}", data=b"{}", buffered=True,
+                              headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        if response.status_code == 201:
+            return
+        assert response.status_code == 503 and time.monotonic() < deadline, response.get_data(as_text=True)
+        time.sleep(0.05)  # a client's back-off, not a wait for an outcome
+
+
+def test_delivery_goes_on_across_a_master_failover(redis_cluster_fresh, webhook_receiver, tmp_path):
+    """A worker process delivering while a shard's master is SIGKILLed: every event arrives, in order per repository.
+
+    The worker's fenced reads and acks on the dead master fail, so it lets the
+    shard go and takes it again once the replica is promoted; entries it had
+    sent but not yet acknowledged there are sent again (duplicates, never a
+    gap). Requests keep writing during the failover (their events spooled
+    when WAIT cannot be confirmed, then forwarded); a write to the dead
+    master's slots is refused with 503 until the promotion (the read-only
+    check fails closed), and the client retries it.
+    """
+    group = redis_cluster_fresh
+    receiver = webhook_receiver()
+    namespace = _ns()
+    config = _config(group.url, namespace, [], tmp_path / "spool", wait_replicas=1, wait_timeout=0.2,
+                     breaker_seconds=0.2)
+    middleware = RegistryMiddleware(registry_app, config, environ={})
+    client = Client(middleware)
+    streams: RedisStreams = middleware.services.events.streams
+    workers = [_cli_worker(group.url, namespace, receiver, tmp_path / f"worker{index}") for index in range(2)]
+    repositories = [f"team{index % 3}/app{index}" for index in range(12)]
+    victim = group.master_of(streams.stream(shard_of(repositories[0], SHARDS)))
+    tags = 0
+    try:
+        for tags in range(1, 11):
+            for repository in repositories:
+                _push(client, repository, tags)
+        wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= 5, 20, "the worker delivering")
+        group.process(victim).send_signal(signal.SIGKILL)
+        group.process(victim).wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # pushes go on through the failover, and a while after it
+            tags += 1
+            for repository in repositories:
+                _push_retrying(client, repository, tags, deadline)
+            try:
+                if group.master_of(streams.stream(shard_of(repositories[0], SHARDS))) != victim and tags >= 20:
+                    break
+            except (redis.RedisError, RuntimeError):
+                pass
+        expected = tags * len(repositories)
+        wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= expected, 60,
+                   f"{expected} events delivered")
+        assert all(worker.poll() is None for worker in workers)
+    finally:
+        for worker in workers:
+            stop(worker)
+        middleware.services.events.close()
+    _check_order(first_deliveries(receiver.snapshot()), expected)
+    assert receiver.bad_signatures == 0

@@ -1,17 +1,22 @@
 """Pure parts of the notifications plugin: signatures, the SSRF guard, retry schedule, config checks."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import threading
 import time
+import types
 
 import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from regmw import ConfigError, build
+from regmw.errors import SlotUnavailable
 from regmw_notify.endpoints import Endpoint, check_address, parse_endpoints
 from regmw_notify.events import action_for, envelope_raw
 from regmw_notify.signing import Signer
+from regmw_notify.worker import Worker
 
 OLD, NEW = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_" + "c2VjcmV0LW51bWJlci10d28tZm9yLXJvdGF0aW9u"
 
@@ -85,3 +90,44 @@ def test_a_wait_within_the_socket_timeout_or_without_wait_replicas_is_accepted(t
 def test_endpoint_names_are_unique():
     with pytest.raises(ValueError, match="unique"):
         parse_endpoints([{"name": "a", "url": "https://example.com/"}] * 2)
+
+
+class _Slots:
+    """``cluster_slot`` over a set of free shards: a free one is taken (held until released), others refused."""
+
+    def __init__(self, free: set[int]) -> None:
+        self.free = free
+
+    @contextlib.contextmanager
+    def cluster_slot(self, name: str, max_holders: int, ttl: float):
+        shard = int(name.rsplit("-", 1)[1])
+        if shard not in self.free:
+            raise SlotUnavailable(name)
+        self.free.discard(shard)
+        yield types.SimpleNamespace(token=1, lost=None)
+
+
+class _HoldingWorker(Worker):
+    """A Worker whose held shards deliver nothing: they just stay held until ``stop``."""
+
+    def _deliver(self, shard, lease, stop):
+        stop.wait()
+
+
+def test_a_worker_with_one_spare_place_reaches_the_one_free_shard():
+    """3 of 4 places held; shard 7 frees up (a failover): the next round takes it, wherever the rotation starts.
+
+    (Trying only the first unheld shard of each round, with a start that moves
+    by max_shards, never reached shard 7: 8 shards, max 4, the start went 0, 4, 0, 4...)
+    """
+    slots = _Slots({0, 2, 3})
+    worker = _HoldingWorker(types.SimpleNamespace(shards=8), slots, [], lease_ttl=3.0, max_shards=4)
+    stop = threading.Event()
+    try:
+        worker._take_free_shards(stop)
+        assert worker.held() == [0, 2, 3]
+        slots.free.add(7)
+        worker._take_free_shards(stop)
+        assert worker.held() == [0, 2, 3, 7]
+    finally:
+        stop.set()

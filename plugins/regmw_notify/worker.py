@@ -76,30 +76,44 @@ class Worker:
                     log.warning("notifications worker: redis unavailable: %s", exc)
                     stop.wait(0.5)
                     continue
-            with self._lock:
-                # from a rotating start: with max_shards_per_worker below the shard count, a worker
-                # whose first shards are held elsewhere must still get to try the others
-                shards = self.streams.shards
-                start, self._next = self._next, (self._next + self.max_shards) % shards
-                for shard in [(start + offset) % shards for offset in range(shards)]:
-                    if len(self._held) >= self.max_shards:
-                        break
-                    if shard not in self._held:
-                        thread = threading.Thread(target=self._hold, args=(shard, stop), daemon=True,
-                                                  name=f"regmw-notify-shard-{shard}")
-                        self._held[shard] = thread
-                        thread.start()
+            self._take_free_shards(stop)
             stop.wait(min(1.0, self.lease_ttl / 3))
         for thread in list(self._held.values()):
             thread.join(10)
+
+    def _take_free_shards(self, stop: threading.Event) -> None:
+        """Try every shard this worker does not hold, one after the other, until it holds ``max_shards``.
+
+        Each try is one script call, waited for before the next: a worker with
+        one spare place must still reach the one shard nobody holds (after a
+        failover, a crash, a scale-down), not just the first it tries each
+        round. The start rotates so that workers do not all try shard 0 first.
+        """
+        shards = self.streams.shards
+        start, self._next = self._next, (self._next + self.max_shards) % shards
+        for shard in [(start + offset) % shards for offset in range(shards)]:
+            with self._lock:
+                if len(self._held) >= self.max_shards:
+                    return
+                if shard in self._held:
+                    continue
+                tried = threading.Event()
+                thread = threading.Thread(target=self._hold, args=(shard, stop, tried), daemon=True,
+                                          name=f"regmw-notify-shard-{shard}")
+                self._held[shard] = thread
+            thread.start()
+            tried.wait(self.lease_ttl)  # set once the lease is taken or refused (bounded by the Redis timeouts)
+            if stop.is_set():
+                return
 
     def held(self) -> list[int]:
         with self._lock:
             return sorted(self._held)
 
-    def _hold(self, shard: int, stop: threading.Event) -> None:
+    def _hold(self, shard: int, stop: threading.Event, tried: threading.Event) -> None:
         try:
             with self.locks.cluster_slot(f"notify-shard-{shard}", 1, self.lease_ttl) as lease:
+                tried.set()
                 self._deliver(shard, lease, stop)
         except SlotUnavailable:
             pass
@@ -110,6 +124,7 @@ class Worker:
         finally:
             with self._lock:
                 self._held.pop(shard, None)
+            tried.set()
 
     def _deliver(self, shard: int, lease: Any, stop: threading.Event) -> None:
         self.streams.take_fence(shard, lease.token)
