@@ -260,8 +260,8 @@ class Gateway:
             else:
                 refusal = Refusal(502, "UNAVAILABLE", "upstream registry is unreachable")
             return refusal(environ, start_response)
-        except _ClientGone:
-            return Refusal(400, "UNKNOWN", "request body ended before its Content-Length")(environ, start_response)
+        except _ClientGone as gone:
+            return Refusal(400, "UNKNOWN", str(gone))(environ, start_response)
         _upstream_seconds[(self.name, f"{response.status // 100}xx")].observe(time.perf_counter() - start)
         status = f"{response.status} {response.reason or _phrase(response.status)}"
         start_response(status, self._response_headers(environ, response))
@@ -353,7 +353,12 @@ class Gateway:
 
 
 class _ClientGone(Exception):
-    """The client's request body ended early: nothing useful can be forwarded."""
+    """The client's request body ended early or is malformed: nothing useful can be forwarded.
+
+    Raised from reading the client's body, never from the upstream socket, so a
+    client that cuts a chunked body short or sends a bad chunk size gets a 400,
+    not a 502 blaming the upstream.
+    """
 
 
 class _RequestBody:
@@ -392,10 +397,13 @@ class _RequestBody:
     def _chunks(self) -> Iterator[bytes]:
         remaining = self.length
         while remaining is None or remaining > 0:
-            chunk = self.stream.read(REQUEST_PIECE if remaining is None else min(REQUEST_PIECE, remaining))
+            try:
+                chunk = self.stream.read(REQUEST_PIECE if remaining is None else min(REQUEST_PIECE, remaining))
+            except Exception as exc:  # the server's body reader: a bad chunk size, EOF mid-chunk (an IOError)
+                raise _ClientGone(f"request body is malformed or ended early ({type(exc).__name__})") from None
             if not chunk:
                 if remaining:
-                    raise _ClientGone()
+                    raise _ClientGone("request body ended before its Content-Length")
                 return
             self.consumed = True
             if remaining is not None:

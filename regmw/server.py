@@ -39,11 +39,12 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter as _GunicornArbiter
 from gunicorn.workers.gthread import ThreadWorker
 
-from .errors import ConfigError
+from .errors import ConfigError, error_body
 
 log = logging.getLogger("regmw.server")
 
@@ -51,7 +52,19 @@ _OWNED_DIR = "REGMW_SERVE_METRICS_DIR"  # set when this server created PROMETHEU
 
 
 class DrainingWorker(ThreadWorker):
-    """gunicorn's threaded worker, tolerating a listening socket the master already shut down."""
+    """gunicorn's threaded worker, tolerating a listening socket the master already shut down.
+
+    It also answers what gunicorn refuses before the application sees a request
+    (a malformed request line or method, a bad Content-Length or chunk size, a
+    header too large: 400, 414, 417, 431) with an OCI error body instead of
+    gunicorn's HTML page, as every other refusal regmw makes.
+    """
+
+    def init_process(self) -> None:
+        # gunicorn's Worker.handle_error writes through util.write_error; this is the worker process
+        # regmw's own server forked, so replacing it here changes no other server.
+        gunicorn_util.write_error = write_oci_error
+        super().init_process()
 
     def accept(self, listener: Any) -> None:
         try:
@@ -61,6 +74,16 @@ class DrainingWorker(ThreadWorker):
                 raise
             # The master is stopping (Arbiter.stop): our SIGTERM is on its way; stop polling the listener.
             self.set_accept_enabled(False)
+
+
+def write_oci_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``util.write_error`` with an OCI error body (``UNKNOWN``; the status says what was wrong)."""
+    message = mesg[:256] if mesg else (reason.lower() if status_int < 500 else "internal error")
+    body = error_body("UNKNOWN", message)
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+            "Docker-Distribution-API-Version: registry/2.0\r\n\r\n")
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 class Arbiter(_GunicornArbiter):

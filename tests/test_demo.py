@@ -29,3 +29,40 @@ def test_plugins_command_lists_the_builtins(tmp_path):
     for name in ("regmw_migration  (built-in)", "regmw_gcs  (built-in)", "regmw_redis  (built-in)",
                  "regmw_dbroute  (built-in)", "regmw.defaults.memory_cache  (embedded default)"):
         assert name in result.stdout
+
+
+def test_what_the_demo_server_refuses_itself_gets_an_oci_body_not_html():
+    import json
+    import socket
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from regmw.demo.run import _QuietHandler
+
+    def app(environ, start_response):  # never reached
+        start_response("200 OK", [])
+        return [b""]
+
+    def ask(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=30) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer
+
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        too_many = ask(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n")
+        # a bad version is answered the HTTP/0.9 way (no head); its message quotes the client's NUL
+        bad_version = ask(b"GET /v2/ HTTP/1.\x00\r\n\r\n")
+    finally:
+        server.shutdown()
+        server.server_close()
+    head, _, body = too_many.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), head
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
+    assert json.loads(bad_version)["errors"][0]["code"] == "UNKNOWN"

@@ -206,3 +206,22 @@ def test_upstream_hanging_up_is_502(serve_wsgi):
     finally:
         gateway.close()
         upstream.close()
+
+
+@pytest.mark.parametrize("body", [b"zz\r\nhello\r\n0\r\n\r\n", b"100\r\nhello"], ids=["bad-chunk-size", "cut-mid-chunk"])
+def test_a_malformed_or_cut_chunked_request_body_is_the_clients_400_not_a_502(proxied, body):
+    """The client's broken body is read by the server's chunked reader, which raises (an IOError for
+    EOF): that is the client's fault, answered 400 with an OCI body, not 502 "upstream unreachable"."""
+    import socket
+
+    url, _, _ = proxied
+    with socket.create_connection(("127.0.0.1", urlsplit(url).port), timeout=30) as sock:
+        sock.sendall(b"PATCH /v2/group/project/blobs/uploads/abc HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(payload)["errors"][0]["code"] == "UNKNOWN"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
 import pytest
@@ -155,3 +156,48 @@ def test_invalid_names(client, path):
 
 def test_unsupported_method(client):
     assert error_code(client.post(f"/v2/{REPO}/manifests/latest")) == "UNSUPPORTED"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"layers": 5}', b'{"layers": [5]}', b'{"layers": {"a": 1}}', b'{"manifests": "x"}', b'{"manifests": [1]}',
+    b'{"config": 5}', b'{"a":' * 5000 + b"1" + b"}" * 5000,
+], ids=["layers-int", "layer-int", "layers-object", "manifests-str", "manifest-int", "config-int", "nested-5000"])
+def test_a_manifest_of_the_wrong_shape_is_manifest_invalid_not_a_500(client, body):
+    response = client.put(f"/v2/{REPO}/manifests/latest", data=body,
+                          content_type="application/vnd.oci.image.manifest.v1+json")
+    assert response.status_code == 400 and error_code(response) == "MANIFEST_INVALID"
+
+
+def test_a_content_range_with_a_huge_number_is_416_not_a_500(client):
+    location = client.post(f"/v2/{REPO}/blobs/uploads/").headers["Location"]
+    response = client.patch(location, data=b"hello", headers={"Content-Range": "0-" + "9" * 5000})
+    assert response.status_code == 416 and error_code(response) == "BLOB_UPLOAD_INVALID"
+
+
+class BrokenBody(io.BytesIO):
+    """The server's body reader meeting a bad chunk size or EOF mid-chunk: it raises."""
+
+    def read(self, size=-1):
+        raise OSError("Invalid chunk header")
+
+    readline = readinto = read
+
+
+@pytest.mark.parametrize("method, path", [("PUT", f"/v2/{REPO}/manifests/latest"), ("PATCH", "upload"),
+                                          ("PUT", "upload?digest=" + sha(b"x"))])
+def test_a_body_the_server_cannot_read_is_a_400_with_an_oci_body(client, method, path):
+    if path.startswith("upload"):
+        path = client.post(f"/v2/{REPO}/blobs/uploads/").headers["Location"] + path[len("upload"):]
+    response = client.open(path, method=method, input_stream=BrokenBody(), environ_overrides={"CONTENT_LENGTH": "10"})
+    assert response.status_code == 400 and response.mimetype == "application/json"
+    assert error_code(response) == "UNKNOWN"
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("PROPFIND", f"/v2/{REPO}/tags/list", 405, "UNSUPPORTED"), ("POST", "/v2/", 405, "UNSUPPORTED"),
+    ("DELETE", "/v2", 404, "NAME_UNKNOWN"), ("TRACE", f"/v2/{REPO}/manifests/latest", 405, "UNSUPPORTED"),
+])
+def test_flasks_own_error_answers_are_oci_bodies_not_html(client, method, path, status, code):
+    response = client.open(path, method=method)
+    assert response.status_code == status and response.mimetype == "application/json"
+    assert error_code(response) == code

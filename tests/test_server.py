@@ -275,3 +275,30 @@ def test_metrics_directory_is_removed_at_exit_and_stale_ones_at_start(tmp_path, 
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(timeout=30) == 0
     assert not own.exists()
+
+
+# --- what gunicorn refuses before the application sees a request ---------------------
+
+
+REFUSED_BY_GUNICORN = [
+    (b"get /v2/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # lowercase method
+    (b"PATCH /v2/a/b/blobs/uploads/x HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\nhello", 400),
+    (b"PUT /v2/a/b/manifests/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", 400),
+    # just past gunicorn's limits (4094, 8190): all of it is read, so the close sends no RST before the answer
+    (b"GET /v2/" + b"a" * 4100 + b"/tags/list HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"a" * 8200 + b"\r\n\r\n", 431),
+]
+
+
+def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html(regmw_serve):
+    served = regmw_serve(gateway_config("http://127.0.0.1:9"), workers=1)  # never reached: gunicorn answers
+    for raw, status in REFUSED_BY_GUNICORN:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), (raw[:40], head)
+        assert b"content-type: application/json" in head.lower(), (raw[:40], head)
+        assert json.loads(body)["errors"][0]["code"] == "UNKNOWN", (raw[:40], body)

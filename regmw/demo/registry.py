@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Flask, Response, request, send_file
+from werkzeug.exceptions import BadRequest, HTTPException
 
 from regmw.errors import error_body
 from regmw.routes import TAG_RE
@@ -75,6 +76,14 @@ def create_app(root: str) -> Flask:
             response.headers.remove("Content-Type")  # an empty answer has no type (Flask adds text/html)
         return response
 
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response | HTTPException:
+        """Flask's own answers (405, 404 for ``/v2``, 400 for a broken body, 500) as OCI error bodies, not HTML."""
+        if exc.code is None or exc.code < 400:
+            return exc
+        return oci_error(_HTTP_CODES.get(exc.code, "UNKNOWN"), _HTTP_MESSAGES.get(exc.code) or exc.description or exc.name,
+                         status=exc.code)
+
     @app.route("/v2/", methods=["GET"])
     def base() -> Response:
         return Response("{}", 200, mimetype="application/json")
@@ -94,6 +103,30 @@ def create_app(root: str) -> Flask:
         return oci_error("NAME_UNKNOWN", "unknown API path", {"path": rest[:256]}, status=404)
 
     return app
+
+
+_HTTP_CODES = {404: "NAME_UNKNOWN", 405: "UNSUPPORTED", 413: "SIZE_INVALID"}
+_HTTP_MESSAGES = {404: "unknown API path", 405: "method not supported on this path", 500: "internal error"}
+
+
+class _ClientBody:
+    """``request.stream``, where a body the server cannot read (a bad chunk size, EOF mid-chunk: its reader
+    raises) is the client's 400, not a 500."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._stream.read(size)
+        except HTTPException:
+            raise
+        except Exception as exc:
+            raise BadRequest(f"request body is malformed or ended early ({type(exc).__name__})") from None
+
+
+def _body() -> _ClientBody:
+    return _ClientBody(request.stream)
 
 
 class _Handlers:
@@ -153,11 +186,11 @@ class _Handlers:
         size = os.path.getsize(data)
         content_range = request.headers.get("Content-Range")
         if content_range:
-            match = re.fullmatch(r"(?:bytes[ =])?(\d+)-(\d+)", content_range.strip())
+            match = re.fullmatch(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})", content_range.strip())
             if match is None or int(match.group(1)) != size:
                 return oci_error("BLOB_UPLOAD_INVALID", "content range does not continue the upload",
                                  {"range": content_range[:64]}, 416, _upload_headers(name, upload_id, size))
-        size += append_stream(data, request.stream, request.content_length)
+        size += append_stream(data, _body(), request.content_length)
         return _upload_accepted(name, upload_id, size)
 
     def uploads_put(self, name: str, upload_id: str) -> Response:
@@ -176,7 +209,7 @@ class _Handlers:
         data = self.store.upload_data(name, upload_id)
         if not digest or parse_digest(digest) is None:
             return oci_error("DIGEST_INVALID", "a sha256 digest parameter is required", {"digest": (digest or "")[:128]})
-        append_stream(data, request.stream, request.content_length)
+        append_stream(data, _body(), request.content_length)
         actual = file_digest(data)
         if actual != digest:
             self.store.end_upload(name, upload_id)
@@ -201,15 +234,20 @@ class _Handlers:
     def manifests_put(self, name: str, reference: str) -> Response:
         if ":" not in reference and TAG_RE.fullmatch(reference) is None:
             return oci_error("TAG_INVALID", "manifest tag is invalid", {"tag": reference[:128]})
-        body = request.stream.read(MAX_MANIFEST + 1)
+        body = _body().read(MAX_MANIFEST + 1)
         if len(body) > MAX_MANIFEST:
             return oci_error("MANIFEST_INVALID", "manifest is larger than 4 MiB", status=413)
         try:
             manifest = json.loads(body)
         except ValueError as exc:
             return oci_error("MANIFEST_INVALID", f"manifest is not JSON: {exc}")
+        except RecursionError:
+            return oci_error("MANIFEST_INVALID", "manifest is nested too deeply")
         if not isinstance(manifest, dict):
             return oci_error("MANIFEST_INVALID", "manifest is not a JSON object")
+        problem = _shape_problem(manifest)
+        if problem:
+            return oci_error("MANIFEST_INVALID", problem)
         missing = self._missing_references(name, manifest)
         if missing:
             return oci_error("MANIFEST_BLOB_UNKNOWN", "manifest references unknown content", {"digest": missing})
@@ -287,6 +325,17 @@ class _Handlers:
         except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(tag for tag in entries if os.path.exists(self.store.tag_current(name, tag)))
+
+
+def _shape_problem(manifest: dict) -> str | None:
+    """What is wrong with the descriptors a manifest names (``config``, ``layers``, ``manifests``), if anything."""
+    for key in ("layers", "manifests"):
+        items = manifest.get(key)
+        if items is not None and not (isinstance(items, list) and all(isinstance(item, dict) for item in items)):
+            return f"manifest {key} is not a list of descriptors"
+    if manifest.get("config") is not None and not isinstance(manifest["config"], dict):
+        return "manifest config is not a descriptor"
+    return None
 
 
 def _media_type(body: bytes) -> str:

@@ -10,6 +10,7 @@ and checks the decisions, then exits (0 when all held).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -53,10 +54,23 @@ class DecisionLog:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """The decision log already has a line per request; skip werkzeug's access log."""
+    """The decision log already has a line per request; skip werkzeug's access log.
+
+    What the HTTP server refuses before the app sees a request (a bad request
+    line or version, a line or header past its limits) gets an OCI error body,
+    not http.server's HTML page.
+    """
+
+    error_content_type = "application/json; charset=utf-8"
+    error_message_format = '{"errors":[{"code":"UNKNOWN","message":"%(message)s"}]}'
 
     def log_request(self, code="-", size="-") -> None:
         pass
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # the message may quote client bytes: JSON-escaped (ASCII) before it goes into the body
+        message = self.responses.get(code, ("error",))[0] if message is None else message
+        super().send_error(code, json.dumps(message)[1:-1], explain)
 
 
 def demo_config(root: str, secret: str, webhooks: WebhookReceiver | None = None) -> dict[str, Any]:
