@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -323,46 +324,31 @@ def _push_retrying(client: Client, repository: str, tag: int, deadline: float) -
         time.sleep(0.05)  # a client's back-off, not a wait for an outcome
 
 
-def test_delivery_goes_on_across_a_master_failover(redis_cluster_fresh, webhook_receiver, tmp_path):
-    """A worker process delivering while a shard's master is SIGKILLed: every event arrives, in order per repository.
+def pushes_and_deliveries_across_a_failover(url: str, receiver, tmp_path, repositories: list[str],
+                                            kill: Callable[[], None], promoted: Callable[[], bool]) -> None:
+    """Two CLI workers deliver while ``kill()`` takes the master down; pushes go on until ``promoted()``.
 
-    The worker's fenced reads and acks on the dead master fail, so it lets the
-    shard go and takes it again once the replica is promoted; entries it had
-    sent but not yet acknowledged there are sent again (duplicates, never a
-    gap). Requests keep writing during the failover (their events spooled
-    when WAIT cannot be confirmed, then forwarded); a write to the dead
-    master's slots is refused with 503 until the promotion (the read-only
-    check fails closed), and the client retries it.
+    Then every event pushed (at least 20 per repository) must reach the
+    receiver, in order per repository (first deliveries), signatures verifying.
     """
-    group = redis_cluster_fresh
-    receiver = webhook_receiver()
     namespace = _ns()
-    config = _config(group.url, namespace, [], tmp_path / "spool", wait_replicas=1, wait_timeout=0.2,
-                     breaker_seconds=0.2)
+    config = _config(url, namespace, [], tmp_path / "spool", wait_replicas=1, wait_timeout=0.2, breaker_seconds=0.2)
     middleware = RegistryMiddleware(registry_app, config, environ={})
     client = Client(middleware)
-    streams: RedisStreams = middleware.services.events.streams
-    workers = [_cli_worker(group.url, namespace, receiver, tmp_path / f"worker{index}") for index in range(2)]
-    repositories = [f"team{index % 3}/app{index}" for index in range(12)]
-    victim = group.master_of(streams.stream(shard_of(repositories[0], SHARDS)))
+    workers = [_cli_worker(url, namespace, receiver, tmp_path / f"worker{index}") for index in range(2)]
     tags = 0
     try:
+        deadline = time.monotonic() + 60
         for tags in range(1, 11):
             for repository in repositories:
-                _push(client, repository, tags)
-        wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= 5, 20, "the worker delivering")
-        group.process(victim).send_signal(signal.SIGKILL)
-        group.process(victim).wait(10)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # pushes go on through the failover, and a while after it
+                _push_retrying(client, repository, tags, deadline)
+        wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= 5, 20, "the workers delivering")
+        kill()
+        while not (tags >= 20 and promoted()):  # pushes go on through the failover, and a while after it
+            assert time.monotonic() < deadline, "no replica was promoted"
             tags += 1
             for repository in repositories:
                 _push_retrying(client, repository, tags, deadline)
-            try:
-                if group.master_of(streams.stream(shard_of(repositories[0], SHARDS))) != victim and tags >= 20:
-                    break
-            except (redis.RedisError, RuntimeError):
-                pass
         expected = tags * len(repositories)
         wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= expected, 60,
                    f"{expected} events delivered")
@@ -373,3 +359,32 @@ def test_delivery_goes_on_across_a_master_failover(redis_cluster_fresh, webhook_
         middleware.services.events.close()
     _check_order(first_deliveries(receiver.snapshot()), expected)
     assert receiver.bad_signatures == 0
+
+
+def test_delivery_goes_on_across_a_master_failover(redis_cluster_fresh, webhook_receiver, tmp_path):
+    """Workers delivering while a shard's master is SIGKILLed: every event arrives, in order per repository.
+
+    The workers' fenced reads and acks on the dead master fail, so they let
+    its shards go and take them again once the replica is promoted; entries
+    sent but not yet acknowledged there are sent again (duplicates, never a
+    gap). Requests keep writing during the failover (their events spooled
+    when WAIT cannot be confirmed, then forwarded); a write to the dead
+    master's slots is refused with 503 until the promotion (the read-only
+    check fails closed), and the client retries it.
+    """
+    group = redis_cluster_fresh
+    repositories = [f"team{index % 3}/app{index}" for index in range(12)]
+    key = "{notify-shard:%d}" % shard_of(repositories[0], SHARDS)  # the hash tag: the slot of that shard's keys
+    victim = group.master_of(key)
+
+    def kill() -> None:
+        group.process(victim).send_signal(signal.SIGKILL)
+        group.process(victim).wait(10)
+
+    def promoted() -> bool:
+        try:
+            return group.master_of(key) != victim
+        except (redis.RedisError, RuntimeError):
+            return False
+
+    pushes_and_deliveries_across_a_failover(group.url, webhook_receiver(), tmp_path, repositories, kill, promoted)
