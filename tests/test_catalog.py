@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from regmw import RegistryMiddleware, build, hookimpl
+from regmw.demo.registry import create_app
 from regmw.catalog import _Upstream, catalog_key, merge_pages
 from regmw.gateway import create_gateway
 from tests.servers._util import http_request as request
@@ -152,3 +153,19 @@ def test_merge_keeps_distributions_order_where_slash_sorts_first():
             break
         last = names[-1]
     assert pages == [["a/b", "a/b/c"], ["a/bb", "a-c"], ["a-d", "a.e"], ["ab"]]
+
+
+@pytest.mark.services
+def test_reference_registry_catalog_pages_as_docker_registry_does(tmp_path, docker_registry, serve_wsgi):
+    """The bundled registry (``regmw demo``) answers ``/v2/_catalog`` page for page as distribution does."""
+    reference = serve_wsgi(create_app(str(tmp_path / "reference")))
+    for name in OLD + NEW:
+        push_blob(docker_registry.url, name)
+        push_blob(reference, name)
+    for query in ["", "n=1", "n=2", "n=3", "last=g%2Fseven", "n=2&last=g-eight", "n=0", "n=1001", "n=abc"]:
+        while True:
+            real, ours = catalog(docker_registry.url, query), catalog(reference, query)
+            assert ours == real, query
+            if real[1] is None:
+                break
+            query = re.fullmatch(r'</v2/_catalog\?(last=[^&>]+&n=\d+)>; rel="next"', real[1]).group(1)
