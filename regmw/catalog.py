@@ -14,6 +14,12 @@ merge could decide (an upstream that pages by less than ``n``). The upstreams
 are called as WSGI apps with the client's own headers (its Authorization
 included), so whatever transport the gateway uses is used here too.
 
+Names are ordered as distribution orders them, component by component (``/``
+sorts before every other character: ``a/b`` < ``a/b/c`` < ``a-c`` < ``ab``),
+not as plain strings: ``last`` is a position in that order, so a merge in
+another order would ask an upstream for the names after the wrong one and skip
+some (:func:`catalog_key`).
+
 Paging follows distribution: ``n`` absent or not a number gives 100 entries,
 ``n`` above 1000 is ``400 PAGINATION_NUMBER_INVALID``, and ``Link:
 </v2/_catalog?last=L&n=N>; rel="next"`` is sent when more may follow. An
@@ -41,6 +47,11 @@ MAX_BODY = 8 * 1024 * 1024  # a 1000-entry page of 255-character names is ~260 K
 #: and a page read here must come back as bytes, never reach the client on its own.
 _NOT_FORWARDED = ("wsgi.input", "CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_TRANSFER_ENCODING", "HTTP_CONTENT_LENGTH",
                   "gunicorn.socket")
+
+
+def catalog_key(name: str) -> str:
+    """The sort key of a repository name in a catalog: distribution's ``lessPath``, where ``/`` sorts first."""
+    return name.replace("/", "\x00")
 
 
 @dataclass
@@ -133,7 +144,7 @@ class MergedCatalog:
         except (ValueError, KeyError, TypeError) as exc:
             return Refusal(502, "UNAVAILABLE", f"upstream catalog is not a catalog: {exc}")
         linked = any(name.lower() == "link" and 'rel="next"' in value for name, value in answer.headers)
-        return sorted(names), linked or len(names) >= count > 0
+        return sorted(names, key=catalog_key), linked or len(names) >= count > 0
 
 
 def merge_pages(upstreams: list[_Upstream], n: int,
@@ -152,7 +163,9 @@ def merge_pages(upstreams: list[_Upstream], n: int,
                 if isinstance(page, (_Answer, Refusal)):
                     return page
                 names, more = page
-                names = [name for name in names if upstream.cursor is None or name > upstream.cursor]
+                if upstream.cursor is not None:
+                    cursor = catalog_key(upstream.cursor)
+                    names = [name for name in names if catalog_key(name) > cursor]
                 upstream.buffer = names
                 upstream.exhausted = not names or not more
                 if names:
@@ -160,7 +173,7 @@ def merge_pages(upstreams: list[_Upstream], n: int,
         heads = [upstream.buffer[0] for upstream in upstreams if upstream.buffer]
         if not heads:
             break
-        smallest = min(heads)
+        smallest = min(heads, key=catalog_key)
         for upstream in upstreams:
             if upstream.buffer and upstream.buffer[0] == smallest:
                 upstream.buffer.pop(0)

@@ -10,12 +10,16 @@ from urllib.parse import urlsplit
 import pytest
 
 from regmw import RegistryMiddleware, build, hookimpl
-from regmw.catalog import _Upstream, merge_pages
+from regmw.demo.registry import create_app
+from regmw.catalog import _Upstream, catalog_key, merge_pages
 from regmw.gateway import create_gateway
 from tests.servers._util import http_request as request
 
-OLD = ["a/one", "c/three", "shared/x", "e/five", "g/seven"]
-NEW = ["b/two", "d/four", "shared/x", "f/six"]
+# Names where distribution's order (component by component, "/" first) and plain string order differ:
+# "g/seven" < "g-eight" < "g.nine" < "gz" in the first, the other way round in the second.
+OLD = ["a/one", "c/three", "shared/x", "e/five", "g/seven", "g-eight"]
+NEW = ["b/two", "d/four", "shared/x", "f/six", "g.nine", "g/seven/sub", "gz"]
+EXPECTED = sorted(set(OLD) | set(NEW), key=catalog_key)
 
 
 class ByPrefix:
@@ -59,18 +63,18 @@ def catalog(url: str, query: str = ""):
 @pytest.mark.services
 def test_catalog_lists_both_upstreams_sorted_once(migrating_gateway):
     url, old = migrating_gateway
-    expected = sorted(set(OLD) | set(NEW))
     status, link, body = catalog(url)
-    assert status == 200 and body == {"repositories": expected} and link is None
-    # the old upstream alone knows only its own
-    assert catalog(old.url)[2] == {"repositories": sorted(OLD)}
+    assert status == 200 and body == {"repositories": EXPECTED} and link is None
+    assert EXPECTED.index("g/seven/sub") < EXPECTED.index("g-eight") < EXPECTED.index("g.nine")
+    # the old upstream alone knows only its own, in the order the merge keeps
+    assert catalog(old.url)[2] == {"repositories": sorted(OLD, key=catalog_key)}
 
 
 @pytest.mark.services
 @pytest.mark.parametrize("n", [1, 2, 3, 7])
 def test_catalog_pages_with_n_last_and_link(migrating_gateway, n):
     url, _ = migrating_gateway
-    expected = sorted(set(OLD) | set(NEW))
+    expected = EXPECTED
     seen, query, pages = [], f"n={n}", 0
     while query is not None:
         status, link, body = catalog(url, query)
@@ -91,7 +95,9 @@ def test_catalog_pages_with_n_last_and_link(migrating_gateway, n):
 @pytest.mark.services
 def test_catalog_last_and_bad_n(migrating_gateway):
     url, _ = migrating_gateway
-    assert catalog(url, "last=d/four")[2]["repositories"] == ["e/five", "f/six", "g/seven", "shared/x"]
+    assert catalog(url, "last=d/four")[2]["repositories"] == [
+        "e/five", "f/six", "g/seven", "g/seven/sub", "g-eight", "g.nine", "gz", "shared/x"]
+    assert catalog(url, "n=2&last=g%2Fseven%2Fsub")[2]["repositories"] == ["g-eight", "g.nine"]
     assert catalog(url, "n=2&last=c%2Fthree")[2]["repositories"] == ["d/four", "e/five"]
     assert catalog(url, "n=0")[:3:2] == (200, {"repositories": []})
     status, _, body = catalog(url, "n=1001")
@@ -119,3 +125,47 @@ def test_merge_asks_again_when_an_upstream_pages_short():
     calls.clear()
     merged(1)
     assert len(calls) == 2  # one page from each is enough for one name
+
+
+def test_merge_keeps_distributions_order_where_slash_sorts_first():
+    """Upstreams list in component order ("a/b" < "a-c"); the merge and its cursor keep that order.
+
+    In plain string order "a-c" < "a/b", so a merge sorted that way skipped "a-c" and
+    everything after "a/b" on the second page (asking for names after the wrong one).
+    """
+    data = {"old": ["a/b", "a/b/c", "a-d", "ab"], "new": ["a/bb", "a-c", "a.e"]}
+
+    def fetch(upstream, count):
+        cursor = upstream.cursor
+        names = [name for name in data[upstream.app] if cursor is None or catalog_key(name) > catalog_key(cursor)]
+        return names[:count], len(names) > count
+
+    def merged(n, last=None):
+        return merge_pages([_Upstream("old", [], last), _Upstream("new", [], last)], n, fetch)
+
+    everything = ["a/b", "a/b/c", "a/bb", "a-c", "a-d", "a.e", "ab"]
+    assert merged(100) == (everything, False)
+    pages, last = [], None
+    while True:
+        names, more = merged(2, last)
+        pages.append(names)
+        if not more:
+            break
+        last = names[-1]
+    assert pages == [["a/b", "a/b/c"], ["a/bb", "a-c"], ["a-d", "a.e"], ["ab"]]
+
+
+@pytest.mark.services
+def test_reference_registry_catalog_pages_as_docker_registry_does(tmp_path, docker_registry, serve_wsgi):
+    """The bundled registry (``regmw demo``) answers ``/v2/_catalog`` page for page as distribution does."""
+    reference = serve_wsgi(create_app(str(tmp_path / "reference")))
+    for name in OLD + NEW:
+        push_blob(docker_registry.url, name)
+        push_blob(reference, name)
+    for query in ["", "n=1", "n=2", "n=3", "last=g%2Fseven", "n=2&last=g-eight", "n=0", "n=1001", "n=abc"]:
+        while True:
+            real, ours = catalog(docker_registry.url, query), catalog(reference, query)
+            assert ours == real, query
+            if real[1] is None:
+                break
+            query = re.fullmatch(r'</v2/_catalog\?(last=[^&>]+&n=\d+)>; rel="next"', real[1]).group(1)

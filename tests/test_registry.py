@@ -201,3 +201,34 @@ def test_flasks_own_error_answers_are_oci_bodies_not_html(client, method, path, 
     response = client.open(path, method=method)
     assert response.status_code == status and response.mimetype == "application/json"
     assert error_code(response) == code
+
+
+CATALOG_NAMES = ["g/seven", "g-eight", "g.nine", "gz", "g/seven/sub", "a/one"]
+
+
+def test_catalog_lists_repositories_in_distributions_order_with_paging(client):
+    """``/v2/_catalog``, which ``podman search`` reads: names in distribution's order ("/" first), paged."""
+    assert json.loads(client.get("/v2/_catalog").get_data()) == {"repositories": []}
+    for name in CATALOG_NAMES:
+        upload(client, name, name.encode())
+    client.post("/v2/started/only/blobs/uploads/")  # an upload never finished: no repository yet
+    expected = ["a/one", "g/seven", "g/seven/sub", "g-eight", "g.nine", "gz"]
+    response = client.get("/v2/_catalog")
+    assert response.status_code == 200 and "Link" not in response.headers
+    assert json.loads(response.get_data()) == {"repositories": expected}
+    seen, query = [], {"n": 2}
+    while True:
+        page = client.get("/v2/_catalog", query_string=query)
+        names = json.loads(page.get_data())["repositories"]
+        assert len(names) <= 2
+        seen += names
+        if "Link" not in page.headers:
+            break
+        assert page.headers["Link"] == f'</v2/_catalog?last={names[-1].replace("/", "%2F")}&n=2>; rel="next"'
+        query = {"n": 2, "last": names[-1]}
+    assert seen == expected
+    after = client.get("/v2/_catalog", query_string={"last": "g/seven/sub"})
+    assert json.loads(after.get_data())["repositories"] == ["g-eight", "g.nine", "gz"]
+    assert json.loads(client.get("/v2/_catalog?n=0").get_data())["repositories"] == []
+    too_many = client.get("/v2/_catalog?n=1001")
+    assert too_many.status_code == 400 and error_code(too_many) == "PAGINATION_NUMBER_INVALID"

@@ -8,10 +8,14 @@ across two real upstreams; (c) unreachable and silent upstreams.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
+import shutil
 import subprocess
+import tarfile
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -243,3 +247,73 @@ def test_gateway_silent_upstream_is_504(tmp_path):
         response = Client(RegistryMiddleware(gateway, config(tmp_path), environ={})).get(f"/v2/{REPO}/tags/list")
     assert response.status_code == 504
     assert _oci_error(response)["code"] == "UNAVAILABLE"
+
+
+# --- podman, a second real client ------------------------------------------------
+
+
+@pytest.fixture
+def podman(tmp_path):
+    """``podman(*args)``: podman as root with its own storage (vfs) under ``tmp_path``; returns stdout."""
+    binary = need_binary("podman")
+    base = Path(tempfile.mkdtemp(prefix="regmw-podman-"))  # podman refuses a runroot path over 50 characters
+    auth = tmp_path / "podman-auth.json"
+    auth.write_text('{"auths": {}}')
+    env = {**os.environ, "REGISTRY_AUTH_FILE": str(auth)}
+    prefix = [binary, "--root", str(base / "root"), "--runroot", str(base / "run"), "--storage-driver", "vfs",
+              "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--tmpdir", str(base / "tmp")]
+
+    def run(*args: str) -> str:
+        result = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120, env=env, check=False)
+        assert result.returncode == 0, f"podman {' '.join(args)} failed:\n{result.stderr[-3000:]}"
+        return result.stdout
+
+    yield run
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.services
+def test_podman_through_middleware_and_gateway(tmp_path, podman, skopeo, serve_wsgi, docker_registry):
+    """podman push (two tags, two manifest formats), search (the catalog), pull by tag and by digest,
+    then a delete by digest, through the reference registry behind regmw and through the gateway."""
+    root = tmp_path / "storage"
+    demo = serve_wsgi(RegistryMiddleware(create_app(str(root)), config(root), environ={}))
+    runtime = build(config(tmp_path, gateway={"upstream": docker_registry.url}), environ={})
+    upstream, _ = create_gateway(runtime.config)
+    gateway = serve_wsgi(RegistryMiddleware(upstream, runtime))
+    layer = tmp_path / "layer.tar"
+    data = os.urandom(300_000)
+    with tarfile.open(layer, "w") as tar:
+        info = tarfile.TarInfo("random.bin")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    image_id = podman("import", "-q", str(layer), "localhost/podman-test:1").strip()
+    tls = "--tls-verify=false"
+    for url in (demo, gateway):
+        host = urlsplit(url).netloc
+        ref = f"{host}/{REPO}"
+        podman("push", tls, "--format", "oci", "localhost/podman-test:1", f"docker://{ref}:1")
+        digest_file = tmp_path / f"digest-{host}"
+        podman("push", tls, "--format", "v2s2", "--digestfile", str(digest_file), "localhost/podman-test:1",
+               f"docker://{ref}:2")
+        digest = digest_file.read_text().strip()
+        found = podman("search", tls, "--format", "{{.Name}}", f"{host}/group").split()
+        assert found == [ref], url
+        listed = podman("search", tls, "--list-tags", ref).splitlines()[1:]  # NAME TAG, one row a tag
+        assert sorted(tuple(row.split()) for row in listed) == [(ref, "1"), (ref, "2")]
+
+        pulled = podman("pull", "-q", tls, f"{ref}:2").strip()
+        assert pulled.endswith(image_id.split(":")[-1]) or image_id.endswith(pulled)  # same config, same image
+        status, headers, _ = get(url, f"/v2/{REPO}/manifests/2", "HEAD", headers={
+            "Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+        assert status == 200 and headers["Docker-Content-Digest"] == digest
+        podman("rmi", "-f", f"{ref}:1", f"{ref}:2")
+        podman("pull", "-q", tls, f"{ref}@{digest}")
+
+        subprocess.run(["skopeo", "delete", tls, f"docker://{ref}@{digest}"], check=True, capture_output=True,
+                       timeout=60)
+        assert get(url, f"/v2/{REPO}/manifests/{digest}")[0] == 404
+        oci = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        assert get(url, f"/v2/{REPO}/manifests/1", "HEAD", headers=oci)[0] == 200  # OCI: another digest, kept
+        assert json.loads(get(url, f"/v2/{REPO}/tags/list")[2])["tags"] == ["1"]
+    upstream.close()

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Prepare a fresh machine to run the test suite: the real registry and client
-# the end-to-end tests drive (Debian's docker-registry and skopeo), the Go packages
+# Prepare a fresh machine to run the test suite: the real registry and clients
+# the end-to-end tests drive (Debian's docker-registry, skopeo and podman), the Go packages
 # the OCI conformance suite is built from, Redis and
 # PostgreSQL running, and a virtualenv in .venv with regmw[test] installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: the registry, the client, Redis, and the Go toolchain and Go
+# Debian packages: the registry, the clients (podman: ~15 s to install, one ~1 s test), Redis, and the Go toolchain and Go
 # libraries that ../shared/conformance/run.sh builds the OCI conformance suite from
 # (offline, no module proxy; tests/test_conformance.py runs it).
-DEBS="docker-registry skopeo redis-server redis-tools openssl golang-go golang-github-onsi-ginkgo-dev golang-gomega-dev
+DEBS="docker-registry skopeo podman redis-server redis-tools openssl golang-go golang-github-onsi-ginkgo-dev golang-gomega-dev
 golang-github-go-resty-resty-dev golang-github-google-uuid-dev golang-github-opencontainers-go-digest-dev
 golang-github-opencontainers-image-spec-dev golang-github-mitchellh-mapstructure-dev"
 missing=""

@@ -15,6 +15,10 @@ Endpoints (``<name>`` may contain slashes)::
     GET, PATCH, PUT, DELETE  /v2/<name>/blobs/uploads/<uuid>   PUT needs ?digest=
     HEAD, GET, PUT, DELETE   /v2/<name>/manifests/<tag or digest>
     GET        /v2/<name>/tags/list                         ?n=&last=
+    GET        /v2/_catalog                                 ?n=&last=
+
+The catalog lists what distribution lists (a repository is a folder holding
+``_layers``), in its order (``/`` sorts first) and with its paging.
 
 Blob bodies are streamed in both directions (64 KiB at a time); only manifests
 (at most 4 MiB) are read whole. Errors are OCI error bodies.
@@ -31,6 +35,7 @@ from urllib.parse import urlencode
 from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import BadRequest, HTTPException
 
+from regmw.catalog import DEFAULT_PAGE, MAX_PAGE, catalog_key
 from regmw.errors import error_body
 from regmw.routes import TAG_RE
 
@@ -90,6 +95,8 @@ def create_app(root: str) -> Flask:
 
     @app.route("/v2/<path:rest>", methods=["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"])
     def api(rest: str) -> Response:
+        if rest == "_catalog" and request.method in ("GET", "HEAD"):
+            return handlers.catalog_get()
         for resource, pattern in _ROUTES:
             match = pattern.fullmatch(rest)
             if match:
@@ -301,6 +308,37 @@ class _Handlers:
             if not layer.get("urls") and self.store.linked_blob(name, digest) is None:
                 missing.append(digest)
         return missing
+
+    # --- catalog ------------------------------------------------------------
+
+    def catalog_get(self) -> Response:
+        """``/v2/_catalog`` as distribution 2.8 answers it: ``n`` (default 100, at most 1000), ``last``, ``Link``."""
+        try:
+            n = int(request.args.get("n", ""))
+        except ValueError:
+            n = DEFAULT_PAGE
+        if n < 0:
+            n = DEFAULT_PAGE
+        if n > MAX_PAGE:
+            return oci_error("PAGINATION_NUMBER_INVALID", "invalid number of results requested", {"n": n})
+        names = self._repositories()
+        last = request.args.get("last")
+        if last:
+            names = [name for name in names if catalog_key(name) > catalog_key(last)]
+        page, headers = names[:n], {}
+        if len(names) > n and page:
+            headers["Link"] = f'</v2/_catalog?{urlencode({"last": page[-1], "n": n})}>; rel="next"'
+        return Response(json.dumps({"repositories": page}), 200, mimetype="application/json", headers=headers)
+
+    def _repositories(self) -> list[str]:
+        """Every repository name (a folder with ``_layers``), in distribution's order."""
+        base = os.path.join(self.store.base, "repositories")
+        names = []
+        for folder, dirs, _ in os.walk(base):
+            if "_layers" in dirs:
+                names.append(os.path.relpath(folder, base).replace(os.sep, "/"))
+            dirs[:] = [d for d in dirs if not d.startswith("_")]
+        return sorted(names, key=catalog_key)
 
     # --- tags ---------------------------------------------------------------
 
