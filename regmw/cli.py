@@ -188,22 +188,40 @@ def check_config_command(file: str, connect: bool) -> None:
         config = runtime.config
     else:
         config = validate_file(file)
-    enabled = ", ".join(config["regmw"]["plugins"]) or "embedded defaults only"
+    from .plugins import describe
+
+    pm = runtime.pm if connect else load_manager(file)
+    third_party = [f"{name} (entry point)" for name, origin, _ in describe(pm) if origin.startswith("entry point")]
+    enabled = ", ".join([*config["regmw"]["plugins"], *third_party]) or "embedded defaults only"
     click.echo(f"{file}: ok ({enabled}){'; start-up ran' if connect else ''}")
 
 
 @cli.command("config-docs")
-@click.option("--check", metavar="FILE", help="Exit 1 if FILE differs from the generated reference.")
+@click.option("--check", metavar="FILE",
+              help="Exit 1 if FILE differs from regmw's own reference (as --builtin-only prints it).")
+@click.option("--builtin-only", is_flag=True,
+              help="Only regmw's sections and its built-in plugins' (docs/configuration.md), no third-party plugin's.")
 @config_option
-def config_docs_command(check: str | None) -> None:
-    """Print the configuration reference as Markdown."""
+def config_docs_command(check: str | None, builtin_only: bool) -> None:
+    """Print the configuration reference as Markdown.
+
+    Every section of regmw and of its built-in plugins, enabled or not, then
+    those of the third-party plugins the configuration loads (entry points,
+    dotted module paths in ``[regmw] plugins``).
+    """
     from .config import render_markdown
     from .plugins import BUILTIN_PLUGINS, load_plugins, make_manager
     from .runtime import gather_sections
 
     pm = make_manager()
     load_plugins(pm, BUILTIN_PLUGINS, entry_points=False)
-    text = render_markdown(gather_sections(pm).values()) + "\n"
+    sections = gather_sections(pm)
+    extra = []
+    if not (check or builtin_only):
+        state = click.get_current_context().ensure_object(_State)
+        loaded = gather_sections(load_manager(state.config))
+        extra = [section for name, section in loaded.items() if name not in sections]
+    text = render_markdown(sections.values(), extra) + "\n"
     if check:
         with open(check, encoding="utf-8") as handle:
             if handle.read() != text:

@@ -272,8 +272,11 @@ _COERCE: dict[str, Callable[[Any, Option], Any]] = {
 }
 
 
-def render_markdown(sections: Iterable[Section]) -> str:
-    """The configuration reference, generated from the schema (docs/configuration.md)."""
+def render_markdown(sections: Iterable[Section], extra: Iterable[Section] = ()) -> str:
+    """The configuration reference, generated from the schema (docs/configuration.md).
+
+    ``extra``: third-party plugins' sections, listed after regmw's own.
+    """
     lines = [
         "# Configuration reference",
         "",
@@ -292,7 +295,8 @@ def render_markdown(sections: Iterable[Section]) -> str:
         "exactly these checks without building or connecting to anything.",
         "",
     ]
-    for section in sorted(sections, key=lambda s: (s.owner != "regmw", s.name)):
+    ordered = sorted(sections, key=lambda s: (s.owner != "regmw", s.name)) + sorted(extra, key=lambda s: s.name)
+    for section in ordered:
         lines += [f"## [{section.name}]", "", f"{section.help} (from `{section.owner}`)", ""]
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
         for key, option in section.options.items():

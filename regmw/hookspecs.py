@@ -220,7 +220,9 @@ def regmw_response_started(context, status, headers):
 
     ``headers`` is the mutable list of ``(name, value)`` pairs about to be sent:
     append to add headers. Work that a follow-up request must observe (recording
-    the WAL position of a write) belongs here, not in ``regmw_finish``.
+    the WAL position of a write) belongs here, not in ``regmw_finish``. Not
+    called for refusals. An exception is logged with the plugin's name; the
+    response goes on and the other plugins' implementations still run.
     """
 
 
@@ -229,5 +231,6 @@ def regmw_finish(context, status):
     """Called after the response body was sent and closed (or the request was refused).
 
     Use it for work the client need not wait for: events, metrics, cache
-    invalidation. Exceptions are logged, never sent to the client.
+    invalidation. Exceptions are logged, never sent to the client, and the
+    other plugins' implementations still run.
     """

@@ -98,8 +98,10 @@ class RegistryMiddleware:
         self._admit = _call_plan(hook.regmw_admit)
         self._classify = _call_plan(hook.regmw_classify)
         self._route_db = _call_plan(hook.regmw_route_db)
-        self._response_started = _call_plan(hook.regmw_response_started)
-        self._finish_hook = _call_plan(hook.regmw_finish)
+        # Observing hooks: one plugin's bug must not skip another's work there
+        # (notifications store the event, dbroute records the write position).
+        self._response_started = _call_plan(hook.regmw_response_started, isolate=True)
+        self._finish_hook = _call_plan(hook.regmw_finish, isolate=True)
         serve = self.runtime.config["serve"]
         self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
         # A registry front (the gateway) forwards a manifest read whose reference breaks the
@@ -314,7 +316,7 @@ def _finish_on_close(body: Any, finish: Callable[[RequestContext], None], contex
     return True
 
 
-def _call_plan(caller: Any) -> Callable[..., Any] | None:
+def _call_plan(caller: Any, isolate: bool = False) -> Callable[..., Any] | None:
     """How to call one decision hook per request, worked out once at start-up.
 
     None when no plugin implements it. When some implementation is a wrapper
@@ -328,6 +330,13 @@ def _call_plan(caller: Any) -> Callable[..., Any] | None:
     gap grows with each plugin. pluggy stays the registry and the contract;
     hook-call monitoring added after start-up (``pm.add_hookcall_monitoring``)
     does not see these calls.
+
+    ``isolate`` (the observing hooks ``regmw_response_started`` and
+    ``regmw_finish``, which return nothing): an implementation that raises
+    is logged with its plugin's name and the next one still runs, so one
+    plugin's bug never skips another plugin's work. With a wrapper among
+    the implementations pluggy's caller runs them, and an exception stops
+    that call (the caller of the plan logs it).
     """
     impls = caller.get_hookimpls()
     if not impls:
@@ -350,6 +359,25 @@ def _call_plan(caller: Any) -> Callable[..., Any] | None:
 
         return first_result
 
+    if isolate:
+        hook_name = caller.name
+        labelled = tuple((_plugin_label(impl), function, names)
+                         for impl, (function, names) in zip(reversed(impls), calls, strict=True))
+
+        def each_isolated(**kwargs: Any) -> list[Any]:
+            values = [kwargs[name] for name in spec_names]
+            for label, function, names in labelled:
+                try:
+                    function(*values) if names is None else function(*[kwargs[name] for name in names])
+                except Exception:
+                    context = kwargs.get("context")
+                    log.exception("%s of plugin %s failed for %s %s; the other plugins' still ran", hook_name,
+                                  label, getattr(context, "method", "?"),
+                                  getattr(context, "environ", {}).get("PATH_INFO", "?"))
+            return []
+
+        return each_isolated
+
     def all_results(**kwargs: Any) -> list[Any]:
         values = [kwargs[name] for name in spec_names]
         results = []
@@ -360,6 +388,14 @@ def _call_plan(caller: Any) -> Callable[..., Any] | None:
         return results
 
     return all_results
+
+
+def _plugin_label(impl: Any) -> str:
+    """The name a log line gives a plugin: its registered name, or its class for an unnamed object."""
+    if impl.plugin_name != str(id(impl.plugin)):
+        return impl.plugin_name
+    kind = type(impl.plugin)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _reaches_api(path: str) -> bool:

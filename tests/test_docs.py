@@ -156,6 +156,13 @@ def _(plugin, request):
         "/var/log/regmw-audit.log"
     with pytest.raises(ConfigError, match="audit.pth"):
         build({"regmw": {"entry_points": False}, "audit": {"pth": "/tmp/x"}}, plugins=[plugin], environ={})
+    for bad, message in [({"format": "xml"}, "audit.format: must be one of json, text"),
+                         ({"max_bytes": -1}, "audit.max_bytes: must be at least 0"),
+                         ({"rotate": True}, "audit.rotate needs audit.max_bytes > 0")]:
+        with pytest.raises(ConfigError, match=message):
+            build({"regmw": {"entry_points": False}, "audit": bad}, plugins=[plugin], environ={})
+    assert build({"regmw": {"entry_points": False}, "audit": {"rotate": True, "max_bytes": 10}},
+                 plugins=[plugin], environ={}).config["audit"]["rotate"] is True
 
 
 @check("redis-connection")
@@ -399,6 +406,9 @@ def _(plugin, request):
     assert refused.json["errors"][0]["detail"] == {"name": "big/monorepo"}
     assert client.get("/v2/big/monorepo/manifests/latest").status_code == 200
     assert client.put("/v2/small/app/manifests/latest", data=b"{}").status_code == 201
+    for raw, message in [({"ful": []}, "unknown key quota.ful"), ({"full": 3}, "quota.full: must be a list of strings")]:
+        with pytest.raises(ConfigError, match=message):
+            build({"regmw": {"entry_points": False}, "quota": raw}, plugins=[plugin], environ={})
 
 
 @check("periodic-job")

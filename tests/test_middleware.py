@@ -147,6 +147,50 @@ def test_a_bug_in_a_hook_is_an_oci_500_not_a_traceback():
     assert "Traceback" not in response.get_data(as_text=True)
 
 
+class RaisesAfterTheApp:
+    """A third-party plugin with a bug in both observing hooks (registered last: pluggy calls it first)."""
+
+    @hookimpl
+    def regmw_response_started(self, context, status, headers):
+        raise RuntimeError("secret detail")
+
+    @hookimpl
+    def regmw_finish(self, context, status):
+        raise RuntimeError("secret detail")
+
+
+@pytest.mark.parametrize("method, status", [("GET", 200), ("PUT", 403)], ids=["answered", "refused"])
+def test_a_bug_in_one_plugins_observing_hook_skips_no_other_plugin(caplog, method, status):
+    """regmw_response_started and regmw_finish: the failing plugin is logged, every other one still runs.
+
+    The built-ins do work there that must not depend on a third-party
+    plugin's health: notifications store the event, dbroute records the write
+    position, in regmw_response_started.
+    """
+    class DenyPuts:
+        @hookimpl
+        def regmw_admit(self, context):
+            if context.is_write:
+                return Refusal(403, "DENIED", "no writes")
+
+    recorder = Recorder()
+    client = Client(make(plugins=[recorder, DenyPuts(), RaisesAfterTheApp()]))
+    with caplog.at_level("ERROR", logger="regmw"):
+        response = client.open("/v2/a/manifests/latest", method=method, buffered=True)
+    assert response.status_code == status
+    assert "secret detail" not in response.get_data(as_text=True)
+    observed = [call for call in recorder.calls if call[0] in ("response_started", "finish")]
+    if status == 200:
+        assert response.headers["X-Seen"] == "1"
+        assert observed == [("response_started", 200), ("finish", 200)]
+    else:
+        assert observed == [("finish", 403)]  # a refusal is regmw's own answer: no regmw_response_started
+    failures = [record for record in caplog.records if record.exc_info]
+    hooks = ["regmw_response_started", "regmw_finish"] if status == 200 else ["regmw_finish"]
+    assert [hook for record in failures for hook in hooks if hook in record.getMessage()] == hooks
+    assert all("RaisesAfterTheApp" in record.getMessage() for record in failures)
+
+
 @pytest.mark.parametrize(
     "path, raw",
     [

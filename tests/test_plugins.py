@@ -108,3 +108,28 @@ def test_a_broken_third_party_plugin_is_one_config_error(tmp_path, monkeypatch, 
         assert message in err and "Traceback" not in err
     finally:
         sys.modules.pop("regmw_broken", None)
+
+
+def test_config_docs_and_check_config_show_an_entry_point_plugins_section(installed_plugin, tmp_path, capsys):
+    """docs/hooks.md: a plugin's sections "appear in `regmw config-docs`"; check-config names the plugin."""
+    assert main(["config-docs"]) == 0
+    out = capsys.readouterr().out
+    assert "## [hello]\n\ngreeting plugin (from `hello`)" in out
+    assert "| `banned` | list | `[]` | banned repositories |" in out
+    assert out.index("## [redis]") < out.index("## [hello]")  # regmw's own reference first, unchanged
+    # regmw's own reference (docs/configuration.md) does not depend on what else is installed
+    assert main(["config-docs", "--builtin-only"]) == 0
+    assert "[hello]" not in capsys.readouterr().out
+    assert main(["config-docs", "--check", "docs/configuration.md"]) == 0
+    off = tmp_path / "off.toml"
+    off.write_text("[regmw]\nentry_points = false\n")
+    assert main(["config-docs", "-c", str(off)]) == 0
+    assert "[hello]" not in capsys.readouterr().out
+
+    config = tmp_path / "hello.toml"
+    config.write_text('[hello]\nbanned = ["a/b"]\n')
+    assert main(["check-config", str(config)]) == 0
+    assert capsys.readouterr().out == f"{config}: ok (hello (entry point))\n"
+    config.write_text('[hello]\nbanned = "a/b"\nban = []\n')
+    assert main(["check-config", str(config)]) == 2
+    assert "unknown key hello.ban" in capsys.readouterr().err
