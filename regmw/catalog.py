@@ -81,6 +81,11 @@ class MergedCatalog:
     def __init__(self, app: WSGIApp, sources: Sequence[WSGIApp]) -> None:
         self.app = app
         self.sources = list(sources)
+        # /-/regmw/ready asks the sources as upstream_old / upstream_new; the app of unclassified
+        # requests is asked as ``upstream`` when it is a registry of its own (``[gateway] upstream``).
+        probe = getattr(app, "ready", None)
+        if callable(probe) and all(app is not source for source in self.sources):
+            self.ready = probe
 
     @property
     def forwards_unknown_references(self) -> bool:

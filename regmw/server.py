@@ -87,7 +87,26 @@ def write_oci_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
 
 
 class Arbiter(_GunicornArbiter):
-    """gunicorn's arbiter, which stops listening (refuses new connections) before draining."""
+    """gunicorn's arbiter, which stops listening (refuses new connections) before draining.
+
+    On SIGHUP it validates the configuration file again before replacing any
+    worker: a configuration that cannot start is logged as one line and the
+    running workers keep serving. (gunicorn alone would start new workers that
+    fail to boot, and then stop the whole server.) A valid one is applied,
+    ``[serve]`` included (workers, threads, timeouts; not ``metrics_listen``,
+    nor the address given on the command line).
+    """
+
+    def reload(self) -> None:
+        app = self.app
+        try:
+            validated = check_config(app.regmw_config, app.app_spec, app.registry_root)
+        except (ConfigError, OSError) as exc:
+            self.log.error("regmw: configuration error, not reloaded (the running workers keep serving): %s", exc)
+            return
+        app.section = dict(validated["serve"])
+        app.log_level = validated["regmw"]["log_level"]
+        super().reload()
 
     def stop(self, graceful: bool = True) -> None:
         for listener in self.LISTENERS:

@@ -157,6 +157,24 @@ def test_health_and_ready_in_process():
         "ok": False, "ms": broken.json["checks"]["storage"]["ms"], "error": "StorageError: bucket unreachable"}
 
 
+@pytest.mark.parametrize("separate_upstream", [True, False])
+def test_ready_asks_every_gateway_upstream_once(separate_upstream):
+    """docs/operations.md: ready asks each gateway upstream, ``upstream`` too when it is set next to old/new."""
+    from regmw.runtime import build
+    from regmw.serve import make_application
+    from tests.servers._util import free_port
+
+    closed = {name: f"http://127.0.0.1:{free_port()}" for name in ("upstream", "old_upstream", "new_upstream")}
+    if not separate_upstream:
+        del closed["upstream"]
+    runtime = build(config={"regmw": {"entry_points": False}, "gateway": closed}, environ={})
+    response = Client(make_application(runtime)).get("/-/regmw/ready")
+    checks = response.json["checks"]
+    expected = {"upstream_old", "upstream_new"} | ({"upstream"} if separate_upstream else set())
+    assert response.status_code == 503 and set(checks) == expected  # the old one is not asked twice
+    assert all("ConnectionRefusedError" in check["error"] for check in checks.values())
+
+
 @pytest.mark.parametrize("reason,expected", [(None, "admission"), ("quota", "quota")])
 def test_a_plugin_refusal_is_counted_under_its_reason_or_the_step(reason, expected):
     class Quota:

@@ -1,6 +1,9 @@
 """The admission hot path on Redis: one round trip, refusals, prefetch, failure policies."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import redis
 from werkzeug.test import Client
@@ -9,7 +12,7 @@ from regmw import ConfigError, RegistryMiddleware, metrics, repository_key
 from regmw_redis.admission import RedisAdmission
 from regmw_redis.connection import ROUND_TRIPS
 from tests.servers._util import stop
-from tests.servers.redis_apps import PrefetchClassification, make_middleware, redis_config
+from tests.servers.redis_apps import PrefetchClassification, make_middleware, redis_config, registry_app
 
 MANIFEST = "/v2/team/app/manifests/latest"
 RULES = [
@@ -224,3 +227,39 @@ def test_script_counters_have_the_keys_limits_gives_them(identity):
     for (_, item, head, tail, _, _), expected in zip(admission.counters, rule.items, strict=True):
         assert head + identity + tail == "regmw:ratelimit:" + expected.key_for("per-client", identity)
         assert item.key_for("per-client", identity) == expected.key_for("per-client", identity)
+
+
+def test_a_hung_redis_is_waited_for_once_per_request(tmp_path, redis_server):
+    """docs/redis.md: a hung Redis costs a request at most about 2 x socket_timeout.
+
+    The admission's EVALSHA times out (one call and its retry); the classifier,
+    told the prefetch missed, asks storage and must not then wait a second
+    time on Redis to cache what storage said (SET NX). Once Redis answers
+    again, caching resumes at the next request.
+    """
+    proc, url = redis_server
+    (tmp_path / "docker/registry/v2/repositories/team/app/_layers").mkdir(parents=True)
+    config = redis_config(url, regmw={"plugins": ["redis", "migration"]}, storage={"root": str(tmp_path)},
+                          migration={"new_root": "new/docker/registry/v2"}, ratelimit={"rules": RULES})
+    client = Client(RegistryMiddleware(registry_app, config, environ={}))
+    assert client.get(MANIFEST).headers["Regmw-Migration-Path"] == "old"  # warm: pool, script, cached "old"
+    key = "regmw:cache:" + repository_key("team/app", "migration")
+    direct = redis.Redis.from_url(url)
+    assert direct.get(key) == b"old"
+    direct.close()  # its connection must not hold anything while Redis is stopped
+
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        _round_trips(client, "GET", "/v2/")  # the pooled connection times out and is dropped
+        admission_only = _round_trips(client, "GET", "/v2/")  # no repository: the admission's call alone
+        skipped = _errors("cache", "add_failed")
+        classified = _round_trips(client, "GET", MANIFEST)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert admission_only[0] == 200 and admission_only[1] >= 2  # the EVALSHA and its retry (plus re-dials)
+    assert classified == admission_only  # fail open, classified from storage, and no SET NX after the admission
+    assert _errors("cache", "add_failed") == skipped + 1  # the write not made is still counted
+
+    redis.Redis.from_url(url).delete(key)
+    assert client.get(MANIFEST).status_code == 200  # Redis answers the admission: caching resumes at once
+    assert redis.Redis.from_url(url).get(key) == b"old"

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.oci_image import write_oci_layout
-from tests.servers._util import free_port, stop, wait_for_port
+from tests.servers._util import free_port, stop, wait_for_port, wait_until
 from tests.servers._util import http_request as request
 from tests.test_registry_e2e import assert_same_image, docker_ref, skopeo  # noqa: F401 - skopeo is a fixture
 
@@ -38,6 +38,7 @@ class Served:
     proc: subprocess.Popen
     log: Path
     metrics_port: int | None
+    config: Path
 
     def log_lines(self) -> list[dict]:
         """The JSON access log lines written so far (other stderr lines are gunicorn's)."""
@@ -70,7 +71,7 @@ def regmw_serve(tmp_path):
         wait_for_port(port, proc=proc, timeout=30)
         if metrics_port:
             wait_for_port(metrics_port, proc=proc, timeout=30)
-        return Served(f"http://127.0.0.1:{port}", port, proc, log, metrics_port)
+        return Served(f"http://127.0.0.1:{port}", port, proc, log, metrics_port, config)
 
     yield start
     for proc in started:
@@ -164,6 +165,26 @@ def test_sigterm_lets_a_200_mib_pull_finish_and_refuses_new_connections(docker_r
     assert received == 200 * MIB and "sha256:" + hasher.hexdigest() == digest
     assert served.proc.wait(timeout=30) == 0  # exits once the pull is done, well before graceful_timeout
     assert connection_refused(served.port)
+
+
+@pytest.mark.services
+def test_sighup_reloads_a_good_configuration_and_keeps_serving_on_a_bad_one(docker_registry, regmw_serve):
+    served = regmw_serve(gateway_config(docker_registry.url), workers=1)
+    good = served.config.read_text()
+    assert request(served.url, "GET", "/v2/")[1]["RateLimit-Limit"] == "100000"
+
+    served.config.write_text(good + "[serve.typo]\n")  # cannot start: unknown key
+    served.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: served.proc.poll() is not None or "not reloaded" in served.log.read_text(),
+               timeout=30, what="the reload's outcome")
+    assert served.proc.poll() is None  # gunicorn alone would stop once the new workers failed to boot
+    assert request(served.url, "GET", "/v2/")[1]["RateLimit-Limit"] == "100000"  # the old workers serve on
+
+    served.config.write_text(good.replace("100000/minute", "500/minute"))
+    served.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: request(served.url, "GET", "/v2/")[1].get("RateLimit-Limit") == "500",
+               timeout=30, what="the new configuration served")
+    assert served.proc.poll() is None
 
 
 # --- metrics, health, ready, logs ------------------------------------------------------

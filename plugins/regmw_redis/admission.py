@@ -133,10 +133,12 @@ class RedisAdmission:
             try:
                 reply = self.call(keys=keys, args=args)
             except REDIS_DOWN as exc:
+                self.connection.note_down()
                 refusal = self._redis_down(context, exc, wanted, bool(counted), lock_checked)
                 if refusal is not None:
                     return refusal
             else:
+                self.connection.note_up()
                 locked, n_counted = reply[0], reply[1]
                 limit = tightest(
                     RateLimitResult(count <= item.amount, item.amount, item.amount - count, pttl / 1000.0, rule.name)

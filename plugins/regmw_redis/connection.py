@@ -32,6 +32,7 @@ failure policy (a cache miss, fail-open, ...).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -178,10 +179,35 @@ class RedisConnection:
 
     cluster = False
 
+    #: Monotonic time until which Redis counts as just failed (:meth:`note_down`); 0: answering.
+    down_until = 0.0
+    #: Longest that a failure keeps best-effort writes off when nothing answers in between.
+    DOWN_WINDOW = 1.0
+
     def __init__(self, section: Mapping[str, Any]) -> None:
         self.section = section
         self.namespace: str = section["namespace"]
         self.client: redis.Redis = build_client(section)
+
+    def note_down(self) -> None:
+        """Redis just failed a command: best-effort writes are skipped until it answers again.
+
+        While Redis hangs, every command waits ``socket_timeout`` (times the
+        retries) before failing. A request whose admission already waited that
+        long must not wait again to cache what storage said (``RedisCache.set``
+        / ``add``: dropped, as they would be after the wait). A command that
+        answers (:meth:`note_up`) ends it, and so does :attr:`DOWN_WINDOW`.
+        """
+        self.down_until = time.monotonic() + self.DOWN_WINDOW
+
+    def note_up(self) -> None:
+        if self.down_until:
+            self.down_until = 0.0
+
+    @property
+    def recently_down(self) -> bool:
+        """True between a failure and the next answer (at most :attr:`DOWN_WINDOW` seconds)."""
+        return bool(self.down_until) and time.monotonic() < self.down_until
 
     @property
     def command_deadline(self) -> float | None:
