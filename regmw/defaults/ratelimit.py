@@ -91,7 +91,16 @@ def parse_rules(tables: list[dict]) -> list[Rule]:
             raise ValueError(f"{where}.limit is required (e.g. \"100/minute\")") from None
         except ValueError:
             raise ValueError(f"{where}.limit {table['limit']!r} is not a limit like \"100/minute\"") from None
-        rules.append(Rule(str(table.get("name") or f"{by}-{methods}-{index}"), by, items, methods))
+        # A rule's name and a limit's text are its counters' key in Redis (limits' key_for): a
+        # repeated limit would be counted twice there per request, once per limit in memory.
+        windows = [item.key_for() for item in items]
+        if len(set(windows)) != len(windows):
+            raise ValueError(f"{where}.limit {table['limit']!r} repeats a limit")
+        name = str(table.get("name") or f"{by}-{methods}-{index}")
+        if any(rule.name == name for rule in rules):
+            # Two rules of one name would share their counters in Redis, not in memory.
+            raise ValueError(f"{where}.name {name!r} is already the name of another rule (names must be unique)")
+        rules.append(Rule(name, by, items, methods))
     return rules
 
 
@@ -287,7 +296,8 @@ SECTION = Section(
             "table-list",
             [],
             'Rules, each `{by = "client"|"repository"|"subject"|"global", limit = "100/minute", '
-            'methods = "any"|"read"|"write", name = "..."}`. Several limits may be joined with `;`.',
+            'methods = "any"|"read"|"write", name = "..."}`. Several limits may be joined with `;`. '
+            'Names are unique (a rule\'s name and limits name its counters in Redis).',
             check=check_rules,
         ),
         "strategy": Option(
