@@ -139,8 +139,10 @@ class MemoryRateLimiter:
 
     ``fixed-window`` counts like ``limits`` (the window opens at a key's first
     hit; refused hits are counted too, as the Redis script does);
-    ``sliding-window-counter`` weights the previous window like ``limits``
-    (windows aligned on the clock; a refused hit is not counted).
+    ``sliding-window-counter`` weights the previous window like ``limits``,
+    with windows opening at a key's first hit as in ``limits``' Redis storage
+    (its memory storage aligns them on the clock instead, which decides
+    differently); a refused hit is not counted.
     """
 
     declarative = True  # capability: ``rules`` may be counted by another store
@@ -232,17 +234,18 @@ class MemoryRateLimiter:
         for name, rule_limits, identity in wanted:
             for index, amount, expiry in rule_limits:
                 key = (index, identity)
-                window = int(now // expiry)
-                counter = data.get(key)  # [window number, hits in it, hits in the one before]
+                counter = data.get(key)  # [end of the current window, hits in it, hits in the one before]
                 if counter is None:
-                    counter = [window, 0, 0]
+                    counter = [now + expiry, 0, 0]
                     book.add(key, counter)
                 else:
                     data.move_to_end(key)
-                    if counter[0] != window:
-                        counter[2] = counter[1] if counter[0] == window - 1 else 0
-                        counter[0], counter[1] = window, 0
-                previous_left = (window + 1) * expiry - now  # how long the previous window still weighs
+                    if now >= counter[0]:
+                        if now < counter[0] + expiry:  # the next window: the current one becomes the previous
+                            counter[0], counter[1], counter[2] = counter[0] + expiry, 0, counter[1]
+                        else:  # both windows are over (their Redis keys expired): start again at this hit
+                            counter[0], counter[1], counter[2] = now + expiry, 0, 0
+                previous_left = counter[0] - now  # how long the previous window still weighs
                 weighted = math.floor(counter[2] * previous_left / expiry + counter[1])
                 allowed = weighted < amount
                 if allowed:
