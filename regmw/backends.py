@@ -107,7 +107,7 @@ class RateLimitResult:
     rule: str = ""
 
     def headers(self) -> list[tuple[str, str]]:
-        if not self.limit:
+        if not self.limit and self.allowed:  # no limit matched (a "0/minute" limit refuses: it has headers)
             return []
         return [
             ("RateLimit-Limit", str(self.limit)),

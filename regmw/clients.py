@@ -120,7 +120,14 @@ class ClientResolver:
         return peer if _ipv4(peer) is not None else self._key(peer)  # a canonical IPv4 address is its own key
 
     def _is_trusted(self, ip: IPAddress | None) -> bool:
-        return ip is not None and any(ip in network for network in self.trusted)
+        if ip is None:
+            return False
+        if any(ip in network for network in self.trusted):
+            return True
+        # An IPv4 peer of a dual-stack socket (`--host ::`) is ``::ffff:a.b.c.d``: the same host as
+        # ``a.b.c.d``, and counted as it (``_key_uncached``), so trusted as it too.
+        mapped = ip.ipv4_mapped if ip.version == 6 else None
+        return mapped is not None and self._v4_is_trusted(int(mapped))
 
     def _v4_is_trusted(self, address: int) -> bool:
         for network, mask in self._trusted_v4:  # a loop, not any(genexpr): this runs per hop per request

@@ -120,3 +120,15 @@ def test_untrusted_ipv4_peer_is_its_own_key_and_a_trusted_one_is_not():
     resolver = ClientResolver(PROXY)
     assert resolver.client_key({"REMOTE_ADDR": "203.0.113.9", "HTTP_X_FORWARDED_FOR": "1.1.1.1"}) == "203.0.113.9"
     assert resolver.client_key({"REMOTE_ADDR": "10.9.9.9", "HTTP_X_FORWARDED_FOR": "1.1.1.1"}) == "1.1.1.1"
+
+
+def test_ipv4_mapped_addresses_are_trusted_as_their_ipv4():
+    # `regmw serve --host ::` (dual stack) sees an IPv4 load balancer as ::ffff:a.b.c.d: before, it was
+    # never trusted, so every client behind it shared the balancer's limit.
+    resolver = ClientResolver(PROXY)
+    assert resolver.client_key({"REMOTE_ADDR": "::ffff:10.0.0.2", "HTTP_X_FORWARDED_FOR": "198.51.100.7"}) == "198.51.100.7"
+    assert resolver.client_key({"REMOTE_ADDR": "::ffff:10.0.0.2", "HTTP_FORWARDED": "for=198.51.100.7"}) == "198.51.100.7"
+    chain = {"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "198.51.100.7, ::ffff:10.0.0.5"}
+    assert resolver.client_key(chain) == "198.51.100.7"  # a mapped proxy hop is skipped like 10.0.0.5
+    # an untrusted mapped peer is still only itself
+    assert resolver.client_key({"REMOTE_ADDR": "::ffff:203.0.113.9", "HTTP_X_FORWARDED_FOR": "1.1.1.1"}) == "203.0.113.9"

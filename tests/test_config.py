@@ -21,6 +21,11 @@ def write(tmp_path, text):
         ("[ratelimit]\nstrategy = 'leaky'\n", "ratelimit.strategy: must be one of"),
         ("[[ratelimit.rules]]\nby = 'client'\nlimit = 'lots'\n", "ratelimit.rules: rules[0].limit 'lots' is not a limit"),
         ("[[ratelimit.rules]]\nby = 'planet'\nlimit = '1/second'\n", "rules[0].by must be one of"),
+        # the name and the limits name a rule's counters in Redis: repeated, Redis would count what memory does not
+        ("[[ratelimit.rules]]\nname = 'r'\nby = 'repository'\nmethods = 'read'\nlimit = '9/minute'\n"
+         "[[ratelimit.rules]]\nname = 'r'\nby = 'repository'\nmethods = 'write'\nlimit = '9/minute'\n",
+         "rules[1].name 'r' is already the name of another rule"),
+        ("[[ratelimit.rules]]\nlimit = '9/minute;9 per 1 minute'\n", "rules[0].limit '9/minute;9 per 1 minute' repeats a limit"),
         ("[regmw]\ntrusted_proxies = ['not-a-network']\n", "regmw.trusted_proxies"),
         ("[regmw]\nplugins = ['nosuch']\n", "unknown plugin 'nosuch'"),
         ("not toml [", "not valid TOML"),

@@ -256,6 +256,17 @@ def test_rate_limit_headers_and_429():
     assert client.get("/v2/b/tags/list").status_code == 200  # another repository has its own budget
 
 
+def test_a_zero_limit_refuses_with_its_rate_limit_headers():
+    # "0/minute" (e.g. freezing writes) is a limit like any other: its 429 says so in the headers too
+    config = {"ratelimit": {"rules": [{"by": "repository", "limit": "0/minute", "methods": "write"}]}}
+    client = Client(make(config=config))
+    refused = client.put("/v2/a/manifests/latest", data=b"{}")
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "60"
+    assert (refused.headers.get("RateLimit-Limit"), refused.headers.get("RateLimit-Remaining"),
+            refused.headers.get("RateLimit-Reset")) == ("0", "0", "60")
+    assert "RateLimit-Limit" not in client.get("/v2/a/tags/list").headers  # no rule matched: no headers
+
+
 def test_read_only_lock_refuses_writes_and_passes_reads():
     middleware = make()
     middleware.services.locks.set_read_only("frozen/repo", ttl=60, owner="test")

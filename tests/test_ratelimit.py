@@ -77,6 +77,22 @@ def test_sliding_window_counter_weights_the_previous_window():
     assert sum(lim.hit(Ctx()).allowed for _ in range(12)) == 10
 
 
+def test_sliding_windows_open_at_a_keys_first_hit_as_in_redis():
+    # limits' Redis storage (the redis plugin, hot_path = "limits") starts a key's window at its first hit
+    # and shifts it every period from there; windows aligned on the clock admitted what Redis refuses.
+    clock = Clock(now=630.0)  # half-way through a clock-aligned minute
+    lim = limiter({"by": "client", "limit": "10/minute"}, strategy="sliding-window-counter", clock=clock)
+    assert sum(lim.hit(Ctx()).allowed for _ in range(12)) == 10
+    clock.now = 662.0  # 32 s after the first hit: still its first window (clock-aligned, a new one at 660)
+    assert sum(lim.hit(Ctx()).allowed for _ in range(3)) == 0
+    clock.now = 690.0 + 15  # a quarter into the second window: the first weighs 3/4 (7.5 -> 7)
+    assert sum(lim.hit(Ctx()).allowed for _ in range(10)) == 3
+    clock.now = 705.0 + 120  # both windows over: a fresh start at this hit
+    assert sum(lim.hit(Ctx()).allowed for _ in range(12)) == 10
+    clock.now = 825.0 + 59  # 59 s after that hit: still its first window
+    assert not lim.hit(Ctx()).allowed
+
+
 @pytest.mark.parametrize("strategy", ["fixed-window", "sliding-window-counter"])
 def test_threads_never_admit_more_than_the_limit(strategy):
     lim = MemoryRateLimiter(parse_rules([{"by": "client", "limit": "500/hour"},

@@ -1,9 +1,16 @@
-"""Token verification settings are checked at start-up, not at the first request."""
+"""Token verification settings are checked at start-up, not at the first request; unverified claims never count."""
+import base64
+import json
+import time
+
+import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from regmw import ConfigError, build
+from werkzeug.test import Client
+
+from regmw import ConfigError, RegistryMiddleware, build
 
 
 def test_missing_key_file_is_a_config_error(tmp_path):
@@ -28,3 +35,36 @@ def test_public_key_refused_for_hmac_algorithms():
 def test_unknown_algorithm_is_a_config_error():
     with pytest.raises(ConfigError, match="auth.algorithms"):
         build({"auth": {"key": "k" * 32, "algorithms": ["HS999"]}}, environ={})
+
+
+def test_only_a_verified_token_has_a_subject_to_rate_limit():
+    """docs/rate-limiting.md: a `subject` rule counts the verified token's `sub`; other tokens are not counted."""
+    secret = "s" * 32
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [str(environ["regmw.context"].subject).encode()]
+
+    config = {"auth": {"key": secret, "algorithms": ["HS256"]},
+              "ratelimit": {"rules": [{"name": "per-subject", "by": "subject", "limit": "1/minute"}]}}
+    client = Client(RegistryMiddleware(app, config, environ={}))
+    claims = {"sub": "alice", "exp": int(time.time()) + 60}
+
+    def b64(value):
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    unverified = {
+        "alg-none": b64({"alg": "none", "typ": "JWT"}) + "." + b64(claims) + ".",
+        "wrong-key": jwt.encode(claims, "t" * 32, "HS256"),
+        "expired": jwt.encode({**claims, "exp": int(time.time()) - 5}, secret, "HS256"),
+        "no-exp": jwt.encode({"sub": "alice"}, secret, "HS256"),
+        "aud-without-[auth]-audience": jwt.encode({**claims, "aud": "container_registry"}, secret, "HS256"),
+        "not-yet-valid": jwt.encode({**claims, "nbf": int(time.time()) + 60}, secret, "HS256"),
+    }
+    for name, token in unverified.items():
+        response = client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {token}"})
+        assert (name, response.status_code, response.data) == (name, 200, b"None")
+        assert "RateLimit-Limit" not in response.headers
+    good = jwt.encode(claims, secret, "HS256")
+    assert client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {good}"}).data == b"alice"
+    assert client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {good}"}).status_code == 429

@@ -232,9 +232,13 @@ class RedisConnection:
         costs 18-29 us of a ~110 us loopback round trip on this project's VM
         (``benchmarks/redis_call_bench.py``; docs/performance.md). This
         keeps redis-py's pool, connections and parser (hiredis when
-        installed) and its failure rule: a connection or timeout error drops
-        that connection and re-dials up to ``[redis] retries`` times, as the
-        client's ``Retry(NoBackoff(), retries)`` does. A Redis error reply
+        installed). A connection error drops that connection and re-dials up
+        to ``[redis] retries`` times, as the client's ``Retry(NoBackoff(),
+        retries)`` does; a timeout drops it and is raised: a command that timed
+        out is not sent again (Redis hangs: a new connection's handshake, which
+        redis-py retries itself, would wait ``retries + 1`` more timeouts; and
+        the command may have run), so one call waits at most
+        :attr:`command_deadline`. A Redis error reply
         (``ResponseError``) is raised as is; the connection stays pooled.
         A cluster connection routes by key, so it goes through its client.
         """
@@ -247,7 +251,12 @@ class RedisConnection:
             try:
                 conn.send_command(*args)
                 return conn.read_response()
-            except (redis.ConnectionError, redis.TimeoutError):
+            except redis.TimeoutError:
+                # A hung Redis: re-dialling would wait again (the new connection's handshake, which
+                # redis-py itself retries), and the command may have run (a script that counted).
+                conn.disconnect()
+                raise
+            except redis.ConnectionError:
                 conn.disconnect()
                 if attempt + 1 == attempts:
                     raise

@@ -198,7 +198,8 @@ SECTIONS = [
             "entry_points": Option("bool", True, "Load third-party plugins from the `regmw` entry-point group."),
             "trusted_proxies": Option(
                 "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
-                "balancer), read right to left; hops may carry a port. Empty: the socket peer only."
+                "balancer), read right to left; hops may carry a port; `::ffff:a.b.c.d` (an IPv4 peer of a dual-stack "
+                "`--host ::`) is `a.b.c.d`. Empty: the socket peer only."
             ),
             "ipv6_prefix": Option(
                 "int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1, maximum=128
@@ -218,13 +219,16 @@ SECTIONS = [
     ),
     Section(
         "auth",
-        "Verification of registry bearer tokens (JWT). Claims of tokens that do not verify are ignored.",
+        "Verification of registry bearer tokens (JWT). Claims of tokens that do not verify are ignored. "
+        "A token verifies with a valid signature and an unexpired `exp` (required), plus `nbf`, `iss` and `aud` "
+        "when present or configured.",
         {
             "key": Option("str", None, "Verification key: an HMAC secret or a PEM public key."),
             "key_file": Option("path", None, "File holding the verification key (instead of `key`)."),
             "algorithms": Option("list", ["RS256", "ES256"], "Accepted JWT algorithms (`none` is never accepted)."),
             "issuer": Option("str", None, "Required `iss` claim."),
-            "audience": Option("str", None, "Required `aud` claim."),
+            "audience": Option("str", None, "Required `aud` claim. Unset: a token that carries an `aud` does not "
+                               "verify (set it to the registry's service name, e.g. `container_registry`)."),
             "leeway": Option("float", 0.0, "Seconds of clock skew tolerated on `exp`/`nbf`.", minimum=0),
         },
         checks=(check_auth,),

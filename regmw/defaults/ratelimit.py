@@ -91,7 +91,16 @@ def parse_rules(tables: list[dict]) -> list[Rule]:
             raise ValueError(f"{where}.limit is required (e.g. \"100/minute\")") from None
         except ValueError:
             raise ValueError(f"{where}.limit {table['limit']!r} is not a limit like \"100/minute\"") from None
-        rules.append(Rule(str(table.get("name") or f"{by}-{methods}-{index}"), by, items, methods))
+        # A rule's name and a limit's text are its counters' key in Redis (limits' key_for): a
+        # repeated limit would be counted twice there per request, once per limit in memory.
+        windows = [item.key_for() for item in items]
+        if len(set(windows)) != len(windows):
+            raise ValueError(f"{where}.limit {table['limit']!r} repeats a limit")
+        name = str(table.get("name") or f"{by}-{methods}-{index}")
+        if any(rule.name == name for rule in rules):
+            # Two rules of one name would share their counters in Redis, not in memory.
+            raise ValueError(f"{where}.name {name!r} is already the name of another rule (names must be unique)")
+        rules.append(Rule(name, by, items, methods))
     return rules
 
 
@@ -130,8 +139,10 @@ class MemoryRateLimiter:
 
     ``fixed-window`` counts like ``limits`` (the window opens at a key's first
     hit; refused hits are counted too, as the Redis script does);
-    ``sliding-window-counter`` weights the previous window like ``limits``
-    (windows aligned on the clock; a refused hit is not counted).
+    ``sliding-window-counter`` weights the previous window like ``limits``,
+    with windows opening at a key's first hit as in ``limits``' Redis storage
+    (its memory storage aligns them on the clock instead, which decides
+    differently); a refused hit is not counted.
     """
 
     declarative = True  # capability: ``rules`` may be counted by another store
@@ -223,17 +234,18 @@ class MemoryRateLimiter:
         for name, rule_limits, identity in wanted:
             for index, amount, expiry in rule_limits:
                 key = (index, identity)
-                window = int(now // expiry)
-                counter = data.get(key)  # [window number, hits in it, hits in the one before]
+                counter = data.get(key)  # [end of the current window, hits in it, hits in the one before]
                 if counter is None:
-                    counter = [window, 0, 0]
+                    counter = [now + expiry, 0, 0]
                     book.add(key, counter)
                 else:
                     data.move_to_end(key)
-                    if counter[0] != window:
-                        counter[2] = counter[1] if counter[0] == window - 1 else 0
-                        counter[0], counter[1] = window, 0
-                previous_left = (window + 1) * expiry - now  # how long the previous window still weighs
+                    if now >= counter[0]:
+                        if now < counter[0] + expiry:  # the next window: the current one becomes the previous
+                            counter[0], counter[1], counter[2] = counter[0] + expiry, 0, counter[1]
+                        else:  # both windows are over (their Redis keys expired): start again at this hit
+                            counter[0], counter[1], counter[2] = now + expiry, 0, 0
+                previous_left = counter[0] - now  # how long the previous window still weighs
                 weighted = math.floor(counter[2] * previous_left / expiry + counter[1])
                 allowed = weighted < amount
                 if allowed:
@@ -287,7 +299,8 @@ SECTION = Section(
             "table-list",
             [],
             'Rules, each `{by = "client"|"repository"|"subject"|"global", limit = "100/minute", '
-            'methods = "any"|"read"|"write", name = "..."}`. Several limits may be joined with `;`.',
+            'methods = "any"|"read"|"write", name = "..."}`. Several limits may be joined with `;`. '
+            'Names are unique (a rule\'s name and limits name its counters in Redis).',
             check=check_rules,
         ),
         "strategy": Option(
