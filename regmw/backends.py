@@ -409,3 +409,6 @@ class Services:
     db_router: Any = None
     token_verifier: Any = None
     clients: Any = None  # regmw.clients.ClientResolver: who the client is, for rate limits
+    #: set by :class:`~regmw.middleware.RegistryMiddleware`: requests are served in this process with
+    #: these services, so what a process-local (not ``shared``) lock or cache holds is seen by them
+    serving: bool = False

@@ -90,6 +90,7 @@ class RegistryMiddleware:
         self.apps = dict(apps or {})
         self.runtime = config if isinstance(config, Runtime) else build(config, environ=environ, plugins=plugins)
         self.services = self.runtime.services
+        self.services.serving = True  # a background job here shares this process's locks and cache with requests
         hook = self.runtime.pm.hook
         # The plugin set is fixed once the runtime is built, so each decision
         # hook's call plan is made here, once (see _call_plan): hooks nobody

@@ -62,10 +62,33 @@ def test_bad_names_are_refused_with_one_line(config, capsys):
     assert capsys.readouterr().err == "regmw: repository name does not match the distribution grammar: 'Bad..Name'\n"
 
 
-def test_a_worker_process_runs_what_migrate_enqueued(config, tmp_path, capsys):
+def test_migrate_refuses_a_worker_that_would_lock_and_mark_where_no_request_sees_it(config, tmp_path, capsys):
+    """Embedded locks and cache live in each process: a `regmw worker` migrating would hold nowhere."""
     seed(str(tmp_path), "team/app", 1000)
-    assert main(["migrate", "team/app", "team/missing", "-c", str(config)]) == 0
-    assert capsys.readouterr().out.count("\tqueued\t") == 2
+    assert main(["migrate", "team/app", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "live inside each process" in err and "redis" in err
+    assert main(["migrate", "status", "-c", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == "queued=0 running=0 done=0 failed=0"
+
+
+def test_unknown_repositories_are_refused_and_nothing_is_enqueued(config, tmp_path, capsys):
+    config.write_text(config.read_text().replace("[jobs]\n", "[jobs]\nrun_in_process = true\n"))
+    seed(str(tmp_path), "team/app", 1000)
+    assert main(["migrate", "team/app", "team/missing", "-c", str(config)]) == 2
+    assert "no such repository" in capsys.readouterr().err
+    assert main(["migrate", "status", "-c", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == "queued=0 running=0 done=0 failed=0"
+    assert main(["migrate", "team/app", "-c", str(config)]) == 0
+    assert capsys.readouterr().out.count("\tqueued\t") == 1
+
+
+def test_a_worker_process_refuses_a_migration_its_lock_would_not_reach(config, tmp_path, capsys):
+    """Enqueued through the API (not the CLI), the job itself refuses in a worker: nothing copied, nothing marked."""
+    from regmw.runtime import build
+
+    seed(str(tmp_path), "team/app", 1000)
+    build(str(config), environ={}).services.jobs.enqueue("migrate-repository", repository="team/app")
     worker = subprocess.Popen([str(Path(sys.executable).parent / "regmw"), "worker", "-c", str(config)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -73,13 +96,11 @@ def test_a_worker_process_runs_what_migrate_enqueued(config, tmp_path, capsys):
         while time.monotonic() < deadline:
             assert main(["migrate", "status", "-c", str(config)]) == 0
             out = capsys.readouterr().out
-            if "done=1" in out:
+            if "serves no requests" in out:
                 break
             time.sleep(0.05)
-        assert "team/app\tdone" in out and "done=1" in out, out
-        assert (tmp_path / "new" / LAYOUT / "repositories" / "team/app" / "_manifests").is_dir()
-        # the repository that does not exist is retried, never marked
-        assert "team/missing\tqueued" in out or "team/missing\trunning" in out
+        assert "team/app\tqueued" in out and "ConfigError" in out, out
+        assert not (tmp_path / "new").exists()
         assert main(["jobs", "status", "-c", str(config)]) == 0
         assert "migrate-repository" in capsys.readouterr().out
     finally:

@@ -66,6 +66,7 @@ def test_migration_on_gcs_copies_server_side_and_downloads_nothing(gcs_emulator,
         "jobs": {"queue_path": str(tmp_path / "jobs.sqlite3"), "run_in_process": False},
     }, environ={}, plugins=[Sink()])
     services = runtime.services
+    services.serving = True  # the one serving process runs the jobs: its in-process locks and cache are the ones
     shared = b"shared layer " * 5000
     seeded = {name: put_repository(gcs_emulator, name, [shared, name.encode() * 3000]) for name in ("g/a", "g/b")}
     log = count_requests(services.storage.client)

@@ -84,6 +84,7 @@ class Harness:
             "migration_job": {"drain": 0, "lock_ttl": 5},
             "jobs": {"queue_path": os.path.join(root, "jobs.sqlite3"), "run_in_process": False, "min_backoff": 0},
         }
+        self.config = config
         apps = {"old": create_app(os.path.join(root, "old")), "new": create_app(os.path.join(root, "new"))}
         self.middleware = RegistryMiddleware(apps["old"], config, apps=apps, plugins=[Plugin()], environ={})
         self.services = self.middleware.services
@@ -251,3 +252,43 @@ def test_a_child_repository_is_not_migrated_with_its_parent(harness):
     assert harness.path("nest/app") == "new" and harness.path("nest/app/child") == "old"
     assert not os.path.exists(os.path.join(harness.root, "new", LAYOUT, "repositories", "nest/app/child"))
     assert harness.client.pull_layer("nest/app/child", "v1") == b"child" * 100
+
+
+def test_a_worker_without_shared_locks_and_cache_refuses_and_copies_nothing(harness):
+    """In a process that serves no requests (`regmw worker`), a process-local lock and mark would hold nowhere."""
+    from regmw.errors import ConfigError
+    from regmw.jobs import JobContext
+    from regmw.runtime import build
+    from regmw_migration.migrate import migrate_repository
+
+    push(harness, "solo/app", b"s" * 500)
+    worker = build(harness.config, environ={})  # the same configuration, in a process serving nothing
+    assert not getattr(worker.services, "serving", False) and not worker.services.locks.shared
+    with pytest.raises(ConfigError, match="serves no requests"):
+        migrate_repository(JobContext(worker.services, "job-1", JOB_NAME), "solo/app")
+    assert harness.tree("new", "solo/app") == {} and not harness.services.locks.read_only("solo/app")
+    assert worker.services.jobs.get_state(state_key("solo/app")) is None
+    assert harness.path("solo/app") == "old"
+    assert harness.client.push_image("solo/app", "v2", b"still writable")[-1].status == 201
+
+
+def test_a_repository_only_under_the_new_root_is_a_no_op_and_a_missing_one_fails_unlocked(harness, monkeypatch):
+    # a new repository: created under the new root (as a flagged push would)
+    new_app = os.path.join(harness.root, "new", LAYOUT, "repositories", "fresh/app", "_manifests", "tags", "v1")
+    os.makedirs(os.path.join(new_app, "current"))
+    with open(os.path.join(new_app, "current", "link"), "w") as handle:
+        handle.write("sha256:" + "0" * 64)
+    assert harness.path("fresh/app") == "new"
+    taken = []
+    original = harness.services.locks.set_read_only
+    monkeypatch.setattr(harness.services.locks, "set_read_only",
+                        lambda repository, *a, **k: taken.append(repository) or original(repository, *a, **k))
+    harness.services.jobs.enqueue(JOB_NAME, repository="fresh/app")
+    harness.services.jobs.enqueue(JOB_NAME, repository="no/such")
+    harness.run_jobs()
+    records = {r.kwargs["repository"]: r for r in harness.services.jobs.status(JOB_NAME)}
+    assert records["fresh/app"].state == "done"
+    assert records["no/such"].state == "failed" and "no such repository" in records["no/such"].error
+    # neither took the read-only lock (writes to a repository being created are not refused) nor announced
+    assert taken == [] and harness.recorder.events == [] and harness.storage.copies == 0
+    assert harness.path("fresh/app") == "new"

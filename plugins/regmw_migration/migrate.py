@@ -53,6 +53,8 @@ from regmw.backends import StoredObject
 from regmw.errors import ConfigError
 from regmw.jobs import JobContext, LeaseLost, RetryLater
 
+from .classifier import own_entries
+
 log = logging.getLogger("regmw.migration.job")
 
 JOB_NAME = "migrate-repository"
@@ -182,6 +184,32 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def process_local(services: Any) -> list[str]:
+    """The services the migration shares with the serving processes that live inside this process only.
+
+    The read-only lock (``services.locks``) and the "new" mark (``services.cache``)
+    must be seen by every process serving the repository: taken or written in a
+    ``regmw worker`` that serves nothing, they would hold nowhere else.
+    """
+    return [f"{name} ({type(getattr(services, name)).__name__})" for name in ("locks", "cache")
+            if not getattr(getattr(services, name), "shared", False)]
+
+
+def check_shared(services: Any) -> None:
+    """Refuse to migrate where the lock and the mark would not reach the requests (see :func:`process_local`)."""
+    local = process_local(services)
+    if local and not getattr(services, "serving", False):
+        raise ConfigError(
+            f"migration job: {' and '.join(local)} live inside this process, which serves no requests: the serving "
+            "processes would neither refuse writes during the copy nor see the repository marked new. Use shared "
+            "ones (the redis plugin), or run the jobs in the one serving process ([jobs] run_in_process = true)")
+
+
+def own_entries_under(storage: Any, root: str, repository: str) -> bool:
+    """Whether ``repository`` has its own entries under ``root`` (the classifier's notion of existing there)."""
+    return bool(storage.prefix_exists(own_entries(root, repository)))
+
+
 def migrate_repository(context: JobContext, repository: str) -> Outcome:
     """The job (``migrate-repository``): one repository, old → new. Idempotent; see the module docstring."""
     services = context.services
@@ -189,6 +217,7 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
     storage, jobs, classifier = services.storage, services.jobs, services.classifier
     if classifier is None or storage is None or not hasattr(storage, "copy"):
         raise ConfigError("migration job: needs the migration plugin's classifier and a storage with list/copy")
+    check_shared(services)
     key = state_key(repository)
     state = jobs.get_state(key) or {}
     if state.get("phase") == "done":
@@ -196,6 +225,13 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
         return Outcome(repository, "already new")
     if state.get("phase") == "marked":
         return _finish(context, settings, repository, state, state.get("owner"), state["token"], 0.0)
+    if not own_entries_under(storage, settings.old_root, repository):
+        # nothing to lock, copy or mark: the old side never deletes, so no earlier run is half-way here
+        if own_entries_under(storage, settings.new_root, repository):
+            log.info("%s: nothing under the old root, already new", repository)
+            return Outcome(repository, "already new")
+        raise MigrationFailed(f"{repository}: no such repository (nothing under {settings.old_root} "
+                              f"or {settings.new_root})")
 
     owner = f"migration:{os.uname().nodename}:{os.getpid()}:{context.job_id}:{uuid.uuid4().hex[:8]}"
     fence = Fence(services, repository, settings.lock_ttl, owner)

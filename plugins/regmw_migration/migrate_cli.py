@@ -13,7 +13,7 @@ from regmw.cli import Failure, config_option, get_runtime
 from regmw.errors import Refusal
 from regmw.routes import check_name
 
-from .migrate import JOB_NAME, Settings, enqueue, plan
+from .migrate import JOB_NAME, Settings, enqueue, own_entries_under, plan, process_local, state_key
 
 MISUSE = 2
 
@@ -57,10 +57,27 @@ def migrate(repositories: tuple[str, ...], extra: tuple[str, ...], dry_run: bool
                            f"{work.blob_key(settings.new_root, hex_)}")
             click.echo(f"{name}: {work.objects} objects, {work.bytes} bytes would be copied")
         return
+    local = process_local(services)
+    if local and not runtime.config["jobs"]["run_in_process"]:
+        raise Failure(f"migrate: {' and '.join(local)} live inside each process, so a `regmw worker` would take the "
+                      "read-only lock and mark the repository new where no request sees them; use shared ones "
+                      "(the redis plugin), or [jobs] run_in_process = true with one serving process", MISUSE)
+    settings = Settings.from_config(runtime.config)
+    unknown = [name for name in names if not _known(services, settings, name)]
+    if unknown:
+        raise Failure(f"no such repository (nothing under {settings.old_root} or {settings.new_root}): "
+                      f"{', '.join(unknown)}; nothing enqueued", MISUSE)
     rate = runtime.config["migration_job"]["rate_per_minute"] if rate is None else rate
     ids = enqueue(services, names, rate)
     for name, job_id in zip(names, ids, strict=True):
         click.echo(f"{name}\tqueued\t{job_id}")
+
+
+def _known(services, settings: Settings, name: str) -> bool:
+    """A repository worth a job: under the old root, under the new one (a no-op), or already migrated."""
+    if services.jobs is not None and (services.jobs.get_state(state_key(name)) or {}).get("phase") == "done":
+        return True
+    return any(own_entries_under(services.storage, root, name) for root in (settings.old_root, settings.new_root))
 
 
 def _status(services) -> None:
