@@ -193,10 +193,21 @@ def report_backend_error(
     meets the same error; one warning a second says as much as thousands.
     """
     backend_errors.labels(backend, action).inc()
+    warn_at_most_every(interval, backend, log, "%s backend unavailable (%s): %s: %s", backend, action,
+                       type(exc).__name__, exc)
+
+
+def warn_at_most_every(interval: float, topic: str, log: logging.Logger, message: str, *args: Any) -> None:
+    """``log.warning`` at most once per ``interval`` seconds per ``topic`` (the rest at DEBUG).
+
+    For what any client can cause on every request (a backend that is down, a
+    bad bearer token): one line a second tells the operator as much, and a
+    client cannot flood the log.
+    """
     now = time.monotonic()
     with _log_lock:
-        if now - _last_logged.get(backend, -interval) < interval:
-            return
-        _last_logged[backend] = now
-    log.warning("%s backend unavailable (%s): %s: %s", backend, action, type(exc).__name__, exc)
+        quiet = now - _last_logged.get(topic, -interval) < interval
+        if not quiet:
+            _last_logged[topic] = now
+    log.log(logging.DEBUG if quiet else logging.WARNING, message, *args)
 

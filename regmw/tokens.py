@@ -13,6 +13,7 @@ from typing import Any
 
 import jwt
 
+from . import metrics
 from .errors import ConfigError
 
 log = logging.getLogger("regmw.tokens")
@@ -58,7 +59,7 @@ class TokenVerifier:
                 options={"require": required},
             )
         except jwt.PyJWTError as exc:
-            log.warning("ignoring bearer token that does not verify: %s", exc)
+            metrics.warn_at_most_every(1.0, "bearer-token", log, "ignoring bearer token that does not verify: %s", exc)
             return None
 
 

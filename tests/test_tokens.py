@@ -1,6 +1,7 @@
 """Token verification settings are checked at start-up, not at the first request; unverified claims never count."""
 import base64
 import json
+import logging
 import time
 
 import jwt
@@ -68,3 +69,20 @@ def test_only_a_verified_token_has_a_subject_to_rate_limit():
     good = jwt.encode(claims, secret, "HS256")
     assert client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {good}"}).data == b"alice"
     assert client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {good}"}).status_code == 429
+
+
+def test_a_flood_of_bad_tokens_logs_one_warning(caplog):
+    """Any client can send a bad token on every request: the warning is kept to one a second, the rest at DEBUG."""
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [b""]
+
+    config = {"auth": {"key": "s" * 32, "algorithms": ["HS256"]},  # a subject rule: every request's token is read
+              "ratelimit": {"rules": [{"name": "per-subject", "by": "subject", "limit": "1000/minute"}]}}
+    client = Client(RegistryMiddleware(app, config, environ={}))
+    caplog.set_level(logging.DEBUG, logger="regmw.tokens")
+    for index in range(200):
+        assert client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer garbage{index}"}).status_code == 200
+    lines = [record for record in caplog.records if "does not verify" in record.getMessage()]
+    assert len(lines) == 200
+    assert [record.levelno for record in lines].count(logging.WARNING) <= 2  # the 200 requests may span a second
