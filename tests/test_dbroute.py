@@ -20,6 +20,7 @@ from regmw_dbroute import DbHandle, Router
 from regmw_dbroute.flask import db_session
 from regmw_dbroute.flask import init_app as dbroute_init_app
 from regmw_dbroute.lsn import from_key
+from regmw_dbroute.store import StoreUnavailable
 from sqlalchemy import text
 from werkzeug.test import Client
 
@@ -502,6 +503,54 @@ def test_positions_recorded_while_store_down_are_flushed_later(cluster, tmp_path
         reg.close()
         if restarted is not None:
             stop(restarted)
+
+
+def test_a_hung_store_is_waited_for_once(cluster, redis_server):
+    """Redis stopped with SIGSTOP: each call waits out its timeouts. After one failure the writes within
+    ``store_retry`` do not ask again (pending, answered after the replicas replayed them), and a failure
+    the shared Redis connection just met elsewhere (the admission's call) is not waited out again."""
+    import signal
+
+    proc, url = redis_server
+    config = redis_config(cluster, url)
+    config["database"]["store_retry"] = 30.0  # the window outlasts the test: nothing below depends on its end
+    reg = Registry(config)
+    calls = {"get": 0, "advance": 0}
+    store = reg.router.store
+
+    def counted(name, script):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return script(*args, **kwargs)
+        return call
+
+    store._get, store._advance = counted("get", store._get), counted("advance", store._advance)
+    repo = unique("hung")
+    try:
+        assert reg.put(repo, 1) == 201 and calls["advance"] == 1
+        proc.send_signal(signal.SIGSTOP)
+        assert reg.get(repo) == {"value": 1, "port": cluster.primary_port, "role": "primary",
+                                 "reason": "store-unavailable"}
+        assert calls["get"] >= 1
+        for value in (2, 3):
+            assert reg.put(repo, value) == 201
+            assert reg.get(repo)["value"] == value
+        assert calls["advance"] == 1, "a write waited for the hung store again"
+        assert reg.router.status()["pending"] == 1
+
+        connection = reg.middleware.services.redis
+        connection.note_down()  # e.g. the admission's script just timed out on the same Redis
+        asked = calls["get"]
+        with pytest.raises(StoreUnavailable):
+            store.get(repo)
+        assert calls["get"] == asked
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    try:
+        wait_until(lambda: reg.router.status()["pending"] == 0, what="pending position flushed once Redis answers")
+        assert store.get(repo).repository is not None
+    finally:
+        reg.close()
 
 
 # --- pools: recording positions never needs (or waits for) a request connection ------------

@@ -291,9 +291,12 @@ class Router:
             REPLAY_WAITS.labels("unknown-position").inc()
             return None
         try:
+            if time.monotonic() < self._store_down_until:  # failed just now: do not wait for it a second time
+                raise StoreUnavailable("position store failed within store_retry; not asked")
             kept = self.store.advance(repository, lsn, ttl)
         except StoreUnavailable as exc:
-            self._store_failed(exc)
+            if time.monotonic() >= self._store_down_until:
+                self._store_failed(exc)
             POSITIONS.labels("pending").inc()
             log.warning("cannot store the write position of %s (%s); reads of it go to the primary here",
                         repository, _short(exc))
