@@ -20,6 +20,7 @@ from regmw_dbroute import DbHandle, Router
 from regmw_dbroute.flask import db_session
 from regmw_dbroute.flask import init_app as dbroute_init_app
 from regmw_dbroute.lsn import from_key
+from regmw_dbroute.store import StoreUnavailable
 from sqlalchemy import text
 from werkzeug.test import Client
 
@@ -504,6 +505,54 @@ def test_positions_recorded_while_store_down_are_flushed_later(cluster, tmp_path
             stop(restarted)
 
 
+def test_a_hung_store_is_waited_for_once(cluster, redis_server):
+    """Redis stopped with SIGSTOP: each call waits out its timeouts. After one failure the writes within
+    ``store_retry`` do not ask again (pending, answered after the replicas replayed them), and a failure
+    the shared Redis connection just met elsewhere (the admission's call) is not waited out again."""
+    import signal
+
+    proc, url = redis_server
+    config = redis_config(cluster, url)
+    config["database"]["store_retry"] = 30.0  # the window outlasts the test: nothing below depends on its end
+    reg = Registry(config)
+    calls = {"get": 0, "advance": 0}
+    store = reg.router.store
+
+    def counted(name, script):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return script(*args, **kwargs)
+        return call
+
+    store._get, store._advance = counted("get", store._get), counted("advance", store._advance)
+    repo = unique("hung")
+    try:
+        assert reg.put(repo, 1) == 201 and calls["advance"] == 1
+        proc.send_signal(signal.SIGSTOP)
+        assert reg.get(repo) == {"value": 1, "port": cluster.primary_port, "role": "primary",
+                                 "reason": "store-unavailable"}
+        assert calls["get"] >= 1
+        for value in (2, 3):
+            assert reg.put(repo, value) == 201
+            assert reg.get(repo)["value"] == value
+        assert calls["advance"] == 1, "a write waited for the hung store again"
+        assert reg.router.status()["pending"] == 1
+
+        connection = reg.middleware.services.redis
+        connection.note_down()  # e.g. the admission's script just timed out on the same Redis
+        asked = calls["get"]
+        with pytest.raises(StoreUnavailable):
+            store.get(repo)
+        assert calls["get"] == asked
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    try:
+        wait_until(lambda: reg.router.status()["pending"] == 0, what="pending position flushed once Redis answers")
+        assert store.get(repo).repository is not None
+    finally:
+        reg.close()
+
+
 # --- pools: recording positions never needs (or waits for) a request connection ------------
 
 
@@ -729,3 +778,120 @@ def test_replica_dropped_mid_statement_orm_and_connection(registry, cluster):
     conn.commit()
     assert during_slow_read(lambda: conn.execute(slow).one()[1]) == cluster.primary_port
     handle.close()
+
+
+# --- a different server behind a replica's URL ------------------------------------------------
+
+
+class SwitchableProxy:
+    """A TCP relay on 127.0.0.1 whose target port can be switched; ``switch`` also cuts every relayed
+    connection (the old server is gone, as when a replica is replaced behind its DNS name or pooler)."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self.sockets += [client, upstream]
+            for source, destination in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, destination), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, destination) -> None:
+        import socket
+
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    break
+                destination.sendall(data)
+            except OSError:
+                break
+        for sock in (source, destination):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _cut(self) -> None:
+        import socket
+
+        with self._lock:
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+    def switch(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._cut()
+
+    def close(self) -> None:
+        self.listener.close()
+        self._cut()
+
+
+def test_a_replica_replaced_behind_its_url_is_asked_before_it_serves_a_read(cluster, pg_second_replica):
+    """The server behind a replica URL changes (replaced, restarted, a pooler in front of several):
+    the cached replay position belongs to the OLD server, so a read needing a position must not be
+    sent to the new one on that position's word."""
+    fresh, lagging = pg_second_replica, cluster
+    fresh.wait_caught_up()
+    proxy = SwitchableProxy(fresh.port)
+    config = db_config(cluster, health_interval=1.0, max_replay_lag=60.0, lsn_ttl=120.0, max_byte_lag=1 << 40)
+    config["database"]["replicas"] = [f"postgresql+psycopg2://postgres@127.0.0.1:{proxy.port}/postgres"]
+    reg = Registry(config)
+    try:
+        router = reg.router
+        router.ensure_running()
+        router.checker.stop()  # health rounds are run by hand below: no round may hide the window
+        lagging.pause_replay()  # the server that will take over the URL replays nothing from now on
+        repo = unique("replaced")
+        assert reg.put(repo, 1) == 201
+        position = router.store.get(repo).repository
+        wait_replayed(cluster, fresh, position)
+        router.check()  # the cached replay position (the fresh server's) covers the write
+        assert router.replica_state().replay_lsn >= position
+        answer = reg.get(repo)
+        assert (answer["value"], answer["port"], answer["role"]) == (1, fresh.port, "replica"), answer
+
+        proxy.switch(lagging.replica_port)  # the URL now reaches a server that lacks the write
+        assert lagging.sql("replica", "SELECT value FROM kv WHERE repo = %s", repo) != [(1,)]
+        for _ in range(3):
+            answer = reg.get(repo)
+            assert answer["value"] == 1, f"stale read from the server now behind the replica URL: {answer}"
+            assert answer["port"] == cluster.primary_port, answer
+        router.check()  # the checker learns the new server's position: the usual rule from then on
+        assert router.replica_state().replay_lsn < position
+        assert reg.get(repo)["reason"] == "replicas-behind"
+    finally:
+        reg.close()
+        proxy.close()

@@ -120,6 +120,22 @@ def test_memory_store_positions_expire():
     assert store.get("a").repository is None
 
 
+def test_memory_store_holds_at_most_the_repositories_of_two_ttls(monkeypatch):
+    """docs/database-routing.md (Memory): many distinct repositories, swept at most once per lsn_ttl."""
+    from regmw_dbroute import store as store_module
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock["now"])
+    store, ttl = MemoryPositionStore(), 600.0
+    for minute in range(60):  # a new repository name every second for an hour
+        for second in range(60):
+            clock["now"] = 1000.0 + minute * 60 + second
+            store.advance(f"team-{minute}/{'x' * 200}-{second}", minute * 60 + second, ttl)
+            assert len(store._positions) <= 2 * ttl + 1
+    assert store.get(f"team-59/{'x' * 200}-59").repository == 3599  # the live ones are all kept
+    assert store.get(f"team-50/{'x' * 200}-0").repository == 3000
+
+
 BASE = {"primary": "postgresql://u@127.0.0.1:5432/db"}
 
 

@@ -33,6 +33,9 @@ from sqlalchemy.orm import Session
 
 from regmw.errors import BackendUnavailable
 
+from .lsn import format_lsn
+from .nodes import SERVER_KEY, replay_info_on
+
 if TYPE_CHECKING:
     from .nodes import Node
     from .router import Router
@@ -82,11 +85,17 @@ class DbHandle:
     ``caught-up``, ``replicas-behind``, ``store-unavailable``, ...).
     """
 
-    def __init__(self, router: Router, node: Node, reason: str, repository: str | None = None) -> None:
+    def __init__(
+        self, router: Router, node: Node, reason: str, repository: str | None = None,
+        required: int | None = None, server: str | None = None,
+    ) -> None:
         self._router = router
         self.node = node
         self.reason = reason
         self.repository = repository
+        #: the position a replica must have replayed for this read, and the server run known to have it
+        self.required = required
+        self._server = server
         self._opened: list[RoutedConnection] = []
         self._session: RoutedSession | None = None
 
@@ -142,10 +151,43 @@ class DbHandle:
     def _raw_connect(self) -> Connection:
         if self.node.role == "replica":
             try:
-                return self.node.engine.connect()
+                conn = self.node.engine.connect()
             except CONNECTION_ERRORS as exc:
                 self._fall_back(exc)
+            else:
+                try:
+                    reached = self._reached(conn)
+                except CONNECTION_ERRORS as exc:
+                    conn.invalidate()
+                    conn.close()
+                    self._fall_back(exc)
+                else:
+                    if reached:
+                        return conn
+                    conn.close()
+                    self.node = self._router.primary
         return self._connect_primary()
+
+    def _reached(self, conn: Connection) -> bool:
+        """Has the server ``conn`` reached replayed :attr:`required`?
+
+        The router chose the replica on a replay position read from one server
+        run; replay positions only grow on that run. A connection to another
+        one (the replica restarted, was replaced behind its URL, or a pooler
+        spreads connections over several servers) is asked itself, once per
+        handle; if it is behind, the read goes to the primary.
+        """
+        if self.required is None or (self._server is not None and conn.info.get(SERVER_KEY) == self._server):
+            return True
+        in_recovery, replayed, server = replay_info_on(conn)
+        conn.info[SERVER_KEY] = server
+        if in_recovery and replayed is not None and replayed >= self.required:
+            self._server = server
+            return True
+        log.info("replica %s: the server reached (%s) has not replayed %s; reading from the primary",
+                 self.node.name, server, format_lsn(self.required))
+        self.reason = "replicas-behind"
+        return False
 
     def run(
         self, unit: RoutedConnection, call: Callable[[], Any], rebind: Callable[[Connection], None] | None = None

@@ -71,6 +71,7 @@ class ReplicaState:
     staleness: float
     replay_lsn: int | None = None
     replay_at: float = 0.0  # monotonic time replay_lsn was observed
+    replay_server: str | None = None  # the server run replay_lsn was read from (nodes.SERVER_SQL)
     byte_lag: int | None = None
     time_lag: float | None = None
     quarantined: bool = False
@@ -91,16 +92,23 @@ class ReplicaState:
         """May serve reads: not quarantined, and checked successfully recently."""
         return not self.quarantined and self.last_ok is not None and now - self.last_ok <= self.staleness
 
-    def observe_replay(self, lsn: int, when: float) -> None:
-        """A replay position read on the request path (replay positions only grow)."""
+    def observe_replay(self, lsn: int, when: float, server: str | None = None) -> None:
+        """A replay position read on the request path (replay positions only grow, on one server run)."""
         with self._lock:
             if when >= self.replay_at:
-                self.replay_lsn, self.replay_at = lsn, when
+                self.replay_lsn, self.replay_at, self.replay_server = lsn, when, server
 
-    def record_check(self, lsn: int, byte_lag: int | None, time_lag: float | None, when: float) -> None:
+    def replay(self) -> tuple[int | None, str | None]:
+        """(replay position, the server run it was read from), consistent with each other."""
+        with self._lock:
+            return self.replay_lsn, self.replay_server
+
+    def record_check(
+        self, lsn: int, byte_lag: int | None, time_lag: float | None, when: float, server: str | None = None
+    ) -> None:
         with self._lock:
             if when >= self.replay_at:
-                self.replay_lsn, self.replay_at = lsn, when
+                self.replay_lsn, self.replay_at, self.replay_server = lsn, when, server
             self.byte_lag, self.time_lag = byte_lag, time_lag
             self.failures = 0
             self.last_ok = when

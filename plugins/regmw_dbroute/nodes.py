@@ -29,6 +29,14 @@ from .lsn import parse_lsn
 
 log = logging.getLogger("regmw.dbroute")
 
+#: SQL naming the server run a connection reached: its postmaster start time and address. A replay
+#: position is only a lower bound for later reads on the SAME run (a restarted, replaced or other
+#: server behind one URL may be behind it).
+SERVER_SQL = ("pg_postmaster_start_time()::text || '@' || coalesce(host(inet_server_addr()), 'local') "
+              "|| ':' || coalesce(inet_server_port(), 0)::text")
+#: where a replica request connection keeps the server run it reached (``Connection.info``)
+SERVER_KEY = "regmw_server"
+
 
 def normalize_url(url: str) -> URL:
     """Accept ``postgres://`` and ``postgresql://``; always drive it with psycopg2."""
@@ -60,6 +68,8 @@ class Node:
             pool_pre_ping=settings.pre_ping and role == "replica",
             connect_args=connect_args,
         )
+        if role == "replica":
+            event.listen(self.engine, "connect", self._note_server)
         check_args = dict(connect_args, options=f"-c statement_timeout={settings.connect_timeout * 1000}")
         self.check_engine: Engine = self._engine(
             pool_size=1,
@@ -101,6 +111,20 @@ class Node:
                 except Exception:  # noqa: BLE001
                     pass
 
+    @staticmethod
+    def _note_server(dbapi_connection: Any, connection_record: Any) -> None:
+        """Each new request connection to a replica notes the server run it reached (see :data:`SERVER_SQL`)."""
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"SELECT {SERVER_SQL}")
+                connection_record.info[SERVER_KEY] = cursor.fetchone()[0]
+            finally:
+                cursor.close()
+                dbapi_connection.rollback()
+        except Exception as exc:  # noqa: BLE001 - unknown: the router asks again before trusting it
+            log.debug("cannot read the server identity of a new replica connection: %s", exc)
+
     def current_wal_lsn(self, insert: bool = False, engine: Engine | None = None) -> int:
         """The primary's WAL position: ``pg_current_wal_insert_lsn()`` (a write's end) or ``_lsn()``."""
         with (engine or self.check_engine).connect() as conn:
@@ -108,9 +132,13 @@ class Node:
 
     def replay_status(self, engine: Engine | None = None) -> tuple[bool, int | None]:
         """(in recovery?, ``pg_last_wal_replay_lsn()``) of a replica."""
+        in_recovery, replayed, _ = self.replay_info(engine)
+        return in_recovery, replayed
+
+    def replay_info(self, engine: Engine | None = None) -> tuple[bool, int | None, str]:
+        """(in recovery?, ``pg_last_wal_replay_lsn()``, the server run answering) of a replica."""
         with (engine or self.check_engine).connect() as conn:
-            row = conn.execute(text("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text")).one()
-        return bool(row[0]), parse_lsn(row[1])
+            return replay_info_on(conn)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -137,3 +165,14 @@ def wal_lsn_on(conn: Connection, insert: bool = False, restore: bool = True) -> 
         if began and conn.in_transaction():
             conn.rollback()
     return parse_lsn(value)  # type: ignore[return-value]
+
+
+def replay_info_on(conn: Connection) -> tuple[bool, int | None, str]:
+    """(in recovery?, replay position, server run) read on an open connection (its transaction ended again)."""
+    began = not conn.in_transaction()
+    try:
+        row = conn.execute(text(f"SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, {SERVER_SQL}")).one()
+    finally:
+        if began and conn.in_transaction():
+            conn.rollback()
+    return bool(row[0]), parse_lsn(row[1]), row[2]

@@ -12,7 +12,9 @@ For a read of repository R:
 6. none has reached P                                          → primary.
 
 A replica is only ever chosen on a position it is *known* to have replayed
-(positions only grow, so a cached one is a safe lower bound). When the primary
+(positions only grow on one server run, so a cached one is a safe lower bound
+for connections to that run; a connection that reached another run is asked
+itself, see :meth:`DbHandle._reached`). When the primary
 is the answer and it is known to be down, the request is refused with 503
 UNAVAILABLE instead of hanging or reading stale data.
 
@@ -231,12 +233,13 @@ class Router:
         if required is None:
             return DbHandle(self, ordered[0][0], "no-position", repository)
         for node, state in ordered:
-            if state.replay_lsn is not None and state.replay_lsn >= required:
-                return DbHandle(self, node, "caught-up", repository)
-        for node, state in ordered:
-            replayed = self._probe(node, state)
+            replayed, server = state.replay()
             if replayed is not None and replayed >= required:
-                return DbHandle(self, node, "caught-up", repository)
+                return DbHandle(self, node, "caught-up", repository, required, server)
+        for node, state in ordered:
+            replayed, server = self._probe(node, state)
+            if replayed is not None and replayed >= required:
+                return DbHandle(self, node, "caught-up", repository, required, server)
         return self._primary_read(repository, "replicas-behind")
 
     def _primary_read(self, repository: str | None, reason: str) -> DbHandle:
@@ -244,24 +247,25 @@ class Router:
             raise self._primary_refusal("reads that no replica is known to be up to date for")
         return DbHandle(self, self.primary, reason, repository)
 
-    def _probe(self, node: Node, state: ReplicaState) -> int | None:
-        """The replica's replay position, asked at most once per ``replay_position_max_age``."""
+    def _probe(self, node: Node, state: ReplicaState) -> tuple[int | None, str | None]:
+        """The replica's replay position and the server run it is from, asked at most once per
+        ``replay_position_max_age``."""
         if time.monotonic() - state.replay_at <= self.settings.replay_position_max_age:
-            return state.replay_lsn
+            return state.replay()
         if not state.probe_lock.acquire(blocking=False):
-            return state.replay_lsn  # someone is asking right now; use what is known
+            return state.replay()  # someone is asking right now; use what is known
         try:
-            in_recovery, replayed = node.replay_status(engine=node.engine)
+            in_recovery, replayed, server = node.replay_info(engine=node.engine)
         except CONNECTION_ERRORS as exc:
             self.replica_failed(node, exc)  # (a pool timeout is not counted against the replica)
-            return None
+            return None, None
         finally:
             state.probe_lock.release()
         if not in_recovery or replayed is None:
             state.record_failure("not in recovery (promoted?)", immediate=True)
-            return None
-        state.observe_replay(replayed, time.monotonic())
-        return replayed
+            return None, None
+        state.observe_replay(replayed, time.monotonic(), server)
+        return replayed, server
 
     # --- write positions ----------------------------------------------------------
 
@@ -287,9 +291,12 @@ class Router:
             REPLAY_WAITS.labels("unknown-position").inc()
             return None
         try:
+            if time.monotonic() < self._store_down_until:  # failed just now: do not wait for it a second time
+                raise StoreUnavailable("position store failed within store_retry; not asked")
             kept = self.store.advance(repository, lsn, ttl)
         except StoreUnavailable as exc:
-            self._store_failed(exc)
+            if time.monotonic() >= self._store_down_until:
+                self._store_failed(exc)
             POSITIONS.labels("pending").inc()
             log.warning("cannot store the write position of %s (%s); reads of it go to the primary here",
                         repository, _short(exc))
@@ -465,7 +472,7 @@ class Router:
         latest = self.history.latest
         for node, state in self._replicas:
             try:
-                in_recovery, replayed = node.replay_status()
+                in_recovery, replayed, server = node.replay_info()
             except SQLAlchemyError as exc:
                 state.record_failure(_short(exc))
                 continue
@@ -474,7 +481,7 @@ class Router:
                 continue
             when = time.monotonic()
             byte_lag = max(0, latest - replayed) if latest is not None else None
-            state.record_check(replayed, byte_lag, self.history.lag(replayed, when), when)
+            state.record_check(replayed, byte_lag, self.history.lag(replayed, when), when, server)
         if self._pending:
             self.flush_pending()
         if round_lsn is not None:

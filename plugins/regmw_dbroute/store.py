@@ -155,9 +155,12 @@ class RedisPositionStore:
 
     kind = "redis"
 
-    def __init__(self, client: Any, key_for, cluster: bool = False) -> None:
+    def __init__(self, client: Any, key_for, cluster: bool = False, connection: Any = None) -> None:
         self.client = client
         self.cluster = cluster
+        #: the shared Redis connection (``services.redis``) this store's client belongs to, if any: a
+        #: failure another feature just met on it (``recently_down``) is not waited out a second time
+        self._connection = connection
         self._key_for = key_for
         self._floor_key = key_for("{dbroute}:floor")
         self._epoch_key = key_for("{dbroute}:epoch")
@@ -168,25 +171,35 @@ class RedisPositionStore:
     def key(self, repository: str) -> str:
         return self._key_for(repository_key(repository, "lsn"))
 
+    def _call(self, call):
+        """``call()``, or StoreUnavailable at once while the shared Redis has just failed another feature's
+        command (``recently_down``: a request whose admission waited out a hung Redis does not wait again)."""
+        if self._connection is not None and getattr(self._connection, "recently_down", False):
+            raise StoreUnavailable("position store (redis): the shared Redis failed a command just now; not asked")
+        try:
+            return call()
+        except Exception as exc:  # redis.RedisError, OSError
+            raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
+
     def get(self, repository: str | None) -> Positions:
         keys = [self._floor_key, self._epoch_key]
         if repository and not self.cluster:
             keys.append(self.key(repository))
-        try:
+
+        def read():
             position, floor, state = self._get(keys=keys)
             if repository and self.cluster:
                 position = self.client.get(self.key(repository))
-        except Exception as exc:  # redis.RedisError, OSError
-            raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
+            return position, floor, state
+
+        position, floor, state = self._call(read)
         if state == 2:
             log.warning("position store: Redis restarted or failed over since its floor was set (run_id changed)")
         return Positions(from_key(position), from_key(floor), state == 1)
 
     def advance(self, repository: str, lsn: int, ttl: float) -> int:
-        try:
-            kept = self._advance(keys=[self.key(repository)], args=[to_key(lsn), max(1, int(ttl * 1000))])
-        except Exception as exc:
-            raise StoreUnavailable(f"position store (redis) unavailable: {exc}") from exc
+        kept = self._call(lambda: self._advance(keys=[self.key(repository)],
+                                                args=[to_key(lsn), max(1, int(ttl * 1000))]))
         return from_key(kept) or lsn
 
     def initialize(self, floor: int, ttl: float) -> None:
@@ -233,4 +246,4 @@ def make_store(settings: Any, connection: Any = None) -> PositionStore:
     if connection is None:
         raise ConfigError("database.store: redis needs a shared Redis (the `redis` plugin) or database.store_url")
     return RedisPositionStore(connection.client, lambda key: f"{namespace}:{key}",
-                              cluster=bool(getattr(connection, "cluster", False)))
+                              cluster=bool(getattr(connection, "cluster", False)), connection=connection)
