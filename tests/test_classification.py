@@ -193,10 +193,13 @@ def test_cached_new_wins_over_a_false_flag_without_storage_requests(harness):
     assert_routed(harness.get("group/migrated"), "new")
     mark_migrated(harness.services, "group/marked")  # new by mark, nothing in storage
     harness.requests.reset()
+    before = classified("new", "cache"), classified("new", "token")
     for repository in ("group/migrated", "group/marked"):
-        response = harness.get(repository, bearer(token(grant(repository, False))))
-        assert_routed(response, "new")
+        for flag in (False, True):  # known new: the cache decided, whatever the flag
+            response = harness.get(repository, bearer(token(grant(repository, flag))))
+            assert_routed(response, "new")
     assert harness.requests.count == 0
+    assert (classified("new", "cache") - before[0], classified("new", "token") - before[1]) == (4, 0)
 
 
 def test_cold_new_prefix_wins_over_a_false_flag(harness):
@@ -417,11 +420,20 @@ def test_storage_on_a_closed_port_is_503(layout):
 # --- paused migration ------------------------------------------------------------
 
 
+def classified(path: str, source: str) -> float:
+    return metrics.REGISTRY.get_sample_value("regmw_classifications_total", {"path": path, "source": source}) or 0
+
+
 def test_paused_migration_sends_no_new_repository_to_new(layout):
     h = Harness(layout, paused=True)
     eligible = lambda name: bearer(token(grant(name, True)))  # noqa: E731
     assert_routed(h.get("group/fresh", eligible("group/fresh")), "old")      # would be new unpaused
-    assert_routed(h.get("group/migrated", eligible("group/migrated")), "new")  # already new: stays new
+    # already new: stays new, and what decided is the storage (then the cache), never the paused flag
+    before = {source: classified("new", source) for source in ("storage", "cache", "token")}
+    assert_routed(h.get("group/migrated", eligible("group/migrated")), "new")
+    assert_routed(h.get("group/migrated", eligible("group/migrated")), "new")
+    assert {source: classified("new", source) - before[source] for source in before} == {
+        "storage": 1, "cache": 1, "token": 0}
     assert_routed(h.get("group/migrated"), "new")
     assert_routed(h.get("group/legacy", eligible("group/legacy")), "old")
     mark_migrated(h.services, "group/marked")                                # new by mark, nothing in storage
