@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from types import SimpleNamespace
 
 import jwt
 import pytest
@@ -282,7 +283,7 @@ def test_old_ttl_is_configurable(layout):
     assert [s[2] for s in h.cache.adds + h.cache.sets] == [42.0, 7.0]
 
 
-def test_cache_outage_falls_through_to_storage(layout):
+def test_cache_outage_falls_through_to_storage(layout, caplog, monkeypatch):
     class BrokenCache:
         def get(self, key):
             raise ConnectionError("cache down")
@@ -302,8 +303,12 @@ def test_cache_outage_falls_through_to_storage(layout):
             return BrokenCache()
 
     h = Harness(layout, plugins=[Plugin()])
-    assert_routed(h.get("group/legacy"), "old")
-    assert_routed(h.get("group/migrated"), "new")
+    frozen_log_clock(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="regmw.migration"):
+        for _ in range(3):
+            assert_routed(h.get("group/legacy"), "old")
+            assert_routed(h.get("group/migrated"), "new")
+    assert len(warnings_of(caplog, "regmw.migration")) == 1  # 12 cache failures, one WARNING a second
 
 
 # --- prefetch by an admission -------------------------------------------------
@@ -396,17 +401,32 @@ def assert_unavailable(response, retry_after: str, repository: str) -> None:
     assert "X-App" not in response.headers and HEADER not in response.headers
 
 
-def test_storage_down_is_503_never_a_guess(own_gcs_emulator):
+def frozen_log_clock(monkeypatch) -> None:
+    """Stop the clock of the once-a-second backend warnings (at a time no earlier warning used)."""
+    now = time.monotonic() + 10_000
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(monotonic=lambda: now, perf_counter=time.perf_counter))
+
+
+def warnings_of(caplog, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno >= logging.WARNING]
+
+
+def test_storage_down_is_503_never_a_guess(own_gcs_emulator, caplog, monkeypatch):
     own_gcs_emulator.put(*repo_objects(OLD_ROOT, "group/legacy"))
     h = Harness(own_gcs_emulator, retry_after=17)
     assert_routed(h.get("group/legacy"), "old")  # cached before the outage
     before = metrics.REGISTRY.get_sample_value(
         "regmw_backend_errors_total", {"backend": "storage", "action": "unavailable"}) or 0
     own_gcs_emulator.stop()
-    for access in ([], [grant("group/fresh", True)], [grant("group/fresh", False)]):
-        assert_unavailable(h.get("group/fresh", bearer(token(*access))), "17", "group/fresh")
+    frozen_log_clock(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="regmw.migration"):
+        for access in ([], [grant("group/fresh", True)], [grant("group/fresh", False)]):
+            assert_unavailable(h.get("group/fresh", bearer(token(*access))), "17", "group/fresh")
     assert metrics.REGISTRY.get_sample_value(
         "regmw_backend_errors_total", {"backend": "storage", "action": "unavailable"}) == before + 3
+    # every refusal counted, but a client cannot flood the log: one WARNING a second, the rest at DEBUG
+    assert len(warnings_of(caplog, "regmw.migration")) == 1
+    assert sum("cannot classify group/fresh" in r.getMessage() for r in caplog.records) == 3
     assert_routed(h.get("group/legacy"), "old")  # a cache hit needs no storage
 
 
