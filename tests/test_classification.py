@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from types import SimpleNamespace
 
 import jwt
 import pytest
@@ -193,10 +194,13 @@ def test_cached_new_wins_over_a_false_flag_without_storage_requests(harness):
     assert_routed(harness.get("group/migrated"), "new")
     mark_migrated(harness.services, "group/marked")  # new by mark, nothing in storage
     harness.requests.reset()
+    before = classified("new", "cache"), classified("new", "token")
     for repository in ("group/migrated", "group/marked"):
-        response = harness.get(repository, bearer(token(grant(repository, False))))
-        assert_routed(response, "new")
+        for flag in (False, True):  # known new: the cache decided, whatever the flag
+            response = harness.get(repository, bearer(token(grant(repository, flag))))
+            assert_routed(response, "new")
     assert harness.requests.count == 0
+    assert (classified("new", "cache") - before[0], classified("new", "token") - before[1]) == (4, 0)
 
 
 def test_cold_new_prefix_wins_over_a_false_flag(harness):
@@ -231,7 +235,7 @@ def test_no_token_is_no_flag(harness):
 def test_unverified_tokens_count_as_no_flag(harness, bad_token, caplog):
     """The same flag that routes to new in a verified token is ignored, and logged, in any other."""
     assert_routed(harness.get("group/fresh", bearer(token(grant("group/fresh", True)))), "new")
-    with caplog.at_level(logging.WARNING, logger="regmw.tokens"):
+    with caplog.at_level(logging.DEBUG, logger="regmw.tokens"):  # WARNING at most once a second, else DEBUG
         response = harness.get("group/fresh", bearer(bad_token()))
     assert_routed(response, "old")  # no flag, not under the new prefix
     assert any("does not verify" in record.getMessage() for record in caplog.records)
@@ -279,7 +283,7 @@ def test_old_ttl_is_configurable(layout):
     assert [s[2] for s in h.cache.adds + h.cache.sets] == [42.0, 7.0]
 
 
-def test_cache_outage_falls_through_to_storage(layout):
+def test_cache_outage_falls_through_to_storage(layout, caplog, monkeypatch):
     class BrokenCache:
         def get(self, key):
             raise ConnectionError("cache down")
@@ -299,8 +303,12 @@ def test_cache_outage_falls_through_to_storage(layout):
             return BrokenCache()
 
     h = Harness(layout, plugins=[Plugin()])
-    assert_routed(h.get("group/legacy"), "old")
-    assert_routed(h.get("group/migrated"), "new")
+    frozen_log_clock(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="regmw.migration"):
+        for _ in range(3):
+            assert_routed(h.get("group/legacy"), "old")
+            assert_routed(h.get("group/migrated"), "new")
+    assert len(warnings_of(caplog, "regmw.migration")) == 1  # 12 cache failures, one WARNING a second
 
 
 # --- prefetch by an admission -------------------------------------------------
@@ -393,17 +401,32 @@ def assert_unavailable(response, retry_after: str, repository: str) -> None:
     assert "X-App" not in response.headers and HEADER not in response.headers
 
 
-def test_storage_down_is_503_never_a_guess(own_gcs_emulator):
+def frozen_log_clock(monkeypatch) -> None:
+    """Stop the clock of the once-a-second backend warnings (at a time no earlier warning used)."""
+    now = time.monotonic() + 10_000
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(monotonic=lambda: now, perf_counter=time.perf_counter))
+
+
+def warnings_of(caplog, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno >= logging.WARNING]
+
+
+def test_storage_down_is_503_never_a_guess(own_gcs_emulator, caplog, monkeypatch):
     own_gcs_emulator.put(*repo_objects(OLD_ROOT, "group/legacy"))
     h = Harness(own_gcs_emulator, retry_after=17)
     assert_routed(h.get("group/legacy"), "old")  # cached before the outage
     before = metrics.REGISTRY.get_sample_value(
         "regmw_backend_errors_total", {"backend": "storage", "action": "unavailable"}) or 0
     own_gcs_emulator.stop()
-    for access in ([], [grant("group/fresh", True)], [grant("group/fresh", False)]):
-        assert_unavailable(h.get("group/fresh", bearer(token(*access))), "17", "group/fresh")
+    frozen_log_clock(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="regmw.migration"):
+        for access in ([], [grant("group/fresh", True)], [grant("group/fresh", False)]):
+            assert_unavailable(h.get("group/fresh", bearer(token(*access))), "17", "group/fresh")
     assert metrics.REGISTRY.get_sample_value(
         "regmw_backend_errors_total", {"backend": "storage", "action": "unavailable"}) == before + 3
+    # every refusal counted, but a client cannot flood the log: one WARNING a second, the rest at DEBUG
+    assert len(warnings_of(caplog, "regmw.migration")) == 1
+    assert sum("cannot classify group/fresh" in r.getMessage() for r in caplog.records) == 3
     assert_routed(h.get("group/legacy"), "old")  # a cache hit needs no storage
 
 
@@ -417,11 +440,20 @@ def test_storage_on_a_closed_port_is_503(layout):
 # --- paused migration ------------------------------------------------------------
 
 
+def classified(path: str, source: str) -> float:
+    return metrics.REGISTRY.get_sample_value("regmw_classifications_total", {"path": path, "source": source}) or 0
+
+
 def test_paused_migration_sends_no_new_repository_to_new(layout):
     h = Harness(layout, paused=True)
     eligible = lambda name: bearer(token(grant(name, True)))  # noqa: E731
     assert_routed(h.get("group/fresh", eligible("group/fresh")), "old")      # would be new unpaused
-    assert_routed(h.get("group/migrated", eligible("group/migrated")), "new")  # already new: stays new
+    # already new: stays new, and what decided is the storage (then the cache), never the paused flag
+    before = {source: classified("new", source) for source in ("storage", "cache", "token")}
+    assert_routed(h.get("group/migrated", eligible("group/migrated")), "new")
+    assert_routed(h.get("group/migrated", eligible("group/migrated")), "new")
+    assert {source: classified("new", source) - before[source] for source in before} == {
+        "storage": 1, "cache": 1, "token": 0}
     assert_routed(h.get("group/migrated"), "new")
     assert_routed(h.get("group/legacy", eligible("group/legacy")), "old")
     mark_migrated(h.services, "group/marked")                                # new by mark, nothing in storage
@@ -630,6 +662,13 @@ def test_classification_on_filesystem_storage(fs_root):
     assert_routed(get("group/fresh", grant("group/fresh", False)), "old")
     assert_routed(get("group/foo"), "old")
     assert_unavailable(get("group/loop"), "5", "group/loop")
+
+    # the root itself gone (an unmounted volume, a wrong [storage] root): like a missing bucket,
+    # storage cannot answer; read as "absent" it routed every repository not cached yet old
+    os.rename(fs_root, f"{fs_root}-unmounted")
+    for name in ("group/fresh", "group/unseen"):
+        assert_unavailable(get(name), "5", name)
+    assert_routed(get("group/migrated"), "new")  # cached: served through the outage
 
 
 # --- single-flight: bounded, errors shared, waits bounded -----------------------------------

@@ -147,6 +147,16 @@ def test_the_issue_reproduction_routes_new(tmp_path):
     assert routed_to(client.get("/v2/group/nest/child/manifests/latest")) == "old"
 
 
+def test_the_configuration_reference_states_the_own_entries_rule():
+    """`old_root`'s meaning (configuration.md is generated from it) names the prefix the classifier asks."""
+    from regmw_migration.classifier import own_entries
+    from regmw_migration.settings import SECTION
+
+    meaning = SECTION.options["old_root"].help
+    assert f"`{own_entries('<old_root>', '<name>')}" in meaning
+    assert "anything lies under" not in meaning
+
+
 @pytest.mark.parametrize("backend", ["gcs", "filesystem"])
 def test_a_repository_with_only_uploads_exists(gcs_emulator, tmp_path, backend):
     name = f"{OLD_ROOT}/repositories/{PARENT}/_uploads/u1/startedat"

@@ -37,6 +37,9 @@ log = logging.getLogger("regmw.migration")
 HEADER = "Regmw-Migration-Path"
 CACHED = {b"old": STATE_OLD, b"new": STATE_NEW}
 PERMANENT = 0  # Cache.set ttl 0: no expiry
+#: a backend that is down fails every request the same way: its WARNING at most once a second
+#: per backend (the rest at DEBUG), as for every backend error; each one is still counted
+LOG_INTERVAL = 1.0
 
 
 #: the first character of a repository's own entries in distribution's layout
@@ -118,8 +121,9 @@ class Classifier:
         try:
             return self.cache.get(key)
         except Exception as exc:  # a cache is allowed to fail: a miss
-            log.warning("classification cache unavailable, asking storage: %s", exc)
             metrics.backend_errors.labels("cache", "miss").inc()
+            metrics.warn_at_most_every(LOG_INTERVAL, "cache", log,
+                                       "classification cache unavailable, asking storage: %s", exc)
             return None
 
     def _lookup(self, repository: str, key: str, need_new: bool) -> str:
@@ -135,8 +139,9 @@ class Classifier:
         except Refusal:
             raise
         except Exception as exc:
-            log.warning("cannot classify %s, storage did not answer: %s", repository, exc)
             metrics.backend_errors.labels("storage", "unavailable").inc()
+            metrics.warn_at_most_every(LOG_INTERVAL, "storage", log,
+                                       "cannot classify %s, storage did not answer: %s", repository, exc)
             raise unavailable(
                 "cannot classify the repository: storage is unavailable", self.retry_after, {"name": repository}
             ) from exc
@@ -165,8 +170,9 @@ class Classifier:
             else:
                 self.cache.set(key, state.encode(), self.new_ttl)
         except Exception as exc:
-            log.warning("classification cache unavailable, not caching %s: %s", key, exc)
             metrics.backend_errors.labels("cache", "not_cached").inc()
+            metrics.warn_at_most_every(LOG_INTERVAL, "cache", log,
+                                       "classification cache unavailable, not caching %s: %s", key, exc)
 
     # --- migration events -------------------------------------------------
 

@@ -69,15 +69,19 @@ def needs_new_prefix(flag: bool | None, paused: bool) -> bool:
 
 
 def decide(state: str, flag: bool | None, paused: bool) -> tuple[str, str]:
-    """(path, reason) for a repository in ``state`` and a token ``flag``."""
+    """(path, reason) for a repository in ``state`` and a token ``flag``.
+
+    ``reason`` names what decided, in the tree's order: a repository known new
+    (cached, marked, or found under the new prefix) is new whatever the flag
+    says, so its reason is ``new_prefix`` (the cache or storage), never
+    ``token``, and never ``token`` while paused either.
+    """
     if state == STATE_OLD:
         return OLD, "old_prefix"
-    if flag is True:
-        if paused and state != STATE_NEW:
-            return OLD, "paused"
-        return NEW, "token"
-    if state == STATE_NEW:  # permanent: wins over a false flag
+    if state == STATE_NEW:  # known new, permanent: the flag decides nothing (a false one cannot demote it)
         return NEW, "new_prefix"
+    if flag is True:
+        return (OLD, "paused") if paused else (NEW, "token")
     if flag is False:
         return OLD, "token"
     return OLD, "absent"

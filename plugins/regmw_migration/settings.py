@@ -31,7 +31,8 @@ SECTION = Section(
             "str",
             "docker/registry/v2",
             "Prefix of the OLD storage layout, relative to the storage root; a repository exists there if "
-            "anything lies under `<old_root>/repositories/<name>/`.",
+            "it has its own entries there (`<old_root>/repositories/<name>/_*`: `_layers`, `_manifests`, "
+            "`_uploads`), never merely a child repository's.",
             check=_prefix,
         ),
         "new_root": Option(
