@@ -17,10 +17,12 @@ What the proxy guarantees, because registry clients depend on it:
 * method, path and the raw query string pass unchanged (the ``?_state=``
   token in a PATCH Location must survive), hop-by-hop headers are dropped;
 * the client's Host is forwarded, so the upstream builds Location headers that
-  point back at the gateway; any Location that still names the upstream is
-  rewritten to the gateway;
+  point back at the gateway; any Location, or Link target (paging), that still
+  names the upstream is rewritten to the gateway;
 * an unreachable upstream answers 502, a timeout 504, both with an OCI error
-  body (code ``UNAVAILABLE``), never a traceback; once the headers are out, a
+  body (code ``UNAVAILABLE``), never a traceback, and so does one that fails
+  after its response head but before the first body byte (that first piece is
+  read before the status goes out: :func:`_first_piece`); once the headers are out, a
   body the upstream cuts short (fewer bytes than its Content-Length) or stops
   sending for ``timeout`` seconds breaks the client's connection, so the
   client sees a failed transfer, never a short one or a hang.
@@ -69,6 +71,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import re
 import select
 import socket
 import ssl
@@ -252,6 +255,8 @@ class Gateway:
         start = time.perf_counter()
         try:
             conn, response = self._exchange(method, target, headers, body)
+            splice_to = _splice_target(environ, method, response) if self.zero_copy else None
+            first = _first_piece(conn, response, spliced=splice_to is not None)
         except UpstreamError as exc:
             _upstream_errors[(self.name, "timeout" if exc.timed_out else "connect")].inc()
             log.warning("gateway %s %s -> %s: %s", method, target, self.netloc, exc)
@@ -265,8 +270,7 @@ class Gateway:
         _upstream_seconds[(self.name, f"{response.status // 100}xx")].observe(time.perf_counter() - start)
         status = f"{response.status} {response.reason or _phrase(response.status)}"
         start_response(status, self._response_headers(environ, response))
-        splice_to = _splice_target(environ, method, response) if self.zero_copy else None
-        return _ResponseBody(self.pool, conn, response, self.name, splice_to)
+        return _ResponseBody(self.pool, conn, response, self.name, splice_to, first)
 
     # --- request ------------------------------------------------------------
 
@@ -336,6 +340,8 @@ class Gateway:
                 continue
             if lower == "location":
                 value = self._rewrite_location(environ, value)
+            elif lower == "link":  # paging (tags/list, _catalog, referrers): <URL>; rel="next"
+                value = _LINK_TARGET.sub(lambda m: f"<{self._rewrite_location(environ, m[1])}>", value)
             headers.append((name, value))
         return headers
 
@@ -350,6 +356,38 @@ class Gateway:
         host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
         scheme = environ.get("wsgi.url_scheme", "http")
         return f"{scheme}://{host}{path}" + (f"?{parts.query}" if parts.query else "")
+
+
+#: The target of each link in a ``Link`` header (RFC 8288): ``<URI>``.
+_LINK_TARGET = re.compile(r"<([^>]*)>")
+
+
+def _first_piece(conn: http.client.HTTPConnection, response: http.client.HTTPResponse, spliced: bool) -> bytes:
+    """The body's first bytes, read before the status goes out (b"" for a response without a body).
+
+    An upstream that answers a head and then hangs up, stalls or breaks its
+    framing before any body byte is answered 502/504 like one that never
+    answered, instead of the client getting the upstream's 200 and then a
+    broken body (or the server's own 500). ``read1``: what one receive brings
+    (a chunked body: the first chunk), never a wait for a whole piece. For a
+    spliced body only what http.client holds already, so no more is copied.
+    """
+    if response.length == 0:  # HEAD, 204, 304, Content-Length: 0
+        return b""
+    try:
+        if spliced:
+            piece = response.read(min(len(response.fp.peek()), response.length))
+        else:
+            piece = response.read1(CHUNK)
+        if not piece and response.length:
+            raise http.client.IncompleteRead(b"", response.length)
+    except TimeoutError as exc:
+        conn.close()
+        raise UpstreamError(f"timed out before the body: {exc}", timed_out=True) from None
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise UpstreamError(f"failed before the body: {type(exc).__name__}: {exc}", timed_out=False) from None
+    return piece
 
 
 class _ClientGone(Exception):
@@ -435,16 +473,19 @@ class _ResponseBody:
     """
 
     def __init__(self, pool: ConnectionPool, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
-                 name: str = "upstream", splice_to: socket.socket | None = None):
+                 name: str = "upstream", splice_to: socket.socket | None = None, first: bytes = b""):
         self.pool, self.conn, self.response = pool, conn, response
         self.name = name
         self.splice_to = splice_to
+        self.first = first  # read by :func:`_first_piece` before the status went out
         self.done = False
 
     def __iter__(self) -> Iterator[bytes]:
         if self.splice_to is not None:
             yield from self._spliced(self.splice_to)
             return
+        if self.first:
+            yield self.first
         while True:
             try:
                 chunk = self.response.read(CHUNK)
@@ -463,16 +504,9 @@ class _ResponseBody:
 
     def _spliced(self, client: socket.socket) -> Iterator[bytes]:
         response = self.response
-        try:
-            # peek(): the bytes the BufferedReader holds (one raw read only when it holds none);
-            # read() of no more than those takes them without a raw read and keeps response.length right.
-            head = response.read(min(len(response.fp.peek()), response.length))
-            if not head:
-                raise http.client.IncompleteRead(b"", response.length)
-        except (OSError, http.client.HTTPException):
-            self._broken()
-            raise
-        yield head  # the server sends the headers, then these bytes
+        # _first_piece took what http.client held after the head (peek(): one raw read only when it held
+        # none); read() of no more than that kept response.length right for the splice.
+        yield self.first  # the server sends the headers, then these bytes
         moved = 0
         try:
             for count in _splice(self.conn.sock, client, response.length):

@@ -42,6 +42,7 @@ def echo(environ, start_response):
     headers = [
         ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
         ("Location", f"{own}/v2/a/blobs/uploads/1?_state=xyz%3D%3D"),
+        ("Link", f'<{own}/v2/a/tags/list?n=2&last=b>; rel="next", </v2/a/tags/list?n=9>; rel="x"'),
     ]
     if environ["PATH_INFO"] == "/hop":
         headers += [("Connection", "close, X-Upstream-Hop"), ("X-Upstream-Hop", "1"), ("X-Upstream-Keep", "1")]
@@ -105,13 +106,15 @@ def test_hop_by_hop_headers_dropped_both_ways(proxied):
     assert response.getheader("X-Upstream-Hop") is None and response.getheader("X-Upstream-Keep") == "1"
 
 
-def test_location_naming_upstream_is_rewritten(serve_wsgi):
+def test_location_and_link_naming_upstream_are_rewritten(serve_wsgi):
     upstream = serve_wsgi(echo)
     gateway = Gateway(upstream, preserve_host=False)
     url = serve_wsgi(gateway)
     response, body = request(url, "POST", "/v2/a/blobs/uploads/")
     assert json.loads(body)["headers"]["host"] == urlsplit(upstream).netloc
     assert response.getheader("Location") == f"{url}/v2/a/blobs/uploads/1?_state=xyz%3D%3D"
+    # a paging Link naming the upstream would send the client around the gateway; a relative one stays
+    assert response.getheader("Link") == f'<{url}/v2/a/tags/list?n=2&last=b>; rel="next", </v2/a/tags/list?n=9>; rel="x"'
     gateway.close()
 
 
@@ -147,15 +150,20 @@ def test_create_gateway_config(tmp_path):
     assert create_gateway(env)[0].netloc == "127.0.0.1:5001"
 
 
-class RawUpstream:
-    """A socket server that answers each connection once (keep-alive implied) and then hangs up,
-    or, with ``answer=False``, hangs up without answering."""
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
-    def __init__(self, answer: bool = True) -> None:
+
+class RawUpstream:
+    """A socket server that answers each connection once with ``reply`` (keep-alive implied) and then
+    hangs up, or, with ``reply=None``, hangs up without answering; with ``stall``, it holds the
+    connection open after the reply until ``release`` is set."""
+
+    def __init__(self, reply: bytes | None = OK, stall: bool = False) -> None:
         import socket
         import threading
 
-        self.answer = answer
+        self.reply, self.stall = reply, stall
+        self.release = threading.Event()
         self.accepted = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -176,10 +184,13 @@ class RawUpstream:
                     if not chunk:
                         break
                     data += chunk
-                if self.answer:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if self.reply is not None:
+                    conn.sendall(self.reply)
+                if self.stall:
+                    self.release.wait(30)
 
     def close(self) -> None:
+        self.release.set()
         self.listener.close()
 
 
@@ -198,7 +209,7 @@ def test_stale_pooled_connection_is_replaced(serve_wsgi):
 
 
 def test_upstream_hanging_up_is_502(serve_wsgi):
-    upstream = RawUpstream(answer=False)
+    upstream = RawUpstream(reply=None)
     gateway = Gateway(upstream.url, timeout=5)
     try:
         response, body = request(serve_wsgi(gateway), "GET", "/v2/")
@@ -225,3 +236,42 @@ def test_a_malformed_or_cut_chunked_request_body_is_the_clients_400_not_a_502(pr
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
     assert json.loads(payload)["errors"][0]["code"] == "UNKNOWN"
+
+
+@pytest.mark.parametrize(("reply", "stall", "status"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", False, 502),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", True, 504),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", False, 502),
+], ids=["head-then-hang-up", "head-then-silence", "bad-first-chunk"])
+def test_upstream_failing_before_the_first_body_byte_is_502_or_504(serve_wsgi, reply, stall, status):
+    """The status is not out yet: the client gets the gateway's OCI answer, not the upstream's
+    200 followed by nothing (or the server's own 500 for the exception)."""
+    upstream = RawUpstream(reply, stall=stall)
+    gateway = Gateway(upstream.url, timeout=0.5)
+    try:
+        response, body = request(serve_wsgi(gateway), "GET", "/v2/a/manifests/latest")
+        assert response.status == status and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        gateway.close()
+        upstream.close()
+
+
+def test_chunked_body_cut_after_its_first_chunk_keeps_the_upstreams_status(serve_wsgi):
+    """A chunked body the upstream cuts short after its first chunk: the client gets the upstream's
+    status and the bytes that came, then a failed transfer (gunicorn breaks the connection; werkzeug,
+    serving here, appends its error page), as for a Content-Length body cut short; never a 500 first."""
+    import socket
+
+    upstream = RawUpstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    gateway = Gateway(upstream.url, timeout=5)
+    try:
+        with socket.create_connection(("127.0.0.1", urlsplit(serve_wsgi(gateway)).port), timeout=30) as sock:
+            sock.sendall(b"GET /v2/a/blobs/sha256:" + b"a" * 64 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and payload.startswith(b"5\r\nhello\r\n"), answer
+    finally:
+        gateway.close()
+        upstream.close()
