@@ -121,3 +121,17 @@ def test_dead_letter_commands_touch_only_the_named_endpoints_letters_and_refuse_
     assert spool.count() == 1
     assert run("drop", "a", "1") == 0
     assert spool.dead("a") == []
+
+
+def test_the_queue_depth_gauge_is_published_without_redis_too(embedded):
+    receiver, client, _ = embedded()
+    receiver.status = 503
+
+    def depth():
+        return REGISTRY.get_sample_value("regmw_notify_queue_depth", {"shard": "0", "endpoint": "hook"})
+
+    for tag in ("v1", "v2"):
+        assert client.put(f"/v2/team/app/manifests/{tag}", data=b"{}").status_code == 201
+    wait_until(lambda: depth() == 2, 10, "a depth of 2 while the receiver refuses")
+    receiver.status = 200
+    wait_until(lambda: depth() == 0 and receiver.count() == 2, 10, "a depth of 0 once delivered")

@@ -78,7 +78,7 @@ class Operations:
             elif self.spool is not None:
                 cursor = self.spool.cursor(name)
                 rows = self.spool.read(cursor, 1)
-                row["depth"] = len(self.spool.read(cursor, 1_000_000))
+                row["depth"] = self.spool.count_after(cursor)
                 row["oldest_age"] = round(now - rows[0].enqueued, 3) if rows else 0.0
                 row["parked"] = len(self.spool.dead(name))
             out[name] = row

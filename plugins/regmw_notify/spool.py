@@ -75,6 +75,11 @@ class Spool:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM events").fetchone()[0]
 
+    def count_after(self, seq: int) -> int:
+        """Events after ``seq`` (an endpoint's cursor): what it has not acknowledged yet."""
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM events WHERE seq > ?", (seq,)).fetchone()[0]
+
     def oldest(self) -> float | None:
         with self._lock:
             return self._db.execute("SELECT min(enqueued) FROM events").fetchone()[0]
