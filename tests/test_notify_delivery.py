@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import random
 import subprocess
+import sys
+import urllib.request
 import signal
 import threading
 import time
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from regmw_notify.events import plugin_event
 from regmw_notify.sink import NotifySink
@@ -17,7 +20,7 @@ from regmw_notify.stream import RedisStreams
 from .servers.notify_apps import Connection, spawn_worker
 from .servers.redis_server import start_redis
 from .servers.webhook_receiver import SECRET, first_deliveries
-from .servers._util import need_binary, stop, wait_for_port
+from .servers._util import free_port, need_binary, stop, wait_for_port
 
 pytestmark = pytest.mark.services
 
@@ -102,6 +105,41 @@ def test_one_worker_delivers_in_order_with_valid_signatures(aof_redis, webhook_r
         stop(worker)
     check_order(receiver.snapshot(), sent)
     assert receiver.bad_signatures == 0
+
+
+def test_the_cli_worker_serves_its_delivery_metrics(aof_redis, webhook_receiver, tmp_path):
+    """With Redis the deliveries happen in `regmw notifications worker`, so its metrics (deliveries, depth...)
+    exist only there: `--metrics-listen` serves them; no other process can."""
+    receiver = webhook_receiver()
+    sink = NotifySink(RedisStreams(Connection(aof_redis["url"]), 2), tmp_path / "spool")
+    sent = events_for(2, 3)
+    for event in sent:
+        sink.emit(event)
+    config = tmp_path / "regmw.toml"
+    config.write_text(f'[regmw]\nplugins = ["redis", "notifications"]\n[redis]\nurl = "{aof_redis["url"]}"\n'
+                      f'[notifications]\nshards = 2\nallowed_networks = ["127.0.0.0/8"]\n'
+                      f'spool_dir = "{tmp_path / "worker-spool"}"\n'
+                      f'endpoints = [{{name = "hook", url = "{receiver.url}", secrets = ["{SECRET}"]}}]\n')
+    port = free_port()
+    worker = subprocess.Popen([sys.executable, "-c", "import sys; from regmw.cli import main; sys.exit(main())",
+                               "-c", str(config), "notifications", "worker", "--metrics-listen", f"127.0.0.1:{port}"])
+    try:
+        wait_for_port(port, proc=worker)
+
+        def sample(name: str, **labels: str) -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            for family in text_string_to_metric_families(text):
+                for metric in family.samples:
+                    if metric.name == name and all(metric.labels.get(k) == v for k, v in labels.items()):
+                        return metric.value
+            return -1.0
+
+        wait_until(lambda: sample("regmw_notify_delivered_events_total", endpoint="hook") == len(sent), 30,
+                   "the delivered events counted at --metrics-listen")
+        assert receiver.count() >= len(sent)
+        wait_until(lambda: sample("regmw_notify_queue_depth", endpoint="hook", shard="0") == 0, 10, "a depth gauge")
+    finally:
+        stop(worker)
 
 
 def test_ten_thousand_events_survive_killed_workers_a_down_endpoint_and_a_redis_restart(

@@ -93,3 +93,45 @@ def test_a_redirect_is_a_failure_and_410_disables_the_endpoint_until_resumed(emb
     assert "hook resumed" in capsys.readouterr().out
     wait_until(lambda: receiver.count() >= 2, 10, "both events after resume")
     assert [event["target"]["tag"] for event in receiver.snapshot()] == ["v1", "v2"]
+
+
+def test_dead_letter_commands_touch_only_the_named_endpoints_letters_and_refuse_unknown_names(tmp_path, capsys):
+    """Letters of the embedded queue are numbered across endpoints: ``drop b 1`` must not drop a's letter 1,
+    and a letter name that is malformed or not the endpoint's is an error (exit 2), not "0 dropped"."""
+    from regmw_notify.spool import queue_spool
+    from regmw_notify.spool import Row
+
+    spool = queue_spool(tmp_path / "spool")
+    seq = spool.append("team/app", b'{"id":"e1","action":"push","target":{"repository":"team/app"}}', 0.0)
+    spool.advance("a", seq, [(Row(seq, "team/app", spool.read(0, 1)[0].data, 0.0), "HTTP 503")])
+    config = tmp_path / "regmw.toml"
+    config.write_text(f'[regmw]\nplugins = ["notifications"]\n[notifications]\nspool_dir = "{tmp_path / "spool"}"\n'
+                      'allowed_networks = ["127.0.0.0/8"]\nendpoints = [{name = "a", url = "http://127.0.0.1:9/a"}, '
+                      '{name = "b", url = "http://127.0.0.1:9/b"}]\n')
+
+    def run(*args):
+        return main(["-c", str(config), "notifications", "dead-letters", *args])
+
+    assert [letter for letter, *_ in spool.dead("a")] == [1]
+    for args in (["drop", "b", "1"], ["drop", "a", "abc"], ["drop", "a", "1", "7"], ["replay", "a", "7"],
+                 ["replay", "b", "1"], ["show", "a", "x:y"]):
+        assert run(*args) in (1, 2), args
+    assert "no dead letter '7' for 'a'" in capsys.readouterr().err
+    assert [letter for letter, *_ in spool.dead("a")] == [1]  # nothing dropped or replayed by the bad calls
+    assert spool.count() == 1
+    assert run("drop", "a", "1") == 0
+    assert spool.dead("a") == []
+
+
+def test_the_queue_depth_gauge_is_published_without_redis_too(embedded):
+    receiver, client, _ = embedded()
+    receiver.status = 503
+
+    def depth():
+        return REGISTRY.get_sample_value("regmw_notify_queue_depth", {"shard": "0", "endpoint": "hook"})
+
+    for tag in ("v1", "v2"):
+        assert client.put(f"/v2/team/app/manifests/{tag}", data=b"{}").status_code == 201
+    wait_until(lambda: depth() == 2, 10, "a depth of 2 while the receiver refuses")
+    receiver.status = 200
+    wait_until(lambda: depth() == 0 and receiver.count() == 2, 10, "a depth of 0 once delivered")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import socket
 import threading
 import time
 import types
@@ -13,6 +14,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from regmw import ConfigError, build
 from regmw.errors import SlotUnavailable
+from regmw_notify.deliver import Poster
 from regmw_notify.endpoints import Endpoint, check_address, parse_endpoints
 from regmw_notify.events import action_for, envelope_raw
 from regmw_notify.signing import Signer
@@ -36,6 +38,9 @@ def test_rotation_signs_with_every_secret_so_either_verifies():
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1/x", "http://localhost:8080/", "http://10.1.2.3/", "http://192.168.0.1/",
     "http://169.254.169.254/latest/meta-data", "http://[::1]/", "http://[fe80::1]/", "http://0.0.0.0/",
+    "http://100.100.100.200/latest/meta-data",  # shared address space (100.64.0.0/10): a cloud's metadata service
+    "http://[::ffff:169.254.169.254]/", "http://[2002:a9fe:a9fe::]/",  # IPv4 inside IPv6 (mapped, 6to4)
+    "http://localhost./",
 ])
 def test_internal_addresses_are_refused_unless_allowed(url):
     with pytest.raises(ValueError, match="internal address"):
@@ -45,6 +50,31 @@ def test_internal_addresses_are_refused_unless_allowed(url):
 
 def test_public_address_passes_the_guard():
     check_address("https://93.184.215.14/hook")
+    check_address("https://[2606:4700::1111]/hook")
+
+
+def test_names_are_resolved_and_checked_before_each_post_and_an_unresolvable_one_is_refused(monkeypatch):
+    """Configuration checks stay offline (names pass); every POST resolves the name first, and a name that
+    does not resolve is refused too (fail closed: the connection's own look-up could succeed a moment later)."""
+    real = socket.getaddrinfo
+
+    def resolver(host, *args, **kwargs):
+        if host == "hook.example.com":  # re-pointed at an internal (loopback: no traffic leaves) address
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", 0))]
+        if host == "gone.example.com":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    allowed = [ipaddress.ip_network("127.0.0.1/32")]
+    parse_endpoints([{"name": "e", "url": "http://hook.example.com:9/x"}], allowed)
+    with pytest.raises(ValueError, match="internal address"):
+        check_address("http://hook.example.com/", allowed)
+    with pytest.raises(ValueError, match="could not be resolved"):
+        check_address("http://gone.example.com/", allowed)
+    for url, why in (("http://hook.example.com:9/x", "internal address"), ("http://gone.example.com:9/x", "resolved")):
+        outcome = Poster(Endpoint("e", url), allowed).post("e1", [b'{"id":"e1"}'])
+        assert outcome.result == "failed" and why in outcome.detail
 
 
 def test_retry_schedule_repeats_its_last_step_within_jitter():

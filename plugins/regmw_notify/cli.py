@@ -63,14 +63,23 @@ def status(as_json: bool) -> None:
 
 
 @notifications.command()
+@click.option("--metrics-listen", metavar="HOST:PORT", default="",
+              help="serve this worker's Prometheus metrics (deliveries, retries, parked, depth, lag) there")
 @config_option
-def worker() -> None:
+def worker(metrics_listen: str) -> None:
     """Deliver events until SIGTERM/SIGINT (one leased consumer per shard, across all workers)."""
     from . import make_worker
 
     services = get_runtime().services
     if not services.config["notifications"]["endpoints"]:
         raise Failure("no [notifications] endpoints configured", MISUSE)
+    if metrics_listen:  # the delivery metrics live in this process: nothing else can serve them
+        from regmw.server import start_metrics_server
+
+        try:
+            start_metrics_server(metrics_listen)
+        except (OSError, ValueError) as exc:
+            raise Failure(f"--metrics-listen {metrics_listen}: {exc}", MISUSE) from None
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

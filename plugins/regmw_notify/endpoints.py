@@ -1,7 +1,7 @@
 """Webhook endpoints: their settings, which events they want, and the SSRF guard.
 
-An endpoint URL is refused when its host is, or resolves to, a loopback,
-link-local, private, multicast or unspecified address, unless that address is
+An endpoint URL is refused when its host is, or resolves to, anything but a
+public unicast address (see :func:`_internal`), unless that address is
 in ``[notifications] allowed_networks``: a registry's webhook configuration
 must not become a way to reach the cloud metadata service or internal admin
 ports. The check runs at start-up and again before every connection (a DNS
@@ -109,7 +109,7 @@ def check_address(url: str, allowed: Sequence[Any] = (), where: str = "url", res
     ``resolve=False`` (configuration checks, which must stay offline) checks
     IP literals and ``localhost`` only; names are checked before each POST.
     """
-    host = urlsplit(url).hostname or ""
+    host = (urlsplit(url).hostname or "").rstrip(".")
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
@@ -120,12 +120,23 @@ def check_address(url: str, allowed: Sequence[Any] = (), where: str = "url", res
         else:
             try:
                 infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-            except OSError:
-                return  # unresolvable: the POST fails anyway, and is retried
+            except OSError as exc:  # fail closed: the connection's own look-up a moment later might succeed
+                raise ValueError(f"{where}: {host} could not be resolved to check its address ({exc})") from None
             addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     for address in addresses:
-        internal = (address.is_loopback or address.is_link_local or address.is_private
-                    or address.is_multicast or address.is_unspecified or address.is_reserved)
-        if internal and not any(address in network for network in allowed):
+        if _internal(address) and not any(address in network for network in allowed):
             raise ValueError(f"{where}: {host} is an internal address ({address}); "
                              "add its network to [notifications] allowed_networks to allow it")
+
+
+def _internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Not a public unicast address: loopback, link-local, private, shared (100.64.0.0/10, where some clouds
+    serve their metadata), multicast, reserved, unspecified; for IPv6 also an IPv4 address embedded in it
+    (mapped ``::ffff:a.b.c.d``, 6to4, Teredo) that is internal."""
+    if (address.is_loopback or address.is_link_local or address.is_private or address.is_multicast
+            or address.is_unspecified or address.is_reserved or not address.is_global):
+        return True
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        return any(inner is not None and _internal(inner) for inner in embedded)
+    return False

@@ -78,7 +78,7 @@ class Operations:
             elif self.spool is not None:
                 cursor = self.spool.cursor(name)
                 rows = self.spool.read(cursor, 1)
-                row["depth"] = len(self.spool.read(cursor, 1_000_000))
+                row["depth"] = self.spool.count_after(cursor)
                 row["oldest_age"] = round(now - rows[0].enqueued, 3) if rows else 0.0
                 row["parked"] = len(self.spool.dead(name))
             out[name] = row
@@ -122,15 +122,21 @@ class Operations:
         return None
 
     def replay(self, endpoint: str, letters: Sequence[str] | None = None) -> int:
-        """Queue dead letters (all of ``endpoint``'s when ``letters`` is None) for ``endpoint`` again."""
-        chosen = [item["letter"] for item in self.dead_letters(endpoint)
-                  if letters is None or item["letter"] in letters]
+        """Queue dead letters (all of ``endpoint``'s when ``letters`` is None) for ``endpoint`` again.
+
+        Named letters are all checked first: one that is malformed or not ``endpoint``'s raises KeyError and
+        nothing is moved (a typo must not look like success).
+        """
+        items = self.dead_letters(endpoint)
+        if letters is not None:
+            self._existing(endpoint, letters, items)
+        chosen = [item["letter"] for item in items if letters is None or item["letter"] in letters]
         if self.streams is None:
             moved = 0
-            for item in self.dead_letters(endpoint):
+            for item in items:
                 if item["letter"] in chosen and self.spool is not None:
                     self.spool.append(item["repository"] or "", item["raw"], time.time(), only=endpoint)
-                    self.spool.drop_dead(int(item["letter"]))
+                    self.spool.drop_dead(int(item["letter"]), endpoint)
                     moved += 1
             return moved
         by_shard: dict[int, list[str]] = {}
@@ -144,15 +150,25 @@ class Operations:
         return moved
 
     def drop(self, endpoint: str, letters: Sequence[str]) -> int:
-        self._names(endpoint)
+        """Delete ``endpoint``'s dead letters ``letters`` for good (all named ones must exist: else KeyError)."""
+        self._existing(endpoint, letters)
         dropped = 0
         for letter in letters:
             if self.streams is not None:
                 shard, _, entry_id = letter.partition(":")
                 dropped += int(self.streams.client.xdel(self.streams.dead(int(shard), endpoint), entry_id))
             elif self.spool is not None:
-                dropped += int(self.spool.drop_dead(int(letter)))
+                dropped += int(self.spool.drop_dead(int(letter), endpoint))
         return dropped
+
+    def _existing(self, endpoint: str, letters: Sequence[str], items: list[dict[str, Any]] | None = None) -> None:
+        """Raise KeyError unless every one of ``letters`` names a dead letter of ``endpoint``."""
+        known = {item["letter"] for item in (self.dead_letters(endpoint) if items is None else items)}
+        missing = [letter for letter in letters if letter not in known]
+        if missing:
+            form = "<shard>:<entry id>" if self.streams is not None else "a number"
+            raise KeyError(f"no dead letter {', '.join(map(repr, missing))} for {endpoint!r} (names are {form}, "
+                           f"as `regmw notifications dead-letters list` shows them); nothing done")
 
     # --- pause / resume -------------------------------------------------------------
 

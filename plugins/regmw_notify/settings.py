@@ -12,8 +12,8 @@ from .endpoints import parse_endpoints
 
 def endpoints_are_valid(section, config) -> str | None:
     """endpoints: each table's keys and values, unique names, secrets that are Standard Webhooks secrets, and
-    URLs outside loopback/link-local/private networks unless in allowed_networks (IP literals and localhost;
-    names are checked before each POST)."""
+    URLs outside loopback/link-local/private/other non-public networks unless in allowed_networks (IP literals
+    and localhost; names are checked before each POST)."""
     try:
         parse_endpoints(section["endpoints"], section["allowed_networks"])
     except (ValueError, TypeError) as exc:
@@ -46,7 +46,7 @@ SECTION = Section(
         ),
         "allowed_networks": Option(
             "cidrs", [],
-            "Networks endpoints may resolve into although they are loopback, link-local or private "
+            "Networks endpoints may resolve into although they are not public (loopback, link-local, private, shared...) "
             "(the SSRF guard refuses those otherwise), e.g. [\"127.0.0.0/8\"].",
         ),
         "shards": Option(

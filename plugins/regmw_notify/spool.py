@@ -75,6 +75,11 @@ class Spool:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM events").fetchone()[0]
 
+    def count_after(self, seq: int) -> int:
+        """Events after ``seq`` (an endpoint's cursor): what it has not acknowledged yet."""
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM events WHERE seq > ?", (seq,)).fetchone()[0]
+
     def oldest(self) -> float | None:
         with self._lock:
             return self._db.execute("SELECT min(enqueued) FROM events").fetchone()[0]
@@ -117,9 +122,10 @@ class Spool:
             return [(seq, ep, bytes(data), reason) for seq, ep, data, reason in
                     self._db.execute(query + " ORDER BY seq", args).fetchall()]
 
-    def drop_dead(self, seq: int) -> bool:
+    def drop_dead(self, seq: int, endpoint: str) -> bool:
+        """Delete ``endpoint``'s dead letter ``seq`` (another endpoint's letter of that number stays)."""
         with self._lock:
-            return self._db.execute("DELETE FROM dead WHERE seq = ?", (seq,)).rowcount > 0
+            return self._db.execute("DELETE FROM dead WHERE seq = ? AND endpoint = ?", (seq, endpoint)).rowcount > 0
 
     def state(self, endpoint: str) -> tuple[bool, str]:
         with self._lock:

@@ -195,5 +195,7 @@ class EmbeddedWorker:
         names = [endpoint.name for endpoint in self.endpoints]
         while not stop.wait(1.0):
             self.spool.trim(names)
+            for name in names:  # the queue depth, as the Redis worker publishes it (one shard: "0")
+                metrics.depth.labels("0", name).set(self.spool.count_after(self.spool.cursor(name)))
         for lane in lanes:
             lane.join(10)
