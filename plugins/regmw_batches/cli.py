@@ -21,12 +21,31 @@ def _runner():
     return runner_for(get_runtime().services)
 
 
-def _do(operation, names) -> None:
+def _do(operation, names, started: bool = True) -> None:
+    """Apply ``operation`` to every name, once every name is known (a typo does nothing at all).
+
+    A name must be declared (``run``), or declared or started (``pause``,
+    ``resume``: a started migration no longer declared can still be paused);
+    else nothing is done and the exit code is 2. A migration that has not been
+    started makes the exit code 1, after the others were done.
+    """
+    runner = _runner()
+    try:
+        for name in names:
+            runner.known(name, started=started)
+    except ConfigError as exc:
+        raise Failure(str(exc), 2) from None
+    missing = []
     for name in names:
         try:
-            click.echo(f"{name}: {operation(name)}")
+            outcome = operation(name)
         except ConfigError as exc:
             raise Failure(str(exc), 2) from None
+        click.echo(f"{name}: {outcome}")
+        if outcome == "not started":
+            missing.append(name)
+    if missing:
+        raise Failure(f"batched migration(s) not started: {', '.join(missing)} (regmw db-migrations run NAME)", 1)
 
 
 @click.group("db-migrations")
@@ -48,7 +67,7 @@ def list_() -> None:
 @config_option
 def run(names: tuple[str, ...]) -> None:
     """Start migrations (state tables, key range, batches) and enqueue their first batch; idempotent."""
-    _do(_runner().start, names)
+    _do(_runner().start, names, started=False)
 
 
 @group.command("pause")
