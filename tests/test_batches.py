@@ -329,7 +329,7 @@ def test_failed_batch_is_retried_with_backoff_and_its_attempt_recorded(pg_cluste
 
 
 def test_batch_failing_for_good_stops_the_migration_and_resume_retries_it(
-        pg_cluster, worker_runtime, small_table, capsys):
+        pg_cluster, worker_runtime, small_table, capsys, tmp_path):
     runtime, path = worker_runtime
     runner = runner_for(runtime.services)
     runner.start("broken")
@@ -352,6 +352,22 @@ def test_batch_failing_for_good_stops_the_migration_and_resume_retries_it(
     for command in ("pause", "resume"):
         assert main(["db-migrations", command, "flaky", "-c", str(path)]) == 1
         assert "not started: flaky" in capsys.readouterr().err
+    # URLs as the docs write them (`postgresql://`, `postgres://`) work with what `regmw[db]` installs (psycopg2)
+    for scheme in ("postgresql", "postgres"):
+        plain = config_for(pg_cluster, tmp_path)
+        plain["db_migrations"]["primary"] = pg_cluster.primary_url.replace("postgresql+psycopg2", scheme, 1)
+        assert "broken" in cli(capsys, "db-migrations", "status", "-c", str(write_config(plain, tmp_path / "p.toml")))
+    # the primary unreachable: one line and exit 1, not a traceback
+    from .servers._util import free_port
+
+    dead = config_for(pg_cluster, tmp_path)
+    dead["db_migrations"]["primary"] = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    dead_path = write_config(dead, tmp_path / "dead.toml")
+    for args in (["status"], ["run", "flaky"], ["pause", "broken"], ["resume", "broken"]):
+        capsys.readouterr()
+        assert main(["db-migrations", *args, "-c", str(dead_path)]) == 1
+        err = capsys.readouterr().err
+        assert "regmw: database error" in err and "Traceback" not in err, err
     wait_for(lambda: batches_plugin.CALLS[("broken", 1)] == 4 and summary(runner, "broken")["status"] == "failed",
              60, "broken failed again after resume")
 

@@ -7,9 +7,12 @@ Commands work on the state tables on the primary and on ``services.jobs``
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from regmw.cli import Failure, config_option, get_runtime
 from regmw.errors import ConfigError
@@ -19,6 +22,16 @@ from .runner import runner_for
 
 def _runner():
     return runner_for(get_runtime().services)
+
+
+@contextmanager
+def _database() -> Iterator[None]:
+    """A database error (the primary down, say) is one line on stderr and exit 1, not a traceback."""
+    try:
+        yield
+    except DBAPIError as exc:
+        first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+        raise Failure(f"database error (nothing more was done): {first}", 1) from None
 
 
 def _do(operation, names, started: bool = True) -> None:
@@ -31,14 +44,16 @@ def _do(operation, names, started: bool = True) -> None:
     """
     runner = _runner()
     try:
-        for name in names:
-            runner.known(name, started=started)
+        with _database():
+            for name in names:
+                runner.known(name, started=started)
     except ConfigError as exc:
         raise Failure(str(exc), 2) from None
     missing = []
     for name in names:
         try:
-            outcome = operation(name)
+            with _database():
+                outcome = operation(name)
         except ConfigError as exc:
             raise Failure(str(exc), 2) from None
         click.echo(f"{name}: {outcome}")
@@ -97,7 +112,8 @@ def _when(value) -> str:
 def status(name: str | None, as_json: bool) -> None:
     """Each started migration: status, batches done/total, failures, throttle state, last error."""
     try:
-        rows = _runner().status(name)
+        with _database():
+            rows = _runner().status(name)
     except ConfigError as exc:
         raise Failure(str(exc), 2) from None
     if name and not rows:

@@ -37,8 +37,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.engine import URL, Engine
 
 from regmw import metrics
 from regmw.batched import BatchedMigration, collect_migrations
@@ -68,12 +68,19 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
+def postgres_url(url: str) -> URL:
+    """``postgres://`` and ``postgresql://`` driven with psycopg2 (what ``regmw[db]`` installs; SQLAlchemy 2.1
+    would pick psycopg 3 for a bare ``postgresql://``); an explicit driver (``postgresql+psycopg://``) is kept."""
+    parsed = make_url("postgresql://" + url[len("postgres://"):] if url.startswith("postgres://") else url)
+    return parsed.set(drivername="postgresql+psycopg2") if parsed.drivername == "postgresql" else parsed
+
+
 def engine_for(url: str) -> Engine:
     """One small engine per primary URL and process (batches of one migration run one at a time)."""
     with _engines_lock:
         engine = _engines.get(url)
         if engine is None:
-            engine = create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True,
+            engine = create_engine(postgres_url(url), pool_size=2, max_overflow=4, pool_pre_ping=True,
                                    connect_args={"connect_timeout": 5, "application_name": "regmw-db-migrations"})
             _engines[url] = engine
         return engine
