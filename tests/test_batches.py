@@ -158,6 +158,11 @@ def summary(runner: Runner, name: str) -> dict:
     return row
 
 
+def summary_or_none(runner: Runner, name: str) -> dict | None:
+    rows = runner.status(name)
+    return rows[0] if rows else None
+
+
 def test_million_row_migration_completes_pauses_on_replica_lag_and_never_gets_a_replica_quarantined(
         pg_cluster, worker_runtime, capsys):
     runtime, path = worker_runtime
@@ -324,7 +329,7 @@ def test_failed_batch_is_retried_with_backoff_and_its_attempt_recorded(pg_cluste
 
 
 def test_batch_failing_for_good_stops_the_migration_and_resume_retries_it(
-        pg_cluster, worker_runtime, small_table, capsys):
+        pg_cluster, worker_runtime, small_table, capsys, tmp_path):
     runtime, path = worker_runtime
     runner = runner_for(runtime.services)
     runner.start("broken")
@@ -338,6 +343,31 @@ def test_batch_failing_for_good_stops_the_migration_and_resume_retries_it(
     out = cli(capsys, "db-migrations", "status", "broken", "-c", str(path))
     assert "failed" in out and "always fails" in out
     assert "1 failed batch(es) retried" in cli(capsys, "db-migrations", "resume", "broken", "-c", str(path))
+    # hostile names: a typo among good names does nothing at all (exit 2); a declared name not started is exit 1
+    for command in ("run", "pause", "resume"):
+        capsys.readouterr()
+        assert main(["db-migrations", command, "flaky", "no-such'; --", "-c", str(path)]) == 2
+        assert "no batched migration named" in capsys.readouterr().err
+    assert summary_or_none(runner, "flaky") is None  # `run flaky <typo>` started nothing
+    for command in ("pause", "resume"):
+        assert main(["db-migrations", command, "flaky", "-c", str(path)]) == 1
+        assert "not started: flaky" in capsys.readouterr().err
+    # URLs as the docs write them (`postgresql://`, `postgres://`) work with what `regmw[db]` installs (psycopg2)
+    for scheme in ("postgresql", "postgres"):
+        plain = config_for(pg_cluster, tmp_path)
+        plain["db_migrations"]["primary"] = pg_cluster.primary_url.replace("postgresql+psycopg2", scheme, 1)
+        assert "broken" in cli(capsys, "db-migrations", "status", "-c", str(write_config(plain, tmp_path / "p.toml")))
+    # the primary unreachable: one line and exit 1, not a traceback
+    from .servers._util import free_port
+
+    dead = config_for(pg_cluster, tmp_path)
+    dead["db_migrations"]["primary"] = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    dead_path = write_config(dead, tmp_path / "dead.toml")
+    for args in (["status"], ["run", "flaky"], ["pause", "broken"], ["resume", "broken"]):
+        capsys.readouterr()
+        assert main(["db-migrations", *args, "-c", str(dead_path)]) == 1
+        err = capsys.readouterr().err
+        assert "regmw: database error" in err and "Traceback" not in err, err
     wait_for(lambda: batches_plugin.CALLS[("broken", 1)] == 4 and summary(runner, "broken")["status"] == "failed",
              60, "broken failed again after resume")
 
@@ -365,6 +395,31 @@ def test_lost_batch_job_is_enqueued_again_and_a_duplicate_job_is_a_no_op(
     runner.run_batch(context, "flaky", 0, 0)  # a second delivery of batch 0's job
     assert batches_plugin.CALLS == calls
     assert summary(runner, "flaky")["attempts"] == 11
+
+
+def test_batch_held_by_the_throttle_past_stale_after_is_not_enqueued_again(
+        pg_cluster, make_runtime, small_table, tmp_path, monkeypatch):
+    """A replica lagging longer than `stale_after` must not breed one more job per `stale_after`."""
+    from regmw_batches import runner as runner_module
+    from regmw_batches.throttle import GO, Verdict
+
+    verdict = [Verdict("pause", "replica r1 lags (test)")]
+    monkeypatch.setattr(runner_module, "judge", lambda *args: verdict[0])
+    config = config_for(pg_cluster, tmp_path)
+    config["db_migrations"].update(stale_after=1.0, throttle_hold=0.1, throttle_delay=0.1,
+                                   scheduler_interval=3600.0)  # the test plays the scheduler (kick)
+    runtime, _ = make_runtime(config)
+    runner = runner_for(runtime.services)
+    assert "batch 0 enqueued" in runner.start("flaky")
+    wait_for(lambda: summary(runner, "flaky")["throttle"].get("state") == "paused", 30, "flaky paused")
+    wait_for(lambda: pg_cluster.sql("primary", "SELECT due_at < now() - interval '2 seconds' FROM "
+                                    "regmw_batched_migration_batches WHERE migration = 'flaky' AND id = 0") == [(True,)],
+             30, "batch 0 overdue by twice stale_after")
+    assert runner.kick("flaky") == "a batch is queued"  # its job is alive, only held back
+    live = [r for r in runtime.services.jobs.status() if r.name == "db-migration-batch" and r.state != "done"]
+    assert [r.kwargs["batch"] for r in live] == [0]
+    verdict[0] = GO
+    wait_for(lambda: summary(runner, "flaky")["status"] == "finished", 60, "flaky finished")
 
 
 def test_worker_sigkilled_mid_batch_on_dramatiq_leaves_no_trace_and_another_finishes(

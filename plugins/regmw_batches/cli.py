@@ -7,9 +7,12 @@ Commands work on the state tables on the primary and on ``services.jobs``
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from regmw.cli import Failure, config_option, get_runtime
 from regmw.errors import ConfigError
@@ -21,12 +24,43 @@ def _runner():
     return runner_for(get_runtime().services)
 
 
-def _do(operation, names) -> None:
+@contextmanager
+def _database() -> Iterator[None]:
+    """A database error (the primary down, say) is one line on stderr and exit 1, not a traceback."""
+    try:
+        yield
+    except DBAPIError as exc:
+        first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+        raise Failure(f"database error (nothing more was done): {first}", 1) from None
+
+
+def _do(operation, names, started: bool = True) -> None:
+    """Apply ``operation`` to every name, once every name is known (a typo does nothing at all).
+
+    A name must be declared (``run``), or declared or started (``pause``,
+    ``resume``: a started migration no longer declared can still be paused);
+    else nothing is done and the exit code is 2. A migration that has not been
+    started makes the exit code 1, after the others were done.
+    """
+    runner = _runner()
+    try:
+        with _database():
+            for name in names:
+                runner.known(name, started=started)
+    except ConfigError as exc:
+        raise Failure(str(exc), 2) from None
+    missing = []
     for name in names:
         try:
-            click.echo(f"{name}: {operation(name)}")
+            with _database():
+                outcome = operation(name)
         except ConfigError as exc:
             raise Failure(str(exc), 2) from None
+        click.echo(f"{name}: {outcome}")
+        if outcome == "not started":
+            missing.append(name)
+    if missing:
+        raise Failure(f"batched migration(s) not started: {', '.join(missing)} (regmw db-migrations run NAME)", 1)
 
 
 @click.group("db-migrations")
@@ -48,7 +82,7 @@ def list_() -> None:
 @config_option
 def run(names: tuple[str, ...]) -> None:
     """Start migrations (state tables, key range, batches) and enqueue their first batch; idempotent."""
-    _do(_runner().start, names)
+    _do(_runner().start, names, started=False)
 
 
 @group.command("pause")
@@ -78,7 +112,8 @@ def _when(value) -> str:
 def status(name: str | None, as_json: bool) -> None:
     """Each started migration: status, batches done/total, failures, throttle state, last error."""
     try:
-        rows = _runner().status(name)
+        with _database():
+            rows = _runner().status(name)
     except ConfigError as exc:
         raise Failure(str(exc), 2) from None
     if name and not rows:

@@ -22,7 +22,10 @@ then the batch is ``failed`` and the migration stops as ``failed``
 (``resume`` retries its failed batches). An error outside the batch
 function (the primary is down) fails the job, which the job queue retries.
 A job lost with its worker leaves its batch ``queued``; the periodic
-scheduler (``db-migrations-scheduler``) enqueues it again after ``stale_after``.
+scheduler (``db-migrations-scheduler``) enqueues it again after ``stale_after``,
+unless a job of that batch held back by the throttle beat within
+``stale_after`` (a heartbeat in the job queue's state store, no WAL): a long
+lag pause keeps one job per migration, not one more per ``stale_after``.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import Counter
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.engine import URL, Engine
 
 from regmw import metrics
 from regmw.batched import BatchedMigration, collect_migrations
@@ -65,12 +68,19 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
+def postgres_url(url: str) -> URL:
+    """``postgres://`` and ``postgresql://`` driven with psycopg2 (what ``regmw[db]`` installs; SQLAlchemy 2.1
+    would pick psycopg 3 for a bare ``postgresql://``); an explicit driver (``postgresql+psycopg://``) is kept."""
+    parsed = make_url("postgresql://" + url[len("postgres://"):] if url.startswith("postgres://") else url)
+    return parsed.set(drivername="postgresql+psycopg2") if parsed.drivername == "postgresql" else parsed
+
+
 def engine_for(url: str) -> Engine:
     """One small engine per primary URL and process (batches of one migration run one at a time)."""
     with _engines_lock:
         engine = _engines.get(url)
         if engine is None:
-            engine = create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True,
+            engine = create_engine(postgres_url(url), pool_size=2, max_overflow=4, pool_pre_ping=True,
                                    connect_args={"connect_timeout": 5, "application_name": "regmw-db-migrations"})
             _engines[url] = engine
         return engine
@@ -83,6 +93,11 @@ def backoff(settings: Mapping[str, Any], attempt: int) -> float:
 
 def throttle_key(name: str) -> str:
     return f"db-migrations:{name}:throttle"
+
+
+def alive_key(name: str) -> str:
+    """Job-queue state key of the heartbeat of the migration's batch job that the throttle holds back."""
+    return f"db-migrations:{name}:alive"
 
 
 class Runner:
@@ -116,6 +131,20 @@ class Runner:
         except KeyError:
             known = ", ".join(sorted(self.migrations)) or "none"
             raise ConfigError(f"no batched migration named {name!r} is declared (known: {known})") from None
+
+    def known(self, name: str, started: bool = False) -> None:
+        """Refuse (ConfigError) a name that is not declared (``started``: nor started, i.e. in the state tables)."""
+        if name in self.migrations:
+            return
+        if started:
+            with self.engine.connect() as conn:
+                with conn.begin():
+                    state.ensure_schema(conn)
+                current = state.read_status(conn, name)
+                conn.rollback()
+            if current is not None:
+                return
+        self.declared(name)
 
     def _enqueue(self, name: str, batch: int, after_lsn: int, delay: float = 0.0) -> None:
         queue = self.services.jobs
@@ -174,14 +203,14 @@ class Runner:
         (no WAL) while a batch is queued, throttled or not.
         """
         with self.engine.connect() as conn:
-            current, busy = state.peek(conn, name, self.settings["stale_after"])
+            current, busy, queued = state.peek(conn, name, self.settings["stale_after"])
             conn.rollback()
         if current is None:
             return "not started"
         if current != "active":
             return current
-        if busy:
-            return "a batch is queued"
+        if busy or (queued is not None and self._job_alive(name, queued)):
+            return "a batch is queued"  # overdue only because the throttle holds its (live) job back
         with self.engine.connect() as conn:
             with conn.begin():
                 row = state.lock_migration(conn, name, skip_locked=True)
@@ -217,10 +246,12 @@ class Runner:
         spec = self.declared(migration)
         with self.engine.connect() as conn:
             current = state.read_status(conn, migration)
+            queued = state.read_batch_status(conn, migration, batch) == "queued"
             conn.rollback()
-        if current != "active":
-            return
-        if not self._wait_for_throttle(context, migration, after_lsn):
+        if current != "active" or not queued:
+            return  # paused, or a duplicate job: it must not hold a worker thread in the throttle
+        self._beat(migration, batch)
+        if not self._wait_for_throttle(context, migration, after_lsn, batch):
             THROTTLED.labels(migration, "requeued").inc()
             self._enqueue(migration, batch, after_lsn, delay=self.settings["throttle_delay"])
             return
@@ -278,12 +309,28 @@ class Runner:
         savepoint.commit()
         return None
 
-    def _wait_for_throttle(self, context: JobContext, migration: str, after_lsn: int) -> bool:
+    def _beat(self, migration: str, batch: int) -> None:
+        """Tell the scheduler this batch's job is alive (in the job queue's state store: no WAL)."""
+        queue = self.services.jobs
+        if queue is not None:
+            queue.set_state(alive_key(migration), {"batch": batch, "at": time.time()}, time.time_ns())
+
+    def _job_alive(self, migration: str, batch: int) -> bool:
+        """A job of this batch beat within ``stale_after`` (it is held back by the throttle, not lost)."""
+        queue = self.services.jobs
+        note = (queue.get_state(alive_key(migration)) if queue is not None else None) or {}
+        return note.get("batch") == batch and time.time() - note.get("at", 0.0) < self.settings["stale_after"]
+
+    def _wait_for_throttle(self, context: JobContext, migration: str, after_lsn: int, batch: int = -1) -> bool:
         """Wait in this thread until the throttle says go (True) or ``throttle_hold`` passed (False)."""
         settings = self.settings
         deadline = time.monotonic() + settings["throttle_hold"]
+        beat = time.monotonic()
         slowed = False
         while True:
+            if time.monotonic() - beat >= settings["stale_after"] / 4:
+                beat = time.monotonic()
+                self._beat(migration, batch)
             report = lag_report(self.services)
             verdict = judge(report, after_lsn, settings)
             if verdict.action == "go" or (verdict.action == "slow" and slowed):

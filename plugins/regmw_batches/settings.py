@@ -83,8 +83,9 @@ SECTION = Section(
         ),
         "stale_after": Option(
             "float", 600.0,
-            "Seconds after which the scheduler enqueues a queued batch again (its job was lost). A duplicate "
-            "job is harmless: it finds the batch done.",
+            "Seconds after which the scheduler enqueues a queued batch again (its job was lost), unless a job of "
+            "that batch, held back by the throttle, was seen alive within this time. A duplicate job is "
+            "harmless: it finds the batch done.",
             minimum=1,
         ),
         "scheduler_interval": Option(

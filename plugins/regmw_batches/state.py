@@ -174,14 +174,24 @@ def batch_failed(conn: Connection, name: str, batch: int, error: str, retry_in: 
         {"error": error[:2000], "retry": retry_in, "name": name, "batch": batch})
 
 
-def peek(conn: Connection, name: str, stale_after: float) -> tuple[str | None, bool]:
-    """(status, busy) WITHOUT locking anything: a lock (``FOR UPDATE``) writes WAL, which a paused
-    migration must not do (a commit every few seconds would keep a delayed replica lagging)."""
+def peek(conn: Connection, name: str, stale_after: float) -> tuple[str | None, bool, int | None]:
+    """(status, busy, queued batch) WITHOUT locking anything: a lock (``FOR UPDATE``) writes WAL, which a
+    paused migration must not do (a commit every few seconds would keep a delayed replica lagging).
+
+    ``busy``: a batch is queued and not overdue by ``stale_after``; the queued batch's id either way.
+    """
     row = conn.execute(text(
-        f"SELECT m.status, EXISTS (SELECT 1 FROM {BATCHES} b WHERE b.migration = m.name AND b.status = 'queued' "
-        f"AND b.due_at >= now() - make_interval(secs => :stale)) FROM {MIGRATIONS} m WHERE m.name = :name"),
+        f"SELECT m.status, q.id, q.due_at >= now() - make_interval(secs => :stale) FROM {MIGRATIONS} m "
+        f"LEFT JOIN LATERAL (SELECT b.id, b.due_at FROM {BATCHES} b WHERE b.migration = m.name "
+        "AND b.status = 'queued' ORDER BY b.id LIMIT 1) q ON true WHERE m.name = :name"),
         {"name": name, "stale": stale_after}).first()
-    return (row[0], bool(row[1])) if row else (None, False)
+    return (row[0], bool(row[2]), row[1]) if row else (None, False, None)
+
+
+def read_batch_status(conn: Connection, name: str, batch: int) -> str | None:
+    """A batch's status without locking (a plain read on the primary)."""
+    return conn.execute(text(f"SELECT status FROM {BATCHES} WHERE migration = :name AND id = :batch"),
+                        {"name": name, "batch": batch}).scalar()
 
 
 def next_batch(conn: Connection, name: str, stale_after: float) -> tuple[int | None, bool]:

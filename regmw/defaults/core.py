@@ -194,7 +194,8 @@ SECTIONS = [
         "regmw",
         "The core: which plugins run and how clients are identified.",
         {
-            "plugins": Option("list", [], "Built-in plugins to enable: migration, gcs, redis, dbroute (or dotted module paths)."),
+            "plugins": Option("list", [], "Built-in plugins to enable: migration, gcs, redis, jobs, dbroute, db-migrations, notifications "
+                              "(or dotted module paths, e.g. `mycompany.regmw_hooks`)."),
             "entry_points": Option("bool", True, "Load third-party plugins from the `regmw` entry-point group."),
             "trusted_proxies": Option(
                 "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
