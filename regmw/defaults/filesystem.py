@@ -58,11 +58,6 @@ class FilesystemStorage:
                 with os.scandir(path) as entries:
                     return any(entry.name.startswith(start) for entry in entries)
             except (FileNotFoundError, NotADirectoryError):
-                # absent, unless the storage root itself is gone (an unmounted volume, a wrong
-                # [storage] root): that is storage not answering, like a missing bucket, never
-                # "absent" for every repository (one stat, only on this path)
-                if not os.path.isdir(self.root):
-                    raise StorageError(f"the storage root {self.root} is not a directory") from None
                 return False
             except OSError as exc:
                 raise StorageError(f"cannot list {path}: {exc}") from exc
