@@ -8,7 +8,9 @@ object, so two apps never share a runtime by accident.
 Configuration comes from ``app.config``, as configuration (it is validated
 against the schema like a file, and wins over the file):
 
-- ``REGMW_CONFIG``: a TOML file (else the extension's ``config`` argument);
+- ``REGMW_CONFIG``: a TOML file (else the extension's ``config`` argument,
+  else the file named by the ``REGMW_CONFIG`` environment variable, as for
+  :class:`~regmw.middleware.RegistryMiddleware`);
 - ``REGMW``: a dict of sections, ``{"redis": {"url": "redis://..."}}``;
 - flat keys with the names of the environment overrides, e.g.
   ``REGMW_REDIS_URL`` for ``[redis] url`` (``REGMW_PLUGINS`` for ``[regmw]
@@ -18,9 +20,18 @@ against the schema like a file, and wins over the file):
 The process environment (``REGMW_<SECTION>_<KEY>``) still wins over all of
 them, as for every other way of running regmw. Building the runtime leaves
 the app's logging configuration alone.
+
+A view that raises :class:`~regmw.errors.BackendUnavailable` (a shared
+backend down: Redis behind ``cluster_slot``, dbroute's ``PrimaryUnavailable``)
+on an API request is answered ``503 UNAVAILABLE`` with an OCI body and
+``Retry-After``, as :class:`~regmw.middleware.RegistryMiddleware` answers a
+plain WSGI app that raises it (Flask would otherwise turn it into its own
+500 page before regmw sees it). A handler the app (or a blueprint, or a
+plugin's ``init_app``) registers for it, or for a subclass, takes precedence.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,11 +39,13 @@ from typing import Any
 
 from .config import env_name, load_toml, merge
 from .context import RequestContext
-from .errors import ConfigError
-from .middleware import RegistryMiddleware
+from .errors import BackendUnavailable, ConfigError
+from .middleware import _REFUSAL, RegistryMiddleware, backend_unavailable
 from .runtime import Runtime, build, gather_sections
 
 EXTENSION = "regmw"
+
+log = logging.getLogger("regmw")
 
 
 @dataclass
@@ -67,13 +80,15 @@ class RegMW:
         """Build this app's runtime from its ``app.config`` and wrap ``app.wsgi_app``; refuse a second call."""
         if EXTENSION in app.extensions:
             raise RuntimeError("regmw is already initialised on this app")
-        base = app.config.get("REGMW_CONFIG") or self.config or {}
+        base = app.config.get("REGMW_CONFIG") or self.config or os.environ.get("REGMW_CONFIG") or {}
         flat = {key: value for key, value in app.config.items() if key.startswith("REGMW_") and key != "REGMW_CONFIG"}
         overrides = merge(dict(app.config.get("REGMW") or {}), self._sections_of(flat, base, app.config))
         runtime = build(base, plugins=self.plugins, overrides=overrides)
         state = RegMWState(runtime, RegistryMiddleware(app.wsgi_app, runtime))
         app.wsgi_app = state.middleware
         app.extensions[EXTENSION] = state
+        if BackendUnavailable not in app.error_handler_spec[None][None]:
+            app.register_error_handler(BackendUnavailable, _answer_backend_unavailable)
         return state
 
     def _sections_of(self, flat: Mapping[str, Any], base: Any, app_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,6 +115,21 @@ class RegMW:
         return out
 
 
+def _answer_backend_unavailable(exc: BackendUnavailable) -> Any:
+    """A view's ``BackendUnavailable`` on an API request: the middleware's 503, counted the same way."""
+    from flask import Response, request
+
+    environ = request.environ
+    if "regmw.context" not in environ:
+        raise exc  # not a request regmw handled: Flask's own handling
+    log.warning("%s %s: %s: %s", request.method, request.path, type(exc).__name__, exc)
+    refusal = backend_unavailable()
+    environ[_REFUSAL] = refusal.reason
+    return Response(refusal.body(), refusal.status,
+                    [("Docker-Distribution-API-Version", "registry/2.0"), *refusal.headers],
+                    content_type="application/json; charset=utf-8")
+
+
 def state(app: Any = None) -> RegMWState:
     """``app.extensions["regmw"]`` of ``app`` (default: the current app)."""
     if app is None:
@@ -110,7 +140,13 @@ def state(app: Any = None) -> RegMWState:
 
 
 def current_context() -> RequestContext | None:
-    """The regmw context of the current Flask request, if regmw handled it."""
+    """The regmw context of the current Flask request, or None for a request regmw did not handle.
+
+    regmw handles every API request (under ``/v2``) it lets through; paths
+    outside ``/v2`` get None. Outside a request (no request context: at import,
+    in a CLI command, in a thread without ``copy_current_request_context``) it
+    raises Flask's ``RuntimeError: Working outside of request context``.
+    """
     from flask import request
 
     return request.environ.get("regmw.context")

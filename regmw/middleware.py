@@ -206,8 +206,7 @@ class RegistryMiddleware:
                 self._finish(context)
                 raise
             log.warning("%s %s: %s: %s", context.method, path, type(exc).__name__, exc)
-            refusal = unavailable("a backend the registry needs is unavailable; retry the request", 5,
-                                  reason="backend_unavailable")
+            refusal = backend_unavailable()
             context.status = refusal.status
             environ[_REFUSAL] = refusal.reason
             self._finish(context)
@@ -262,6 +261,12 @@ class RegistryMiddleware:
         if peer is None or not any(peer in network for network in self._metrics_allow):
             return _METRICS_DENIED(environ, start_response)
         return self._metrics_app(environ, start_response)
+
+
+def backend_unavailable() -> Refusal:
+    """The answer to a backend's "unavailable" error the app raised before its response started: 503."""
+    return unavailable("a backend the registry needs is unavailable; retry the request", 5,
+                       reason="backend_unavailable")
 
 
 class _Closing:

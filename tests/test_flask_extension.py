@@ -5,7 +5,7 @@ import pytest
 from flask import Flask
 from werkzeug.test import Client
 
-from regmw import ConfigError, build
+from regmw import BackendUnavailable, ConfigError, build, hookimpl, metrics
 from regmw.flask import RegMW, current_context, state
 
 
@@ -92,3 +92,96 @@ def test_building_a_runtime_leaves_the_logging_levels_alone():
         assert logger.level == logging.CRITICAL
     finally:
         logger.setLevel(before)
+
+
+def test_regmw_config_in_the_environment_names_the_file_when_the_app_names_none(tmp_path, monkeypatch):
+    """As for RegistryMiddleware(app): $REGMW_CONFIG is the file unless app.config or RegMW(config=...) names one."""
+    from_env, from_app = tmp_path / "env.toml", tmp_path / "app.toml"
+    from_env.write_text("[cache]\nmax_entries = 5\n")
+    from_app.write_text("[cache]\nmax_entries = 6\n")
+    monkeypatch.setenv("REGMW_CONFIG", str(from_env))
+    app = make_app()
+    RegMW(app)
+    assert state(app).runtime.config["cache"]["max_entries"] == 5
+    assert state(app).runtime.config.source == str(from_env)
+    named = make_app(REGMW_CONFIG=str(from_app))
+    RegMW(named)
+    assert state(named).runtime.config["cache"]["max_entries"] == 6
+
+
+class Finishes:
+    def __init__(self):
+        self.statuses = []
+
+    @hookimpl
+    def regmw_finish(self, context, status):
+        self.statuses.append(status)
+
+
+def backend_down_app(**config):
+    app = Flask(__name__)
+    app.config.update(config)
+
+    @app.route("/v2/<path:rest>")
+    @app.route("/plain")
+    def down(rest=None):
+        raise BackendUnavailable("redis at 10.1.2.3:6379 timed out")
+
+    return app
+
+
+@pytest.mark.parametrize("testing", [False, True])
+def test_a_views_backend_unavailable_is_the_middlewares_oci_503(testing):
+    """Flask turns a view's exception into its own 500 page before regmw sees it; regmw answers as for any WSGI app."""
+    app = backend_down_app(TESTING=testing)
+    finishes = Finishes()
+    RegMW(app, plugins=[finishes])
+    refused = metrics.refusals.labels("backend_unavailable")
+    before = refused._value.get()
+    response = Client(app).get("/v2/a/b/tags/list")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json["errors"][0]["code"] == "UNAVAILABLE"
+    assert "10.1.2.3" not in response.get_data(as_text=True)
+    response.close()
+    assert finishes.statuses == [503]
+    assert refused._value.get() == before + 1
+
+
+def test_the_apps_own_backend_unavailable_handler_and_non_api_paths_keep_flasks_handling():
+    app = backend_down_app()
+
+    @app.errorhandler(BackendUnavailable)
+    def mine(exc):
+        return "mine", 599
+
+    RegMW(app)
+    assert Client(app).get("/v2/a/b/tags/list").status_code == 599
+    plain = backend_down_app()
+    RegMW(plain)
+    assert Client(plain).get("/plain").status_code == 500
+
+
+def test_current_context_is_the_requests_none_off_the_api_and_an_error_outside_a_request():
+    app = Flask(__name__)
+    seen = {}
+
+    @app.route("/v2/<path:rest>")
+    @app.route("/plain")
+    def view(rest=None):
+        from flask import request
+
+        seen[rest] = current_context() is request.environ.get("regmw.context") and current_context()
+        return "ok"
+
+    RegMW(app)
+    client = Client(app)
+    client.get("/v2/a/b/tags/list")
+    client.get("/plain")
+    assert seen["a/b/tags/list"].repository == "a/b"
+    assert seen[None] is None
+    with pytest.raises(RuntimeError, match="outside of request context"):
+        current_context()
+    with app.app_context(), pytest.raises(RuntimeError, match="outside of request context"):
+        current_context()
