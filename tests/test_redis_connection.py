@@ -1,6 +1,8 @@
 """The Redis connection layer: URLs, one connection per runtime (services.redis), namespacing, counting."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import redis
 
@@ -17,6 +19,37 @@ def test_parse_plain_tls_and_unix_urls():
     assert parse_url("rediss://127.0.0.1:6380").tls
     assert parse_url("unix:///run/redis.sock?db=2").db == 2
     assert parse_url("redis://h:1/1", {"db": 5, "password": "p"}).db == 5
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis://127.0.0.1:6379/abc", "database 'abc' in the URL is not a number"),
+    ("redis://127.0.0.1:6379/-1", "database '-1' in the URL is not a number"),
+    ("redis://127.0.0.1:6379/0?db=x", "database 'x' in the URL is not a number"),
+    ("unix://", "a unix:// URL needs the socket's path"),
+    ("redis+sentinel://h:1/svc/x", "database 'x' in the URL is not a number"),
+    ("redis+sentinel://h:1/svc/0/extra", "a redis+sentinel:// URL's path is /<service>[/db]"),
+    ("redis+cluster://h:1?db=2", "a Redis Cluster has only database 0"),
+])
+def test_malformed_urls_are_one_line_config_errors(url, message):
+    with pytest.raises(ConfigError, match=f"redis.url: {re.escape(message)}") as info:
+        build({"regmw": {"plugins": ["redis"], "entry_points": False}, "redis": {"url": url}}, environ={})
+    assert "\n" not in str(info.value) and "invalid literal" not in str(info.value)
+
+
+def test_section_password_and_db_win_over_the_urls(tmp_path):
+    """docs/redis.md: `password`, `db` win over the URL's (redis-py's from_url lets the URL win)."""
+    proc, port = start_redis(tmp_path, "--requirepass", "right")
+    try:
+        for url in (f"redis://:wrong@127.0.0.1:{port}/3", f"redis://:wrong@127.0.0.1:{port}/0?db=3"):
+            connection = RedisConnection({**_defaults(), "url": url, "password": "right", "db": 5})
+            try:
+                connection.client.set("regmw-test:k", b"v")
+            finally:
+                connection.close()
+        counts = {db: redis.Redis(port=port, password="right", db=db).dbsize() for db in (0, 3, 5)}
+        assert counts == {0: 0, 3: 0, 5: 1}
+    finally:
+        stop(proc)
 
 
 def test_parse_sentinel_url():
