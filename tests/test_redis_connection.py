@@ -29,10 +29,13 @@ def test_parse_plain_tls_and_unix_urls():
     ("redis+sentinel://h:1/svc/x", "database 'x' in the URL is not a number"),
     ("redis+sentinel://h:1/svc/0/extra", "a redis+sentinel:// URL's path is /<service>[/db]"),
     ("redis+cluster://h:1?db=2", "a Redis Cluster has only database 0"),
+    ("redis+sentinel://h:1/3 service_name=registry", "the URL names master '3' and [redis] service_name 'registry'"),
 ])
 def test_malformed_urls_are_one_line_config_errors(url, message):
+    url, _, option = url.partition(" ")
+    extra = dict([option.split("=")]) if option else {}
     with pytest.raises(ConfigError, match=f"redis.url: {re.escape(message)}") as info:
-        build({"regmw": {"plugins": ["redis"], "entry_points": False}, "redis": {"url": url}}, environ={})
+        build({"regmw": {"plugins": ["redis"], "entry_points": False}, "redis": {"url": url, **extra}}, environ={})
     assert "\n" not in str(info.value) and "invalid literal" not in str(info.value)
 
 
@@ -93,6 +96,17 @@ def test_one_connection_per_runtime_shared_by_every_feature(redis_server):
     assert services.rate_limiter.shared and services.cache.shared and services.locks.shared
     other = build(config, environ={})  # a second runtime in the same process: its own connection
     assert other.services.redis is not connection and other.services.redis.client is not client
+
+
+def test_sentinel_tls_ca_reaches_both_hot_paths(tmp_path):
+    """rediss+sentinel:// with [redis] tls_ca_file: the client's pool and limits' own storage verify with it."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    connection = RedisConnection({**_defaults(), "url": "rediss+sentinel://127.0.0.1:1/registry", "tls_ca_file": ca})
+    assert connection.client.connection_pool.connection_kwargs["ssl_ca_certs"] == ca
+    uri, options = limits_storage(connection)  # hot_path = "limits": limits builds its own Sentinel
+    assert uri == "redis+sentinel://127.0.0.1:1" and options["ssl"] is True
+    assert options["ssl_ca_certs"] == str(ca)  # else limits verifies against the system store and never connects
 
 
 def test_building_a_connection_opens_none():

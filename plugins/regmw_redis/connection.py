@@ -130,7 +130,14 @@ def parse_url(url: str, section: Mapping[str, Any] | None = None) -> RedisTarget
     path = [piece for piece in parts.path.split("/") if piece]
     if len(path) > 2:
         raise ValueError(f"a redis+sentinel:// URL's path is /<service>[/db], not {parts.path!r}")
-    service = section.get("service_name") or (unquote(path[0]) if path else None)
+    url_service = unquote(path[0]) if path else None
+    if url_service and section.get("service_name") and section["service_name"] != url_service:
+        # e.g. redis+sentinel://h:p/3 meant as "db 3": the path's first part is the master's name
+        raise ValueError(
+            f"the URL names master {url_service!r} and [redis] service_name {section['service_name']!r}: keep one "
+            "(the URL's path is /<service>[/db])"
+        )
+    service = section.get("service_name") or url_service
     if not service:
         raise ValueError("a redis+sentinel:// URL needs the master's service name: redis+sentinel://h:p,h:p/<service>")
     db = section.get("db")
@@ -382,6 +389,8 @@ def limits_storage(connection: RedisConnection, purpose: str = "ratelimit") -> t
         scheme = "redis+sentinel"
         if target.tls:
             options["ssl"] = True
+            if section["tls_ca_file"]:
+                options["ssl_ca_certs"] = str(section["tls_ca_file"])
         return f"{scheme}://{hosts}", options
     uri = "redis+unix://" + target.url[len("unix://"):] if target.scheme == "unix" else target.url
     return uri, {"connection_pool": connection.client.connection_pool, "key_prefix": prefix}
