@@ -29,6 +29,11 @@ def test_parse_plain_tls_and_unix_urls():
     ("redis+sentinel://h:1/svc/x", "database 'x' in the URL is not a number"),
     ("redis+sentinel://h:1/svc/0/extra", "a redis+sentinel:// URL's path is /<service>[/db]"),
     ("redis+cluster://h:1?db=2", "a Redis Cluster has only database 0"),
+    # redis-py would let these win over [redis]: no TLS verification, another timeout
+    ("rediss://127.0.0.1:6380/0?ssl_cert_reqs=none", "URL query parameter 'ssl_cert_reqs' is not supported"),
+    ("unix:///run/redis.sock?db=1&socket_timeout=30", "URL query parameter 'socket_timeout' is not supported"),
+    ("rediss+cluster://h:1?ssl_check_hostname=false", "URL query parameter 'ssl_check_hostname' is not supported"),
+    ("rediss+sentinel://h:1/registry?ssl=false", "URL query parameter 'ssl' is not supported"),
     ("redis+sentinel://h:1/3 service_name=registry", "the URL names master '3' and [redis] service_name 'registry'"),
 ])
 def test_malformed_urls_are_one_line_config_errors(url, message):

@@ -54,7 +54,7 @@ from redis.retry import Retry
 from regmw import metrics
 from regmw.defaults.ratelimit import Rule
 
-from .connection import RedisConnection, counting, split_hosts
+from .connection import RedisConnection, check_query, counting, split_hosts
 
 __all__ = [
     "CLUSTER_SCHEMES", "ClusterConnection", "ClusterTarget", "LazyRedisCluster", "NODES", "REDIRECTIONS", "SlotGroups",
@@ -100,6 +100,7 @@ def parse_cluster_url(url: str, section: Mapping[str, Any] | None = None) -> Clu
     parts = urlsplit(url)
     if parts.scheme not in CLUSTER_SCHEMES:
         raise ValueError(f"not a cluster URL: {url!r}")
+    check_query(parts.query)
     username, password, nodes = split_hosts(parts.netloc, "cluster node address")
     query_db = parse_qs(parts.query).get("db", ["0"])[0]
     if parts.path.strip("/") not in ("", "0") or query_db != "0" or (section.get("db") or 0) != 0:

@@ -115,6 +115,7 @@ def parse_url(url: str, section: Mapping[str, Any] | None = None) -> RedisTarget
     scheme = parts.scheme
     if scheme not in SCHEMES:
         raise ValueError(f"unsupported Redis URL scheme {scheme!r} (use {', '.join(s + '://' for s in SCHEMES)})")
+    check_query(parts.query)
     if not scheme.endswith("+sentinel"):
         if scheme == "unix" and not parts.path.strip("/"):
             raise ValueError("a unix:// URL needs the socket's path: unix:///path/redis.sock?db=N")
@@ -147,6 +148,14 @@ def parse_url(url: str, section: Mapping[str, Any] | None = None) -> RedisTarget
         scheme, url, tuple(sentinels), service, int(db), username, section.get("password") or password,
         tls=scheme.startswith("rediss"),
     )
+
+
+def check_query(query: str) -> None:
+    """Only ``?db=N`` may follow a URL: redis-py would let any other query argument win over ``[redis]``
+    (timeouts, pool size) and over TLS verification (``?ssl_cert_reqs=none``), which is always on."""
+    unknown = sorted(set(parse_qs(query, keep_blank_values=True)) - {"db"})
+    if unknown:
+        raise ValueError(f"URL query parameter {unknown[0]!r} is not supported (only ?db=N; set [redis] keys instead)")
 
 
 def split_hosts(netloc: str, what: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
