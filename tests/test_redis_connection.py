@@ -1,6 +1,8 @@
 """The Redis connection layer: URLs, one connection per runtime (services.redis), namespacing, counting."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import redis
 
@@ -17,6 +19,45 @@ def test_parse_plain_tls_and_unix_urls():
     assert parse_url("rediss://127.0.0.1:6380").tls
     assert parse_url("unix:///run/redis.sock?db=2").db == 2
     assert parse_url("redis://h:1/1", {"db": 5, "password": "p"}).db == 5
+
+
+@pytest.mark.parametrize("url, message", [
+    ("redis://127.0.0.1:6379/abc", "database 'abc' in the URL is not a number"),
+    ("redis://127.0.0.1:6379/-1", "database '-1' in the URL is not a number"),
+    ("redis://127.0.0.1:6379/0?db=x", "database 'x' in the URL is not a number"),
+    ("unix://", "a unix:// URL needs the socket's path"),
+    ("redis+sentinel://h:1/svc/x", "database 'x' in the URL is not a number"),
+    ("redis+sentinel://h:1/svc/0/extra", "a redis+sentinel:// URL's path is /<service>[/db]"),
+    ("redis+cluster://h:1?db=2", "a Redis Cluster has only database 0"),
+    # redis-py would let these win over [redis]: no TLS verification, another timeout
+    ("rediss://127.0.0.1:6380/0?ssl_cert_reqs=none", "URL query parameter 'ssl_cert_reqs' is not supported"),
+    ("unix:///run/redis.sock?db=1&socket_timeout=30", "URL query parameter 'socket_timeout' is not supported"),
+    ("rediss+cluster://h:1?ssl_check_hostname=false", "URL query parameter 'ssl_check_hostname' is not supported"),
+    ("rediss+sentinel://h:1/registry?ssl=false", "URL query parameter 'ssl' is not supported"),
+    ("redis+sentinel://h:1/3 service_name=registry", "the URL names master '3' and [redis] service_name 'registry'"),
+])
+def test_malformed_urls_are_one_line_config_errors(url, message):
+    url, _, option = url.partition(" ")
+    extra = dict([option.split("=")]) if option else {}
+    with pytest.raises(ConfigError, match=f"redis.url: {re.escape(message)}") as info:
+        build({"regmw": {"plugins": ["redis"], "entry_points": False}, "redis": {"url": url, **extra}}, environ={})
+    assert "\n" not in str(info.value) and "invalid literal" not in str(info.value)
+
+
+def test_section_password_and_db_win_over_the_urls(tmp_path):
+    """docs/redis.md: `password`, `db` win over the URL's (redis-py's from_url lets the URL win)."""
+    proc, port = start_redis(tmp_path, "--requirepass", "right")
+    try:
+        for url in (f"redis://:wrong@127.0.0.1:{port}/3", f"redis://:wrong@127.0.0.1:{port}/0?db=3"):
+            connection = RedisConnection({**_defaults(), "url": url, "password": "right", "db": 5})
+            try:
+                connection.client.set("regmw-test:k", b"v")
+            finally:
+                connection.close()
+        counts = {db: redis.Redis(port=port, password="right", db=db).dbsize() for db in (0, 3, 5)}
+        assert counts == {0: 0, 3: 0, 5: 1}
+    finally:
+        stop(proc)
 
 
 def test_parse_sentinel_url():
@@ -60,6 +101,17 @@ def test_one_connection_per_runtime_shared_by_every_feature(redis_server):
     assert services.rate_limiter.shared and services.cache.shared and services.locks.shared
     other = build(config, environ={})  # a second runtime in the same process: its own connection
     assert other.services.redis is not connection and other.services.redis.client is not client
+
+
+def test_sentinel_tls_ca_reaches_both_hot_paths(tmp_path):
+    """rediss+sentinel:// with [redis] tls_ca_file: the client's pool and limits' own storage verify with it."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    connection = RedisConnection({**_defaults(), "url": "rediss+sentinel://127.0.0.1:1/registry", "tls_ca_file": ca})
+    assert connection.client.connection_pool.connection_kwargs["ssl_ca_certs"] == ca
+    uri, options = limits_storage(connection)  # hot_path = "limits": limits builds its own Sentinel
+    assert uri == "redis+sentinel://127.0.0.1:1" and options["ssl"] is True
+    assert options["ssl_ca_certs"] == str(ca)  # else limits verifies against the system store and never connects
 
 
 def test_building_a_connection_opens_none():

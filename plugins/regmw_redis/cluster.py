@@ -32,7 +32,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from prometheus_client import Counter
@@ -54,7 +54,7 @@ from redis.retry import Retry
 from regmw import metrics
 from regmw.defaults.ratelimit import Rule
 
-from .connection import RedisConnection, counting, split_hosts
+from .connection import RedisConnection, check_query, counting, split_hosts
 
 __all__ = [
     "CLUSTER_SCHEMES", "ClusterConnection", "ClusterTarget", "LazyRedisCluster", "NODES", "REDIRECTIONS", "SlotGroups",
@@ -100,8 +100,10 @@ def parse_cluster_url(url: str, section: Mapping[str, Any] | None = None) -> Clu
     parts = urlsplit(url)
     if parts.scheme not in CLUSTER_SCHEMES:
         raise ValueError(f"not a cluster URL: {url!r}")
+    check_query(parts.query)
     username, password, nodes = split_hosts(parts.netloc, "cluster node address")
-    if parts.path.strip("/") not in ("", "0") or (section.get("db") or 0) != 0:
+    query_db = parse_qs(parts.query).get("db", ["0"])[0]
+    if parts.path.strip("/") not in ("", "0") or query_db != "0" or (section.get("db") or 0) != 0:
         raise ValueError("a Redis Cluster has only database 0 (drop the /<db> from the URL and [redis] db)")
     return ClusterTarget(
         tuple(nodes), username, section.get("password") or password, tls=parts.scheme.startswith("rediss")

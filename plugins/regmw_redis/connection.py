@@ -115,27 +115,47 @@ def parse_url(url: str, section: Mapping[str, Any] | None = None) -> RedisTarget
     scheme = parts.scheme
     if scheme not in SCHEMES:
         raise ValueError(f"unsupported Redis URL scheme {scheme!r} (use {', '.join(s + '://' for s in SCHEMES)})")
+    check_query(parts.query)
     if not scheme.endswith("+sentinel"):
+        if scheme == "unix" and not parts.path.strip("/"):
+            raise ValueError("a unix:// URL needs the socket's path: unix:///path/redis.sock?db=N")
+        url_db = _db(parse_qs(parts.query).get("db", [None])[0] or _path_db(parts.path, scheme))
         db = section.get("db")
-        if db is None:
-            db = parse_qs(parts.query).get("db", [None])[0] or _path_db(parts.path, scheme)
         return RedisTarget(
-            scheme, url, db=int(db), username=unquote(parts.username) if parts.username else None,
+            scheme, url, db=url_db if db is None else int(db),
+            username=unquote(parts.username) if parts.username else None,
             password=section.get("password") or (unquote(parts.password) if parts.password else None),
             tls=scheme == "rediss",
         )
     username, password, sentinels = split_hosts(parts.netloc, "sentinel address")
     path = [piece for piece in parts.path.split("/") if piece]
-    service = section.get("service_name") or (unquote(path[0]) if path else None)
+    if len(path) > 2:
+        raise ValueError(f"a redis+sentinel:// URL's path is /<service>[/db], not {parts.path!r}")
+    url_service = unquote(path[0]) if path else None
+    if url_service and section.get("service_name") and section["service_name"] != url_service:
+        # e.g. redis+sentinel://h:p/3 meant as "db 3": the path's first part is the master's name
+        raise ValueError(
+            f"the URL names master {url_service!r} and [redis] service_name {section['service_name']!r}: keep one "
+            "(the URL's path is /<service>[/db])"
+        )
+    service = section.get("service_name") or url_service
     if not service:
         raise ValueError("a redis+sentinel:// URL needs the master's service name: redis+sentinel://h:p,h:p/<service>")
     db = section.get("db")
     if db is None:
-        db = int(path[1]) if len(path) > 1 else 0
+        db = _db(path[1]) if len(path) > 1 else 0
     return RedisTarget(
         scheme, url, tuple(sentinels), service, int(db), username, section.get("password") or password,
         tls=scheme.startswith("rediss"),
     )
+
+
+def check_query(query: str) -> None:
+    """Only ``?db=N`` may follow a URL: redis-py would let any other query argument win over ``[redis]``
+    (timeouts, pool size) and over TLS verification (``?ssl_cert_reqs=none``), which is always on."""
+    unknown = sorted(set(parse_qs(query, keep_blank_values=True)) - {"db"})
+    if unknown:
+        raise ValueError(f"URL query parameter {unknown[0]!r} is not supported (only ?db=N; set [redis] keys instead)")
 
 
 def split_hosts(netloc: str, what: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
@@ -158,11 +178,18 @@ def split_hosts(netloc: str, what: str) -> tuple[str | None, str | None, list[tu
     return username, password, hosts
 
 
-def _path_db(path: str, scheme: str) -> int:
+def _path_db(path: str, scheme: str) -> str | int:
     if scheme == "unix":
         return 0
-    piece = path.strip("/")
-    return int(piece) if piece else 0
+    return path.strip("/") or 0
+
+
+def _db(value: str | int | None) -> int:
+    """A database number from a URL (its path or ``?db=``): a whole number, 0 or more."""
+    text = str(value if value is not None else 0).strip()
+    if not text.isdigit():
+        raise ValueError(f"database {text!r} in the URL is not a number (0, 1, ...)")
+    return int(text)
 
 
 # --- clients -------------------------------------------------------------------
@@ -332,9 +359,13 @@ def build_client(section: Mapping[str, Any]) -> redis.Redis:
     if target.tls and section["tls_ca_file"]:
         kwargs["ssl_ca_certs"] = section["tls_ca_file"]
     pool = redis.BlockingConnectionPool.from_url(
-        target.url, db=target.db, password=target.password, max_connections=section["max_connections"],
-        timeout=section["pool_timeout"], **kwargs,
+        target.url, max_connections=section["max_connections"], timeout=section["pool_timeout"], **kwargs,
     )
+    # redis-py lets the URL's db and password win over keyword arguments; here [redis] db and
+    # password win (docs/redis.md), so they are set on the pool after it parsed the URL.
+    pool.connection_kwargs["db"] = target.db
+    if target.password is not None:
+        pool.connection_kwargs["password"] = target.password
     pool.connection_class = counting(pool.connection_class)
     return redis.Redis(connection_pool=pool)
 
@@ -367,6 +398,8 @@ def limits_storage(connection: RedisConnection, purpose: str = "ratelimit") -> t
         scheme = "redis+sentinel"
         if target.tls:
             options["ssl"] = True
+            if section["tls_ca_file"]:
+                options["ssl_ca_certs"] = str(section["tls_ca_file"])
         return f"{scheme}://{hosts}", options
     uri = "redis+unix://" + target.url[len("unix://"):] if target.scheme == "unix" else target.url
     return uri, {"connection_pool": connection.client.connection_pool, "key_prefix": prefix}

@@ -68,7 +68,9 @@ SECTION = Section(
             "Cluster redis+cluster://[[user]:password@]host:port[,host:port...] (rediss+cluster:// with TLS).",
             schemes=SCHEMES + CLUSTER_SCHEMES,
         ),
-        "service_name": Option("str", None, "Sentinel master name, when the URL does not carry it."),
+        "service_name": Option(
+            "str", None, "Sentinel master name, when the URL does not carry it (a different name in both is an error).",
+        ),
         "sentinel_password": Option("str", None, "Password of the sentinels themselves (none by default)."),
         "password": Option("str", None, "Password of the Redis server (wins over the URL's)."),
         "db": Option("int", None, "Database number (wins over the URL's).", minimum=0),
@@ -92,7 +94,7 @@ SECTION = Section(
             "int", 2, "RESP protocol version spoken to Redis (2 parses faster in redis-py; 3 if your proxy needs it).",
             minimum=2, maximum=3,
         ),
-        "tls_ca_file": Option("path", None, "CA bundle verifying the server's certificate for rediss:// and rediss+cluster://."),
+        "tls_ca_file": Option("path", None, "CA bundle verifying the server's certificate for rediss://, rediss+sentinel:// and rediss+cluster://."),
         "cache_ttl": Option("float", 300.0, "Seconds a cache entry lives when the caller gives no TTL.", minimum=0.001),
         "hot_path": Option(
             "str", "script",
