@@ -19,8 +19,10 @@ once per invocation) and :class:`Failure` (one line on stderr, an exit code).
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +31,8 @@ import click
 from .errors import ConfigError
 
 USAGE_ERROR = 2
+FAILED = 1
+INTERRUPTED = 130
 _CONFIG_HELP = "TOML configuration file (default: $REGMW_CONFIG, else defaults)"
 
 
@@ -41,6 +45,20 @@ class Failure(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"regmw: {self.message}", err=True)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf`` (exit 2, like any bad option value)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+#: a TCP port on the command line (0: any free port)
+PORT = click.IntRange(0, 65535)
 
 
 class _State:
@@ -184,7 +202,7 @@ def check_config_command(file: str, connect: bool) -> None:
             try:
                 redis.ping()
             except Exception as exc:  # noqa: BLE001 - whatever the client raised, report it in one line
-                raise Failure(f"{file}: redis: cannot connect: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+                raise Failure(f"{file}: redis: cannot connect: {str(exc).splitlines()[0] if str(exc) else repr(exc)}") from None
         config = runtime.config
     else:
         config = validate_file(file)
@@ -237,23 +255,34 @@ class _Args:
         self.__dict__.update(values)
 
 
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("must not be empty", ctx, param)
+    return value
+
+
 @cli.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, callback=_not_empty)
+@click.option("--port", type=PORT, default=5000, show_default=True)
 @click.option("--app", help="module:attribute of a WSGI registry app to wrap")
 @click.option("--registry-root", help="serve the bundled reference registry on this directory")
 @config_option
 def serve_command(host: str, port: int, app: str | None, registry_root: str | None) -> None:
     """Serve regmw in front of a registry (gateway, reference registry or --app)."""
     from .serve import serve
+    from .server import ListenError
 
     ctx = click.get_current_context()
-    ctx.exit(serve(_Args(config=ctx.ensure_object(_State).config, host=host, port=port, app=app,
-                         registry_root=registry_root)) or 0)
+    try:
+        code = serve(_Args(config=ctx.ensure_object(_State).config, host=host, port=port, app=app,
+                           registry_root=registry_root))
+    except ListenError as exc:
+        raise Failure(str(exc), 1) from None
+    ctx.exit(code or 0)
 
 
 @cli.command("demo")
-@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--port", type=PORT, default=5000, show_default=True, help="0: any free port")
 @click.option("--root", help="registry storage directory (default: a new temporary directory)")
 @click.option("--self-test", is_flag=True, help="push and pull a tiny image through it, print the decisions, exit")
 @config_option
@@ -266,7 +295,14 @@ def demo_command(port: int, root: str | None, self_test: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return its exit code (configuration errors: one line, exit 2)."""
+    """Run the command line; return its exit code.
+
+    Every error is one line on stderr, never a traceback: configuration and
+    usage errors exit 2, a command that did not happen (a refusal, Redis,
+    the database or storage unreachable, any other error) exits 1, an
+    interrupt (Ctrl-C) 130. ``REGMW_TRACEBACK=1`` adds the traceback of an
+    unexpected error.
+    """
     try:
         result = cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="regmw", standalone_mode=False)
     except ConfigError as exc:
@@ -276,7 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         exc.show()
         return exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
-        return 130
+        return INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a dependency down, a bug: one line, not a traceback
+        if os.environ.get("REGMW_TRACEBACK"):
+            traceback.print_exc()
+        text = str(exc).strip()
+        click.echo(f"regmw: {type(exc).__name__}: {text.splitlines()[0] if text else repr(exc)}", err=True)
+        return FAILED
     return result if isinstance(result, int) else 0  # ctx.exit(code) returns the code here
 
 

@@ -268,6 +268,32 @@ def _remove_stale_metrics_dirs() -> None:
             pass  # alive, someone else's
 
 
+class ListenError(OSError):
+    """``regmw serve`` cannot listen on the address it was given (in use, not this host's, unknown name)."""
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` once as gunicorn will (``SO_REUSEADDR``), so a port in use fails at once, in one line.
+
+    gunicorn itself retries five times a second apart, then logs "Can't
+    connect". Skipped for port 0 and for sockets handed over by a parent
+    (systemd's ``LISTEN_FDS``, gunicorn's ``GUNICORN_FD`` on re-exec).
+    """
+    if port == 0 or os.environ.get("LISTEN_FDS") or os.environ.get("GUNICORN_FD"):
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {_bind(host, port)}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {_bind(host, port)}: {exc.strerror or exc}") from None
+
+
 def run(config: str | None, host: str = "127.0.0.1", port: int = 5000, *, app: str | None = None,
         registry_root: str | None = None) -> int:
     """What ``regmw serve`` calls: validate, then serve on gunicorn until SIGTERM/SIGINT.
@@ -277,6 +303,7 @@ def run(config: str | None, host: str = "127.0.0.1", port: int = 5000, *, app: s
     itself once to switch prometheus-client to multiprocess mode.
     """
     check_config(config, app, registry_root)
+    check_listen(host, port)
     argv = [sys.executable, "-m", "regmw.server", "--host", host, "--port", str(port)]
     for flag, value in (("--config", config), ("--app", app), ("--registry-root", registry_root)):
         if value:

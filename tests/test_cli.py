@@ -1,5 +1,6 @@
 """The click command line: core commands, commands contributed by plugins, shared-store refusals."""
 import importlib
+import json
 import socket
 import subprocess
 import sys
@@ -236,3 +237,55 @@ def test_python_dash_m_plugin_commands_see_the_config(tmp_path, redis_server):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "in-process" not in result.stderr
+
+
+def _down_redis_config(tmp_path) -> str:
+    from tests.servers._util import free_port
+
+    config = tmp_path / "down.toml"  # nothing listens there: Redis is down
+    config.write_text(f'[regmw]\nplugins = ["redis", "migration", "jobs"]\n[migration]\nnew_root = "new"\n'
+                      f'[redis]\nurl = "redis://127.0.0.1:{free_port()}/0"\nconnect_timeout = 0.1\nretries = 0\n')
+    return str(config)
+
+
+@pytest.mark.parametrize("argv", [["readonly", "list"], ["readonly", "set", "team/app"], ["migrate", "status"],
+                                  ["jobs", "status"], ["migrate", "team/app"]])
+def test_a_dependency_down_is_one_line_and_exit_1_not_a_traceback(tmp_path, argv):
+    result = subprocess.run([sys.executable, "-m", "regmw.cli", "-c", _down_redis_config(tmp_path), *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("regmw: ConnectionError: ")
+
+
+def test_a_config_file_that_is_not_utf8_is_a_configuration_error(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b'[regmw]\nlog_level = "\xff"\n')
+    for argv in (["-c", str(config), "plugins"], ["check-config", str(config)]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"regmw: configuration error: {config}: not valid TOML: not UTF-8 (byte 21)\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["readonly", "set", "team/app", "--ttl", "nan"], ["readonly", "set", "team/app", "--ttl", "inf"],
+    ["readonly", "set", "team/app", "--ttl", "0"], ["readonly", "set", "team/app", "--ttl", "-5"],
+    ["readonly", "set", "team/app", "--ttl", "1e30"], ["worker", "--threads", "0"],
+    ["migrate", "team/app", "--rate", "-1"], ["migrate", "team/app", "--rate", "nan"],
+    ["serve", "--app", "no_such_module:app", "--port", "70000"], ["serve", "--app", "no_such_module:app", "--host", ""],
+    ["demo", "--port", "65536"],
+])
+def test_bad_option_values_are_usage_errors_before_anything_runs(tmp_path, argv):
+    # A process of its own with Redis down: an accepted value fails (or is stopped by the timeout), nothing serves.
+    result = subprocess.run([sys.executable, "-m", "regmw.cli", "-c", _down_redis_config(tmp_path), *argv],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert f"Invalid value for '{argv[-2]}'" in result.stderr
+
+
+def test_config_option_goes_after_every_plugin_group_name(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[regmw]\nplugins = ["notifications"]\n[notifications]\nspool_dir = "{tmp_path}/spool"\n'
+                      'allowed_networks = ["127.0.0.0/8"]\nendpoints = [{name = "hook", url = "http://127.0.0.1:9/"}]\n')
+    assert main(["notifications", "-c", str(config), "status", "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["hook"]["depth"] == 0
+    assert main(["notifications", "dead-letters", "-c", str(config), "list"]) == 0, capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`regmw serve` and the `regmw.wsgi` entry point, as real processes on real sockets."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -74,3 +75,15 @@ def test_wsgi_entry_point_reads_regmw_config(tmp_path):
                             env={**os.environ, "REGMW_CONFIG": str(config), "REGMW_REGISTRY_ROOT": str(tmp_path / "d")})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["200", str(config)]
+
+
+def test_serve_on_a_port_in_use_is_one_line_at_once(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "regmw.cli", "serve", "--port", str(port),
+                                 "--registry-root", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "REGMW_CONFIG": ""})
+    assert result.returncode == 1
+    assert result.stderr == f"regmw: cannot listen on 127.0.0.1:{port}: Address already in use\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from regmw.cli import Failure, config_option, get_runtime
+from regmw.cli import Failure, FiniteFloatRange, config_option, get_runtime
 from regmw.errors import Refusal
 from regmw.routes import check_name
 
@@ -32,7 +32,7 @@ def _names(names: tuple[str, ...]) -> list[str]:
 @click.argument("repositories", nargs=-1)
 @click.option("--repository", "extra", multiple=True, help="a repository (also one named 'status')")
 @click.option("--dry-run", is_flag=True, help="list what would be copied; enqueue nothing")
-@click.option("--rate", type=float, default=None, help="repositories per minute (default: [migration_job] rate_per_minute)")
+@click.option("--rate", type=FiniteFloatRange(min=0), default=None, help="repositories per minute (default: [migration_job] rate_per_minute)")
 @config_option
 def migrate(repositories: tuple[str, ...], extra: tuple[str, ...], dry_run: bool, rate: float | None) -> None:
     """Migrate REPOSITORIES from the old root to the new one (as jobs); `regmw migrate status` lists them."""

@@ -40,6 +40,7 @@ def _call(function, *args):
 
 
 @click.group("notifications")
+@config_option
 def notifications() -> None:
     """Webhook notifications: queue status, delivery worker, dead letters, pause/resume."""
 
@@ -78,7 +79,7 @@ def worker(metrics_listen: str) -> None:
 
         try:
             start_metrics_server(metrics_listen)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise Failure(f"--metrics-listen {metrics_listen}: {exc}", MISUSE) from None
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -88,6 +89,7 @@ def worker(metrics_listen: str) -> None:
 
 
 @notifications.group("dead-letters")
+@config_option
 def dead_letters() -> None:
     """Events parked after an endpoint's max_age."""
 

@@ -27,7 +27,7 @@ def _queue():
 
 
 @click.command("worker")
-@click.option("--threads", type=int, default=None, help="jobs run at once (default: [jobs] threads)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="jobs run at once (default: [jobs] threads)")
 @config_option
 def worker(threads: int | None) -> None:
     """Run background jobs (and periodic jobs) until SIGTERM or SIGINT."""

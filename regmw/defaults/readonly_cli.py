@@ -16,12 +16,13 @@ import socket
 import click
 
 from regmw import events
-from regmw.cli import Failure, config_option, get_runtime
+from regmw.cli import Failure, FiniteFloatRange, config_option, get_runtime
 from regmw.errors import Refusal
 from regmw.plugins import hookimpl
 from regmw.routes import check_name
 
 MISUSE = 2
+MAX_TTL = 1e9  # about 31 years: beyond it a lock store's millisecond expiry overflows
 
 
 def _shared_locks():
@@ -54,7 +55,8 @@ def readonly() -> None:
 
 @readonly.command("set")
 @click.argument("repository")
-@click.option("--ttl", type=float, default=3600.0, show_default=True, help="seconds the lock lasts")
+@click.option("--ttl", type=FiniteFloatRange(0, MAX_TTL, min_open=True), default=3600.0, show_default=True,
+              help="seconds the lock lasts")
 @click.option("--owner", help="lock owner (default: regmw-cli@<host>)")
 @config_option
 def set_command(repository: str, ttl: float, owner: str | None) -> None:
