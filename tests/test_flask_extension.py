@@ -5,8 +5,10 @@ import pytest
 from flask import Flask
 from werkzeug.test import Client
 
-from regmw import BackendUnavailable, ConfigError, build, hookimpl, metrics
+from regmw import BackendUnavailable, ConfigError, build, metrics
 from regmw.flask import RegMW, current_context, state
+
+from .test_sendfile import Finishes
 
 
 def make_app(**config):
@@ -107,15 +109,6 @@ def test_regmw_config_in_the_environment_names_the_file_when_the_app_names_none(
     named = make_app(REGMW_CONFIG=str(from_app))
     RegMW(named)
     assert state(named).runtime.config["cache"]["max_entries"] == 6
-
-
-class Finishes:
-    def __init__(self):
-        self.statuses = []
-
-    @hookimpl
-    def regmw_finish(self, context, status):
-        self.statuses.append(status)
 
 
 def backend_down_app(**config):

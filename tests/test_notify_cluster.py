@@ -250,6 +250,23 @@ def test_a_slot_without_master_counts_as_redis_down_and_the_event_is_spooled(tmp
     assert [row.repository for row in sink.spool.read(0, 10)] == ["team/app", "team/app"]
 
 
+def _master_killer(group, key: str) -> tuple[Callable[[], None], Callable[[], bool]]:
+    """(kill, promoted): SIGKILL the master serving ``key``'s slot; has a replica taken that slot over?"""
+    victim = group.master_of(key)
+
+    def kill() -> None:
+        group.process(victim).send_signal(signal.SIGKILL)
+        group.process(victim).wait(10)
+
+    def promoted() -> bool:
+        try:
+            return group.master_of(key) != victim
+        except (redis.RedisError, RuntimeError):
+            return False
+
+    return kill, promoted
+
+
 def test_a_master_failover_loses_no_event_with_wait_replicas(redis_cluster_fresh, tmp_path):
     """Kill the master of a shard mid-stream: events confirmed by WAIT survive, the rest are spooled and forwarded.
 
@@ -279,15 +296,8 @@ def test_a_master_failover_loses_no_event_with_wait_replicas(redis_cluster_fresh
         for _ in range(20):
             emit()
         assert not list((tmp_path / "spool").glob("spool-*.sqlite3"))  # all confirmed by the replica
-        victim = group.master_of(key)
-        group.process(victim).send_signal(signal.SIGKILL)
-        group.process(victim).wait(10)
-
-        def promoted() -> bool:
-            try:
-                return group.master_of(key) != victim
-            except (redis.RedisError, RuntimeError):
-                return False
+        kill, promoted = _master_killer(group, key)
+        kill()
 
         # requests keep coming while the cluster fails over, and for a while after it (the promoted
         # replica has no replica of its own: WAIT confirms nothing, so these are spooled and forwarded)
@@ -375,16 +385,5 @@ def test_delivery_goes_on_across_a_master_failover(redis_cluster_fresh, webhook_
     group = redis_cluster_fresh
     repositories = [f"team{index % 3}/app{index}" for index in range(12)]
     key = "{notify-shard:%d}" % shard_of(repositories[0], SHARDS)  # the hash tag: the slot of that shard's keys
-    victim = group.master_of(key)
-
-    def kill() -> None:
-        group.process(victim).send_signal(signal.SIGKILL)
-        group.process(victim).wait(10)
-
-    def promoted() -> bool:
-        try:
-            return group.master_of(key) != victim
-        except (redis.RedisError, RuntimeError):
-            return False
-
+    kill, promoted = _master_killer(group, key)
     pushes_and_deliveries_across_a_failover(group.url, webhook_receiver(), tmp_path, repositories, kill, promoted)
