@@ -109,8 +109,10 @@ READY_TIMEOUT = 3.0
 #: Bodies at least this long (Content-Length) are spliced when they may be (see :func:`_splice_target`):
 #: below it the pipe and the extra system calls cost more than the copy they save.
 SPLICE_MIN = 1024 * 1024
-#: Pipe capacity asked for the splice (the kernel's default is 64 KiB): one CHUNK per pair of splices.
-PIPE_SIZE = CHUNK
+#: Pipe capacity asked for the splice (the kernel's default is 64 KiB; at most fs.pipe-max-size, 1 MiB by
+#: default): 1 MiB pulled a 1 GiB blob at 0.80-1.03x direct in five runs, 256 KiB at 0.74-0.78x in two
+#: (docs/performance.md, "Zero-copy pulls"). Kernel memory, one pipe per pull in progress.
+PIPE_SIZE = 1024 * 1024
 _CAN_SPLICE = all(hasattr(module, name) for module, name in (
     (os, "splice"), (os, "pipe2"), (fcntl, "F_SETPIPE_SZ")))
 
