@@ -117,7 +117,7 @@ class RegMW:
 
 def _answer_backend_unavailable(exc: BackendUnavailable) -> Any:
     """A view's ``BackendUnavailable`` on an API request: the middleware's 503, counted the same way."""
-    from flask import Response, request
+    from flask import request
 
     environ = request.environ
     if "regmw.context" not in environ:
@@ -125,9 +125,7 @@ def _answer_backend_unavailable(exc: BackendUnavailable) -> Any:
     log.warning("%s %s: %s: %s", request.method, request.path, type(exc).__name__, exc)
     refusal = backend_unavailable()
     environ[_REFUSAL] = refusal.reason
-    return Response(refusal.body(), refusal.status,
-                    [("Docker-Distribution-API-Version", "registry/2.0"), *refusal.headers],
-                    content_type="application/json; charset=utf-8")
+    return refusal  # a WSGI app: Flask runs it, so the body and headers are the middleware's own
 
 
 def state(app: Any = None) -> RegMWState:
