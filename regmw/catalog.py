@@ -49,6 +49,15 @@ _NOT_FORWARDED = ("wsgi.input", "CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_TRANSFER
                   "gunicorn.socket")
 
 
+def page_size(value: str | None) -> int:
+    """A catalog request's ``n`` as distribution reads it: absent, not a number or negative is 100."""
+    try:
+        n = int(value or "")
+    except ValueError:
+        return DEFAULT_PAGE
+    return DEFAULT_PAGE if n < 0 else n
+
+
 def catalog_key(name: str) -> str:
     """The sort key of a repository name in a catalog: distribution's ``lessPath``, where ``/`` sorts first."""
     return name.replace("/", "\x00")
@@ -106,12 +115,7 @@ class MergedCatalog:
             return self.app(environ, start_response)
         query = parse_qs(environ.get("QUERY_STRING", ""))
         last = query.get("last", [""])[0] or None
-        try:
-            n = int(query.get("n", [""])[0])
-        except ValueError:
-            n = DEFAULT_PAGE
-        if n < 0:
-            n = DEFAULT_PAGE
+        n = page_size(query.get("n", [""])[0])
         if n > MAX_PAGE:
             refusal = Refusal(400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested", detail={"n": n})
             return refusal(environ, start_response)

@@ -35,7 +35,7 @@ from urllib.parse import urlencode
 from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import BadRequest, HTTPException
 
-from regmw.catalog import DEFAULT_PAGE, MAX_PAGE, catalog_key
+from regmw.catalog import MAX_PAGE, catalog_key, page_size
 from regmw.errors import error_body
 from regmw.routes import TAG_RE
 
@@ -313,12 +313,7 @@ class _Handlers:
 
     def catalog_get(self) -> Response:
         """``/v2/_catalog`` as distribution 2.8 answers it: ``n`` (default 100, at most 1000), ``last``, ``Link``."""
-        try:
-            n = int(request.args.get("n", ""))
-        except ValueError:
-            n = DEFAULT_PAGE
-        if n < 0:
-            n = DEFAULT_PAGE
+        n = page_size(request.args.get("n"))
         if n > MAX_PAGE:
             return oci_error("PAGINATION_NUMBER_INVALID", "invalid number of results requested", {"n": n})
         names = self._repositories()
