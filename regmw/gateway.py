@@ -35,9 +35,9 @@ served by gunicorn over HTTP/1.x on its plain (not TLS) blocking socket
 upstream socket through a pipe into the client's socket, inside the kernel.
 What http.client had already buffered after the response head is yielded to
 the server first (the server sends the headers with it); the rest never
-enters Python, and iteration then ends. ``response.length`` is kept in step,
-so the connection goes back to the pool only when exactly the whole body was
-moved; a client that goes away (EPIPE, ECONNRESET) closes the upstream
+enters Python, and iteration then ends. The connection goes back to the pool
+once exactly the whole body has left the upstream socket (it is in the pipe);
+a client that goes away (EPIPE, ECONNRESET) before that closes the upstream
 connection. Moved bytes are counted in ``regmw_gateway_zero_copy_bytes_total``.
 This writes to the client socket behind the server's back, which is right only
 when the gateway's body reaches gunicorn unchanged (``RegistryMiddleware``
@@ -46,7 +46,7 @@ middleware that rewrites bodies, needs ``zero_copy = false``; the catalog
 (:mod:`regmw.catalog`), which reads pages in-process, never passes the socket
 on. Measured (docs/performance.md, "Zero-copy pulls"): bodies below 1 MiB were
 no faster spliced (a pipe per response and two system calls per piece), a
-4 MiB one was; a 256 KiB pipe beat the default 64 KiB one and a 1 MiB one.
+4 MiB one was; the pipe's size is measured at :data:`PIPE_SIZE`.
 
 Connections come from a small keep-alive pool per upstream, on the standard
 library's ``http.client``. Measured against urllib3's pool on the same
@@ -142,8 +142,9 @@ class ConnectionPool:
     """Idle keep-alive connections to one upstream, shared by all threads.
 
     At most ``size`` idle connections are kept; a request that finds none opens
-    a new one. A connection is returned only after its response was read to the
-    end and the upstream did not ask to close it.
+    a new one. A connection is returned only once its response was read to the
+    end (before the last bytes are sent on to the client) and the upstream did
+    not ask to close it.
     """
 
     def __init__(self, scheme: str, host: str, port: int, timeout: float, size: int = 16,
@@ -465,7 +466,13 @@ def _sendmsg_all(sock: socket.socket, parts: list[bytes]) -> None:
 
 
 class _ResponseBody:
-    """The upstream's body as a WSGI iterable; gives the connection back to the pool when read to the end.
+    """The upstream's body as a WSGI iterable; gives the connection back to the pool once the body is read.
+
+    The connection goes back the moment http.client has the body's last byte,
+    before that byte is sent on: a client that opens its next request as soon
+    as it has the body then finds the connection idle instead of making the
+    gateway open another one. A body not read to its end (client gone,
+    upstream broken) closes the connection instead.
 
     With ``splice_to`` (the client's socket, see :func:`_splice_target`) the
     body does not pass through Python: what http.client has buffered already
@@ -480,15 +487,22 @@ class _ResponseBody:
         self.name = name
         self.splice_to = splice_to
         self.first = first  # read by :func:`_first_piece` before the status went out
-        self.done = False
+        self.released = False
 
     def __iter__(self) -> Iterator[bytes]:
         if self.splice_to is not None:
             yield from self._spliced(self.splice_to)
             return
-        if self.first:
-            yield self.first
+        chunk = self.first
         while True:
+            # isclosed() after a read that raised nothing: http.client saw the last byte
+            # (Content-Length reached, the last chunk, or the close that ends the body).
+            if self.response.isclosed():
+                self._release(reusable=True)
+            if chunk:
+                yield chunk
+            if self.released:
+                return
             try:
                 chunk = self.response.read(CHUNK)
                 if not chunk and self.response.length:
@@ -499,20 +513,15 @@ class _ResponseBody:
                 # Headers are out: the only honest signal left is a broken body.
                 self._broken()
                 raise
-            if not chunk:
-                self.done = True
-                return
-            yield chunk
 
     def _spliced(self, client: socket.socket) -> Iterator[bytes]:
-        response = self.response
         # _first_piece took what http.client held after the head (peek(): one raw read only when it held
         # none); read() of no more than that kept response.length right for the splice.
         yield self.first  # the server sends the headers, then these bytes
         moved = 0
         try:
-            for count in _splice(self.conn.sock, client, response.length):
-                response.length -= count  # http.client's own account of what is left
+            for count in _splice(self.conn.sock, client, self.response.length,
+                                 drained=lambda: self._release(reusable=True)):
                 moved += count
         except _UpstreamFailed as failed:
             self._broken()
@@ -520,20 +529,25 @@ class _ResponseBody:
         finally:
             if moved:
                 _zero_copy_bytes[(self.name,)].inc(moved)
-        response.read()  # length is 0: closes the response as http.client does at the end of a body
-        self.done = True
+        self._release(reusable=True)  # a body wholly in ``first`` left nothing to splice
 
     def _broken(self) -> None:
         _upstream_errors[(self.name, "body")].inc()
         log.warning("gateway: upstream body failed mid-stream", exc_info=True)
 
-    def close(self) -> None:
-        # isclosed(): http.client saw the last byte (Content-Length reached, or the last chunk).
-        if (self.done or self.response.isclosed()) and not self.response.will_close:
-            self.response.close()
+    def _release(self, reusable: bool) -> None:
+        """Once: back to the pool when the body was read to its end and the upstream keeps it open, else closed."""
+        if self.released:
+            return
+        self.released = True
+        if reusable and not self.response.will_close:
+            self.response.close()  # as http.client closes it at the end of a body; the socket stays open
             self.pool.put(self.conn)
         else:
             self.conn.close()
+
+    def close(self) -> None:
+        self._release(reusable=False)  # a no-op after a body read to its end
 
 
 class _UpstreamFailed(Exception):
@@ -561,8 +575,13 @@ def _splice_target(environ: dict, method: str, response: http.client.HTTPRespons
     return client
 
 
-def _splice(upstream: socket.socket, client: socket.socket, length: int) -> Iterator[int]:
+def _splice(upstream: socket.socket, client: socket.socket, length: int,
+            drained: Callable[[], None] = lambda: None) -> Iterator[int]:
     """Move ``length`` bytes upstream socket -> pipe -> client socket in the kernel; yield each count moved.
+
+    ``drained`` is called once the last byte has left the upstream socket (it
+    is in the pipe), before it is spliced on: the upstream socket is not
+    touched after that, so its connection may serve another request already.
 
     The upstream socket has a timeout, so Python made it non-blocking: a splice
     out of it answers EAGAIN when nothing has arrived, and the wait for more is
@@ -588,11 +607,13 @@ def _splice(upstream: socket.socket, client: socket.socket, length: int) -> Iter
                 count = _fill(source, write_end, min(remaining, PIPE_SIZE), poller, wait_ms, remaining)
             except (OSError, http.client.HTTPException) as exc:
                 raise _UpstreamFailed() from exc
+            remaining -= count
+            if not remaining:
+                drained()
             left = count
             while left:
                 left -= os.splice(read_end, target, left,
-                                  flags=os.SPLICE_F_MOVE | (os.SPLICE_F_MORE if remaining > count else 0))
-            remaining -= count
+                                  flags=os.SPLICE_F_MOVE | (os.SPLICE_F_MORE if remaining else 0))
             yield count
     finally:
         os.close(read_end)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from regmw.gateway import Gateway
 from tests.servers._util import http_request, wait_until
 from tests.test_server import push_blob, regmw_serve  # noqa: F401 - regmw_serve is a fixture
 
@@ -178,15 +180,55 @@ def test_zero_copy_off_copies_and_still_serves_the_exact_blob(docker_registry, r
     assert metric(served, ZERO_COPY) == 0
 
 
-def test_the_upstream_connection_goes_back_to_the_pool_after_a_spliced_body(raw_upstream, regmw_serve):  # noqa: F811
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "copy"])
+def test_the_connection_is_pooled_before_the_server_sends_the_bodys_last_byte(raw_upstream, zero_copy):
+    """Driven as a WSGI server drives it, into a real socket: once the last piece is handed over, before
+    close() (which a server calls only after sending it), the upstream connection is idle in the pool."""
     data = blob(2 * MIB + 3)
     upstream = raw_upstream(data)
-    served = serve(regmw_serve, upstream.url)
-    for _ in range(3):  # each on a new client connection: only the gateway's pool can reuse the upstream one
+    gateway = Gateway(upstream.url, zero_copy=zero_copy)
+    server_side, client_side = socket.socketpair()  # blocking, as gunicorn's gthread worker hands it over
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := client_side.recv(MIB):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    statuses: list[str] = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/v2/group/project/blobs/{DIGEST}",
+               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(), "gunicorn.socket": server_side}
+    body = gateway(environ, lambda status, headers: statuses.append(status))
+    try:
+        for piece in body:
+            server_side.sendall(piece)
+        pooled = len(gateway.pool._idle)
+    finally:
+        body.close()
+        server_side.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        server_side.close()
+        client_side.close()
+        gateway.close()
+    assert statuses == ["200 OK"] and received == data and upstream.outcomes == ["sent"]
+    assert pooled == 1
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "copy"])
+def test_the_upstream_connection_is_back_in_the_pool_before_the_client_has_the_body(raw_upstream, regmw_serve,  # noqa: F811
+                                                                                      zero_copy):
+    data = blob(2 * MIB + 3)
+    upstream = raw_upstream(data)
+    served = serve(regmw_serve, upstream.url, zero_copy=zero_copy)
+    # Each on a new client connection, sent the moment the last answer is in: only the gateway's pool
+    # can reuse the upstream connection, and only if it was given back before the body's last byte went out.
+    for _ in range(5):
         status, _, body = http_request(served.url, "GET", f"/v2/group/project/blobs/{DIGEST}")
         assert status == 200 and body == data
-    assert upstream.accepted == 1 and upstream.outcomes == ["sent"] * 3
-    assert metric(served, ZERO_COPY) >= 3 * (len(data) - 65536)
+    assert upstream.accepted == 1 and upstream.outcomes == ["sent"] * 5
+    spliced = metric(served, ZERO_COPY)
+    assert spliced >= 5 * (len(data) - 65536) if zero_copy else spliced == 0
 
 
 @pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "copy"])
