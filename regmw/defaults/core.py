@@ -199,7 +199,7 @@ SECTIONS = [
             "entry_points": Option("bool", True, "Load third-party plugins from the `regmw` entry-point group."),
             "trusted_proxies": Option(
                 "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
-                "balancer), read right to left; hops may carry a port; `::ffff:a.b.c.d` (an IPv4 peer of a dual-stack "
+                "balancer), read right to left; hops may carry a port, and an IPv6 zone (`%eth0`) is dropped; `::ffff:a.b.c.d` (an IPv4 peer of a dual-stack "
                 "`--host ::`) is `a.b.c.d`. Empty: the socket peer only."
             ),
             "ipv6_prefix": Option(
