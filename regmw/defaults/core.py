@@ -221,8 +221,9 @@ SECTIONS = [
     Section(
         "auth",
         "Verification of registry bearer tokens (JWT). Claims of tokens that do not verify are ignored. "
-        "A token verifies with a valid signature and an unexpired `exp` (required), plus `nbf`, `iss` and `aud` "
-        "when present or configured.",
+        "A token verifies with a valid signature and an unexpired `exp` (required), plus `nbf` and `iat` (neither "
+        "in the future), `iss` and `aud` when present or configured. One key verifies every token: a `kid` header "
+        "is not looked at (any or none verifies against the key).",
         {
             "key": Option("str", None, "Verification key: an HMAC secret or a PEM public key."),
             "key_file": Option("path", None, "File holding the verification key (instead of `key`)."),
@@ -230,7 +231,7 @@ SECTIONS = [
             "issuer": Option("str", None, "Required `iss` claim."),
             "audience": Option("str", None, "Required `aud` claim. Unset: a token that carries an `aud` does not "
                                "verify (set it to the registry's service name, e.g. `container_registry`)."),
-            "leeway": Option("float", 0.0, "Seconds of clock skew tolerated on `exp`/`nbf`.", minimum=0),
+            "leeway": Option("float", 0.0, "Seconds of clock skew tolerated on `exp`/`nbf`/`iat`.", minimum=0),
         },
         checks=(check_auth,),
     ),
