@@ -127,6 +127,10 @@ class ClientResolver:
                 peer = self._client_behind_proxies(x_forwarded, forwarded, peer)
         return peer if _ipv4(peer) is not None else self._key(peer)  # a canonical IPv4 address is its own key
 
+    def is_trusted_peer(self, peer: str | None) -> bool:
+        """True if ``peer`` (a ``REMOTE_ADDR``) is one of ``trusted_proxies``: its forwarded headers count."""
+        return bool(self.trusted and peer) and self._hop_is_trusted(peer)
+
     def _is_trusted(self, ip: IPAddress | None) -> bool:
         if ip is None:
             return False

@@ -200,7 +200,8 @@ SECTIONS = [
             "trusted_proxies": Option(
                 "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
                 "balancer), read right to left; hops may carry a port, and an IPv6 zone (`%eth0`) is dropped; `::ffff:a.b.c.d` (an IPv4 peer of a dual-stack "
-                "`--host ::`) is `a.b.c.d`. Empty: the socket peer only."
+                "`--host ::`) is `a.b.c.d`. The gateway passes a client's X-Forwarded-For on to its upstream only from "
+                "these. Empty: the socket peer only."
             ),
             "ipv6_prefix": Option(
                 "int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1, maximum=128
