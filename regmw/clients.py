@@ -5,7 +5,8 @@ are read only when the socket peer is one of ``[regmw] trusted_proxies``, and
 then from the right, skipping trusted hops, so a client cannot choose its own
 identity by prepending addresses. A hop may carry a port, as some load
 balancers write it (``192.0.2.7:5501``, ``[2001:db8::7]:443``); the port is
-dropped, or every client behind that balancer would share one limit.
+dropped, or every client behind that balancer would share one limit. So is an
+IPv6 zone (``fe80::1%eth0``): free text that would give one address many keys.
 
 When both headers arrive, the client could have written the one our proxies
 did not touch, so it counts only if it names the same client as the other; if
@@ -43,9 +44,16 @@ def parse_hop(hop: str) -> IPAddress | None:
         if not _is_port(":" + port):
             return None
     try:
-        return ipaddress.ip_address(hop)
+        ip = ipaddress.ip_address(hop)
     except ValueError:
         return None
+    return _unzoned(ip)
+
+
+def _unzoned(ip: IPAddress) -> IPAddress:
+    """``ip`` without an IPv6 zone (``fe80::1%eth0``): it names an interface of the host that wrote it, not
+    a client, and as free text it would give one address any number of keys (and carry ``{``, ``/`` into one)."""
+    return ipaddress.IPv6Address(int(ip)) if ip.version == 6 and ip.scope_id is not None else ip
 
 
 def _ipv4(text: str) -> int | None:
@@ -119,6 +127,10 @@ class ClientResolver:
                 peer = self._client_behind_proxies(x_forwarded, forwarded, peer)
         return peer if _ipv4(peer) is not None else self._key(peer)  # a canonical IPv4 address is its own key
 
+    def is_trusted_peer(self, peer: str | None) -> bool:
+        """True if ``peer`` (a ``REMOTE_ADDR``) is one of ``trusted_proxies``: its forwarded headers count."""
+        return bool(self.trusted and peer) and self._hop_is_trusted(peer)
+
     def _is_trusted(self, ip: IPAddress | None) -> bool:
         if ip is None:
             return False
@@ -171,6 +183,7 @@ class ClientResolver:
         except ValueError:
             return address
         if ip.version == 6:
+            ip = _unzoned(ip)
             if ip.ipv4_mapped is not None:
                 return str(ip.ipv4_mapped)
             return str(ipaddress.ip_network(f"{ip}/{self.ipv6_prefix}", strict=False))

@@ -69,6 +69,7 @@ Each upstream request is timed to its response head
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import logging
 import os
 import re
@@ -90,6 +91,7 @@ except ImportError:  # not a Unix: no splice either
 
 from . import metrics
 from .catalog import MergedCatalog
+from .clients import ClientResolver
 from .config import Option, Section
 from .errors import ConfigError, Refusal
 from .plugins import hookimpl
@@ -198,6 +200,10 @@ def _alive(conn: http.client.HTTPConnection) -> bool:
     return not readable
 
 
+#: Headers naming the client's address: passed on only from a trusted proxy (as ``title()`` spells them).
+_CLIENT_ADDRESS_HEADERS = frozenset({"X-Forwarded-For", "X-Real-Ip", "Forwarded"})
+
+
 class Gateway:
     """A WSGI app that forwards every request to ``upstream`` (``http(s)://host:port[/prefix]``)."""
 
@@ -207,8 +213,10 @@ class Gateway:
 
     def __init__(self, upstream: str, *, timeout: float = 60.0, pool_size: int = 16,
                  preserve_host: bool = True, verify_tls: bool = True, name: str = "upstream",
-                 zero_copy: bool = True) -> None:
+                 zero_copy: bool = True, trusted_proxies: Iterable[Any] = ()) -> None:
         parts = urlsplit(upstream)
+        # Whose X-Forwarded-For (X-Real-Ip, Forwarded) is passed on: ``[regmw] trusted_proxies``'s.
+        self.clients = ClientResolver(tuple(trusted_proxies))
         self.name = name  # the ``upstream`` label of the gateway metrics
         # splice() moves socket bytes in the kernel; it cannot see through TLS on either side
         self.zero_copy = zero_copy and _CAN_SPLICE and parts.scheme == "http"
@@ -300,8 +308,13 @@ class Gateway:
             headers.append((name, value))
         headers.append(("Host", environ.get("HTTP_HOST") if self.preserve_host and environ.get("HTTP_HOST") else self.netloc))
         peer = environ.get("REMOTE_ADDR")
+        trusted = self.clients.is_trusted_peer(peer)
+        if not trusted:
+            # A client's own X-Forwarded-For would reach the upstream as the first hop, which is the
+            # one distribution logs and puts in its events as the client's address (RemoteAddr).
+            headers = [(n, v) for n, v in headers if n not in _CLIENT_ADDRESS_HEADERS]
         if peer:
-            forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+            forwarded = environ.get("HTTP_X_FORWARDED_FOR") if trusted else None
             headers = [(n, v) for n, v in headers if n != "X-Forwarded-For"]
             headers.append(("X-Forwarded-For", f"{forwarded}, {peer}" if forwarded else peer))
         if "HTTP_X_FORWARDED_PROTO" not in environ:
@@ -684,6 +697,11 @@ def regmw_config_sections():
     return [SECTION]
 
 
+def _networks(values: Iterable[Any]) -> tuple[Any, ...]:
+    """``trusted_proxies`` as networks (a validated config holds them so; a plain mapping may hold text)."""
+    return tuple(value if hasattr(value, "network_address") else ipaddress.ip_network(value) for value in values)
+
+
 def create_gateway(config: Any) -> tuple[Gateway | MergedCatalog, dict[str, Gateway]]:
     """Build ``(app, apps)`` for ``RegistryMiddleware(app, runtime, apps=apps)`` from ``[gateway]``.
 
@@ -698,6 +716,7 @@ def create_gateway(config: Any) -> tuple[Gateway | MergedCatalog, dict[str, Gate
     section: Mapping[str, Any] = config["gateway"]
     options = {key: section.get(key, SECTION.options[key].default)
                for key in ("timeout", "pool_size", "preserve_host", "verify_tls", "zero_copy")}
+    options["trusted_proxies"] = _networks((config.get("regmw") or {}).get("trusted_proxies") or ())
     old, new, upstream = section.get("old_upstream"), section.get("new_upstream"), section.get("upstream")
     problem = paired_upstreams(section)  # a validated config has passed it already; a plain mapping has not
     if problem:

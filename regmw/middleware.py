@@ -155,7 +155,7 @@ class RegistryMiddleware:
         context.response_headers.append((self._rid_header, rid))
         step = "admit"
         try:
-            if route.resource == "uploads" and "from=" in environ.get("QUERY_STRING", ""):
+            if route.resource == "uploads" and environ.get("QUERY_STRING"):  # "fro%6D=" is from= too
                 context.mount_from  # noqa: B018 - validates the mount source's name (NAME_INVALID)
             refusal = self._admit(context=context) if self._admit else None
             if refusal is None:

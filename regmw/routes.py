@@ -109,6 +109,10 @@ def parse_segments(segments: list[str], method: str = "GET") -> Route:
     :class:`~regmw.errors.Refusal` for API paths that break the grammar.
     """
     if len(segments) < 2 or segments[0] != "" or segments[1] != "v2":
+        if len(segments) >= 2 and segments[0] == "" and segments[1].startswith(("v2/", "v2\\")):
+            # "/v2%2Fgroup/app/..." decodes to an API path: passed through unchecked, the app or
+            # an upstream would serve it without a name check, a limit, a lock or a classification.
+            raise name_invalid("encoded '/' or '\\' in the path is not allowed")
         raise NotAnApiRequest("/".join(segments))
     rest = segments[2:]
     if rest in ([], [""]):

@@ -107,12 +107,18 @@ def check_auth(section: Mapping[str, Any], config: Any = None) -> str | None:
 
 
 def access_entry(claims: dict[str, Any] | None, repository: str, action: str | None = None) -> dict | None:
-    """The ``access[]`` entry of verified claims for ``repository`` (and ``action``), if any."""
+    """The ``access[]`` entry of verified claims for ``repository`` (and ``action``), if any.
+
+    A verified token can still be malformed (its issuer's bug): ``access`` that
+    is not a list has no entries, ``actions`` that is not a list grants no action.
+    """
     if not claims:
         return None
-    for entry in claims.get("access") or ():
+    access = claims.get("access")
+    for entry in access if isinstance(access, list) else ():
         if not isinstance(entry, dict) or entry.get("type") != "repository" or entry.get("name") != repository:
             continue
-        if action is None or action in (entry.get("actions") or ()):
+        actions = entry.get("actions")
+        if action is None or (isinstance(actions, list) and action in actions):
             return entry
     return None

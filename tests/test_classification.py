@@ -241,6 +241,24 @@ def test_unverified_tokens_count_as_no_flag(harness, bad_token, caplog):
     assert any("does not verify" in record.getMessage() for record in caplog.records)
 
 
+@pytest.mark.parametrize(
+    ("method", "access", "expected"),
+    [
+        ("GET", 5, "old"),  # access not a list: no entries, no flag
+        ("GET", {"type": "repository", "name": "group/fresh", "migration_eligible": True}, "old"),
+        # actions not a list grants no push; the repository's entry still counts, as a pull-only one does
+        ("PUT", [{"type": "repository", "name": "group/fresh", "actions": 5, "migration_eligible": True}], "new"),
+    ],
+    ids=["access-int", "access-dict", "actions-int"],
+)
+def test_a_verified_token_with_a_malformed_access_claim_is_never_a_500(harness, method, access, expected):
+    """A token that verifies but whose issuer wrote an odd ``access`` is read as far as it makes sense."""
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 300, "access": access}
+    response = harness.client.open("/v2/group/fresh/manifests/latest", method=method,
+                                   headers=bearer(jwt.encode(payload, SIGNER, algorithm="RS256")))
+    assert_routed(response, expected)
+
+
 # --- cache ---------------------------------------------------------------------
 
 

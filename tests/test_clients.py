@@ -41,6 +41,18 @@ def test_ipv6_grouped_by_prefix():
     assert resolver.client_key({"REMOTE_ADDR": "::ffff:192.0.2.1"}) == "192.0.2.1"
 
 
+def test_an_ipv6_zone_is_not_part_of_the_client():
+    """``fe80::1%eth0`` is the address fe80::1: a zone of any text must not make it another key."""
+    for prefix in (64, 128):
+        resolver = ClientResolver(PROXY, ipv6_prefix=prefix)
+        plain = resolver.client_key({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "fe80::1"})
+        for hop in ("fe80::1%eth0", "fe80::1%{evil}", "[fe80::1%a]:443"):
+            assert resolver.client_key({"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": hop}) == plain, hop
+        forwarded = {"REMOTE_ADDR": "10.0.0.2", "HTTP_FORWARDED": 'for="[fe80::1%{b}]:80"'}
+        assert resolver.client_key(forwarded) == plain
+        assert resolver.client_key({"REMOTE_ADDR": "fe80::1%eth0"}) == plain
+
+
 # --- hops with ports, and RFC 7239 Forwarded ----------------------------------------
 
 

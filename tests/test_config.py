@@ -26,6 +26,10 @@ def write(tmp_path, text):
          "[[ratelimit.rules]]\nname = 'r'\nby = 'repository'\nmethods = 'write'\nlimit = '9/minute'\n",
          "rules[1].name 'r' is already the name of another rule"),
         ("[[ratelimit.rules]]\nlimit = '9/minute;9 per 1 minute'\n", "rules[0].limit '9/minute;9 per 1 minute' repeats a limit"),
+        # "LIMITER/<name>/<identity>/...": rule 'r' counting group/app and rule 'r/group' counting app would share a key
+        ("[[ratelimit.rules]]\nname = 'r/group'\nby = 'repository'\nlimit = '9/minute'\n",
+         "rules[0].name 'r/group' contains '/'"),
+        ("[[ratelimit.rules]]\nname = '{r}'\nlimit = '9/minute'\n", "rules[0].name '{r}' contains '/'"),
         ("[regmw]\ntrusted_proxies = ['not-a-network']\n", "regmw.trusted_proxies"),
         ("[regmw]\nplugins = ['nosuch']\n", "unknown plugin 'nosuch'"),
         ("not toml [", "not valid TOML"),

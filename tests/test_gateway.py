@@ -106,6 +106,23 @@ def test_hop_by_hop_headers_dropped_both_ways(proxied):
     assert response.getheader("X-Upstream-Hop") is None and response.getheader("X-Upstream-Keep") == "1"
 
 
+def test_client_address_headers_pass_on_only_from_a_trusted_proxy(serve_wsgi):
+    """distribution takes the FIRST X-Forwarded-For hop as the client (logs, events): a client's own
+    value must not reach it unless the peer is one of ``[regmw] trusted_proxies``."""
+    upstream = serve_wsgi(echo)
+    spoof = {"X-Forwarded-For": "6.6.6.6", "X-Real-Ip": "6.6.6.6", "Forwarded": "for=6.6.6.6"}
+    untrusted = Gateway(upstream)
+    seen = json.loads(request(serve_wsgi(untrusted), "GET", "/v2/", headers=spoof)[1])["headers"]
+    assert seen["x-forwarded-for"] == "127.0.0.1" and "x-real-ip" not in seen and "forwarded" not in seen
+    app, _ = create_gateway(build({"regmw": {"trusted_proxies": ["127.0.0.0/8"]}, "gateway": {"upstream": upstream}},
+                                  environ={}).config)
+    seen = json.loads(request(serve_wsgi(app), "GET", "/v2/", headers=spoof)[1])["headers"]
+    assert seen["x-forwarded-for"] == "6.6.6.6, 127.0.0.1"
+    assert seen["x-real-ip"] == "6.6.6.6" and seen["forwarded"] == "for=6.6.6.6"
+    untrusted.close()
+    app.close()
+
+
 def test_location_and_link_naming_upstream_are_rewritten(serve_wsgi):
     upstream = serve_wsgi(echo)
     gateway = Gateway(upstream, preserve_host=False)

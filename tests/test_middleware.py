@@ -343,6 +343,10 @@ def test_mount_source_name_is_checked():
     assert bad.status_code == 400 and bad.json["errors"][0]["code"] == "NAME_INVALID"
     good = client.post(f"/v2/dest/app/blobs/uploads/?mount={digest}&from=src/app")
     assert good.status_code == 200
+    # the key percent-encoded: the query decodes to from=../../etc for the app and the upstream too
+    for query in (f"mount={digest}&fro%6D=../../etc", f"mount={digest}&%66rom=..%2F..%2Fetc"):
+        bad = client.post(f"/v2/dest/app/blobs/uploads/?{query}")
+        assert bad.status_code == 400 and bad.json["errors"][0]["code"] == "NAME_INVALID", query
 
 
 def test_a_backend_down_error_from_a_plain_wsgi_app_is_an_oci_503():

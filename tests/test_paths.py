@@ -100,6 +100,9 @@ def test_percent_encoded_dot_is_a_dot(in_process):
     (f"/v2/{REPO}/%2E%2E/x/tags/list", 400, "NAME_INVALID"),  # %2E%2E is a dot segment
     ("/v2/group%2Fapp/tags/list", 400, "NAME_INVALID"),  # an encoded / is refused
     ("/v2/group%5Capp/tags/list", 400, "NAME_INVALID"),  # an encoded \ too
+    ("/v2%2Fgroup/app/tags/list", 400, "NAME_INVALID"),  # decodes to an API path: never passed through
+    ("/v2%2f_catalog", 400, "NAME_INVALID"),
+    ("/v2%5Cgroup/app/tags/list", 400, "NAME_INVALID"),
     (f"/v2/{REPO}/manifests/x%2Fmanifests%2Flatest", 404, "MANIFEST_UNKNOWN"),
     (f"/v2/{REPO}/tags/list%0A", 404, "NAME_UNKNOWN"),  # trailing newline: no such path
 ])
@@ -185,6 +188,16 @@ def test_gateway_refuses_what_it_must_not_forward(gateway):
     assert (status, code(body)) == (400, "TAG_INVALID")
     status, _, body = send(gateway, "PATCH", f"/v2/{REPO}/blobs/uploads/..%2F..%2Fx", b"x")
     assert (status, code(body)) == (400, "BLOB_UPLOAD_INVALID")
+
+
+@pytest.mark.services
+def test_gateway_refuses_an_encoded_separator_after_v2(gateway):
+    # "/v2%2Fgroup/app/..." is "/v2/group/app/..." to the upstream: passed through, it started an
+    # upload there (202) with no name check, rate limit, read-only lock or classification.
+    for method, target in (("POST", f"/v2%2F{REPO}/blobs/uploads/"), ("GET", f"/v2%2F{REPO}/manifests/latest"),
+                           ("GET", "/v2%2F_catalog")):
+        status, _, body = send(gateway, method, target, b"" if method == "POST" else None)
+        assert (status, code(body)) == (400, "NAME_INVALID"), target
 
 
 @pytest.mark.services

@@ -61,13 +61,15 @@ def test_only_a_verified_token_has_a_subject_to_rate_limit():
         "no-exp": jwt.encode({"sub": "alice"}, secret, "HS256"),
         "aud-without-[auth]-audience": jwt.encode({**claims, "aud": "container_registry"}, secret, "HS256"),
         "not-yet-valid": jwt.encode({**claims, "nbf": int(time.time()) + 60}, secret, "HS256"),
+        "issued-in-the-future": jwt.encode({**claims, "iat": int(time.time()) + 60}, secret, "HS256"),
     }
     for name, token in unverified.items():
         response = client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {token}"})
         assert (name, response.status_code, response.data) == (name, 200, b"None")
         assert "RateLimit-Limit" not in response.headers
     good = jwt.encode(claims, secret, "HS256")
-    assert client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {good}"}).data == b"alice"
+    unknown_kid = jwt.encode(claims, secret, "HS256", headers={"kid": "no-such-key"})  # one key: kid is not used
+    assert client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {unknown_kid}"}).data == b"alice"
     assert client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {good}"}).status_code == 429
 
 

@@ -199,8 +199,9 @@ SECTIONS = [
             "entry_points": Option("bool", True, "Load third-party plugins from the `regmw` entry-point group."),
             "trusted_proxies": Option(
                 "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
-                "balancer), read right to left; hops may carry a port; `::ffff:a.b.c.d` (an IPv4 peer of a dual-stack "
-                "`--host ::`) is `a.b.c.d`. Empty: the socket peer only."
+                "balancer), read right to left; hops may carry a port, and an IPv6 zone (`%eth0`) is dropped; `::ffff:a.b.c.d` (an IPv4 peer of a dual-stack "
+                "`--host ::`) is `a.b.c.d`. The gateway passes a client's X-Forwarded-For on to its upstream only from "
+                "these. Empty: the socket peer only."
             ),
             "ipv6_prefix": Option(
                 "int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1, maximum=128
@@ -221,8 +222,9 @@ SECTIONS = [
     Section(
         "auth",
         "Verification of registry bearer tokens (JWT). Claims of tokens that do not verify are ignored. "
-        "A token verifies with a valid signature and an unexpired `exp` (required), plus `nbf`, `iss` and `aud` "
-        "when present or configured.",
+        "A token verifies with a valid signature and an unexpired `exp` (required), plus `nbf` and `iat` (neither "
+        "in the future), `iss` and `aud` when present or configured. One key verifies every token: a `kid` header "
+        "is not looked at (any or none verifies against the key).",
         {
             "key": Option("str", None, "Verification key: an HMAC secret or a PEM public key."),
             "key_file": Option("path", None, "File holding the verification key (instead of `key`)."),
@@ -230,7 +232,7 @@ SECTIONS = [
             "issuer": Option("str", None, "Required `iss` claim."),
             "audience": Option("str", None, "Required `aud` claim. Unset: a token that carries an `aud` does not "
                                "verify (set it to the registry's service name, e.g. `container_registry`)."),
-            "leeway": Option("float", 0.0, "Seconds of clock skew tolerated on `exp`/`nbf`.", minimum=0),
+            "leeway": Option("float", 0.0, "Seconds of clock skew tolerated on `exp`/`nbf`/`iat`.", minimum=0),
         },
         checks=(check_auth,),
     ),

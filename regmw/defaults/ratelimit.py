@@ -97,6 +97,11 @@ def parse_rules(tables: list[dict]) -> list[Rule]:
         if len(set(windows)) != len(windows):
             raise ValueError(f"{where}.limit {table['limit']!r} repeats a limit")
         name = str(table.get("name") or f"{by}-{methods}-{index}")
+        if any(char in name for char in "/{}"):
+            # Redis keys are "LIMITER/<name>/<identity>/<limit>": with a "/" in a name, rule "r/group"
+            # counting repository "app" and rule "r" counting "group/app" share one counter; a brace
+            # would make the name a Redis Cluster hash tag.
+            raise ValueError(f"{where}.name {name!r} contains '/', '{{' or '}}' (a name is part of its counters' keys)")
         if any(rule.name == name for rule in rules):
             # Two rules of one name would share their counters in Redis, not in memory.
             raise ValueError(f"{where}.name {name!r} is already the name of another rule (names must be unique)")
@@ -300,7 +305,7 @@ SECTION = Section(
             [],
             'Rules, each `{by = "client"|"repository"|"subject"|"global", limit = "100/minute", '
             'methods = "any"|"read"|"write", name = "..."}`. Several limits may be joined with `;`. '
-            'Names are unique (a rule\'s name and limits name its counters in Redis).',
+            'Names are unique, without `/`, `{` or `}` (a rule\'s name and limits name its counters in Redis).',
             check=check_rules,
         ),
         "strategy": Option(
