@@ -9,15 +9,17 @@ byte lost, doubled or reordered anywhere makes the registry refuse the digest.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
+import subprocess
 import threading
 from urllib.parse import urlsplit
 
 import pytest
 
 from regmw.gateway import REQUEST_PIECE, _sendmsg_all
-from tests.servers._util import http_request
+from tests.servers._util import http_request, need_binary
 from tests.test_server import gateway_config, regmw_serve  # noqa: F401 - regmw_serve is a fixture
 
 MIB = 1024 * 1024
@@ -50,6 +52,29 @@ def test_a_chunked_multi_mib_push_through_regmw_serve_is_stored_byte_for_byte(do
     assert status == 200 and stored == data
     patched = [line for line in served.log_lines() if line["method"] == "PATCH"]
     assert [line["status"] for line in patched] == [202]
+
+
+@pytest.mark.services
+@pytest.mark.parametrize(("method", "chunked"), [("PATCH", False), ("PUT", True)], ids=["patch", "chunked-put"])
+def test_an_upstream_answer_before_the_body_is_read_reaches_the_client(tmp_path, docker_registry, regmw_serve,  # noqa: F811
+                                                                        method, chunked):
+    """distribution answers an unknown upload 404 without reading the body, then hangs up (the same way as
+    a 401 or a 413): the client gets that 404, as from the registry itself, not a 502 for the broken send."""
+    curl = need_binary("curl")
+    served = regmw_serve(gateway_config(docker_registry.url), workers=1)
+    layer = tmp_path / "layer"
+    layer.write_bytes(os.urandom(MIB) * 32)  # more than the sockets between gateway and registry buffer
+    target = "/v2/group/project/blobs/uploads/no-such-upload"
+    if method == "PUT":
+        target += "?digest=sha256:" + "0" * 64
+    command = [curl, "-s", "-o", str(tmp_path / "answer"), "-w", "%{http_code}", "-X", method, "-T", str(layer),
+               "-H", "Content-Type: application/octet-stream", served.url + target]
+    if chunked:
+        command[-1:-1] = ["-H", "Transfer-Encoding: chunked"]
+    status = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert status == "404", (tmp_path / "answer").read_bytes()
+    assert json.loads((tmp_path / "answer").read_bytes())["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
+    assert http_request(served.url, "GET", "/v2/")[0] == 200  # the gateway serves on
 
 
 def test_sendmsg_all_sends_every_part_in_order_across_partial_sends():
