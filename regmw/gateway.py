@@ -594,7 +594,9 @@ def _splice_target(environ: dict, method: str, response: http.client.HTTPRespons
     request (HTTP/2 frames its data; a blocking socket, as the gthread worker
     hands it over, so a splice into it never answers EAGAIN), a body of a known
     length of at least :data:`SPLICE_MIN` (no chunked framing to translate),
-    and a response that has a body at all.
+    a response that has a body at all, and a connection the upstream keeps
+    open (after ``Connection: close``, nginx's on the last of its
+    ``keepalive_requests``, the body is read through the response only).
     """
     client = environ.get("gunicorn.socket")
     if (type(client) is not socket.socket or client.gettimeout() is not None
@@ -603,6 +605,8 @@ def _splice_target(environ: dict, method: str, response: http.client.HTTPRespons
     if method == "HEAD" or response.status < 200 or response.status in (204, 304):
         return None
     if response.chunked or response.length is None or response.length < SPLICE_MIN:
+        return None
+    if response.will_close:  # http.client let go of the socket (``conn.sock`` is None): the body is the response's
         return None
     return client
 
