@@ -323,8 +323,10 @@ class Gateway:
                     body.send(conn)
                 except OSError:
                     # An upstream may answer before it has read the body (an unknown upload's 404, a 401,
-                    # a 413) and hang up: that answer is the client's, not a 502 (or 504).
-                    early = _early_response(conn)
+                    # a 413) and hang up: that answer is the client's, not a 502 (or 504). Not on a pooled
+                    # connection with nothing of the body sent: that is retried (what it holds may be a
+                    # stale connection's last words).
+                    early = _early_response(conn) if body.consumed or not reused else None
                     if early is None:
                         raise
                     return conn, early
