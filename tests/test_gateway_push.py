@@ -82,12 +82,15 @@ def send_and_read(url: str, head: bytes, pieces: list[bytes]) -> tuple[http.clie
 
 
 @pytest.mark.services
-@pytest.mark.parametrize(("method", "chunked"), [("PATCH", False), ("PUT", True)], ids=["patch", "chunked-put"])
+@pytest.mark.parametrize(("method", "chunked", "pooled"), [("PATCH", False, False), ("PUT", True, True)],
+                         ids=["patch-new-connection", "chunked-put-pooled-connection"])
 def test_an_upstream_answer_before_the_body_is_read_reaches_the_client(docker_registry, regmw_serve,  # noqa: F811
-                                                                        method, chunked):
+                                                                        method, chunked, pooled):
     """distribution answers an unknown upload 404 without reading the body, then hangs up (as it does a 401
     or a 413): the client gets that 404, as from the registry itself, not a 502 for the broken send."""
     served = regmw_serve(gateway_config(docker_registry.url), workers=1)
+    if pooled:  # the one worker keeps that upstream connection for the next request
+        assert http_request(served.url, "GET", "/v2/")[0] == 200
     block = os.urandom(MIB)
     size = 32 * MIB  # more than the sockets between the gateway and the registry buffer
     target = "/v2/group/project/blobs/uploads/no-such-upload"
