@@ -25,7 +25,10 @@ What the proxy guarantees, because registry clients depend on it:
   read before the status goes out: :func:`_first_piece`); once the headers are out, a
   body the upstream cuts short (fewer bytes than its Content-Length) or stops
   sending for ``timeout`` seconds breaks the client's connection, so the
-  client sees a failed transfer, never a short one or a hang.
+  client sees a failed transfer, never a short one or a hang;
+* an upstream that answers before reading the whole request body (an unknown
+  upload's 404, a 401) and hangs up has its answer passed on, not a 502
+  (:func:`_early_response`).
 
 Zero-copy responses (``[gateway] zero_copy``, on by default). On Linux, a
 response body of a known length of at least :data:`SPLICE_MIN` (1 MiB) from a
@@ -329,7 +332,17 @@ class Gateway:
                 conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
                 for name, value in headers:
                     conn.putheader(name, value)
-                body.send(conn)
+                try:
+                    body.send(conn)
+                except OSError:
+                    # An upstream may answer before it has read the body (an unknown upload's 404, a 401,
+                    # a 413) and hang up: that answer is the client's, not a 502 (or 504). Not on a pooled
+                    # connection with nothing of the body sent: that is retried (what it holds may be a
+                    # stale connection's last words).
+                    early = _early_response(conn) if body.consumed or not reused else None
+                    if early is None:
+                        raise
+                    return conn, early
                 return conn, conn.getresponse()
             except _ClientGone:
                 conn.close()
@@ -376,6 +389,27 @@ class Gateway:
 
 #: The target of each link in a ``Link`` header (RFC 8288): ``<URI>``.
 _LINK_TARGET = re.compile(r"<([^>]*)>")
+
+
+def _early_response(conn: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
+    """The response an upstream sent while the request body was still going out, or None if it sent none.
+
+    Only when its socket is readable already (a response, or the hang-up after
+    one): a send that failed without either is the upstream's failure. The
+    connection is never pooled after it: the body went out incomplete.
+    """
+    sock = conn.sock
+    if sock is None:
+        return None
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return None
+        response = conn.getresponse()
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    response.will_close = True
+    return response
 
 
 def _first_piece(conn: http.client.HTTPConnection, response: http.client.HTTPResponse, spliced: bool) -> bytes:
@@ -575,7 +609,9 @@ def _splice_target(environ: dict, method: str, response: http.client.HTTPRespons
     request (HTTP/2 frames its data; a blocking socket, as the gthread worker
     hands it over, so a splice into it never answers EAGAIN), a body of a known
     length of at least :data:`SPLICE_MIN` (no chunked framing to translate),
-    and a response that has a body at all.
+    a response that has a body at all, and a connection the upstream keeps
+    open (after ``Connection: close``, nginx's on the last of its
+    ``keepalive_requests``, the body is read through the response only).
     """
     client = environ.get("gunicorn.socket")
     if (type(client) is not socket.socket or client.gettimeout() is not None
@@ -584,6 +620,8 @@ def _splice_target(environ: dict, method: str, response: http.client.HTTPRespons
     if method == "HEAD" or response.status < 200 or response.status in (204, 304):
         return None
     if response.chunked or response.length is None or response.length < SPLICE_MIN:
+        return None
+    if response.will_close:  # http.client let go of the socket (``conn.sock`` is None): the body is the response's
         return None
     return client
 

@@ -9,6 +9,8 @@ byte lost, doubled or reordered anywhere makes the registry refuse the digest.
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import os
 import socket
 import threading
@@ -50,6 +52,58 @@ def test_a_chunked_multi_mib_push_through_regmw_serve_is_stored_byte_for_byte(do
     assert status == 200 and stored == data
     patched = [line for line in served.log_lines() if line["method"] == "PATCH"]
     assert [line["status"] for line in patched] == [202]
+
+
+def send_and_read(url: str, head: bytes, pieces: list[bytes]) -> tuple[http.client.HTTPResponse, bytes]:
+    """Send a request as a client that reads while it sends (curl, Go): the response is read as soon as it
+    comes, while a thread still sends the body; a send the server refuses once it has answered just stops."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+
+    def send() -> None:
+        try:
+            sock.sendall(head)
+            for piece in pieces:
+                sock.sendall(piece)
+        except OSError:
+            pass  # the server answered and closed
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    response = http.client.HTTPResponse(sock)
+    try:
+        response.begin()
+        body = response.read()
+    finally:
+        sock.shutdown(socket.SHUT_RDWR)  # ends the sender's blocked send
+        sender.join(10)
+        sock.close()
+    return response, body
+
+
+@pytest.mark.services
+@pytest.mark.parametrize(("method", "chunked", "pooled"), [("PATCH", False, False), ("PUT", True, True)],
+                         ids=["patch-new-connection", "chunked-put-pooled-connection"])
+def test_an_upstream_answer_before_the_body_is_read_reaches_the_client(docker_registry, regmw_serve,  # noqa: F811
+                                                                        method, chunked, pooled):
+    """distribution answers an unknown upload 404 without reading the body, then hangs up (as it does a 401
+    or a 413): the client gets that 404, as from the registry itself, not a 502 for the broken send."""
+    served = regmw_serve(gateway_config(docker_registry.url), workers=1)
+    if pooled:  # the one worker keeps that upstream connection for the next request
+        assert http_request(served.url, "GET", "/v2/")[0] == 200
+    block = os.urandom(MIB)
+    size = 32 * MIB  # more than the sockets between the gateway and the registry buffer
+    target = "/v2/group/project/blobs/uploads/no-such-upload"
+    if method == "PUT":
+        target += "?digest=sha256:" + "0" * 64
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
+    head = b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n%s\r\n\r\n" % (
+        method.encode(), target.encode(), framing)
+    pieces = [b"%x\r\n%s\r\n" % (MIB, block) if chunked else block for _ in range(size // MIB)]
+    response, body = send_and_read(served.url, head, pieces + ([b"0\r\n\r\n"] if chunked else []))
+    assert response.status == 404, body
+    assert json.loads(body)["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
+    assert http_request(served.url, "GET", "/v2/")[0] == 200  # the gateway serves on
 
 
 def test_sendmsg_all_sends_every_part_in_order_across_partial_sends():

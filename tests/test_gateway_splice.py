@@ -62,8 +62,9 @@ def get(conn: http.client.HTTPConnection, path: str, method: str = "GET") -> tup
 class RawUpstream:
     """An HTTP/1.1 upstream on a raw socket answering every request with one fixed body, keep-alive.
 
-    ``mode``: ``full`` sends the body; ``truncate`` announces it, sends half and
-    hangs up; ``stall`` sends half, then waits (for ``release``) without closing.
+    ``mode``: ``full`` sends the body; ``close`` sends it with ``Connection: close``
+    and hangs up after it; ``truncate`` announces it, sends half and hangs up;
+    ``stall`` sends half, then waits (for ``release``) without closing.
     ``accepted`` counts connections; ``outcomes`` says how each response ended.
     """
 
@@ -104,13 +105,14 @@ class RawUpstream:
 
     def _answer(self, conn: socket.socket, method: bytes) -> bool:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(self.body))
+                     + (b"Connection: close\r\n" if self.mode == "close" else b"")
+                     + b"Content-Length: %d\r\n\r\n" % len(self.body))
         if method == b"HEAD":
-            return True
-        if self.mode == "full":
+            return self.mode != "close"
+        if self.mode in ("full", "close"):
             conn.sendall(self.body)
             self.outcomes.append("sent")
-            return True
+            return self.mode == "full"
         conn.sendall(self.body[:len(self.body) // 2])
         if self.mode == "stall":
             self.release.wait(30)
@@ -231,6 +233,23 @@ def test_the_upstream_connection_is_back_in_the_pool_before_the_client_has_the_b
     assert spliced >= 5 * (len(data) - 65536) if zero_copy else spliced == 0
 
 
+def test_a_large_body_the_upstream_closes_the_connection_after_is_served_whole(raw_upstream, regmw_serve):  # noqa: F811
+    """``Connection: close`` on a large body (nginx's answer to the last of its ``keepalive_requests``, a
+    registry shutting down): http.client has let go of the socket, so the body is copied, not spliced."""
+    data = blob(2 * MIB + 3)
+    upstream = raw_upstream(data, mode="close")
+    served = serve(regmw_serve, upstream.url)
+    conn = client(served.url)
+    try:
+        for _ in range(2):
+            response, body = get(conn, f"/v2/group/project/blobs/{DIGEST}")
+            assert response.status == 200 and body == data
+    finally:
+        conn.close()
+    assert upstream.accepted == 2 and upstream.outcomes == ["sent"] * 2
+    assert metric(served, ZERO_COPY) == 0
+
+
 @pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "copy"])
 def test_a_truncated_upstream_body_breaks_the_client_connection(raw_upstream, regmw_serve, zero_copy):  # noqa: F811
     upstream = raw_upstream(blob(4 * MIB), mode="truncate")
@@ -326,6 +345,8 @@ LARGE = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % MIB
     ("chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "GET", {}, False),
     ("no length", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", "GET", {}, False),
     ("304", b"HTTP/1.1 304 Not Modified\r\nContent-Length: %d\r\n\r\n" % MIB, "GET", {}, False),
+    ("Connection: close", b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % MIB, "GET", {},
+     False),
 ])
 def test_when_the_body_is_spliced(case, head, method, environ, spliced):
     from regmw.gateway import _splice_target
