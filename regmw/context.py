@@ -42,7 +42,7 @@ class RequestContext:
         self.migration_path: str | None = None  # "old" / "new" once classified
         self.db: Any = None
         self.prefetched: dict[str, bytes | None] = {}  # cache values read during admission
-        self.response_headers: list[tuple[str, str]] = []  # added to whatever answer is sent
+        self.response_headers: list[tuple[str, str]] = []  # added to whatever answer is sent, replacing the same names
         self.status: int | None = None
         self._claims: Any = _UNSET
         self._client: str | None = None

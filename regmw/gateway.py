@@ -204,7 +204,9 @@ def _alive(conn: http.client.HTTPConnection) -> bool:
 
 
 #: Headers naming the client's address: passed on only from a trusted proxy (as ``title()`` spells them).
-_CLIENT_ADDRESS_HEADERS = frozenset({"X-Forwarded-For", "X-Real-Ip", "Forwarded"})
+#: What a proxy in front says about the client and how it was reached: passed on only from a trusted proxy.
+_FORWARDING_HEADERS = frozenset({"X-Forwarded-For", "X-Real-Ip", "Forwarded", "X-Forwarded-Proto",
+                                 "X-Forwarded-Host", "X-Forwarded-Port", "X-Forwarded-Prefix"})
 
 
 class Gateway:
@@ -314,13 +316,14 @@ class Gateway:
         trusted = self.clients.is_trusted_peer(peer)
         if not trusted:
             # A client's own X-Forwarded-For would reach the upstream as the first hop, which is the
-            # one distribution logs and puts in its events as the client's address (RemoteAddr).
-            headers = [(n, v) for n, v in headers if n not in _CLIENT_ADDRESS_HEADERS]
+            # one distribution logs and puts in its events as the client's address (RemoteAddr); its
+            # X-Forwarded-Proto/-Host would shape the Location and Link URLs the upstream builds.
+            headers = [(n, v) for n, v in headers if n not in _FORWARDING_HEADERS]
         if peer:
             forwarded = environ.get("HTTP_X_FORWARDED_FOR") if trusted else None
             headers = [(n, v) for n, v in headers if n != "X-Forwarded-For"]
             headers.append(("X-Forwarded-For", f"{forwarded}, {peer}" if forwarded else peer))
-        if "HTTP_X_FORWARDED_PROTO" not in environ:
+        if not (trusted and "HTTP_X_FORWARDED_PROTO" in environ):
             headers.append(("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http")))
         return headers
 

@@ -186,8 +186,14 @@ class RegistryMiddleware:
 
         def regmw_start_response(status: str, headers: list, exc_info: Any = None):
             context.status = int(status[:3])
-            headers = list(headers)
-            headers.extend(context.response_headers)
+            ours = context.response_headers
+            if ours:
+                # regmw's own headers replace the app's of the same name (an upstream regmw or registry
+                # echoing X-Request-Id, another layer's RateLimit-*): one value each, never two.
+                names = {name.lower() for name, _ in ours}
+                headers = [header for header in headers if header[0].lower() not in names] + ours
+            else:
+                headers = list(headers)
             try:
                 if response_started:
                     response_started(context=context, status=context.status, headers=headers)

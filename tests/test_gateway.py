@@ -106,19 +106,23 @@ def test_hop_by_hop_headers_dropped_both_ways(proxied):
     assert response.getheader("X-Upstream-Hop") is None and response.getheader("X-Upstream-Keep") == "1"
 
 
-def test_client_address_headers_pass_on_only_from_a_trusted_proxy(serve_wsgi):
-    """distribution takes the FIRST X-Forwarded-For hop as the client (logs, events): a client's own
-    value must not reach it unless the peer is one of ``[regmw] trusted_proxies``."""
+def test_forwarding_headers_pass_on_only_from_a_trusted_proxy(serve_wsgi):
+    """distribution takes the FIRST X-Forwarded-For hop as the client (logs, events), and builds its
+    Location URLs from X-Forwarded-Proto/-Host: a client's own values must not reach it unless the peer
+    is one of ``[regmw] trusted_proxies``."""
     upstream = serve_wsgi(echo)
-    spoof = {"X-Forwarded-For": "6.6.6.6", "X-Real-Ip": "6.6.6.6", "Forwarded": "for=6.6.6.6"}
+    spoof = {"X-Forwarded-For": "6.6.6.6", "X-Real-Ip": "6.6.6.6", "Forwarded": "for=6.6.6.6",
+             "X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example", "X-Forwarded-Port": "8443"}
     untrusted = Gateway(upstream)
     seen = json.loads(request(serve_wsgi(untrusted), "GET", "/v2/", headers=spoof)[1])["headers"]
     assert seen["x-forwarded-for"] == "127.0.0.1" and "x-real-ip" not in seen and "forwarded" not in seen
+    assert seen["x-forwarded-proto"] == "http" and "x-forwarded-host" not in seen and "x-forwarded-port" not in seen
     app, _ = create_gateway(build({"regmw": {"trusted_proxies": ["127.0.0.0/8"]}, "gateway": {"upstream": upstream}},
                                   environ={}).config)
     seen = json.loads(request(serve_wsgi(app), "GET", "/v2/", headers=spoof)[1])["headers"]
     assert seen["x-forwarded-for"] == "6.6.6.6, 127.0.0.1"
     assert seen["x-real-ip"] == "6.6.6.6" and seen["forwarded"] == "for=6.6.6.6"
+    assert seen["x-forwarded-proto"] == "https" and seen["x-forwarded-host"] == "evil.example"
     untrusted.close()
     app.close()
 

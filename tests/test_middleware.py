@@ -380,3 +380,19 @@ def test_a_backend_down_error_after_the_response_started_reaches_the_server():
 
     with pytest.raises(BackendUnavailable):
         Client(make(app=late_app)).get("/v2/a/manifests/latest")
+
+
+def test_regmws_own_response_headers_replace_the_apps_of_the_same_name():
+    """An upstream regmw or registry echoing X-Request-Id (or sending its own RateLimit-*) must not
+    give the client two values of one header."""
+    def echoing(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("x-request-id", environ["HTTP_X_REQUEST_ID"]),
+                                  ("RateLimit-Limit", "7"), ("X-App", "kept")])
+        return [b"ok"]
+
+    client = Client(make(echoing, {"ratelimit": {"rules": [{"name": "per-client", "by": "client", "limit": "5/minute"}]}}))
+    response = client.get("/v2/group/app/manifests/v1", headers={"X-Request-Id": "abc-123"})
+    headers = [(name.lower(), value) for name, value in response.headers]
+    assert [value for name, value in headers if name == "x-request-id"] == ["abc-123"]
+    assert [value for name, value in headers if name == "ratelimit-limit"] == ["5"]
+    assert ("x-app", "kept") in headers
