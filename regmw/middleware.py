@@ -264,6 +264,8 @@ class RegistryMiddleware:
             peer = ipaddress.ip_address(environ.get("REMOTE_ADDR") or "")
         except ValueError:
             peer = None
+        if peer is not None and peer.version == 6 and peer.ipv4_mapped:
+            peer = peer.ipv4_mapped  # ::ffff:127.0.0.1, an IPv4 peer of a server listening on ::
         if peer is None or not any(peer in network for network in self._metrics_allow):
             return _METRICS_DENIED(environ, start_response)
         return self._metrics_app(environ, start_response)

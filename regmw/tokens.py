@@ -64,12 +64,17 @@ class TokenVerifier:
 
 
 def read_key(section: Mapping[str, Any]) -> str | None:
-    """The verification key: ``key``, or the contents of ``key_file``; ConfigError if the file cannot be read."""
+    """The verification key: ``key``, or the contents of ``key_file``; ConfigError if the file cannot be read.
+
+    The file's trailing line breaks are not part of the key: ``echo secret > file``
+    (and most editors) end it with one, which an HMAC secret would otherwise
+    include, so that no token verified; a PEM reads the same without them.
+    """
     if not section.get("key_file"):
         return section.get("key")
     try:
         with open(section["key_file"], encoding="utf-8") as handle:
-            return handle.read()
+            return handle.read().rstrip("\r\n")
     except OSError as exc:
         raise ConfigError(f"auth.key_file: cannot read {section['key_file']}: {exc.strerror}") from None
 

@@ -312,6 +312,9 @@ def test_metrics_endpoint_only_when_configured_and_only_to_allowed_networks():
     assert far.status_code == 403 and far.json["errors"][0]["code"] == "DENIED"
     allowed = Client(make(config={"regmw": {"metrics_path": "/m"}, "serve": {"metrics_allow": ["10.0.0.0/8"]}}))
     assert allowed.get("/m", environ_overrides={"REMOTE_ADDR": "10.1.2.3"}).status_code == 200
+    # an IPv4 peer of a server listening on :: arrives as ::ffff:a.b.c.d
+    assert allowed.get("/m", environ_overrides={"REMOTE_ADDR": "::ffff:10.1.2.3"}).status_code == 200
+    assert allowed.get("/m", environ_overrides={"REMOTE_ADDR": "::ffff:192.0.2.1"}).status_code == 403
     assert allowed.get("/m", environ_overrides={"REMOTE_ADDR": "127.0.0.1"}).status_code == 403
     assert allowed.get("/m").status_code == 403  # no peer address at all
 

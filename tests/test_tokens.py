@@ -19,6 +19,22 @@ def test_missing_key_file_is_a_config_error(tmp_path):
         build({"auth": {"key_file": str(tmp_path / "absent.pem")}}, environ={})
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_an_hmac_secret_in_a_key_file_verifies_without_its_trailing_line_break(tmp_path, ending):
+    """`echo secret > file` ends the file with a newline that is not part of the secret."""
+    secret = "s" * 32
+    (tmp_path / "secret").write_bytes((secret + ending).encode())
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [str(environ["regmw.context"].subject).encode()]
+
+    config = {"auth": {"key_file": str(tmp_path / "secret"), "algorithms": ["HS256"]}}
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, secret, "HS256")
+    client = Client(RegistryMiddleware(app, config, environ={}))
+    assert client.get("/v2/a/tags/list", headers={"Authorization": f"Bearer {token}"}).data == b"alice"
+
+
 def test_a_key_no_algorithm_can_use_is_a_config_error():
     with pytest.raises(ConfigError, match="auth.key: not a usable key"):
         build({"auth": {"key": "-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----\n"}}, environ={})

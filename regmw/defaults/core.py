@@ -227,7 +227,7 @@ SECTIONS = [
         "is not looked at (any or none verifies against the key).",
         {
             "key": Option("str", None, "Verification key: an HMAC secret or a PEM public key."),
-            "key_file": Option("path", None, "File holding the verification key (instead of `key`)."),
+            "key_file": Option("path", None, "File holding the verification key (instead of `key`); its trailing line breaks are not part of the key."),
             "algorithms": Option("list", ["RS256", "ES256"], "Accepted JWT algorithms (`none` is never accepted)."),
             "issuer": Option("str", None, "Required `iss` claim."),
             "audience": Option("str", None, "Required `aud` claim. Unset: a token that carries an `aud` does not "

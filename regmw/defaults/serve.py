@@ -41,7 +41,7 @@ SECTION = Section(
                                             "any path (e.g. `127.0.0.1:9102`); empty: none.", check=_listen),
         "metrics_allow": Option("cidrs", ["127.0.0.1/32", "::1/128"],
                                 "Networks allowed to read `[regmw] metrics_path` on the API port (when that path "
-                                "is set); others get 403 DENIED. The socket peer is checked, not X-Forwarded-For."),
+                                "is set); others get 403 DENIED. The socket peer is checked, not X-Forwarded-For (an IPv4-mapped `::ffff:a.b.c.d` as `a.b.c.d`)."),
         "access_log": Option("bool", True, "One JSON line per request on the `regmw.access` logger (stderr under "
                                            "`regmw serve`)."),
         "request_id_header": Option("str", "X-Request-Id", "Request header whose value (if sane) becomes the "
