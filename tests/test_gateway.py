@@ -296,3 +296,29 @@ def test_chunked_body_cut_after_its_first_chunk_keeps_the_upstreams_status(serve
     finally:
         gateway.close()
         upstream.close()
+
+
+def test_an_upstream_under_a_path_prefix_gets_it_and_its_urls_come_back_without_it(serve_wsgi):
+    """``upstream = "http://host:port/registry"``: a registry mounted under a path (behind its own proxy)."""
+    seen = []
+
+    def mounted(environ, start_response):
+        seen.append(environ.get("REQUEST_URI"))
+        own = f"http://{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
+        start_response("202 Accepted", [
+            ("Content-Length", "0"),
+            ("Location", f"{own}/registry/v2/a/blobs/uploads/1?_state=x"),
+            ("Link", f'<{own}/registry/v2/a/tags/list?n=2&last=b>; rel="next"')])
+        return [b""]
+
+    upstream = serve_wsgi(mounted)
+    gateway = Gateway(upstream + "/registry/")
+    try:
+        url = serve_wsgi(gateway)
+        response, _ = request(url, "POST", "/v2/a/blobs/uploads/?mount=sha256%3Aab&from=b")
+        assert seen == ["/registry/v2/a/blobs/uploads/?mount=sha256%3Aab&from=b"]
+        assert response.status == 202
+        assert response.getheader("Location") == f"{url}/v2/a/blobs/uploads/1?_state=x"
+        assert response.getheader("Link") == f'<{url}/v2/a/tags/list?n=2&last=b>; rel="next"'
+    finally:
+        gateway.close()
