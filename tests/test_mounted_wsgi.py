@@ -1,0 +1,176 @@
+"""Mounted mode under a real gunicorn: PEP 3333 corner cases of the app behind ``RegistryMiddleware``.
+
+One gunicorn (gthread) serves a plain WSGI app wrapped by the middleware; the
+app's behaviour is chosen by the repository name. A plugin writes each
+``regmw_finish`` (and the app each body close) to a file, so the tests see
+what ran, and how often, in the server process.
+"""
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .servers._util import free_port, stop, wait_for_port, wait_until
+
+DIGEST = "sha256:" + "ab" * 32
+
+SERVER = '''
+import os, sys
+from regmw import RegistryMiddleware, hookimpl
+
+LOG = {log!r}
+
+def note(line):
+    with open(LOG, "a") as handle:
+        handle.write(line + "\\n")
+
+class Finish:
+    @hookimpl
+    def regmw_finish(self, context, status):
+        note(f"finish {{context.repository}} {{status}}")
+
+def app(environ, start_response):
+    kind = environ["PATH_INFO"].split("/")[2]
+    if kind == "raises":
+        raise RuntimeError("SECRET internal detail")
+    if kind == "lazyraises":
+        def body():
+            try:
+                raise RuntimeError("SECRET internal detail")
+                yield b""
+            finally:
+                note("closed lazyraises")
+        return body()
+    if kind == "lazy":
+        def body():
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"lazy "
+            yield b"body"
+        return body()
+    if kind == "badheader":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Name", "caf\\u00e9\\u2603")])
+        return [b"never sent"]
+    if kind == "ownheaders":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("x-request-id", environ["HTTP_X_REQUEST_ID"]),
+                                  ("RateLimit-Remaining", "7")])
+        return [b"ok"]
+    if kind == "endless":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        def body():
+            try:
+                while True:
+                    yield b"x" * 65536
+            finally:
+                note("closed endless")
+        return body()
+    if kind == "write":
+        write = start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "11")])
+        write(b"hello ")
+        write(b"world")
+        return []
+    start_response("404 Not Found", [("Content-Length", "0")])
+    return []
+
+application = RegistryMiddleware(
+    app, {{"regmw": {{"plugins": [], "entry_points": False}},
+          "ratelimit": {{"rules": [{{"by": "client", "limit": "100000/minute"}}]}}}},
+    plugins=[Finish()], environ={{}})
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mounted")
+    log = root / "events.log"
+    log.touch()
+    (root / "mounted_server.py").write_text(textwrap.dedent(SERVER.format(log=str(log))))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--chdir", str(root), "-k", "gthread", "--threads", "2", "-w", "1",
+         "-b", f"127.0.0.1:{port}", "mounted_server:application"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        wait_for_port(port, timeout=30, proc=proc)
+        yield port, log
+    finally:
+        stop(proc)
+
+
+def get(port, kind, method="GET", headers=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, f"/v2/{kind}/blobs/{DIGEST}", headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.getheaders(), response.read()
+    finally:
+        connection.close()
+
+
+def events(log, kind, count):
+    """This kind's lines of the server's log once ``count`` of them are there (finish runs after the body)."""
+    def mine():
+        lines = [line for line in log.read_text().splitlines() if line.split()[1] == kind]
+        return lines if len(lines) >= count else None
+    return wait_until(mine, timeout=10, what=f"{count} events for {kind}")
+
+
+@pytest.mark.parametrize("kind", ["raises", "lazyraises"])
+def test_an_app_raising_before_start_response_is_an_oci_500_finished_once(server, kind):
+    """Eager or on its first iteration (a generator): an OCI body, never gunicorn's HTML page or the error's text."""
+    port, log = server
+    status, headers, body = get(port, kind)
+    assert status == 500
+    assert dict(headers)["Content-Type"] == "application/json; charset=utf-8"
+    assert int(dict(headers)["Content-Length"]) == len(body)
+    assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
+    assert b"SECRET" not in body
+    expected = ["closed lazyraises", "finish lazyraises 500"] if kind == "lazyraises" else [f"finish {kind} 500"]
+    assert events(log, kind, len(expected)) == expected
+    status, headers, body = get(port, kind, "HEAD")
+    assert status == 500 and body == b"" and int(dict(headers)["Content-Length"]) > 0
+
+
+def test_a_generator_that_starts_its_response_lazily_still_streams(server):
+    port, log = server
+    assert get(port, "lazy")[::2] == (200, b"lazy body")
+    assert events(log, "lazy", 1) == ["finish lazy 200"]
+
+
+def test_a_header_the_server_refuses_is_finished_as_the_500_the_client_got(server):
+    port, log = server
+    status, _, body = get(port, "badheader")
+    assert status == 500 and b"never sent" not in body
+    assert events(log, "badheader", 1) == ["finish badheader 500"]
+
+
+def test_the_apps_own_request_id_and_rate_limit_headers_are_not_doubled(server):
+    port, _ = server
+    status, headers, _ = get(port, "ownheaders", headers={"X-Request-Id": "req-42"})
+    assert status == 200
+    names = [name.lower() for name, _ in headers]
+    assert names.count("x-request-id") == 1 and dict(headers)["x-request-id"] == "req-42"
+    assert names.count("ratelimit-remaining") == 1 and dict(headers)["RateLimit-Remaining"] == "7"
+    assert dict(headers)["RateLimit-Limit"] == "100000"  # the middleware's others are still added
+
+
+def test_the_legacy_write_callable_works_behind_the_middleware(server):
+    port, log = server
+    assert get(port, "write")[::2] == (200, b"hello world")
+    assert events(log, "write", 1) == ["finish write 200"]
+
+
+def test_a_body_the_client_abandons_is_closed_and_finished_once(server):
+    port, log = server
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET /v2/endless/blobs/{DIGEST} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = 0
+        while received < 1 << 20:
+            received += len(sock.recv(65536))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+    assert events(log, "endless", 2) == ["closed endless", "finish endless 200"]
