@@ -20,10 +20,11 @@ from .servers._util import free_port, stop, wait_for_port, wait_until
 DIGEST = "sha256:" + "ab" * 32
 
 SERVER = '''
-import os, sys
+import io, os, socket, sys
 from regmw import RegistryMiddleware, hookimpl
 
 LOG = {log!r}
+BLOB = {blob!r}
 
 def note(line):
     with open(LOG, "a") as handle:
@@ -34,8 +35,26 @@ class Finish:
     def regmw_finish(self, context, status):
         note(f"finish {{context.repository}} {{status}}")
 
+class NotingFile(io.FileIO):
+    def close(self):
+        if not self.closed:
+            note("closed file")
+        super().close()
+
 def app(environ, start_response):
     kind = environ["PATH_INFO"].split("/")[2]
+    if kind == "file":  # the server's file wrapper, honouring a Range (from its offset: sendfile's start)
+        handle = NotingFile(BLOB)
+        size = os.fstat(handle.fileno()).st_size
+        first, _, last = environ.get("HTTP_RANGE", "bytes=0-").removeprefix("bytes=").partition("-")
+        first, last = int(first), int(last or size - 1)
+        handle.seek(first)
+        headers = [("Content-Length", str(last - first + 1)), ("Accept-Ranges", "bytes")]
+        if "HTTP_RANGE" in environ:
+            start_response("206 Partial Content", headers + [("Content-Range", f"bytes {{first}}-{{last}}/{{size}}")])
+        else:
+            start_response("200 OK", headers)
+        return environ["wsgi.file_wrapper"](handle, 65536)
     if kind == "raises":
         raise RuntimeError("SECRET internal detail")
     if kind == "lazyraises":
@@ -80,6 +99,16 @@ application = RegistryMiddleware(
     app, {{"regmw": {{"plugins": [], "entry_points": False}},
           "ratelimit": {{"rules": [{{"by": "client", "limit": "100000/minute"}}]}}}},
     plugins=[Finish()], environ={{}})
+
+def post_fork(server, worker):
+    sendfile = socket.socket.sendfile
+
+    def counting(self, file, offset=0, count=None):
+        sent = sendfile(self, file, offset, count)
+        note(f"sendfile file {{sent}}")
+        return sent
+
+    socket.socket.sendfile = counting
 '''
 
 
@@ -88,16 +117,18 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mounted")
     log = root / "events.log"
     log.touch()
-    (root / "mounted_server.py").write_text(textwrap.dedent(SERVER.format(log=str(log))))
+    blob = root / "blob"
+    blob.write_bytes(os.urandom(1 << 20) * 4)
+    (root / "mounted_server.py").write_text(textwrap.dedent(SERVER.format(log=str(log), blob=str(blob))))
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--chdir", str(root), "-k", "gthread", "--threads", "2", "-w", "1",
+        [sys.executable, "-m", "gunicorn", "--chdir", str(root), "-c", "python:mounted_server", "-k", "gthread", "--threads", "2", "-w", "1",
          "-b", f"127.0.0.1:{port}", "mounted_server:application"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)},
     )
     try:
         wait_for_port(port, timeout=30, proc=proc)
-        yield port, log
+        yield port, log, blob
     finally:
         stop(proc)
 
@@ -123,7 +154,7 @@ def events(log, kind, count):
 @pytest.mark.parametrize("kind", ["raises", "lazyraises"])
 def test_an_app_raising_before_start_response_is_an_oci_500_finished_once(server, kind):
     """Eager or on its first iteration (a generator): an OCI body, never gunicorn's HTML page or the error's text."""
-    port, log = server
+    port, log, _ = server
     status, headers, body = get(port, kind)
     assert status == 500
     assert dict(headers)["Content-Type"] == "application/json; charset=utf-8"
@@ -137,20 +168,20 @@ def test_an_app_raising_before_start_response_is_an_oci_500_finished_once(server
 
 
 def test_a_generator_that_starts_its_response_lazily_still_streams(server):
-    port, log = server
+    port, log, _ = server
     assert get(port, "lazy")[::2] == (200, b"lazy body")
     assert events(log, "lazy", 1) == ["finish lazy 200"]
 
 
 def test_a_header_the_server_refuses_is_finished_as_the_500_the_client_got(server):
-    port, log = server
+    port, log, _ = server
     status, _, body = get(port, "badheader")
     assert status == 500 and b"never sent" not in body
     assert events(log, "badheader", 1) == ["finish badheader 500"]
 
 
 def test_the_apps_own_request_id_and_rate_limit_headers_are_not_doubled(server):
-    port, _ = server
+    port, _, _ = server
     status, headers, _ = get(port, "ownheaders", headers={"X-Request-Id": "req-42"})
     assert status == 200
     names = [name.lower() for name, _ in headers]
@@ -160,13 +191,13 @@ def test_the_apps_own_request_id_and_rate_limit_headers_are_not_doubled(server):
 
 
 def test_the_legacy_write_callable_works_behind_the_middleware(server):
-    port, log = server
+    port, log, _ = server
     assert get(port, "write")[::2] == (200, b"hello world")
     assert events(log, "write", 1) == ["finish write 200"]
 
 
 def test_a_body_the_client_abandons_is_closed_and_finished_once(server):
-    port, log = server
+    port, log, _ = server
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(f"GET /v2/endless/blobs/{DIGEST} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         received = 0
@@ -174,3 +205,29 @@ def test_a_body_the_client_abandons_is_closed_and_finished_once(server):
             received += len(sock.recv(65536))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
     assert events(log, "endless", 2) == ["closed endless", "finish endless 200"]
+
+
+def test_a_range_of_the_servers_file_wrapper_is_a_206_sent_with_sendfile_and_finished_once(server):
+    """The app's Range answer keeps gunicorn's zero-copy path: one sendfile of the range, then close, then finish."""
+    port, log, blob = server
+    status, headers, body = get(port, "file", headers={"Range": "bytes=1000-2000999"})
+    assert status == 206 and dict(headers)["Content-Range"] == f"bytes 1000-2000999/{4 << 20}"
+    assert body == blob.read_bytes()[1000:2001000]
+    assert events(log, "file", 3) == ["sendfile file 2000000", "closed file", "finish file 206"]
+
+
+def test_a_file_the_client_abandons_mid_sendfile_is_closed_and_finished_once(server):
+    port, log, _ = server
+    def mine():
+        return [line for line in log.read_text().splitlines() if line.split()[1] == "file"]
+
+    before = len(mine())
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(f"GET /v2/file/blobs/{DIGEST} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = 0
+        while received < 1 << 16:
+            received += len(sock.recv(65536))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+    after = wait_until(lambda: "finish file 200" in mine()[before:] and mine()[before:], what="the finish")
+    assert after[-2:] == ["closed file", "finish file 200"] and after.count("finish file 200") == 1
