@@ -231,3 +231,64 @@ def test_a_file_the_client_abandons_mid_sendfile_is_closed_and_finished_once(ser
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
     after = wait_until(lambda: "finish file 200" in mine()[before:] and mine()[before:], what="the finish")
     assert after[-2:] == ["closed file", "finish file 200"] and after.count("finish file 200") == 1
+
+
+FLASK_SERVER = '''
+import socket
+from flask import Flask, send_file
+from regmw import hookimpl
+from regmw.flask import RegMW
+
+LOG = {log!r}
+
+def note(line):
+    with open(LOG, "a") as handle:
+        handle.write(line + "\\n")
+
+class Finish:
+    @hookimpl
+    def regmw_finish(self, context, status):
+        note(f"finish {{context.repository}} {{status}}")
+
+app = Flask(__name__)
+
+@app.route("/v2/<name>/blobs/<digest>", methods=["GET", "HEAD"])
+def blob(name, digest):
+    return send_file({blob!r}, mimetype="application/octet-stream", conditional=True, etag=digest, max_age=0)
+
+RegMW(app, config={{"regmw": {{"plugins": [], "entry_points": False}}}}, plugins=[Finish()])
+
+def post_fork(server, worker):
+    sendfile = socket.socket.sendfile
+
+    def counting(self, file, offset=0, count=None):
+        sent = sendfile(self, file, offset, count)
+        note(f"sendfile flask {{sent}}")
+        return sent
+
+    socket.socket.sendfile = counting
+'''
+
+
+def test_flask_send_file_behind_regmw_keeps_sendfile_and_finishes_once(tmp_path):
+    """Flask hands the server's file wrapper back through RegMW: gunicorn sends it with sendfile; HEAD sends nothing."""
+    log, blob = tmp_path / "events.log", tmp_path / "blob"
+    log.touch()
+    blob.write_bytes(os.urandom(1 << 20) * 3)
+    (tmp_path / "flask_server.py").write_text(textwrap.dedent(FLASK_SERVER.format(log=str(log), blob=str(blob))))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--chdir", str(tmp_path), "-c", "python:flask_server", "-k", "gthread",
+         "--threads", "2", "-w", "1", "-b", f"127.0.0.1:{port}", "flask_server:app"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    try:
+        wait_for_port(port, timeout=30, proc=proc)
+        status, _, body = get(port, "flask")
+        assert status == 200 and body == blob.read_bytes()
+        assert events(log, "flask", 2) == [f"sendfile flask {3 << 20}", "finish flask 200"]
+        status, headers, body = get(port, "flask", "HEAD")
+        assert status == 200 and body == b"" and dict(headers)["Content-Length"] == str(3 << 20)
+        assert events(log, "flask", 3)[2:] == ["finish flask 200"]
+    finally:
+        stop(proc)
