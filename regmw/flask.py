@@ -28,6 +28,13 @@ on an API request is answered ``503 UNAVAILABLE`` with an OCI body and
 plain WSGI app that raises it (Flask would otherwise turn it into its own
 500 page before regmw sees it). A handler the app (or a blueprint, or a
 plugin's ``init_app``) registers for it, or for a subclass, takes precedence.
+
+Any other exception of a view is Flask's: its 500 page (or the app's
+handler). Only when Flask lets it propagate (``PROPAGATE_EXCEPTIONS``, on
+with ``TESTING`` or ``DEBUG``) does it reach the middleware, which answers an
+API request with its OCI ``500 UNKNOWN`` and logs the traceback on the
+``regmw`` logger, as for any WSGI app: a test client gets that 500, not the
+exception.
 """
 from __future__ import annotations
 

@@ -230,7 +230,8 @@ def regmw_response_started(context, status, headers):
 def regmw_finish(context, status):
     """Called after the response body was sent and closed (or the request was refused).
 
-    Use it for work the client need not wait for: events, metrics, cache
+    ``status`` is the status sent; an app that raised counts as 500. Use it
+    for work the client need not wait for: events, metrics, cache
     invalidation. Exceptions are logged, never sent to the client, and the
     other plugins' implementations still run.
     """

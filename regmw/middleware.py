@@ -33,6 +33,7 @@ defaults and a repository already classified, the path makes none.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import os
 import posixpath
@@ -55,6 +56,8 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 _ADMITTED, _REFUSED, _INVALID = (metrics.requests.labels(outcome) for outcome in ("admitted", "refused", "invalid"))
 
 _INTERNAL_ERROR = Refusal(500, "UNKNOWN", "internal error in registry middleware")
+#: The app raised before it started its response (its traceback goes to the ``regmw`` logger, never the client).
+_APP_ERROR = Refusal(500, "UNKNOWN", "internal error in the registry", reason="app_error")
 _METRICS_DENIED = Refusal(403, "DENIED", "metrics are not served to this network")
 
 #: The refusal reason when the refusal does not name one: after the step that refused.
@@ -63,6 +66,7 @@ _METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"})
 _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 _START = "regmw.start"
 _REFUSAL = "regmw.refusal"
+_END = object()
 
 
 class RegistryMiddleware:
@@ -183,8 +187,10 @@ class RegistryMiddleware:
         environ["regmw.db"] = context.db
         app = self.apps.get(context.migration_path, self.app) if self.apps else self.app
         response_started = self._response_started
+        started = False  # the server's start_response was called (even if it raised: its status is set)
 
         def regmw_start_response(status: str, headers: list, exc_info: Any = None):
+            nonlocal started
             context.status = int(status[:3])
             ours = context.response_headers
             if ours:
@@ -199,31 +205,61 @@ class RegistryMiddleware:
                     response_started(context=context, status=context.status, headers=headers)
             except Exception:
                 log.exception("regmw_response_started failed for %s %s", context.method, path)
+            started = True
             return start_response(status, headers, exc_info)
 
+        body = None
         try:
             body = app(environ, regmw_start_response)
+            if started:
+                iterator = None
+            else:
+                # A generator app starts its response on the first iteration: take that step here,
+                # so that an exception before its start_response is answered like one raised above.
+                iterator = iter(body)
+                first = next(iterator, _END)
+                if first is not _END:
+                    iterator = itertools.chain((first,), iterator)
         except BackendUnavailable as exc:
             # A plugin's "backend down" error (dbroute's PrimaryUnavailable or
             # ReplicaLost, say) raised by an app that did not answer it itself:
             # before the response started it is a 503 like any refusal, never a
             # 500 with a traceback. After that the server must see it.
-            if context.status is not None:
-                self._finish(context)
+            _discard(body)
+            if started:
+                self._failed(context)
                 raise
             log.warning("%s %s: %s: %s", context.method, path, type(exc).__name__, exc)
-            refusal = backend_unavailable()
-            context.status = refusal.status
-            environ[_REFUSAL] = refusal.reason
-            self._finish(context)
-            return refusal(environ, start_response, context.response_headers)
+            return self._answer(backend_unavailable(), context, start_response)
+        except Exception:
+            _discard(body)
+            if started:
+                self._failed(context)  # the server answers (its own 500 while no byte is sent)
+                raise
+            log.exception("the app failed before answering %s %s", context.method, path)
+            return self._answer(_APP_ERROR, context, start_response)
         except BaseException:
+            _discard(body)
             self._finish(context)
             raise
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper) and _finish_on_close(body, self._finish, context):
-            return body  # the server's own type: it still recognises it and sends the file with sendfile
-        return _Closing(body, self._finish, context)
+        if iterator is None:
+            file_wrapper = environ.get("wsgi.file_wrapper")
+            if (isinstance(file_wrapper, type) and isinstance(body, file_wrapper)
+                    and _finish_on_close(body, self._finish, context)):
+                return body  # the server's own type: it still recognises it and sends the file with sendfile
+        return _Closing(body, self._finish, context, iterator)
+
+    def _answer(self, refusal: Refusal, context: RequestContext, start_response: Callable) -> Iterable[bytes]:
+        """The app raised before its response started: regmw answers (an OCI body), finished as a refusal."""
+        context.status = refusal.status
+        context.environ[_REFUSAL] = refusal.reason
+        self._finish(context)
+        return refusal(context.environ, start_response, context.response_headers)
+
+    def _failed(self, context: RequestContext) -> None:
+        """The app raised after calling start_response: the request failed (500), whatever it had said."""
+        context.status = 500
+        self._finish(context)
 
     def _pass_through(self, path: str, environ: dict, start_response: Callable) -> Iterable[bytes]:
         """Hand a non-API path to the app untouched, unless it only looks like one.
@@ -280,26 +316,42 @@ def backend_unavailable() -> Refusal:
 class _Closing:
     """The app's body iterable, with ``regmw_finish`` run once when the server closes it.
 
+    ``iterator``: the body's own iterator when the middleware already took its
+    first step (see ``__call__``); ``close`` is still the body's.
     Not used for the server's own ``wsgi.file_wrapper`` objects (see :func:`_finish_on_close`).
     """
 
-    __slots__ = ("_body", "_finish", "_context")
+    __slots__ = ("_body", "_finish", "_context", "_iterator")
 
-    def __init__(self, body: Iterable[bytes], finish: Callable[[RequestContext], None], context: RequestContext):
-        self._body, self._finish, self._context = body, finish, context
+    def __init__(self, body: Iterable[bytes], finish: Callable[[RequestContext], None], context: RequestContext,
+                 iterator: Any = None):
+        self._body, self._finish, self._context, self._iterator = body, finish, context, iterator
 
     def __iter__(self):
-        return iter(self._body)
+        return iter(self._body) if self._iterator is None else self._iterator
 
     def close(self) -> None:
         try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
+            _close(self._body)
         finally:
             finish, self._finish = self._finish, None
             if finish is not None:
                 finish(self._context)
+
+
+def _close(body: Any) -> None:
+    """PEP 3333: the app's iterable is closed (if it can be) whatever happened to the response."""
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
+
+
+def _discard(body: Any) -> None:
+    """Close the body of an app that raised; a failing ``close`` is logged, the app's error is what counts."""
+    try:
+        _close(body)
+    except Exception:
+        log.exception("closing the body of an app that raised failed")
 
 
 def _finish_on_close(body: Any, finish: Callable[[RequestContext], None], context: RequestContext) -> bool:

@@ -33,6 +33,10 @@ def write(tmp_path, text):
         ("[regmw]\ntrusted_proxies = ['not-a-network']\n", "regmw.trusted_proxies"),
         ("[regmw]\nplugins = ['nosuch']\n", "unknown plugin 'nosuch'"),
         ("not toml [", "not valid TOML"),
+        # sent back on every API answer: gunicorn refuses such a name, and every answer was its HTML 500
+        ("[serve]\nrequest_id_header = 'X Request Id'\n", "serve.request_id_header: must be an HTTP header name"),
+        ("[serve]\nrequest_id_header = ''\n", "serve.request_id_header: must be an HTTP header name"),
+        ("[serve]\nrequest_id_header = 'X_Request_Id'\n", "serve.request_id_header: must be an HTTP header name"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):

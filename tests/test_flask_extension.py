@@ -142,6 +142,28 @@ def test_a_views_backend_unavailable_is_the_middlewares_oci_503(testing):
     assert refused._value.get() == before + 1
 
 
+@pytest.mark.parametrize("testing", [False, True])
+def test_a_views_other_error_is_flasks_500_page_unless_flask_propagates_it(testing):
+    """Propagated (TESTING/DEBUG), it reaches the middleware: an OCI 500, finished as 500, the text never sent."""
+    app = Flask(__name__)
+    app.config["TESTING"] = testing
+
+    @app.route("/v2/<path:rest>")
+    def broken(rest):
+        raise RuntimeError("SECRET detail")
+
+    finishes = Finishes()
+    RegMW(app, plugins=[finishes])
+    response = Client(app).get("/v2/a/b/tags/list")
+    assert response.status_code == 500 and b"SECRET" not in response.data
+    kind = response.headers["Content-Type"]
+    assert kind.startswith("application/json") if testing else kind.startswith("text/html")
+    if testing:
+        assert response.json["errors"][0]["code"] == "UNKNOWN"
+    response.close()
+    assert finishes.statuses == [500]
+
+
 def test_the_apps_own_backend_unavailable_handler_and_non_api_paths_keep_flasks_handling():
     app = backend_down_app()
 

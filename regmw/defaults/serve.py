@@ -7,6 +7,8 @@ never imports gunicorn. The middleware itself reads ``metrics_allow``,
 """
 from __future__ import annotations
 
+import re
+
 from regmw.config import Option, Section
 from regmw.plugins import hookimpl
 
@@ -17,6 +19,17 @@ def _listen(value: str) -> str:
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9102 or [::1]:9102 (or empty to disable)")
+    return value
+
+
+#: An HTTP field name (RFC 9110 token) without "_": servers drop or merge those (CGI maps "-" to "_").
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^`|~-]+")
+
+
+def _header_name(value: str) -> str:
+    """Sent on every API answer: a name the server refuses would turn each one into its 500."""
+    if not _HEADER_NAME.fullmatch(value):
+        raise ValueError("must be an HTTP header name: letters, digits and '-' (no spaces, no '_')")
     return value
 
 
@@ -46,7 +59,8 @@ SECTION = Section(
                                            "`regmw serve`)."),
         "request_id_header": Option("str", "X-Request-Id", "Request header whose value (if sane) becomes the "
                                                            "request id; it is generated otherwise, sent back in the "
-                                                           "same response header and forwarded upstream."),
+                                                           "same response header (unless the app's answer has it) and "
+                                                           "forwarded upstream.", check=_header_name),
     },
 )
 
