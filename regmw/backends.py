@@ -31,6 +31,7 @@ being recognised by its class:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -112,8 +113,17 @@ class RateLimitResult:
         return [
             ("RateLimit-Limit", str(self.limit)),
             ("RateLimit-Remaining", str(max(0, self.remaining))),
-            ("RateLimit-Reset", str(max(1, int(self.reset_after + 0.999)))),
+            ("RateLimit-Reset", str(self.reset_seconds())),
         ]
+
+    def reset_seconds(self) -> int:
+        """``reset_after`` as delta-seconds for ``RateLimit-Reset`` / ``Retry-After``: rounded up, at least 1.
+
+        Rounded up exactly: a client waiting that long finds the window over
+        (``int(x + 0.999)`` rounded 1.0005 s down to 1, and a client retrying
+        after 1 s was refused again).
+        """
+        return max(1, math.ceil(self.reset_after))
 
 
 def tightest(results: Iterable[RateLimitResult]) -> RateLimitResult | None:

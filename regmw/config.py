@@ -242,9 +242,17 @@ def _as_cidrs(value: Any, option: Option) -> list[ipaddress._BaseNetwork]:
     return [ipaddress.ip_network(item, strict=False) for item in _as_list(value, option)]
 
 
+def _json(value: str, kind: str) -> Any:
+    """A table (list) given as text (an environment variable): JSON, or an error saying what was expected."""
+    try:
+        return json.loads(value)
+    except ValueError as exc:  # e.g. rules = "100/minute": json's "Extra data: line 1 column 4" alone names nothing
+        raise ValueError(f"must be {kind} (as JSON when given as a string: {exc})") from None
+
+
 def _as_tables(value: Any, option: Option) -> list[dict[str, Any]]:
     if isinstance(value, str):
-        value = json.loads(value)
+        value = _json(value, "a list of tables")
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
@@ -254,7 +262,7 @@ def _as_tables(value: Any, option: Option) -> list[dict[str, Any]]:
 
 def _as_table(value: Any, option: Option) -> dict[str, Any]:
     if isinstance(value, str):
-        value = json.loads(value)
+        value = _json(value, "a table")
     if not isinstance(value, dict):
         raise ValueError("must be a table")
     return dict(value)

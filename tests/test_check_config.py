@@ -46,6 +46,9 @@ REFUSED = [
      "[regmw]\nplugins = ['redis']\n[ratelimit]\nstrategy = 'moving-window'\n"
      "[[ratelimit.rules]]\nby = 'client'\nlimit = '1/second'\n",
      "ratelimit.strategy 'moving-window' needs [redis] hot_path = \"limits\""),
+    ("moving-window-embedded",  # a traceback per gunicorn worker and "Worker failed to boot" before
+     "[ratelimit]\nstrategy = 'moving-window'\n[[ratelimit.rules]]\nby = 'client'\nlimit = '1/second'\n",
+     "ratelimit.strategy 'moving-window' is not counted by the embedded rate limiter"),
     ("lsn-ttl-below-quarantine", f"[regmw]\nplugins = ['dbroute']\n[database]\n{PG}\nlsn_ttl = 30\n",
      "database.lsn_ttl: must exceed max_replay_lag + 3 × health_interval + connect_timeout (= 35s)"),
     ("store-url-never-read",
@@ -111,7 +114,7 @@ def test_every_cross_field_rule_has_a_case_in_the_table():
     assert rules == {"paired_upstreams", "check_auth", "url_and_options", "script_counts_fixed_windows",
                      "lsn_ttl_outlives_quarantine", "store_url_needs_redis_store", "roots_differ", "one_credential", "jobs_plugin_has_redis",
                      "endpoints_are_valid", "wait_fits_the_socket_timeout", "throttle_below_quarantine",
-                     "primary_is_known"}
+                     "primary_is_known", "embedded_counts_the_strategy"}
 
 
 def test_a_sentinel_service_name_may_come_from_the_option_instead_of_the_url(tmp_path, capsys):

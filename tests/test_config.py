@@ -30,6 +30,8 @@ def write(tmp_path, text):
         ("[[ratelimit.rules]]\nname = 'r/group'\nby = 'repository'\nlimit = '9/minute'\n",
          "rules[0].name 'r/group' contains '/'"),
         ("[[ratelimit.rules]]\nname = '{r}'\nlimit = '9/minute'\n", "rules[0].name '{r}' contains '/'"),
+        # a limit written where the rules go: json's "Extra data: line 1 column 3" alone said nothing
+        ("[ratelimit]\nrules = '100/minute'\n", "ratelimit.rules: must be a list of tables (as JSON when given as a string"),
         ("[regmw]\ntrusted_proxies = ['not-a-network']\n", "regmw.trusted_proxies"),
         ("[regmw]\nplugins = ['nosuch']\n", "unknown plugin 'nosuch'"),
         ("not toml [", "not valid TOML"),

@@ -5,6 +5,7 @@ import tracemalloc
 import pytest
 
 from regmw.errors import ConfigError
+from regmw.defaults.core import refused_by_limit
 from regmw.defaults.ratelimit import COUNTER_OVERHEAD, LimitsRateLimiter, MemoryRateLimiter, parse_rules
 from regmw.runtime import build
 
@@ -42,6 +43,22 @@ def test_fixed_window_counts_refuses_and_resets():
     assert not lim.hit(Ctx()).allowed and lim.hit(Ctx()).reset_after == 30
     clock.now += 30  # the window opened at the first hit has ended
     assert lim.hit(Ctx()).allowed
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "sliding-window-counter"])
+def test_a_client_waiting_retry_after_seconds_is_admitted(strategy):
+    """Retry-After and RateLimit-Reset round up: 1.0005 s left is 2, not 1 (a retry after 1 s was refused again)."""
+    clock = Clock()
+    lim = limiter({"by": "client", "limit": "1/minute", "name": "c"}, strategy=strategy, clock=clock)
+    assert lim.hit(Ctx()).allowed
+    clock.now += 58.9995  # 1.0005 s of the window left
+    refused = lim.hit(Ctx())
+    assert not refused.allowed
+    answer = refused_by_limit(refused)
+    retry_after = int(dict(answer.headers)["Retry-After"])
+    assert retry_after == 2 and dict(refused.headers())["RateLimit-Reset"] == "2"
+    clock.now += retry_after
+    assert lim.hit(Ctx()).allowed  # a client that waited as told is admitted
 
 
 def test_the_tightest_limit_is_reported_and_a_refusal_stops_the_counting():

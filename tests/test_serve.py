@@ -59,6 +59,20 @@ def test_serve_as_gateway_in_front_of_a_registry(tmp_path, run_regmw, serve_wsgi
     assert headers["RateLimit-Remaining"] == "4"  # counted by regmw on the way
 
 
+def test_serve_refuses_a_strategy_the_embedded_limiter_does_not_count_in_one_line(tmp_path):
+    """Refused before gunicorn starts, as check-config refuses it (it was a traceback per worker)."""
+    config = tmp_path / "regmw.toml"
+    config.write_text('[ratelimit]\nstrategy = "moving-window"\n[[ratelimit.rules]]\nby = "client"\nlimit = "1/second"\n')
+    result = subprocess.run([sys.executable, "-m", "regmw.cli", "--config", str(config), "serve",
+                             "--registry-root", str(tmp_path / "data"), "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"regmw: configuration error: {config}: ratelimit.strategy 'moving-window' is not counted by the embedded "
+        'rate limiter (one of: fixed-window, sliding-window-counter; moving-window needs the redis plugin with '
+        'hot_path = "limits")']
+
+
 def test_serve_without_anything_to_serve_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "regmw.cli", "serve", "--port", "0"],
                             capture_output=True, text=True, timeout=60, env={**os.environ, "REGMW_CONFIG": ""})

@@ -158,8 +158,7 @@ def complete_admission(admission, services: Services, provider: str = "?"):
 
 
 def refused_by_limit(result) -> Refusal:
-    retry = max(1, int(result.reset_after + 0.999))
-    return too_many_requests(f"rate limit {result.rule!r} exceeded", retry)
+    return too_many_requests(f"rate limit {result.rule!r} exceeded", result.reset_seconds())
 
 
 def read_only_refusal(repository: str, retry_after: int) -> Refusal:

@@ -295,6 +295,19 @@ class LimitsRateLimiter:
                 )
 
 
+def embedded_counts_the_strategy(section, config) -> str | None:
+    """`strategy` = `moving-window` with rules needs a plugin's rate limiter (the redis plugin's `hot_path` = `limits`): the embedded limiter does not count it."""
+    # Checked with the configuration (check-config, serve's master), not only when the workers build
+    # the limiter: there it was a traceback per worker and "Worker failed to boot".
+    if not (section["enabled"] and section["rules"]) or section["strategy"] in MEMORY_STRATEGIES:
+        return None
+    if config is not None and "redis" in getattr(config, "sections", {}):
+        return None  # the redis plugin's limiter counts it (its own check asks for hot_path = "limits")
+    return (f"ratelimit.strategy {section['strategy']!r} is not counted by the embedded rate limiter "
+            f"(one of: {', '.join(MEMORY_STRATEGIES)}; {section['strategy']} needs the redis plugin with "
+            'hot_path = "limits")')
+
+
 SECTION = Section(
     "ratelimit",
     "Distributed rate limits. Counted in memory by default; in Redis when the redis plugin is enabled.",
@@ -324,6 +337,7 @@ SECTION = Section(
             "bool", True, "When the counter store is down: true lets requests through (counted in metrics), false answers 503."
         ),
     },
+    checks=(embedded_counts_the_strategy,),
 )
 
 
