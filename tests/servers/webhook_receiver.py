@@ -33,6 +33,7 @@ class Receiver(ThreadingHTTPServer):
         self.bad_signatures = 0
         self.status = 200
         self.refused = 0
+        self.raw: list[tuple[dict[str, str], bytes, int]] = []  # every complete POST: headers, body, status
 
     @property
     def url(self) -> str:
@@ -61,6 +62,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status = server.status
+        with server.lock:
+            server.raw.append((dict(self.headers.items()), body, status))
         if status == 200:
             try:
                 payload = server.verifier.verify(body, dict(self.headers.items()))
