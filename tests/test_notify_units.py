@@ -161,3 +161,40 @@ def test_a_worker_with_one_spare_place_reaches_the_one_free_shard():
         assert worker.held() == [0, 2, 3, 7]
     finally:
         stop.set()
+
+
+@pytest.mark.parametrize("dribble", [b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", b""])
+def test_the_endpoint_timeout_bounds_the_whole_post_not_each_read(dribble):
+    """A receiver answering a byte at a time (the body, or the status line and headers themselves) fails the
+    POST at ``timeout``: each read arriving within it must not let the POST (and its lane) last indefinitely."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            head = dribble or b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + b"X-Slow: y\r\n" * 20 + b"\r\n"
+            if dribble:
+                connection.sendall(head)
+                head = b"x" * 40
+            for byte in head:  # a byte every 0.1 s: each read is well within the timeout, the whole is not
+                if done.wait(0.1):
+                    return
+                with contextlib.suppress(OSError):
+                    connection.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = parse_endpoints([{"name": "slow", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h",
+                                 "timeout": 0.5}], [ipaddress.ip_network("127.0.0.0/8")])[0]
+    try:
+        started = time.monotonic()
+        outcome = Poster(endpoint, [ipaddress.ip_network("127.0.0.0/8")]).post("e1", [b'{"id":"e1"}'])
+        elapsed = time.monotonic() - started
+    finally:
+        done.set()
+        thread.join(10)
+        listener.close()
+    assert outcome.result == "failed" and "timed out" in outcome.detail, outcome
+    assert elapsed < 1.5, elapsed

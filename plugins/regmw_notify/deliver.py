@@ -4,13 +4,23 @@ Only a 2xx is a delivery. A 3xx is a failure (redirects are not followed: a
 receiver that moved must be reconfigured, and following one could reach an
 address the SSRF guard refuses); 410 Gone means "stop sending" and disables
 the endpoint; anything else, including a timeout, is retried on schedule.
+
+An endpoint's ``timeout`` bounds the whole POST (connecting, sending, the
+status, the headers and the body of the answer), not each socket read: a
+receiver dribbling its answer a byte at a time must not hold a lane (and its
+shard's order) past it, nor outlast ``claim_idle``, which assumes a POST is
+over by then.
 """
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from .endpoints import Endpoint, check_address
 from .events import MEDIA_TYPE, envelope_raw
@@ -25,6 +35,56 @@ class Outcome:
     detail: str = ""
 
 
+class _Deadline:
+    """A connection whose every request, answer included, is over within ``total`` seconds.
+
+    ``urllib3.Timeout(total=...)`` bounds each socket read by what is left, not
+    the request: a watchdog shuts the socket down at the deadline, so the read
+    in progress fails (urllib3 then discards the connection).
+    """
+
+    total = 5.0
+    _timer: threading.Timer | None = None
+
+    def request(self, *args, **kwargs):  # noqa: ANN002, ANN003 - urllib3's own signature, passed through
+        self._stop_watchdog()
+        self._timer = threading.Timer(self.total, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        try:
+            return super().request(*args, **kwargs)
+        except BaseException:
+            self._stop_watchdog()
+            raise
+
+    def getresponse(self, *args, **kwargs):  # noqa: ANN002, ANN003 - the body is read here too (preload_content)
+        try:
+            return super().getresponse(*args, **kwargs)
+        finally:
+            self._stop_watchdog()
+
+    def _stop_watchdog(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        sock = getattr(self, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _pool_classes(total: float) -> dict[str, type]:
+    """urllib3 connection pools whose connections enforce ``total`` (see :class:`_Deadline`)."""
+    http = type("DeadlineHTTPConnection", (_Deadline, HTTPConnection), {"total": total})
+    https = type("DeadlineHTTPSConnection", (_Deadline, HTTPSConnection), {"total": total})
+    return {"http": type("DeadlinePool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": http}),
+            "https": type("DeadlineTLSPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": https})}
+
+
 class Poster:
     """Sends signed event batches to one endpoint over a kept-alive connection pool."""
 
@@ -37,11 +97,13 @@ class Poster:
         self._http = urllib3.PoolManager(
             num_pools=4, maxsize=connections, retries=False, timeout=urllib3.Timeout(total=endpoint.timeout),
         )
+        self._http.pool_classes_by_scheme = _pool_classes(endpoint.timeout)
 
     def post(self, message_id: str, raw_events: Sequence[bytes]) -> Outcome:
         """Deliver ``raw_events`` (serialised events) as one ``{"events": [...]}`` body."""
         body = envelope_raw(list(raw_events))
         headers = {"Content-Type": MEDIA_TYPE, **self.endpoint.headers, **self._signer.headers(message_id, body)}
+        started = time.monotonic()
         try:
             check_address(self.endpoint.url, self._allowed)
             response = self._http.request("POST", self.endpoint.url, body=body, headers=headers, redirect=False,
@@ -49,7 +111,8 @@ class Poster:
         except ValueError as exc:  # the SSRF guard: the name now points somewhere internal
             return Outcome(FAILED, str(exc))
         except urllib3.exceptions.HTTPError as exc:
-            return Outcome(FAILED, f"{type(exc).__name__}: {exc}")
+            late = " (timed out)" if time.monotonic() - started >= self.endpoint.timeout else ""
+            return Outcome(FAILED, f"{type(exc).__name__}{late}: {exc}")
         if 200 <= response.status < 300:
             return Outcome(DELIVERED)
         if response.status == 410:

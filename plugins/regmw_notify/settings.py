@@ -39,7 +39,8 @@ SECTION = Section(
             "table-list", [],
             "Webhook receivers: tables with `name`, `url` (required), `secrets` (Standard Webhooks secrets "
             "`whsec_...`; several = rotation, every one signs), `actions`, `media_types`, `repositories` "
-            "(fnmatch patterns; empty = all), `timeout` (s, default 5), `retry_schedule` (seconds between "
+            "(fnmatch patterns; empty = all), `timeout` (s the whole POST may take, answer included; default 5), "
+            "`retry_schedule` (seconds between "
             "attempts; default 0, 5, 300, 1800, 7200, 18000, 36000, the last repeating), `jitter` (fraction, "
             "default 0.2), `max_age` (s an event may wait before it is parked, default 259200), `batch_max` "
             "(events per POST, default 1), `headers` (a table of extra headers).",
