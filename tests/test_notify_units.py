@@ -198,3 +198,12 @@ def test_the_endpoint_timeout_bounds_the_whole_post_not_each_read(dribble):
         listener.close()
     assert outcome.result == "failed" and "timed out" in outcome.detail, outcome
     assert elapsed < 1.5, elapsed
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    from regmw_notify.deliver import retry_after
+
+    assert retry_after("120") == 120.0
+    assert retry_after("Fri, 27 Nov 2026 07:00:30 GMT", now=1795762800.0) == 30.0  # 07:00:00 + 30 s
+    assert retry_after("Fri, 27 Nov 2026 06:00:00 GMT", now=1795762800.0) == 0.0  # in the past
+    assert retry_after(None) == retry_after("") == retry_after("soon") == retry_after("-5") == 0.0

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -33,6 +34,23 @@ DELIVERED, FAILED, GONE = "delivered", "failed", "gone"
 class Outcome:
     result: str  # delivered | failed | gone
     detail: str = ""
+    retry_after: float = 0.0  # seconds a 429 or 503 asked the sender to wait (Retry-After), 0 = none
+
+
+def retry_after(value: str | None, now: float | None = None) -> float:
+    """Seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP-date; 0 when absent or unreadable."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+    if when.tzinfo is None:
+        return 0.0
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class _Deadline:
@@ -117,7 +135,8 @@ class Poster:
             return Outcome(DELIVERED)
         if response.status == 410:
             return Outcome(GONE, "410 Gone")
-        return Outcome(FAILED, f"HTTP {response.status}")
+        wait = retry_after(response.headers.get("Retry-After")) if response.status in (429, 503) else 0.0
+        return Outcome(FAILED, f"HTTP {response.status}", wait)
 
     def close(self) -> None:
         self._http.clear()

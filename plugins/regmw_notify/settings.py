@@ -41,7 +41,8 @@ SECTION = Section(
             "`whsec_...`; several = rotation, every one signs), `actions`, `media_types`, `repositories` "
             "(fnmatch patterns; empty = all), `timeout` (s the whole POST may take, answer included; default 5), "
             "`retry_schedule` (seconds between "
-            "attempts; default 0, 5, 300, 1800, 7200, 18000, 36000, the last repeating), `jitter` (fraction, "
+            "attempts; default 0, 5, 300, 1800, 7200, 18000, 36000, the last repeating; a 429/503's longer "
+            "Retry-After is waited for, up to the longest step), `jitter` (fraction, "
             "default 0.2), `max_age` (s an event may wait before it is parked, default 259200), `batch_max` "
             "(events per POST, default 1), `headers` (a table of extra headers).",
         ),

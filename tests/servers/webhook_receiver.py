@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -34,6 +35,8 @@ class Receiver(ThreadingHTTPServer):
         self.status = 200
         self.refused = 0
         self.raw: list[tuple[dict[str, str], bytes, int]] = []  # every complete POST: headers, body, status
+        self.arrivals: list[float] = []  # time.monotonic() of each of them
+        self.reply_headers: dict[str, str] = {}  # sent with every refusal (e.g. Retry-After)
 
     @property
     def url(self) -> str:
@@ -64,6 +67,7 @@ class _Handler(BaseHTTPRequestHandler):
         status = server.status
         with server.lock:
             server.raw.append((dict(self.headers.items()), body, status))
+            server.arrivals.append(time.monotonic())
         if status == 200:
             try:
                 payload = server.verifier.verify(body, dict(self.headers.items()))
@@ -79,6 +83,8 @@ class _Handler(BaseHTTPRequestHandler):
             with server.lock:
                 server.refused += 1
         self.send_response(status)
+        for name, value in (server.reply_headers if status != 200 else {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
