@@ -99,6 +99,18 @@ def test_actions_by_request():
     ({"name": "a", "url": "https://example.com/", "secrets": [""]}, "not a Standard Webhooks secret"),
     ({"name": "a", "url": "https://example.com/", "colour": "red"}, "unknown key"),
     ({"name": "a:b", "url": "https://example.com/"}, "name"),
+    # a lone string instead of a list: a filter of its characters would let nothing through, silently
+    ({"name": "a", "url": "https://example.com/", "actions": "push"}, r"actions: a list of strings"),
+    ({"name": "a", "url": "https://example.com/", "repositories": "team/*"}, r"repositories: a list of strings"),
+    ({"name": "a", "url": "https://example.com/", "media_types": "application/json"}, r"media_types: a list"),
+    ({"name": "a", "url": "https://example.com/", "secrets": OLD}, r"secrets: a list of strings"),
+    ({"name": "a", "url": "https://example.com/", "headers": "X-A: b"}, r"headers: a table"),
+    ({"name": "a", "url": "https://example.com/", "timeout": 0}, r"timeout: seconds, more than 0"),
+    ({"name": "a", "url": "https://example.com/", "timeout": "5"}, r"timeout: seconds"),
+    ({"name": "a", "url": "https://example.com/", "jitter": 5}, r"jitter: a fraction"),
+    ({"name": "a", "url": "https://example.com/", "max_age": -1}, r"max_age: seconds"),
+    ({"name": "a", "url": "https://example.com/", "retry_schedule": "5"}, r"retry_schedule: a non-empty list"),
+    ({"name": "a", "url": "https://example.com/", "batch_max": 2.5}, r"batch_max: an integer"),
 ])
 def test_bad_endpoint_tables_are_refused_at_validation(table, message, tmp_path):
     config = {"regmw": {"plugins": ["notifications"], "entry_points": False},

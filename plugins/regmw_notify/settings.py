@@ -11,7 +11,8 @@ from .endpoints import parse_endpoints
 
 
 def endpoints_are_valid(section, config) -> str | None:
-    """endpoints: each table's keys and values, unique names, secrets that are Standard Webhooks secrets, and
+    """endpoints: each table's keys and values (`secrets`, `actions`, `media_types`, `repositories` lists of
+    strings, not one string; `timeout` > 0; `jitter` 0 to 1), unique names, secrets that are Standard Webhooks secrets, and
     URLs outside loopback/link-local/private/other non-public networks unless in allowed_networks (IP literals
     and localhost; names are checked before each POST)."""
     try:
