@@ -141,6 +141,7 @@ def test_a_retry_after_of_a_429_or_503_is_waited_for_up_to_the_longest_step(embe
     """The schedule's next step is 0.05 s, but the receiver asked for 1 s: the retry comes after 1 s. A
     Retry-After longer than the schedule's longest step (1.5 s here) waits that step, not an hour."""
     receiver, client, _ = embedded(retry_schedule=[0, 0.05, 1.5], jitter=0)
+    receiver.record = True
     receiver.status = 429
     receiver.reply_headers = {"Retry-After": "1"}
     assert client.put("/v2/team/app/manifests/v1", data=b"{}").status_code == 201

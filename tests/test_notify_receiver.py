@@ -25,6 +25,7 @@ def regmw_stack(tmp_path, redis_server, webhook_receiver):
 
     def start(**endpoint):
         receiver = webhook_receiver()
+        receiver.record = True
         table = {"name": "hook", "url": receiver.url, "secrets": [NEW_SECRET, SECRET], "timeout": 2,
                  "retry_schedule": [0, 0.2]}
         table.update(endpoint)

@@ -34,7 +34,8 @@ class Receiver(ThreadingHTTPServer):
         self.bad_signatures = 0
         self.status = 200
         self.refused = 0
-        self.raw: list[tuple[dict[str, str], bytes, int]] = []  # every complete POST: headers, body, status
+        self.record = False  # True: keep every complete POST (not in long runs: they add up)
+        self.raw: list[tuple[dict[str, str], bytes, int]] = []  # each recorded POST: headers, body, status
         self.arrivals: list[float] = []  # time.monotonic() of each of them
         self.reply_headers: dict[str, str] = {}  # sent with every refusal (e.g. Retry-After)
 
@@ -65,9 +66,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status = server.status
-        with server.lock:
-            server.raw.append((dict(self.headers.items()), body, status))
-            server.arrivals.append(time.monotonic())
+        if server.record:
+            with server.lock:
+                server.raw.append((dict(self.headers.items()), body, status))
+                server.arrivals.append(time.monotonic())
         if status == 200:
             try:
                 payload = server.verifier.verify(body, dict(self.headers.items()))
