@@ -111,6 +111,7 @@ def test_actions_by_request():
     ({"name": "a", "url": "https://example.com/", "max_age": -1}, r"max_age: seconds"),
     ({"name": "a", "url": "https://example.com/", "retry_schedule": "5"}, r"retry_schedule: a non-empty list"),
     ({"name": "a", "url": "https://example.com/", "batch_max": 2.5}, r"batch_max: an integer"),
+    ({"name": "a", "url": "https://example.com/", "headers": {"Webhook-Signature": "v1,x"}}, "cannot be set"),
 ])
 def test_bad_endpoint_tables_are_refused_at_validation(table, message, tmp_path):
     config = {"regmw": {"plugins": ["notifications"], "entry_points": False},
@@ -219,3 +220,32 @@ def test_retry_after_is_read_as_seconds_or_an_http_date():
     assert retry_after("Fri, 27 Nov 2026 07:00:30 GMT", now=1795762800.0) == 30.0  # 07:00:00 + 30 s
     assert retry_after("Fri, 27 Nov 2026 06:00:00 GMT", now=1795762800.0) == 0.0  # in the past
     assert retry_after(None) == retry_after("") == retry_after("soon") == retry_after("-5") == 0.0
+
+
+def test_an_endpoints_content_type_replaces_ours_whatever_its_case():
+    """``headers = {"content-type" = "application/json"}``: one Content-Type is sent, the endpoint's, not two."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    heads = []
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            heads.append(data.split(b"\r\n\r\n")[0].decode())
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = parse_endpoints([{"name": "json", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h",
+                                 "secrets": [OLD], "headers": {"content-type": "application/json"}}],
+                               [ipaddress.ip_network("127.0.0.0/8")])[0]
+    try:
+        outcome = Poster(endpoint, [ipaddress.ip_network("127.0.0.0/8")]).post("e1", [b'{"id":"e1"}'])
+        thread.join(10)
+    finally:
+        listener.close()
+    assert outcome.result == "delivered"
+    types = [line for line in heads[0].split("\r\n")[1:] if line.lower().startswith("content-type:")]
+    assert [value.split(":", 1)[1].strip() for value in types] == ["application/json"], heads[0]

@@ -120,7 +120,10 @@ class Poster:
     def post(self, message_id: str, raw_events: Sequence[bytes]) -> Outcome:
         """Deliver ``raw_events`` (serialised events) as one ``{"events": [...]}`` body."""
         body = envelope_raw(list(raw_events))
-        headers = {"Content-Type": MEDIA_TYPE, **self.endpoint.headers, **self._signer.headers(message_id, body)}
+        # case-insensitive: an endpoint's "content-type" replaces ours instead of making a second one
+        headers = urllib3.HTTPHeaderDict({"Content-Type": MEDIA_TYPE})
+        headers.update(self.endpoint.headers)
+        headers.update(self._signer.headers(message_id, body))
         started = time.monotonic()
         try:
             check_address(self.endpoint.url, self._allowed)

@@ -22,6 +22,9 @@ from standardwebhooks import Webhook
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0)
 _KEYS = {"name", "url", "secrets", "actions", "media_types", "repositories", "timeout", "retry_schedule",
          "jitter", "max_age", "batch_max", "headers"}
+#: headers an endpoint's ``headers`` may not set: the signature's, and what the POST itself must say
+_RESERVED_HEADERS = {"webhook-id", "webhook-timestamp", "webhook-signature", "content-length", "host",
+                     "transfer-encoding", "connection"}
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,10 @@ def parse_endpoints(tables: Iterable[Mapping[str, Any]], allowed: Sequence[Any] 
         if not isinstance(headers, Mapping) or not all(isinstance(key, str) and isinstance(value, str)
                                                        for key, value in headers.items()):
             raise ValueError(f"{where}.headers: a table of header names to string values")
+        reserved = sorted(key for key in headers if key.lower() in _RESERVED_HEADERS)
+        if reserved:
+            raise ValueError(f"{where}.headers: {', '.join(reserved)} cannot be set (the signature's, or the "
+                             "request's own)")
         endpoints.append(Endpoint(
             name=name, url=url, secrets=secrets,
             actions=frozenset(_strings(table, "actions", where)),

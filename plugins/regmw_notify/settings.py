@@ -45,7 +45,8 @@ SECTION = Section(
             "attempts; default 0, 5, 300, 1800, 7200, 18000, 36000, the last repeating; a 429/503's longer "
             "Retry-After is waited for, up to the longest step), `jitter` (fraction, "
             "default 0.2), `max_age` (s an event may wait before it is parked, default 259200), `batch_max` "
-            "(events per POST, default 1), `headers` (a table of extra headers).",
+            "(events per POST, default 1), `headers` (a table of extra headers; a Content-Type replaces ours, "
+            "whatever its case; the webhook-* headers, Host, Content-Length and the like are refused).",
         ),
         "allowed_networks": Option(
             "cidrs", [],
