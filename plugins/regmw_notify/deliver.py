@@ -13,6 +13,7 @@ over by then.
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -53,46 +54,76 @@ def retry_after(value: str | None, now: float | None = None) -> float:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+class _Watchdog:
+    """One thread for every watched connection: shuts down the socket of a request past its deadline.
+
+    (One thread for all, not a timer per POST: starting a thread per POST
+    doubled the cost of a POST on loopback.) It checks every 50 ms while
+    something is watched and sleeps otherwise; the check and the shutdown run
+    under the lock that :meth:`forget` takes, so a connection forgotten and
+    reused for the next request is never cut by its previous deadline.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deadlines: dict[object, float] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, connection: object, deadline: float) -> None:
+        with self._lock:
+            self._deadlines[connection] = deadline
+            if self._thread is None or not self._thread.is_alive():  # (again in a forked child)
+                self._thread = threading.Thread(target=self._run, name="regmw-notify-watchdog", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def forget(self, connection: object) -> None:
+        with self._lock:
+            self._deadlines.pop(connection, None)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                now = time.monotonic()
+                for connection in [c for c, deadline in self._deadlines.items() if deadline <= now]:
+                    del self._deadlines[connection]
+                    sock = getattr(connection, "sock", None)
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                if not self._deadlines:
+                    self._wake.clear()
+            time.sleep(0.05)
+
+
+_WATCHDOG = _Watchdog()
+
+
 class _Deadline:
     """A connection whose every request, answer included, is over within ``total`` seconds.
 
     ``urllib3.Timeout(total=...)`` bounds each socket read by what is left, not
-    the request: a watchdog shuts the socket down at the deadline, so the read
-    in progress fails (urllib3 then discards the connection).
+    the request: the watchdog shuts the socket down at the deadline, so the
+    read in progress fails (urllib3 then discards the connection).
     """
 
     total = 5.0
-    _timer: threading.Timer | None = None
 
     def request(self, *args, **kwargs):  # noqa: ANN002, ANN003 - urllib3's own signature, passed through
-        self._stop_watchdog()
-        self._timer = threading.Timer(self.total, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        _WATCHDOG.watch(self, time.monotonic() + self.total)
         try:
             return super().request(*args, **kwargs)
         except BaseException:
-            self._stop_watchdog()
+            _WATCHDOG.forget(self)
             raise
 
     def getresponse(self, *args, **kwargs):  # noqa: ANN002, ANN003 - the body is read here too (preload_content)
         try:
             return super().getresponse(*args, **kwargs)
         finally:
-            self._stop_watchdog()
-
-    def _stop_watchdog(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _expire(self) -> None:
-        sock = getattr(self, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _WATCHDOG.forget(self)
 
 
 def _pool_classes(total: float) -> dict[str, type]:
