@@ -119,13 +119,19 @@ class ClientResolver:
 
     def client_key(self, environ: dict) -> str:
         """The string a per-client rate limit counts under."""
-        peer = environ.get("REMOTE_ADDR") or "unknown"
-        if self.trusted:
+        peer = self.client_address(environ) or "unknown"
+        return peer if _ipv4(peer) is not None else self._key(peer)  # a canonical IPv4 address is its own key
+
+    def client_address(self, environ: dict) -> str:
+        """The client's own address (not grouped by ``ipv6_prefix``): the socket peer, or the client behind
+        ``trusted_proxies``; "" without a ``REMOTE_ADDR``. What events report as ``request.addr``."""
+        peer = environ.get("REMOTE_ADDR") or ""
+        if self.trusted and peer:
             x_forwarded = environ.get("HTTP_X_FORWARDED_FOR")
             forwarded = environ.get("HTTP_FORWARDED")
             if (x_forwarded or forwarded) and self._hop_is_trusted(peer):
                 peer = self._client_behind_proxies(x_forwarded, forwarded, peer)
-        return peer if _ipv4(peer) is not None else self._key(peer)  # a canonical IPv4 address is its own key
+        return peer
 
     def is_trusted_peer(self, peer: str | None) -> bool:
         """True if ``peer`` (a ``REMOTE_ADDR``) is one of ``trusted_proxies``: its forwarded headers count."""

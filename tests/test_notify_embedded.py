@@ -135,3 +135,22 @@ def test_the_queue_depth_gauge_is_published_without_redis_too(embedded):
     wait_until(lambda: depth() == 2, 10, "a depth of 2 while the receiver refuses")
     receiver.status = 200
     wait_until(lambda: depth() == 0 and receiver.count() == 2, 10, "a depth of 0 once delivered")
+
+
+def test_a_retry_after_of_a_429_or_503_is_waited_for_up_to_the_longest_step(embedded):
+    """The schedule's next step is 0.05 s, but the receiver asked for 1 s: the retry comes after 1 s. A
+    Retry-After longer than the schedule's longest step (1.5 s here) waits that step, not an hour."""
+    receiver, client, _ = embedded(retry_schedule=[0, 0.05, 1.5], jitter=0)
+    receiver.record = True
+    receiver.status = 429
+    receiver.reply_headers = {"Retry-After": "1"}
+    assert client.put("/v2/team/app/manifests/v1", data=b"{}").status_code == 201
+    wait_until(lambda: receiver.refused >= 2, 10, "a retry after the 429")
+    receiver.status = 503
+    receiver.reply_headers = {"Retry-After": "3600"}
+    wait_until(lambda: receiver.refused >= 4, 10, "two retries after 503s asking for an hour")
+    receiver.status = 200
+    wait_until(lambda: receiver.count() == 1, 10, "the event once the receiver accepts")
+    gaps = [later - earlier for earlier, later in zip(receiver.arrivals, receiver.arrivals[1:], strict=False)]
+    assert gaps[0] >= 0.95, gaps  # Retry-After: 1, although the schedule said 0.05
+    assert gaps[2] < 3.0, gaps  # Retry-After: 3600, capped at the longest step (1.5)

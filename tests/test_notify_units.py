@@ -99,6 +99,19 @@ def test_actions_by_request():
     ({"name": "a", "url": "https://example.com/", "secrets": [""]}, "not a Standard Webhooks secret"),
     ({"name": "a", "url": "https://example.com/", "colour": "red"}, "unknown key"),
     ({"name": "a:b", "url": "https://example.com/"}, "name"),
+    # a lone string instead of a list: a filter of its characters would let nothing through, silently
+    ({"name": "a", "url": "https://example.com/", "actions": "push"}, r"actions: a list of strings"),
+    ({"name": "a", "url": "https://example.com/", "repositories": "team/*"}, r"repositories: a list of strings"),
+    ({"name": "a", "url": "https://example.com/", "media_types": "application/json"}, r"media_types: a list"),
+    ({"name": "a", "url": "https://example.com/", "secrets": OLD}, r"secrets: a list of strings"),
+    ({"name": "a", "url": "https://example.com/", "headers": "X-A: b"}, r"headers: a table"),
+    ({"name": "a", "url": "https://example.com/", "timeout": 0}, r"timeout: seconds, more than 0"),
+    ({"name": "a", "url": "https://example.com/", "timeout": "5"}, r"timeout: seconds"),
+    ({"name": "a", "url": "https://example.com/", "jitter": 5}, r"jitter: a fraction"),
+    ({"name": "a", "url": "https://example.com/", "max_age": -1}, r"max_age: seconds"),
+    ({"name": "a", "url": "https://example.com/", "retry_schedule": "5"}, r"retry_schedule: a non-empty list"),
+    ({"name": "a", "url": "https://example.com/", "batch_max": 2.5}, r"batch_max: an integer"),
+    ({"name": "a", "url": "https://example.com/", "headers": {"Webhook-Signature": "v1,x"}}, "cannot be set"),
 ])
 def test_bad_endpoint_tables_are_refused_at_validation(table, message, tmp_path):
     config = {"regmw": {"plugins": ["notifications"], "entry_points": False},
@@ -161,3 +174,78 @@ def test_a_worker_with_one_spare_place_reaches_the_one_free_shard():
         assert worker.held() == [0, 2, 3, 7]
     finally:
         stop.set()
+
+
+@pytest.mark.parametrize("dribble", [b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", b""])
+def test_the_endpoint_timeout_bounds_the_whole_post_not_each_read(dribble):
+    """A receiver answering a byte at a time (the body, or the status line and headers themselves) fails the
+    POST at ``timeout``: each read arriving within it must not let the POST (and its lane) last indefinitely."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            head = dribble or b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + b"X-Slow: y\r\n" * 20 + b"\r\n"
+            if dribble:
+                connection.sendall(head)
+                head = b"x" * 40
+            for byte in head:  # a byte every 0.1 s: each read is well within the timeout, the whole is not
+                if done.wait(0.1):
+                    return
+                with contextlib.suppress(OSError):
+                    connection.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = parse_endpoints([{"name": "slow", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h",
+                                 "timeout": 0.5}], [ipaddress.ip_network("127.0.0.0/8")])[0]
+    try:
+        started = time.monotonic()
+        outcome = Poster(endpoint, [ipaddress.ip_network("127.0.0.0/8")]).post("e1", [b'{"id":"e1"}'])
+        elapsed = time.monotonic() - started
+    finally:
+        done.set()
+        thread.join(10)
+        listener.close()
+    assert outcome.result == "failed" and "timed out" in outcome.detail, outcome
+    assert elapsed < 1.5, elapsed
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    from regmw_notify.deliver import retry_after
+
+    assert retry_after("120") == 120.0
+    assert retry_after("Fri, 27 Nov 2026 07:00:30 GMT", now=1795762800.0) == 30.0  # 07:00:00 + 30 s
+    assert retry_after("Fri, 27 Nov 2026 06:00:00 GMT", now=1795762800.0) == 0.0  # in the past
+    assert retry_after(None) == retry_after("") == retry_after("soon") == retry_after("-5") == 0.0
+
+
+def test_an_endpoints_content_type_replaces_ours_whatever_its_case():
+    """``headers = {"content-type" = "application/json"}``: one Content-Type is sent, the endpoint's, not two."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    heads = []
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            heads.append(data.split(b"\r\n\r\n")[0].decode())
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = parse_endpoints([{"name": "json", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h",
+                                 "secrets": [OLD], "headers": {"content-type": "application/json"}}],
+                               [ipaddress.ip_network("127.0.0.0/8")])[0]
+    try:
+        outcome = Poster(endpoint, [ipaddress.ip_network("127.0.0.0/8")]).post("e1", [b'{"id":"e1"}'])
+        thread.join(10)
+    finally:
+        listener.close()
+    assert outcome.result == "delivered"
+    types = [line for line in heads[0].split("\r\n")[1:] if line.lower().startswith("content-type:")]
+    assert [value.split(":", 1)[1].strip() for value in types] == ["application/json"], heads[0]

@@ -4,13 +4,25 @@ Only a 2xx is a delivery. A 3xx is a failure (redirects are not followed: a
 receiver that moved must be reconfigured, and following one could reach an
 address the SSRF guard refuses); 410 Gone means "stop sending" and disables
 the endpoint; anything else, including a timeout, is retried on schedule.
+
+An endpoint's ``timeout`` bounds the whole POST (connecting, sending, the
+status, the headers and the body of the answer), not each socket read: a
+receiver dribbling its answer a byte at a time must not hold a lane (and its
+shard's order) past it, nor outlast ``claim_idle``, which assumes a POST is
+over by then.
 """
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from .endpoints import Endpoint, check_address
 from .events import MEDIA_TYPE, envelope_raw
@@ -23,6 +35,103 @@ DELIVERED, FAILED, GONE = "delivered", "failed", "gone"
 class Outcome:
     result: str  # delivered | failed | gone
     detail: str = ""
+    retry_after: float = 0.0  # seconds a 429 or 503 asked the sender to wait (Retry-After), 0 = none
+
+
+def retry_after(value: str | None, now: float | None = None) -> float:
+    """Seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP-date; 0 when absent or unreadable."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+    if when.tzinfo is None:
+        return 0.0
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class _Watchdog:
+    """One thread for every watched connection: shuts down the socket of a request past its deadline.
+
+    (One thread for all, not a timer per POST: starting a thread per POST
+    doubled the cost of a POST on loopback.) It checks every 50 ms while
+    something is watched and sleeps otherwise; the check and the shutdown run
+    under the lock that :meth:`forget` takes, so a connection forgotten and
+    reused for the next request is never cut by its previous deadline.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deadlines: dict[object, float] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, connection: object, deadline: float) -> None:
+        with self._lock:
+            self._deadlines[connection] = deadline
+            if self._thread is None or not self._thread.is_alive():  # (again in a forked child)
+                self._thread = threading.Thread(target=self._run, name="regmw-notify-watchdog", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def forget(self, connection: object) -> None:
+        with self._lock:
+            self._deadlines.pop(connection, None)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                now = time.monotonic()
+                for connection in [c for c, deadline in self._deadlines.items() if deadline <= now]:
+                    del self._deadlines[connection]
+                    sock = getattr(connection, "sock", None)
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                if not self._deadlines:
+                    self._wake.clear()
+            time.sleep(0.05)
+
+
+_WATCHDOG = _Watchdog()
+
+
+class _Deadline:
+    """A connection whose every request, answer included, is over within ``total`` seconds.
+
+    ``urllib3.Timeout(total=...)`` bounds each socket read by what is left, not
+    the request: the watchdog shuts the socket down at the deadline, so the
+    read in progress fails (urllib3 then discards the connection).
+    """
+
+    total = 5.0
+
+    def request(self, *args, **kwargs):  # noqa: ANN002, ANN003 - urllib3's own signature, passed through
+        _WATCHDOG.watch(self, time.monotonic() + self.total)
+        try:
+            return super().request(*args, **kwargs)
+        except BaseException:
+            _WATCHDOG.forget(self)
+            raise
+
+    def getresponse(self, *args, **kwargs):  # noqa: ANN002, ANN003 - the body is read here too (preload_content)
+        try:
+            return super().getresponse(*args, **kwargs)
+        finally:
+            _WATCHDOG.forget(self)
+
+
+def _pool_classes(total: float) -> dict[str, type]:
+    """urllib3 connection pools whose connections enforce ``total`` (see :class:`_Deadline`)."""
+    http = type("DeadlineHTTPConnection", (_Deadline, HTTPConnection), {"total": total})
+    https = type("DeadlineHTTPSConnection", (_Deadline, HTTPSConnection), {"total": total})
+    return {"http": type("DeadlinePool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": http}),
+            "https": type("DeadlineTLSPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": https})}
 
 
 class Poster:
@@ -37,11 +146,16 @@ class Poster:
         self._http = urllib3.PoolManager(
             num_pools=4, maxsize=connections, retries=False, timeout=urllib3.Timeout(total=endpoint.timeout),
         )
+        self._http.pool_classes_by_scheme = _pool_classes(endpoint.timeout)
 
     def post(self, message_id: str, raw_events: Sequence[bytes]) -> Outcome:
         """Deliver ``raw_events`` (serialised events) as one ``{"events": [...]}`` body."""
         body = envelope_raw(list(raw_events))
-        headers = {"Content-Type": MEDIA_TYPE, **self.endpoint.headers, **self._signer.headers(message_id, body)}
+        # case-insensitive: an endpoint's "content-type" replaces ours instead of making a second one
+        headers = urllib3.HTTPHeaderDict({"Content-Type": MEDIA_TYPE})
+        headers.update(self.endpoint.headers)
+        headers.update(self._signer.headers(message_id, body))
+        started = time.monotonic()
         try:
             check_address(self.endpoint.url, self._allowed)
             response = self._http.request("POST", self.endpoint.url, body=body, headers=headers, redirect=False,
@@ -49,12 +163,14 @@ class Poster:
         except ValueError as exc:  # the SSRF guard: the name now points somewhere internal
             return Outcome(FAILED, str(exc))
         except urllib3.exceptions.HTTPError as exc:
-            return Outcome(FAILED, f"{type(exc).__name__}: {exc}")
+            late = " (timed out)" if time.monotonic() - started >= self.endpoint.timeout else ""
+            return Outcome(FAILED, f"{type(exc).__name__}{late}: {exc}")
         if 200 <= response.status < 300:
             return Outcome(DELIVERED)
         if response.status == 410:
             return Outcome(GONE, "410 Gone")
-        return Outcome(FAILED, f"HTTP {response.status}")
+        wait = retry_after(response.headers.get("Retry-After")) if response.status in (429, 503) else 0.0
+        return Outcome(FAILED, f"HTTP {response.status}", wait)
 
     def close(self) -> None:
         self._http.clear()

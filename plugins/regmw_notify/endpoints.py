@@ -22,6 +22,9 @@ from standardwebhooks import Webhook
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0)
 _KEYS = {"name", "url", "secrets", "actions", "media_types", "repositories", "timeout", "retry_schedule",
          "jitter", "max_age", "batch_max", "headers"}
+#: headers an endpoint's ``headers`` may not set: the signature's, and what the POST itself must say
+_RESERVED_HEADERS = {"webhook-id", "webhook-timestamp", "webhook-signature", "content-length", "host",
+                     "transfer-encoding", "connection"}
 
 
 @dataclass(frozen=True)
@@ -77,30 +80,60 @@ def parse_endpoints(tables: Iterable[Mapping[str, Any]], allowed: Sequence[Any] 
         if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise ValueError(f"{where}.url: an http:// or https:// URL is required")
         check_address(url, allowed, where, resolve=False)
-        secrets = tuple(table.get("secrets", ()))
+        secrets = _strings(table, "secrets", where)
         for secret in secrets:
             try:
                 Webhook(secret)
             except Exception as exc:
                 raise ValueError(f"{where}.secrets: not a Standard Webhooks secret ({exc})") from None
-        schedule = tuple(float(delay) for delay in table.get("retry_schedule", DEFAULT_SCHEDULE))
-        if not schedule or any(delay < 0 for delay in schedule):
+        schedule = table.get("retry_schedule", DEFAULT_SCHEDULE)
+        if (isinstance(schedule, (str, bytes)) or not isinstance(schedule, Iterable)
+                or not all(_number(delay) and delay >= 0 for delay in schedule) or not schedule):
             raise ValueError(f"{where}.retry_schedule: a non-empty list of seconds >= 0")
-        batch_max = int(table.get("batch_max", 1))
-        if batch_max < 1:
-            raise ValueError(f"{where}.batch_max: at least 1")
+        batch_max = table.get("batch_max", 1)
+        if not isinstance(batch_max, int) or isinstance(batch_max, bool) or batch_max < 1:
+            raise ValueError(f"{where}.batch_max: an integer, at least 1")
+        timeout, jitter, max_age = table.get("timeout", 5.0), table.get("jitter", 0.2), table.get("max_age", 259200.0)
+        if not _number(timeout) or timeout <= 0:
+            raise ValueError(f"{where}.timeout: seconds, more than 0")
+        if not _number(jitter) or not 0 <= jitter <= 1:
+            raise ValueError(f"{where}.jitter: a fraction from 0 to 1")
+        if not _number(max_age) or max_age < 0:
+            raise ValueError(f"{where}.max_age: seconds, at least 0")
+        headers = table.get("headers", {})
+        if not isinstance(headers, Mapping) or not all(isinstance(key, str) and isinstance(value, str)
+                                                       for key, value in headers.items()):
+            raise ValueError(f"{where}.headers: a table of header names to string values")
+        reserved = sorted(key for key in headers if key.lower() in _RESERVED_HEADERS)
+        if reserved:
+            raise ValueError(f"{where}.headers: {', '.join(reserved)} cannot be set (the signature's, or the "
+                             "request's own)")
         endpoints.append(Endpoint(
             name=name, url=url, secrets=secrets,
-            actions=frozenset(table.get("actions", ())), media_types=frozenset(table.get("media_types", ())),
-            repositories=tuple(table.get("repositories", ())), timeout=float(table.get("timeout", 5.0)),
-            retry_schedule=schedule, jitter=float(table.get("jitter", 0.2)),
-            max_age=float(table.get("max_age", 259200.0)), batch_max=batch_max,
-            headers=dict(table.get("headers", {})),
+            actions=frozenset(_strings(table, "actions", where)),
+            media_types=frozenset(_strings(table, "media_types", where)),
+            repositories=_strings(table, "repositories", where), timeout=float(timeout),
+            retry_schedule=tuple(float(delay) for delay in schedule), jitter=float(jitter),
+            max_age=float(max_age), batch_max=batch_max, headers=dict(headers),
         ))
     names = [endpoint.name for endpoint in endpoints]
     if len(set(names)) != len(names):
         raise ValueError("endpoints: names must be unique")
     return endpoints
+
+
+def _strings(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    """``table[key]`` as a tuple of strings; a lone string is refused (as a list of its characters, a filter
+    ``actions = "push"`` would silently let nothing through)."""
+    value = table.get(key, ())
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or not all(
+            isinstance(item, str) for item in value):
+        raise ValueError(f"{where}.{key}: a list of strings, e.g. [\"...\"]")
+    return tuple(value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_address(url: str, allowed: Sequence[Any] = (), where: str = "url", resolve: bool = True) -> None:

@@ -66,7 +66,8 @@ def build_event(context: Any, status: int, headers: list[tuple[str, str]], actio
             digest = digest or reference
         else:
             tag = reference
-        media_type = (environ.get("CONTENT_TYPE") if action == "push" else response.get("content-type")) or ""
+        # a push's is the manifest's (the request's); a pull's the answer's; a delete's answer has no manifest
+        media_type = {"push": environ.get("CONTENT_TYPE"), "pull": response.get("content-type")}.get(action) or ""
     elif context.resource == "blobs":
         digest = digest or reference
         media_type = BLOB_MEDIA_TYPE
@@ -94,7 +95,7 @@ def build_event(context: Any, status: int, headers: list[tuple[str, str]], actio
         "target": target,
         "request": {
             "id": environ.get("HTTP_X_REQUEST_ID") or event_id,  # one event per request: its id names it
-            "addr": environ.get("REMOTE_ADDR", ""),
+            "addr": _client_address(context),
             "host": host,
             "method": context.method,
             "useragent": environ.get("HTTP_USER_AGENT", ""),
@@ -102,6 +103,14 @@ def build_event(context: Any, status: int, headers: list[tuple[str, str]], actio
         "actor": {"name": context.subject or ""},
         "source": source(environ),
     }
+
+
+def _client_address(context: Any) -> str:
+    """The client behind ``[regmw] trusted_proxies`` (their X-Forwarded-For / Forwarded), else the socket peer."""
+    clients = getattr(context.services, "clients", None)
+    if clients is None:
+        return context.environ.get("REMOTE_ADDR", "")
+    return clients.client_address(context.environ)
 
 
 def plugin_event(action: str, repository: str, **target: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ The loop is the same over Redis streams and over the embedded SQLite queue
                                                       ─► 410: disable the endpoint
                                                       ─► else: older than max_age? park (fenced), next
                                                                else retry after schedule[attempts] ± jitter
+                                                                    (or a 429/503's longer Retry-After)
 
 Order: the lane never sends an entry before every earlier one was
 acknowledged or parked, so a receiver sees first deliveries in queue order.
@@ -156,7 +157,9 @@ class Lane(threading.Thread):
                 attempts, due = 0, 0.0
                 continue
             metrics.retries.labels(endpoint.name).inc()
-            due = now + endpoint.delay(attempts, self.rng())
+            # a 429/503's Retry-After is waited for, up to the schedule's longest step (max_age still parks)
+            wait = min(outcome.retry_after, max(endpoint.retry_schedule))
+            due = now + max(endpoint.delay(attempts, self.rng()), wait)
 
     def _wanted(self, entry: Entry) -> bool:
         if entry.only is not None and entry.only != self.endpoint.name:

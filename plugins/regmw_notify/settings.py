@@ -11,7 +11,8 @@ from .endpoints import parse_endpoints
 
 
 def endpoints_are_valid(section, config) -> str | None:
-    """endpoints: each table's keys and values, unique names, secrets that are Standard Webhooks secrets, and
+    """endpoints: each table's keys and values (`secrets`, `actions`, `media_types`, `repositories` lists of
+    strings, not one string; `timeout` > 0; `jitter` 0 to 1), unique names, secrets that are Standard Webhooks secrets, and
     URLs outside loopback/link-local/private/other non-public networks unless in allowed_networks (IP literals
     and localhost; names are checked before each POST)."""
     try:
@@ -39,10 +40,13 @@ SECTION = Section(
             "table-list", [],
             "Webhook receivers: tables with `name`, `url` (required), `secrets` (Standard Webhooks secrets "
             "`whsec_...`; several = rotation, every one signs), `actions`, `media_types`, `repositories` "
-            "(fnmatch patterns; empty = all), `timeout` (s, default 5), `retry_schedule` (seconds between "
-            "attempts; default 0, 5, 300, 1800, 7200, 18000, 36000, the last repeating), `jitter` (fraction, "
+            "(fnmatch patterns; empty = all), `timeout` (s the whole POST may take, answer included; default 5), "
+            "`retry_schedule` (seconds before each attempt, the first sent at once whatever its entry; "
+            "default 0, 5, 300, 1800, 7200, 18000, 36000, the last repeating; a 429/503's longer "
+            "Retry-After is waited for, up to the longest step), `jitter` (fraction, "
             "default 0.2), `max_age` (s an event may wait before it is parked, default 259200), `batch_max` "
-            "(events per POST, default 1), `headers` (a table of extra headers).",
+            "(events per POST, default 1), `headers` (a table of extra headers; a Content-Type replaces ours, "
+            "whatever its case; the webhook-* headers, Host, Content-Length and the like are refused).",
         ),
         "allowed_networks": Option(
             "cidrs", [],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -33,6 +34,10 @@ class Receiver(ThreadingHTTPServer):
         self.bad_signatures = 0
         self.status = 200
         self.refused = 0
+        self.record = False  # True: keep every complete POST (not in long runs: they add up)
+        self.raw: list[tuple[dict[str, str], bytes, int]] = []  # each recorded POST: headers, body, status
+        self.arrivals: list[float] = []  # time.monotonic() of each of them
+        self.reply_headers: dict[str, str] = {}  # sent with every refusal (e.g. Retry-After)
 
     @property
     def url(self) -> str:
@@ -61,6 +66,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status = server.status
+        if server.record:
+            with server.lock:
+                server.raw.append((dict(self.headers.items()), body, status))
+                server.arrivals.append(time.monotonic())
         if status == 200:
             try:
                 payload = server.verifier.verify(body, dict(self.headers.items()))
@@ -76,6 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
             with server.lock:
                 server.refused += 1
         self.send_response(status)
+        for name, value in (server.reply_headers if status != 200 else {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
