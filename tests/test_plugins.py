@@ -88,24 +88,32 @@ def install(tmp_path, monkeypatch, name: str, source: str | None, project: str |
     importlib.invalidate_caches()
 
 
+LOADED = "entry point broken = regmw_broken (regmw-broken 1.0) failed to load: "
+
+
 @pytest.mark.parametrize(
     "source, message",
     [
-        (None, "No module named 'regmw_broken'"),
-        ("from regmw import hookimpl\n@hookimpl\ndef regmw_admit(ctx):\n    pass\n", "ctx"),
-        ("from regmw import hookimpl\n@hookimpl\ndef regmw_admitt(context):\n    pass\n", "regmw_admitt"),
+        (None, LOADED + "ModuleNotFoundError: No module named 'regmw_broken'"),
+        ("from regmw import hookimpl\n@hookimpl\ndef regmw_finish(ctx, status_code):\n    pass\n",
+         LOADED + "PluginValidationError: Plugin 'broken' for hook 'regmw_finish'; "
+                  "hookimpl definition: regmw_finish(ctx, status_code); Argument(s) {"),
+        ("from regmw import hookimpl\n@hookimpl\ndef regmw_admitt(context):\n    pass\n",
+         "plugin broken (entry point (regmw-broken 1.0)): unknown hook 'regmw_admitt'"),
     ],
     ids=["missing-module", "wrong-argument", "misspelled-hook"],
 )
 def test_a_broken_third_party_plugin_is_one_config_error(tmp_path, monkeypatch, capsys, source, message):
-    install(tmp_path, monkeypatch, "regmw_broken", source)
+    """One line naming the entry point and its distribution (pluggy's own message spans three)."""
+    install(tmp_path, monkeypatch, "regmw_broken", source, project="regmw-broken", entry="broken")
     try:
         with pytest.raises(Exception) as error:
             build({}, environ={})
         assert type(error.value).__name__ == "ConfigError" and message in str(error.value)
         assert main(["plugins"]) == 2
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err
+        assert err.startswith("regmw: configuration error: " + message) and err.count("\n") == 1
+        assert "Traceback" not in err
     finally:
         sys.modules.pop("regmw_broken", None)
 
