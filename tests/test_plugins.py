@@ -65,6 +65,33 @@ def test_regmw_plugins_lists_builtins_and_entry_points(installed_plugin, capsys)
     assert "regmw_admit" in hello_block and "regmw_response_started" in hello_block
 
 
+def test_regmw_plugins_builds_nothing(tmp_path, monkeypatch, capsys):
+    """`regmw plugins` validates the configuration but runs no provider hook and no regmw_startup
+    (which start threads and connect: dbroute's health check, notifications' delivery thread), so
+    it lists a plugin whose backend cannot be built."""
+    install(tmp_path, monkeypatch, "regmw_unbuildable", """
+        from regmw import hookimpl
+
+        @hookimpl
+        def regmw_cache(config, services):
+            raise RuntimeError("cache backend unreachable")
+
+        @hookimpl
+        def regmw_startup(services):
+            raise RuntimeError("started")
+    """, project="regmw-unbuildable", entry="unbuildable")
+    try:
+        assert main(["plugins"]) == 0
+        out = capsys.readouterr().out
+        assert "unbuildable  (entry point (regmw-unbuildable 1.0))\n    regmw_cache\n    regmw_startup\n" in out
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[cache]\nmax_entries = 'many'\n")
+        assert main(["-c", str(bad), "plugins"]) == 2  # still validated as start-up does
+        assert "cache.max_entries" in capsys.readouterr().err
+    finally:
+        sys.modules.pop("regmw_unbuildable", None)
+
+
 def test_builtin_plugins_are_enabled_by_name(tmp_path, capsys):
     config = tmp_path / "c.toml"
     config.write_text('[regmw]\nplugins = ["migration"]\n[migration]\nnew_root = "gitlab/v2"\n')
