@@ -168,3 +168,17 @@ def test_config_docs_and_check_config_show_an_entry_point_plugins_section(instal
     config.write_text('[hello]\nbanned = "a/b"\nban = []\n')
     assert main(["check-config", str(config)]) == 2
     assert "unknown key hello.ban" in capsys.readouterr().err
+
+
+def test_config_docs_without_a_builtins_extra_still_shows_a_plugins_section(installed_plugin, monkeypatch, capsys):
+    """A plain `pip install regmw` has no google-cloud-storage or sqlalchemy: `regmw config-docs` must still
+    print regmw's sections and the installed plugin's, leaving the unimportable built-in out with a note."""
+    monkeypatch.setitem(sys.modules, "regmw_gcs", None)  # importing it fails, as without the gcs extra
+    assert main(["config-docs"]) == 0
+    captured = capsys.readouterr()
+    assert "## [hello]" in captured.out and "## [redis]" in captured.out and "## [gcs]" not in captured.out
+    assert captured.err.count("\n") == 1 and "plugin 'gcs' cannot be imported" in captured.err
+    assert "pip install 'regmw[gcs]'" in captured.err
+    # regmw's whole reference cannot be printed without it: refused, one line
+    assert main(["config-docs", "--builtin-only"]) == 2
+    assert "plugin 'gcs' cannot be imported" in capsys.readouterr().err
