@@ -162,7 +162,14 @@ def validate(raw: Mapping[str, Any], sections: Mapping[str, Section], source: st
     validated = Config(values, sections, source)
     for name, section in sections.items():
         for check in section.checks:
-            problem = check(values[name], validated)
+            try:
+                problem = check(values[name], validated)
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a rule's bug: name the section and the rule, in one line
+                text = str(exc).strip()
+                raise ConfigError(f"{source}: [{name}] rule {getattr(check, '__name__', repr(check))} failed: "
+                                  f"{type(exc).__name__}: {text.splitlines()[0] if text else repr(exc)}") from None
             if problem:
                 raise ConfigError(f"{source}: {problem}")
     return validated
@@ -272,6 +279,9 @@ _COERCE: dict[str, Callable[[Any, Option], Any]] = {
     "table-list": _as_tables,
     "table": _as_table,
 }
+
+#: the ``Option`` types (``regmw_config_sections`` declaring another is refused at start-up)
+OPTION_TYPES: tuple[str, ...] = tuple(_COERCE)
 
 
 def render_markdown(sections: Iterable[Section], extra: Iterable[Section] = ()) -> str:

@@ -182,3 +182,37 @@ def test_config_docs_without_a_builtins_extra_still_shows_a_plugins_section(inst
     # regmw's whole reference cannot be printed without it: refused, one line
     assert main(["config-docs", "--builtin-only"]) == 2
     assert "plugin 'gcs' cannot be imported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("@hookimpl\ndef regmw_config_sections():\n    raise RuntimeError('sections boom')\n",
+         "plugin sloppy: regmw_config_sections raised RuntimeError: sections boom"),
+        ("@hookimpl\ndef regmw_config_sections():\n    return Section('sloppy', 'x', {'v': Option('str', 'a', 'v')})\n",
+         "plugin sloppy: regmw_config_sections must return a list of regmw.Section (got Section)"),
+        ("@hookimpl\ndef regmw_config_sections():\n    return [Section('sloppy', 'x', {'v': Option('string', 'a')})]\n",
+         "plugin sloppy: option sloppy.v has an unknown type 'string' (one of: str, path, int, "),
+        ("def rule(values, config):\n    return config['nosuch']['x']\n\n"
+         "@hookimpl\ndef regmw_config_sections():\n"
+         "    return [Section('sloppy', 'x', {'v': Option('str', 'a')}, checks=(rule,))]\n",
+         "[sloppy] rule rule failed: KeyError: 'nosuch'"),
+    ],
+    ids=["sections-raise", "not-a-list", "unknown-option-type", "rule-raises"],
+)
+def test_a_plugins_bad_config_declaration_is_one_line_naming_it(tmp_path, monkeypatch, capsys, source, message):
+    """A bug in what a plugin declares stops start-up with one line naming the plugin (or its section and
+    rule), not a bare `KeyError: 'nosuch'`, nor an unknown option type accepted until a value is set."""
+    install(tmp_path, monkeypatch, "regmw_sloppy", "from regmw import Option, Section, hookimpl\n\n" + source,
+            project="regmw-sloppy", entry="sloppy")
+    config = tmp_path / "sloppy.toml"
+    config.write_text("")
+    try:
+        with pytest.raises(Exception) as error:
+            build({}, environ={})
+        assert type(error.value).__name__ == "ConfigError" and message in str(error.value)
+        assert main(["check-config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("regmw: configuration error: ") and message in err and err.count("\n") == 1
+    finally:
+        sys.modules.pop("regmw_sloppy", None)
