@@ -185,7 +185,8 @@ def _coerce(option: Option, value: Any, where: str, source: str) -> Any:
         if option.maximum is not None and result > option.maximum:
             raise ValueError(f"must be at most {option.maximum}")
         if option.check is not None:
-            result = option.check(result) or result
+            checked = option.check(result)  # the value, possibly normalised (None: unchanged)
+            result = result if checked is None else checked
         return result
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {where}: {exc} (got {value!r})") from None

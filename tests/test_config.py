@@ -85,3 +85,17 @@ def test_environment_override_is_validated():
 
 def test_generated_configuration_reference_is_current():
     assert main(["config-docs", "--check", "docs/configuration.md"]) == 0
+
+
+def test_an_options_check_may_normalise_to_a_falsy_value():
+    """docs/hooks.md: `check` "returns it (possibly normalised)": an empty string, 0 or [] included
+    (a check returning None keeps the value)."""
+    from regmw.config import Option, Section, validate
+
+    section = Section("norm", "x", {
+        "name": Option("str", "x", "stripped", check=str.strip),
+        "count": Option("int", 1, "clamped to 0..9", check=lambda value: max(0, min(value, 9))),
+        "kept": Option("str", "x", "validated only", check=lambda value: None),
+    })
+    values = validate({"norm": {"name": "   ", "count": -5, "kept": "as is"}}, {"norm": section})["norm"]
+    assert values == {"name": "", "count": 0, "kept": "as is"}
