@@ -205,13 +205,19 @@ def _as_bool(value: Any, option: Option) -> bool:
 def _as_int(value: Any, option: Option) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError("must be a whole number")
-    return int(value.strip() if isinstance(value, str) else value)
+    try:
+        return int(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a whole number") from None
 
 
 def _as_float(value: Any, option: Option) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a number")
-    result = float(value.strip() if isinstance(value, str) else value)
+    try:
+        result = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a number") from None
     if not math.isfinite(result):
         raise ValueError("must be a finite number")
     return result

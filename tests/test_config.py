@@ -99,3 +99,20 @@ def test_an_options_check_may_normalise_to_a_falsy_value():
     })
     values = validate({"norm": {"name": "   ", "count": -5, "kept": "as is"}}, {"norm": section})["norm"]
     assert values == {"name": "", "count": 0, "kept": "as is"}
+
+
+@pytest.mark.parametrize("value, line", [
+    ('"many"', "cache.max_entries: must be a whole number (got 'many')"),
+    ("[1, 2]", "cache.max_entries: must be a whole number (got [1, 2])"),
+    ('"2.5"', "cache.max_entries: must be a whole number (got '2.5')"),
+], ids=["word", "list", "decimal-string"])
+def test_a_number_that_is_not_one_is_named_in_plain_words(tmp_path, capsys, value, line):
+    """Not Python's "invalid literal for int() with base 10": the one line says what the key must be."""
+    config = tmp_path / "c.toml"
+    config.write_text(f"[cache]\nmax_entries = {value}\ndefault_ttl = 1\n")
+    assert main(["check-config", str(config)]) == 2
+    assert capsys.readouterr().err == f"regmw: configuration error: {config}: {line}\n"
+    if value != '"2.5"':  # a number for a float option
+        config.write_text(f"[cache]\ndefault_ttl = {value}\n")
+        assert main(["check-config", str(config)]) == 2
+        assert f"cache.default_ttl: must be a number (got {value.replace(chr(34), chr(39))})" in capsys.readouterr().err
