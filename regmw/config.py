@@ -114,8 +114,19 @@ def env_overrides(
         for key in section.options:
             name = env_name(section.name, key, prefix)
             if name in environ:
-                found.setdefault(section.name, {})[key] = environ[name]
+                found.setdefault(section.name, {})[key] = _FromEnvironment(environ[name], name)
     return found
+
+
+class _FromEnvironment(str):
+    """A value set by ``REGMW_<SECTION>_<KEY>``: remembers the variable, so an error line names it, not the file."""
+
+    variable: str
+
+    def __new__(cls, value: str, variable: str) -> _FromEnvironment:
+        self = super().__new__(cls, value)
+        self.variable = variable
+        return self
 
 
 def env_name(section: str, key: str, prefix: str = "REGMW_") -> str:
@@ -176,6 +187,8 @@ def validate(raw: Mapping[str, Any], sections: Mapping[str, Section], source: st
 
 
 def _coerce(option: Option, value: Any, where: str, source: str) -> Any:
+    if isinstance(value, _FromEnvironment):
+        where, value = f"{where} (from {value.variable})", str(value)
     try:
         result = _COERCE[option.type](value, option)
         if option.choices is not None and result not in option.choices:

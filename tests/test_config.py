@@ -116,3 +116,17 @@ def test_a_number_that_is_not_one_is_named_in_plain_words(tmp_path, capsys, valu
         config.write_text(f"[cache]\ndefault_ttl = {value}\n")
         assert main(["check-config", str(config)]) == 2
         assert f"cache.default_ttl: must be a number (got {value.replace(chr(34), chr(39))})" in capsys.readouterr().err
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path, capsys, monkeypatch):
+    """The file named in the line does not hold the value: the line says which variable does."""
+    config = tmp_path / "c.toml"
+    config.write_text("[cache]\nmax_entries = 10\n")
+    monkeypatch.setenv("REGMW_CACHE_MAX_ENTRIES", "many")
+    assert main(["check-config", str(config)]) == 2
+    assert capsys.readouterr().err == (f"regmw: configuration error: {config}: cache.max_entries "
+                                       "(from REGMW_CACHE_MAX_ENTRIES): must be a whole number (got 'many')\n")
+    monkeypatch.setenv("REGMW_CACHE_MAX_ENTRIES", "20")
+    assert build(str(config)).config["cache"]["max_entries"] == 20
+    monkeypatch.setenv("REGMW_SERVE_REQUEST_ID_HEADER", "X-Trace")
+    assert type(build(str(config)).config["serve"]["request_id_header"]) is str  # a plain str, as from the file
