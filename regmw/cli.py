@@ -147,8 +147,8 @@ def load_manager(config: str | None, environ: Mapping[str, str] | None = None):
     return manager_for(load_toml(path) if path else {}, environ, source=str(path or "<defaults>"))
 
 
-def validate_file(path: str, environ: Mapping[str, str] | None = None):
-    """Validate ``path`` exactly as start-up does (schema, cross-field checks), building no backend.
+def validate_file(path: str | None, environ: Mapping[str, str] | None = None):
+    """Validate ``path`` (None: the defaults) exactly as start-up does (schema, cross-field checks), building no backend.
 
     Returns the validated :class:`~regmw.config.Config`. Nothing is connected
     to: the schema's checks read only the file and the environment.
@@ -157,10 +157,10 @@ def validate_file(path: str, environ: Mapping[str, str] | None = None):
     from .runtime import gather_sections
 
     environ = os.environ if environ is None else environ
-    raw = load_toml(path)
-    pm = load_manager(path, environ)
+    raw = load_toml(path) if path else {}
+    pm = load_manager(path, {**environ, "REGMW_CONFIG": ""} if not path else environ)
     sections = gather_sections(pm)
-    return validate(merge(raw, env_overrides(sections, environ)), sections, str(path))
+    return validate(merge(raw, env_overrides(sections, environ)), sections, str(path or "<defaults>"))
 
 
 @click.group(cls=RegmwGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -174,10 +174,16 @@ def cli(ctx: click.Context) -> None:
 @cli.command("plugins")
 @config_option
 def plugins_command() -> None:
-    """List loaded plugins and the hooks each implements."""
+    """List loaded plugins and the hooks each implements.
+
+    The configuration is validated as start-up does, but nothing is built:
+    no provider hook or ``regmw_startup`` runs, no connection is opened.
+    """
     from .plugins import describe
 
-    for name, origin, hooks in describe(get_runtime().pm):
+    state = click.get_current_context().ensure_object(_State)
+    validate_file(state.config or os.environ.get("REGMW_CONFIG"))
+    for name, origin, hooks in describe(load_manager(state.config)):
         click.echo(f"{name}  ({origin})")
         for hook in hooks:
             click.echo(f"    {hook}")
@@ -225,14 +231,22 @@ def config_docs_command(check: str | None, builtin_only: bool) -> None:
 
     Every section of regmw and of its built-in plugins, enabled or not, then
     those of the third-party plugins the configuration loads (entry points,
-    dotted module paths in ``[regmw] plugins``).
+    dotted module paths in ``[regmw] plugins``). A built-in whose extra is not
+    installed is left out with a note on stderr (``--check`` and
+    ``--builtin-only``, regmw's whole reference, refuse instead).
     """
     from .config import render_markdown
     from .plugins import BUILTIN_PLUGINS, load_plugins, make_manager
     from .runtime import gather_sections
 
     pm = make_manager()
-    load_plugins(pm, BUILTIN_PLUGINS, entry_points=False)
+    for name in BUILTIN_PLUGINS:
+        try:
+            load_plugins(pm, [name], entry_points=False)
+        except ConfigError as exc:
+            if check or builtin_only:
+                raise
+            click.echo(f"regmw: note: left out of this reference: {exc}", err=True)
     sections = gather_sections(pm)
     extra = []
     if not (check or builtin_only):

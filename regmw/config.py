@@ -114,8 +114,19 @@ def env_overrides(
         for key in section.options:
             name = env_name(section.name, key, prefix)
             if name in environ:
-                found.setdefault(section.name, {})[key] = environ[name]
+                found.setdefault(section.name, {})[key] = _FromEnvironment(environ[name], name)
     return found
+
+
+class _FromEnvironment(str):
+    """A value set by ``REGMW_<SECTION>_<KEY>``: remembers the variable, so an error line names it, not the file."""
+
+    variable: str
+
+    def __new__(cls, value: str, variable: str) -> _FromEnvironment:
+        self = super().__new__(cls, value)
+        self.variable = variable
+        return self
 
 
 def env_name(section: str, key: str, prefix: str = "REGMW_") -> str:
@@ -162,13 +173,22 @@ def validate(raw: Mapping[str, Any], sections: Mapping[str, Section], source: st
     validated = Config(values, sections, source)
     for name, section in sections.items():
         for check in section.checks:
-            problem = check(values[name], validated)
+            try:
+                problem = check(values[name], validated)
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a rule's bug: name the section and the rule, in one line
+                text = str(exc).strip()
+                raise ConfigError(f"{source}: [{name}] rule {getattr(check, '__name__', repr(check))} failed: "
+                                  f"{type(exc).__name__}: {text.splitlines()[0] if text else repr(exc)}") from None
             if problem:
                 raise ConfigError(f"{source}: {problem}")
     return validated
 
 
 def _coerce(option: Option, value: Any, where: str, source: str) -> Any:
+    if isinstance(value, _FromEnvironment):
+        where, value = f"{where} (from {value.variable})", str(value)
     try:
         result = _COERCE[option.type](value, option)
         if option.choices is not None and result not in option.choices:
@@ -178,7 +198,8 @@ def _coerce(option: Option, value: Any, where: str, source: str) -> Any:
         if option.maximum is not None and result > option.maximum:
             raise ValueError(f"must be at most {option.maximum}")
         if option.check is not None:
-            result = option.check(result) or result
+            checked = option.check(result)  # the value, possibly normalised (None: unchanged)
+            result = result if checked is None else checked
         return result
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {where}: {exc} (got {value!r})") from None
@@ -197,13 +218,19 @@ def _as_bool(value: Any, option: Option) -> bool:
 def _as_int(value: Any, option: Option) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError("must be a whole number")
-    return int(value.strip() if isinstance(value, str) else value)
+    try:
+        return int(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a whole number") from None
 
 
 def _as_float(value: Any, option: Option) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a number")
-    result = float(value.strip() if isinstance(value, str) else value)
+    try:
+        result = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError("must be a number") from None
     if not math.isfinite(result):
         raise ValueError("must be a finite number")
     return result
@@ -280,6 +307,9 @@ _COERCE: dict[str, Callable[[Any, Option], Any]] = {
     "table-list": _as_tables,
     "table": _as_table,
 }
+
+#: the ``Option`` types (``regmw_config_sections`` declaring another is refused at start-up)
+OPTION_TYPES: tuple[str, ...] = tuple(_COERCE)
 
 
 def render_markdown(sections: Iterable[Section], extra: Iterable[Section] = ()) -> str:

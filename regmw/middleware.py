@@ -32,6 +32,7 @@ defaults and a repository already classified, the path makes none.
 """
 from __future__ import annotations
 
+import copy
 import ipaddress
 import itertools
 import logging
@@ -401,14 +402,23 @@ def _call_plan(caller: Any, isolate: bool = False) -> Callable[..., Any] | None:
     ``regmw_finish``, which return nothing): an implementation that raises
     is logged with its plugin's name and the next one still runs, so one
     plugin's bug never skips another plugin's work. With a wrapper among
-    the implementations pluggy's caller runs them, and an exception stops
-    that call (the caller of the plan logs it).
+    the implementations pluggy's executor runs them, each non-wrapper one
+    isolated the same way (only a wrapper's own exception stops that call;
+    the caller of the plan logs it).
     """
     impls = caller.get_hookimpls()
     if not impls:
         return None
     if any(impl.hookwrapper or impl.wrapper for impl in impls):
-        return caller
+        if not isolate:
+            return caller
+        hook_name, hookexec = caller.name, caller._hookexec  # what HookCaller.__call__ runs (pluggy >= 1.0)
+        guarded = [impl if impl.hookwrapper or impl.wrapper else _isolated_impl(hook_name, impl) for impl in impls]
+
+        def wrapped_isolated(**kwargs: Any) -> Any:
+            return hookexec(hook_name, guarded, kwargs, False)
+
+        return wrapped_isolated
     spec_names = tuple(caller.spec.argnames) if caller.spec is not None else ()
     # None: the implementation takes every argument, in the spec's order (the usual case)
     calls = tuple((impl.function, None if tuple(impl.argnames) == spec_names else tuple(impl.argnames))
@@ -436,10 +446,7 @@ def _call_plan(caller: Any, isolate: bool = False) -> Callable[..., Any] | None:
                 try:
                     function(*values) if names is None else function(*[kwargs[name] for name in names])
                 except Exception:
-                    context = kwargs.get("context")
-                    log.exception("%s of plugin %s failed for %s %s; the other plugins' still ran", hook_name,
-                                  label, getattr(context, "method", "?"),
-                                  getattr(context, "environ", {}).get("PATH_INFO", "?"))
+                    _log_isolated_failure(hook_name, label, kwargs.get("context"))
             return []
 
         return each_isolated
@@ -454,6 +461,27 @@ def _call_plan(caller: Any, isolate: bool = False) -> Callable[..., Any] | None:
         return results
 
     return all_results
+
+
+def _isolated_impl(hook_name: str, impl: Any) -> Any:
+    """A copy of a non-wrapper ``HookImpl`` whose function logs its own exception instead of raising it."""
+    function, label = impl.function, _plugin_label(impl)
+    position = impl.argnames.index("context") if "context" in impl.argnames else None
+
+    def isolated(*args: Any) -> None:
+        try:
+            function(*args)
+        except Exception:
+            _log_isolated_failure(hook_name, label, args[position] if position is not None else None)
+
+    guarded = copy.copy(impl)
+    guarded.function = isolated
+    return guarded
+
+
+def _log_isolated_failure(hook_name: str, label: str, context: Any) -> None:
+    log.exception("%s of plugin %s failed for %s %s; the other plugins' still ran", hook_name, label,
+                  getattr(context, "method", "?"), getattr(context, "environ", {}).get("PATH_INFO", "?"))
 
 
 def _plugin_label(impl: Any) -> str:

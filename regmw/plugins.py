@@ -11,6 +11,7 @@ the most recently registered plugin first):
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -83,25 +84,49 @@ def load_plugins(
             raise ConfigError(f"regmw.plugins: plugin {name!r} cannot be imported ({exc}){hint}") from None
         _register(pm, module, module_name)
     if entry_points:
-        try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except Exception as exc:  # a broken third-party distribution: name it, do not crash with a traceback
-            raise ConfigError(f"entry point plugin in group {ENTRY_POINT_GROUP!r} failed to load: "
-                              f"{type(exc).__name__}: {exc}") from None
+        _load_entry_points(pm)
     for plugin in extra:
         if not pm.is_registered(plugin):
             _register(pm, plugin, None)
     try:
         pm.check_pending()  # a misspelled hook (regmw_admitt) would otherwise be silently never called
     except pluggy.PluginValidationError as exc:
-        raise ConfigError(f"plugin {exc.plugin!r}: {exc}") from None
+        raise ConfigError(f"plugin {_origin(pm, exc.plugin)}: {_one_line(exc)}") from None
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register the ``regmw`` entry points one by one, so a broken one is named (entry point and distribution)."""
+    for dist in list(importlib.metadata.distributions()):
+        for entry in dist.entry_points:
+            if entry.group != ENTRY_POINT_GROUP or pm.has_plugin(entry.name) or pm.is_blocked(entry.name):
+                continue
+            try:
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=entry.name)
+            except Exception as exc:  # a broken third-party distribution: name it, do not crash with a traceback
+                where = f"{entry.name} = {entry.value} ({dist.metadata['Name']} {dist.version})"
+                raise ConfigError(f"entry point {where} failed to load: {type(exc).__name__}: "
+                                  f"{_one_line(exc)}") from None
+
+
+def _origin(pm: pluggy.PluginManager, plugin: Any) -> str:
+    """A plugin as an error line names it: its registered name (and distribution), else its repr."""
+    name = pm.get_name(plugin)
+    for registered, dist in pm.list_plugin_distinfo():
+        if registered is plugin:
+            return f"{name} (entry point ({dist.project_name} {dist.version}))"
+    return name if name and name != str(id(plugin)) else repr(plugin)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (pluggy's validation errors span several)."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or repr(exc)
 
 
 def _register(pm: pluggy.PluginManager, plugin: Any, name: str | None) -> None:
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise ConfigError(f"plugin {name or plugin!r}: {exc}") from None
+        raise ConfigError(f"plugin {name or plugin!r}: {_one_line(exc)}") from None
 
 
 def describe(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:

@@ -17,7 +17,7 @@ import pluggy
 
 from .backends import Services
 from .clients import ClientResolver
-from .config import Config, Section, _as_list, env_name, env_overrides, load_toml, merge, validate
+from .config import OPTION_TYPES, Config, Option, Section, _as_list, env_name, env_overrides, load_toml, merge, validate
 from .defaults.core import check_rate_limiter, complete_admission
 from .errors import ConfigError
 from .plugins import load_plugins, make_manager
@@ -34,15 +34,42 @@ class Runtime:
 
 
 def gather_sections(pm: pluggy.PluginManager) -> dict[str, Section]:
+    """Every plugin's sections; a plugin's bad declaration is one ConfigError line naming the plugin."""
     sections: dict[str, Section] = {}
     for impl in pm.hook.regmw_config_sections.get_hookimpls():
-        for section in impl.function() or ():
+        for section in _declared_sections(impl):
             if section.name in sections:
                 raise ConfigError(f"config section [{section.name}] is declared twice ({impl.plugin_name})")
             if section.owner == "regmw" and not impl.plugin_name.startswith("regmw."):
                 section = dataclasses.replace(section, owner=impl.plugin_name)
             sections[section.name] = section
     return sections
+
+
+def _declared_sections(impl: Any) -> list[Section]:
+    plugin = impl.plugin_name
+    try:
+        declared = impl.function()
+    except Exception as exc:  # noqa: BLE001 - a plugin's bug: name the plugin, in one line
+        text = str(exc).strip()
+        raise ConfigError(f"plugin {plugin}: regmw_config_sections raised {type(exc).__name__}: "
+                          f"{text.splitlines()[0] if text else repr(exc)}") from None
+    if declared is None:
+        return []
+    if isinstance(declared, Section) or not isinstance(declared, Iterable) or isinstance(declared, (str, Mapping)):
+        raise ConfigError(f"plugin {plugin}: regmw_config_sections must return a list of regmw.Section "
+                          f"(got {type(declared).__name__})")
+    declared = list(declared)
+    for section in declared:
+        if not isinstance(section, Section):
+            raise ConfigError(f"plugin {plugin}: regmw_config_sections returned {type(section).__name__}, "
+                              "not a regmw.Section")
+        for key, option in section.options.items():
+            if not isinstance(option, Option) or option.type not in OPTION_TYPES:
+                what = f"type {option.type!r}" if isinstance(option, Option) else type(option).__name__
+                raise ConfigError(f"plugin {plugin}: option {section.name}.{key} has an unknown {what} "
+                                  f"(one of: {', '.join(OPTION_TYPES)})")
+    return declared
 
 
 def build(

@@ -42,6 +42,7 @@ from typing import Any
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter as _GunicornArbiter
+from gunicorn.errors import AppImportError
 from gunicorn.workers.gthread import ThreadWorker
 
 from .errors import ConfigError, error_body
@@ -160,9 +161,20 @@ class RegmwServer(BaseApplication):
         from .serve import load_app, make_application
 
         _configure_logging(self.log_level)
-        runtime = build(self.regmw_config)
-        app = load_app(self.app_spec) if self.app_spec else None
-        return make_application(runtime, app=app, registry_root=self.registry_root)
+        try:
+            runtime = build(self.regmw_config)
+            app = load_app(self.app_spec) if self.app_spec else None
+            return make_application(runtime, app=app, registry_root=self.registry_root)
+        except ConfigError as exc:
+            # What only building the backends finds (a replaced rate limiter dropping [ratelimit] rules,
+            # ...): one line, as the master's validation says it, and gunicorn stops ("App failed to load").
+            raise AppImportError(f"regmw: configuration error: {exc}") from exc
+        except Exception as exc:
+            # A provider hook that raised (a plugin's bug, a backend it insisted on reaching): one line,
+            # the traceback only with [regmw] log_level = "DEBUG" (gunicorn logs it there).
+            text = str(exc).strip()
+            raise AppImportError(f"regmw: start-up failed: {type(exc).__name__}: "
+                                 f"{text.splitlines()[0] if text else repr(exc)}") from exc
 
     def run(self) -> None:
         try:

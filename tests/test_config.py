@@ -87,3 +87,48 @@ def test_environment_override_is_validated():
 
 def test_generated_configuration_reference_is_current():
     assert main(["config-docs", "--check", "docs/configuration.md"]) == 0
+
+
+def test_an_options_check_may_normalise_to_a_falsy_value():
+    """docs/hooks.md: `check` "returns it (possibly normalised)": an empty string, 0 or [] included
+    (a check returning None keeps the value)."""
+    from regmw.config import Option, Section, validate
+
+    section = Section("norm", "x", {
+        "name": Option("str", "x", "stripped", check=str.strip),
+        "count": Option("int", 1, "clamped to 0..9", check=lambda value: max(0, min(value, 9))),
+        "kept": Option("str", "x", "validated only", check=lambda value: None),
+    })
+    values = validate({"norm": {"name": "   ", "count": -5, "kept": "as is"}}, {"norm": section})["norm"]
+    assert values == {"name": "", "count": 0, "kept": "as is"}
+
+
+@pytest.mark.parametrize("value, line", [
+    ('"many"', "cache.max_entries: must be a whole number (got 'many')"),
+    ("[1, 2]", "cache.max_entries: must be a whole number (got [1, 2])"),
+    ('"2.5"', "cache.max_entries: must be a whole number (got '2.5')"),
+], ids=["word", "list", "decimal-string"])
+def test_a_number_that_is_not_one_is_named_in_plain_words(tmp_path, capsys, value, line):
+    """Not Python's "invalid literal for int() with base 10": the one line says what the key must be."""
+    config = tmp_path / "c.toml"
+    config.write_text(f"[cache]\nmax_entries = {value}\ndefault_ttl = 1\n")
+    assert main(["check-config", str(config)]) == 2
+    assert capsys.readouterr().err == f"regmw: configuration error: {config}: {line}\n"
+    if value != '"2.5"':  # a number for a float option
+        config.write_text(f"[cache]\ndefault_ttl = {value}\n")
+        assert main(["check-config", str(config)]) == 2
+        assert f"cache.default_ttl: must be a number (got {value.replace(chr(34), chr(39))})" in capsys.readouterr().err
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path, capsys, monkeypatch):
+    """The file named in the line does not hold the value: the line says which variable does."""
+    config = tmp_path / "c.toml"
+    config.write_text("[cache]\nmax_entries = 10\n")
+    monkeypatch.setenv("REGMW_CACHE_MAX_ENTRIES", "many")
+    assert main(["check-config", str(config)]) == 2
+    assert capsys.readouterr().err == (f"regmw: configuration error: {config}: cache.max_entries "
+                                       "(from REGMW_CACHE_MAX_ENTRIES): must be a whole number (got 'many')\n")
+    monkeypatch.setenv("REGMW_CACHE_MAX_ENTRIES", "20")
+    assert build(str(config)).config["cache"]["max_entries"] == 20
+    monkeypatch.setenv("REGMW_SERVE_REQUEST_ID_HEADER", "X-Trace")
+    assert type(build(str(config)).config["serve"]["request_id_header"]) is str  # a plain str, as from the file

@@ -21,7 +21,7 @@ from wsgiref.validate import validator
 import pytest
 from werkzeug.test import Client
 
-from regmw import ConfigError, RegistryMiddleware, StorageError, build, repository_key
+from regmw import ConfigError, RegistryMiddleware, StorageError, build, hookimpl, repository_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("docs/hooks.md", "docs/writing-plugins.md")
@@ -451,3 +451,79 @@ def _(plugin, request):
     assert type(queue).__name__ == "CountedQueue"
     queue.enqueue("migrate-repository", repository="team/app")
     assert queue.enqueued == 1 and [r.state for r in queue.status("migrate-repository")] == ["queued"]
+
+
+
+class ProviderOrder:
+    """Wraps every provider hook (and regmw_startup), recording the order start-up calls them in."""
+
+    def __init__(self):
+        self.called = []
+
+    def _record(self, name):
+        self.called.append(name)
+        return (yield)
+
+    @hookimpl(wrapper=True)
+    def regmw_redis(self, config):
+        return (yield from self._record("regmw_redis"))
+
+    @hookimpl(wrapper=True)
+    def regmw_cache(self, config, services):
+        return (yield from self._record("regmw_cache"))
+
+    @hookimpl(wrapper=True)
+    def regmw_lock_manager(self, config, services):
+        return (yield from self._record("regmw_lock_manager"))
+
+    @hookimpl(wrapper=True)
+    def regmw_rate_limiter(self, config, services):
+        return (yield from self._record("regmw_rate_limiter"))
+
+    @hookimpl(wrapper=True)
+    def regmw_storage(self, config, services):
+        return (yield from self._record("regmw_storage"))
+
+    @hookimpl(wrapper=True)
+    def regmw_classifier(self, config, services):
+        return (yield from self._record("regmw_classifier"))
+
+    @hookimpl(wrapper=True)
+    def regmw_position_store(self, config, services):
+        return (yield from self._record("regmw_position_store"))
+
+    @hookimpl(wrapper=True)
+    def regmw_event_sink(self, config, services):
+        return (yield from self._record("regmw_event_sink"))
+
+    @hookimpl(wrapper=True)
+    def regmw_job_queue(self, config, services):
+        return (yield from self._record("regmw_job_queue"))
+
+    @hookimpl(wrapper=True)
+    def regmw_prefetch(self, config, services):
+        return (yield from self._record("regmw_prefetch"))
+
+    @hookimpl(wrapper=True)
+    def regmw_admission(self, config, services):
+        return (yield from self._record("regmw_admission"))
+
+    @hookimpl(wrapper=True)
+    def regmw_db_router(self, config, services):
+        return (yield from self._record("regmw_db_router"))
+
+    @hookimpl(wrapper=True)
+    def regmw_startup(self, services):
+        return (yield from self._record("regmw_startup"))
+
+
+@pytest.mark.parametrize("doc", ["docs/hooks.md", "docs/architecture.md"])
+def test_the_documented_provider_order_is_the_order_start_up_calls_them(doc):
+    """hooks.md and architecture.md draw the provider order a plugin relies on (each provider sees in
+    `services` what the ones before it built): it is the order start-up calls them in."""
+    recorder = ProviderOrder()
+    build({}, environ={}, plugins=[recorder])
+    diagram = next(block for block in re.findall(r"```\n(.*?)```", Path(doc).read_text(), re.DOTALL)
+                   if "regmw_redis →" in block)
+    documented = [name for name in re.findall(r"regmw_\w+", diagram) if name != "regmw_config_sections"]
+    assert documented == recorder.called

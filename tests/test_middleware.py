@@ -159,13 +159,36 @@ class RaisesAfterTheApp:
         raise RuntimeError("secret detail")
 
 
+class WrapsTheObservingHooks:
+    """A third-party plugin timing the observing hooks with wrappers (pluggy's caller runs the hook then)."""
+
+    def __init__(self):
+        self.wrapped = []
+
+    @hookimpl(wrapper=True)
+    def regmw_response_started(self, context, status, headers):
+        try:
+            return (yield)
+        finally:
+            self.wrapped.append("response_started")
+
+    @hookimpl(wrapper=True)
+    def regmw_finish(self, context, status):
+        try:
+            return (yield)
+        finally:
+            self.wrapped.append("finish")
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "with-a-wrapper"])
 @pytest.mark.parametrize("method, status", [("GET", 200), ("PUT", 403)], ids=["answered", "refused"])
-def test_a_bug_in_one_plugins_observing_hook_skips_no_other_plugin(caplog, method, status):
+def test_a_bug_in_one_plugins_observing_hook_skips_no_other_plugin(caplog, method, status, wrapped):
     """regmw_response_started and regmw_finish: the failing plugin is logged, every other one still runs.
 
     The built-ins do work there that must not depend on a third-party
     plugin's health: notifications store the event, dbroute records the write
-    position, in regmw_response_started.
+    position, in regmw_response_started. Also when another plugin wraps those
+    hooks (a wrapper makes pluggy's own caller run them).
     """
     class DenyPuts:
         @hookimpl
@@ -174,7 +197,8 @@ def test_a_bug_in_one_plugins_observing_hook_skips_no_other_plugin(caplog, metho
                 return Refusal(403, "DENIED", "no writes")
 
     recorder = Recorder()
-    client = Client(make(plugins=[recorder, DenyPuts(), RaisesAfterTheApp()]))
+    wrapper = WrapsTheObservingHooks()
+    client = Client(make(plugins=[recorder, DenyPuts(), *([wrapper] if wrapped else []), RaisesAfterTheApp()]))
     with caplog.at_level("ERROR", logger="regmw"):
         response = client.open("/v2/a/manifests/latest", method=method, buffered=True)
     assert response.status_code == status
@@ -189,6 +213,8 @@ def test_a_bug_in_one_plugins_observing_hook_skips_no_other_plugin(caplog, metho
     hooks = ["regmw_response_started", "regmw_finish"] if status == 200 else ["regmw_finish"]
     assert [hook for record in failures for hook in hooks if hook in record.getMessage()] == hooks
     assert all("RaisesAfterTheApp" in record.getMessage() for record in failures)
+    if wrapped:
+        assert wrapper.wrapped == [hook.removeprefix("regmw_") for hook in hooks]
 
 
 @pytest.mark.parametrize(

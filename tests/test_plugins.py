@@ -65,6 +65,33 @@ def test_regmw_plugins_lists_builtins_and_entry_points(installed_plugin, capsys)
     assert "regmw_admit" in hello_block and "regmw_response_started" in hello_block
 
 
+def test_regmw_plugins_builds_nothing(tmp_path, monkeypatch, capsys):
+    """`regmw plugins` validates the configuration but runs no provider hook and no regmw_startup
+    (which start threads and connect: dbroute's health check, notifications' delivery thread), so
+    it lists a plugin whose backend cannot be built."""
+    install(tmp_path, monkeypatch, "regmw_unbuildable", """
+        from regmw import hookimpl
+
+        @hookimpl
+        def regmw_cache(config, services):
+            raise RuntimeError("cache backend unreachable")
+
+        @hookimpl
+        def regmw_startup(services):
+            raise RuntimeError("started")
+    """, project="regmw-unbuildable", entry="unbuildable")
+    try:
+        assert main(["plugins"]) == 0
+        out = capsys.readouterr().out
+        assert "unbuildable  (entry point (regmw-unbuildable 1.0))\n    regmw_cache\n    regmw_startup\n" in out
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[cache]\nmax_entries = 'many'\n")
+        assert main(["-c", str(bad), "plugins"]) == 2  # still validated as start-up does
+        assert "cache.max_entries" in capsys.readouterr().err
+    finally:
+        sys.modules.pop("regmw_unbuildable", None)
+
+
 def test_builtin_plugins_are_enabled_by_name(tmp_path, capsys):
     config = tmp_path / "c.toml"
     config.write_text('[regmw]\nplugins = ["migration"]\n[migration]\nnew_root = "gitlab/v2"\n')
@@ -88,24 +115,32 @@ def install(tmp_path, monkeypatch, name: str, source: str | None, project: str |
     importlib.invalidate_caches()
 
 
+LOADED = "entry point broken = regmw_broken (regmw-broken 1.0) failed to load: "
+
+
 @pytest.mark.parametrize(
     "source, message",
     [
-        (None, "No module named 'regmw_broken'"),
-        ("from regmw import hookimpl\n@hookimpl\ndef regmw_admit(ctx):\n    pass\n", "ctx"),
-        ("from regmw import hookimpl\n@hookimpl\ndef regmw_admitt(context):\n    pass\n", "regmw_admitt"),
+        (None, LOADED + "ModuleNotFoundError: No module named 'regmw_broken'"),
+        ("from regmw import hookimpl\n@hookimpl\ndef regmw_finish(ctx, status_code):\n    pass\n",
+         LOADED + "PluginValidationError: Plugin 'broken' for hook 'regmw_finish'; "
+                  "hookimpl definition: regmw_finish(ctx, status_code); Argument(s) {"),
+        ("from regmw import hookimpl\n@hookimpl\ndef regmw_admitt(context):\n    pass\n",
+         "plugin broken (entry point (regmw-broken 1.0)): unknown hook 'regmw_admitt'"),
     ],
     ids=["missing-module", "wrong-argument", "misspelled-hook"],
 )
 def test_a_broken_third_party_plugin_is_one_config_error(tmp_path, monkeypatch, capsys, source, message):
-    install(tmp_path, monkeypatch, "regmw_broken", source)
+    """One line naming the entry point and its distribution (pluggy's own message spans three)."""
+    install(tmp_path, monkeypatch, "regmw_broken", source, project="regmw-broken", entry="broken")
     try:
         with pytest.raises(Exception) as error:
             build({}, environ={})
         assert type(error.value).__name__ == "ConfigError" and message in str(error.value)
         assert main(["plugins"]) == 2
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err
+        assert err.startswith("regmw: configuration error: " + message) and err.count("\n") == 1
+        assert "Traceback" not in err
     finally:
         sys.modules.pop("regmw_broken", None)
 
@@ -133,3 +168,51 @@ def test_config_docs_and_check_config_show_an_entry_point_plugins_section(instal
     config.write_text('[hello]\nbanned = "a/b"\nban = []\n')
     assert main(["check-config", str(config)]) == 2
     assert "unknown key hello.ban" in capsys.readouterr().err
+
+
+def test_config_docs_without_a_builtins_extra_still_shows_a_plugins_section(installed_plugin, monkeypatch, capsys):
+    """A plain `pip install regmw` has no google-cloud-storage or sqlalchemy: `regmw config-docs` must still
+    print regmw's sections and the installed plugin's, leaving the unimportable built-in out with a note."""
+    monkeypatch.setitem(sys.modules, "regmw_gcs", None)  # importing it fails, as without the gcs extra
+    assert main(["config-docs"]) == 0
+    captured = capsys.readouterr()
+    assert "## [hello]" in captured.out and "## [redis]" in captured.out and "## [gcs]" not in captured.out
+    assert captured.err.count("\n") == 1 and "plugin 'gcs' cannot be imported" in captured.err
+    assert "pip install 'regmw[gcs]'" in captured.err
+    # regmw's whole reference cannot be printed without it: refused, one line
+    assert main(["config-docs", "--builtin-only"]) == 2
+    assert "plugin 'gcs' cannot be imported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("@hookimpl\ndef regmw_config_sections():\n    raise RuntimeError('sections boom')\n",
+         "plugin sloppy: regmw_config_sections raised RuntimeError: sections boom"),
+        ("@hookimpl\ndef regmw_config_sections():\n    return Section('sloppy', 'x', {'v': Option('str', 'a', 'v')})\n",
+         "plugin sloppy: regmw_config_sections must return a list of regmw.Section (got Section)"),
+        ("@hookimpl\ndef regmw_config_sections():\n    return [Section('sloppy', 'x', {'v': Option('string', 'a')})]\n",
+         "plugin sloppy: option sloppy.v has an unknown type 'string' (one of: str, path, int, "),
+        ("def rule(values, config):\n    return config['nosuch']['x']\n\n"
+         "@hookimpl\ndef regmw_config_sections():\n"
+         "    return [Section('sloppy', 'x', {'v': Option('str', 'a')}, checks=(rule,))]\n",
+         "[sloppy] rule rule failed: KeyError: 'nosuch'"),
+    ],
+    ids=["sections-raise", "not-a-list", "unknown-option-type", "rule-raises"],
+)
+def test_a_plugins_bad_config_declaration_is_one_line_naming_it(tmp_path, monkeypatch, capsys, source, message):
+    """A bug in what a plugin declares stops start-up with one line naming the plugin (or its section and
+    rule), not a bare `KeyError: 'nosuch'`, nor an unknown option type accepted until a value is set."""
+    install(tmp_path, monkeypatch, "regmw_sloppy", "from regmw import Option, Section, hookimpl\n\n" + source,
+            project="regmw-sloppy", entry="sloppy")
+    config = tmp_path / "sloppy.toml"
+    config.write_text("")
+    try:
+        with pytest.raises(Exception) as error:
+            build({}, environ={})
+        assert type(error.value).__name__ == "ConfigError" and message in str(error.value)
+        assert main(["check-config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("regmw: configuration error: ") and message in err and err.count("\n") == 1
+    finally:
+        sys.modules.pop("regmw_sloppy", None)

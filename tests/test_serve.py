@@ -80,6 +80,52 @@ def test_serve_without_anything_to_serve_is_one_line(tmp_path):
     assert "gateway.upstream" in result.stderr and "Traceback" not in result.stderr
 
 
+REPLACES_THE_RATE_LIMITER = """
+from regmw import RateLimitResult, hookimpl
+
+class Always:
+    def hit(self, context):
+        return RateLimitResult(allowed=True, limit=1, rule="always")
+
+@hookimpl
+def regmw_rate_limiter(config, services):
+    return Always()
+"""
+
+RAISES_IN_A_PROVIDER = """
+from regmw import hookimpl
+
+@hookimpl
+def regmw_cache(config, services):
+    raise RuntimeError("cache backend exploded\\nsecond line")
+"""
+
+
+@pytest.mark.parametrize("source, line", [
+    (REPLACES_THE_RATE_LIMITER, "regmw: configuration error: {config}: ratelimit.rules client-any-0 would not "
+                                "be counted: plugin regmw_audit_plugin.boot provides Always"),
+    (RAISES_IN_A_PROVIDER, "regmw: start-up failed: RuntimeError: cache backend exploded\n"),
+], ids=["refused-once-built", "provider-raises"])
+def test_a_plugin_failing_only_when_the_backends_are_built_stops_serve_in_one_line(tmp_path, source, line):
+    """What the master's validation cannot see (it builds no backend) stops the workers' start-up:
+    one line, the server stops (gunicorn's "App failed to load"), never a worker's traceback."""
+    package = tmp_path / "regmw_audit_plugin"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "boot.py").write_text(source)
+    config = tmp_path / "regmw.toml"
+    config.write_text('[regmw]\nplugins = ["regmw_audit_plugin.boot"]\n[serve]\nworkers = 1\n'
+                      '[[ratelimit.rules]]\nby = "client"\nlimit = "10/minute"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "regmw.cli", "-c", str(config), "serve", "--port", "0",
+         "--registry-root", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode != 0
+    assert line.format(config=config) in result.stderr
+    assert "Traceback" not in result.stderr and "second line" not in result.stderr
+
+
 def test_wsgi_entry_point_reads_regmw_config(tmp_path):
     config = tmp_path / "regmw.toml"
     config.write_text('[regmw]\nlog_level = "WARNING"\n')
