@@ -137,10 +137,12 @@ def classification(path: str, source: str, cache_hit: bool, context: Any = None)
     ``context``, the access log line shows the decision too (the request's
     ``environ["regmw.classified_by"]``).
     """
+    if context is not None:
+        if context.environ.get("regmw.confirming"):
+            return  # a write's second classification (RegistryMiddleware._confirm_write): counted once
+        context.environ["regmw.classified_by"] = source
     _classified[(path, source)].inc()
     (_cache_hit if cache_hit else _cache_miss).inc()
-    if context is not None:
-        context.environ["regmw.classified_by"] = source
 
 
 _storage = Children(storage_duration)

@@ -46,6 +46,7 @@ from prometheus_client import make_wsgi_app
 
 from . import accesslog, health, metrics
 from .context import RequestContext
+from .defaults.core import readonly_store_down
 from .errors import BackendUnavailable, Refusal, name_invalid, unavailable
 from .routes import NotAnApiRequest, UnknownReference, parse_request
 from .runtime import Runtime, build
@@ -108,6 +109,7 @@ class RegistryMiddleware:
         # (notifications store the event, dbroute records the write position).
         self._response_started = _call_plan(hook.regmw_response_started, isolate=True)
         self._finish_hook = _call_plan(hook.regmw_finish, isolate=True)
+        self._readonly = self.runtime.config["readonly"]
         serve = self.runtime.config["serve"]
         self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
         # A registry front (the gateway) forwards a manifest read whose reference breaks the
@@ -189,10 +191,22 @@ class RegistryMiddleware:
         app = self.apps.get(context.migration_path, self.app) if self.apps else self.app
         response_started = self._response_started
         started = False  # the server's start_response was called (even if it raised: its status is set)
+        confirm = context.is_write and self._readonly["confirm_writes"] and route.repository is not None
+        replaced: list[Iterable[bytes]] = []  # the answer sent instead of the app's (see _confirm_write)
 
         def regmw_start_response(status: str, headers: list, exc_info: Any = None):
             nonlocal started
+            if replaced:
+                return _ignore_write
             context.status = int(status[:3])
+            if confirm and (context.status == 201 or (context.method == "DELETE" and 200 <= context.status < 300)):
+                late = self._confirm_write(context)
+                if late is not None:
+                    context.status = late.status
+                    environ[_REFUSAL] = late.reason
+                    started = True
+                    replaced.append(late(environ, start_response, context.response_headers))
+                    return _ignore_write
             ours = context.response_headers
             if ours:
                 # regmw's own headers replace the app's of the same name (an upstream regmw or registry
@@ -243,12 +257,51 @@ class RegistryMiddleware:
             _discard(body)
             self._finish(context)
             raise
+        if replaced:
+            _discard(body)  # the app's success, which the client must not see (see _confirm_write)
+            return _Closing(replaced[0], self._finish, context)
         if iterator is None:
             file_wrapper = environ.get("wsgi.file_wrapper")
             if (isinstance(file_wrapper, type) and isinstance(body, file_wrapper)
                     and _finish_on_close(body, self._finish, context)):
                 return body  # the server's own type: it still recognises it and sends the file with sendfile
         return _Closing(body, self._finish, context, iterator)
+
+    def _confirm_write(self, context: RequestContext) -> Refusal | None:
+        """Whether a write the app has just completed may be acknowledged, checked before the client hears.
+
+        A migration locks the repository, waits ``drain``, copies, verifies,
+        marks it new and unlocks. A write admitted before the lock and slower
+        than all that landed on the old side after the copy: acknowledging it
+        would lose it. So before its success goes out, the repository must
+        still be writable and classify to the side it was admitted to; if not,
+        the client gets 503 and retries (on the new side). The classifier
+        service (``services.classifier``) is asked again for this, with
+        ``environ["regmw.confirming"]`` set and nothing prefetched. A lock
+        store that cannot answer gets the ``[readonly]`` failure policy; a
+        classification that fails, a 503.
+        """
+        repository = context.repository
+        try:
+            if self.services.locks.read_only(repository):
+                return _unconfirmed("became read-only", repository, self._readonly["retry_after"])
+        except Exception as exc:
+            refusal = readonly_store_down(exc, repository, self._readonly)
+            if refusal is not None:
+                return refusal
+        classifier = self.services.classifier
+        if classifier is None or context.migration_path is None:
+            return None
+        context.environ["regmw.confirming"] = True
+        context.prefetched = {}
+        try:
+            now = classifier.classify(context)
+        except Exception as exc:  # a Refusal (storage down) included: the write's side is unknown
+            log.warning("%s %s: cannot confirm the write's side: %s", context.method, repository, exc)
+            return _unconfirmed("could not be confirmed", repository, 5)
+        if now != context.migration_path:
+            return _unconfirmed(f"moved ({context.migration_path} -> {now})", repository, 1)
+        return None
 
     def _answer(self, refusal: Refusal, context: RequestContext, start_response: Callable) -> Iterable[bytes]:
         """The app raised before its response started: regmw answers (an OCI body), finished as a refusal."""
@@ -338,6 +391,16 @@ class _Closing:
             finish, self._finish = self._finish, None
             if finish is not None:
                 finish(self._context)
+
+
+def _unconfirmed(what: str, repository: str, retry_after: int) -> Refusal:
+    """The 503 sent instead of a write's success whose repository changed while it ran."""
+    return unavailable(f"the repository {what} while this write ran; retry it", retry_after, {"name": repository},
+                       reason="write_unconfirmed")
+
+
+def _ignore_write(data: bytes) -> None:
+    """The ``write`` callable handed to an app whose answer was replaced: what it writes is dropped."""
 
 
 def _close(body: Any) -> None:

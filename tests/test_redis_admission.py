@@ -38,8 +38,12 @@ def test_hot_path_is_one_round_trip_for_reads_and_writes(redis_server):
     client = Client(middleware)
     client.get(MANIFEST)  # warm: pool connection made
     assert _round_trips(client, "GET", MANIFEST) == (200, 1)
-    assert _round_trips(client, "PUT", MANIFEST, data=b"{}") == (201, 1)
+    # a successful write: the admission, then its confirmation (the lock read again before the 201 goes out)
+    assert _round_trips(client, "PUT", MANIFEST, data=b"{}") == (201, 2)
     assert _round_trips(client, "HEAD", "/v2/team/app/blobs/sha256:" + "a" * 64) == (200, 1)
+    unconfirmed = Client(make_middleware(url, ratelimit={"rules": RULES}, readonly={"confirm_writes": False}))
+    unconfirmed.get(MANIFEST)
+    assert _round_trips(unconfirmed, "PUT", MANIFEST, data=b"{}") == (201, 1)
     # the limits path pays per feature: hit + window stats per rule, lock check, cache read
     limits_path = make_middleware(url, redis={"hot_path": "limits"}, ratelimit={"rules": RULES})
     assert not isinstance(limits_path.services.admission, RedisAdmission)
@@ -48,7 +52,7 @@ def test_hot_path_is_one_round_trip_for_reads_and_writes(redis_server):
     status, trips = _round_trips(other, "GET", MANIFEST)
     assert status == 200 and trips == 3  # INCR script, GET, TTL (the cache read happens in the classifier)
     status, trips = _round_trips(other, "PUT", MANIFEST, data=b"{}")
-    assert status == 201 and trips == 7  # two rules x 3, plus EXISTS
+    assert status == 201 and trips == 8  # two rules x 3, plus EXISTS, plus EXISTS again (the confirmation)
 
 
 def test_prefetched_classification_reaches_the_app(redis_server):

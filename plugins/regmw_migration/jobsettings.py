@@ -15,7 +15,8 @@ SECTION = Section(
         "drain": Option(
             "float", 1.0,
             "Seconds waited after taking the lock, so writes admitted just before it finish before the listing "
-            "(keep it above your longest write request; a late write is still caught by the verification).",
+            "(a later one is caught by the verification, or answered 503 by `[readonly] confirm_writes`: keep "
+            "it above your usual write request so that this stays rare).",
             minimum=0,
         ),
         "rate_per_minute": Option(

@@ -32,6 +32,9 @@ longer the state's, stops before its next copy (:class:`~regmw.jobs.LeaseLost`).
 Writes admitted just before the lock may still be finishing; the run waits
 ``drain`` seconds before listing, and the verification lists the old side
 afresh, so a late write is caught (copied on a second pass) rather than lost.
+One that finishes later still is never acknowledged: the middleware asks
+again before its success goes out (``[readonly] confirm_writes``) and answers
+503, and the client retries on the new side.
 
 The event's id is the same for every run of one repository, so a run that
 died between emitting and writing "done" re-emits the same event: receivers

@@ -244,6 +244,12 @@ SECTIONS = [
                 "bool", True, "When the lock store is down, refuse writes to `lockable` repositories (reads always pass)."
             ),
             "lockable": Option("list", ["*"], "Glob patterns of repositories that can be locked (fail-closed applies to these)."),
+            "confirm_writes": Option(
+                "bool", True,
+                "Before a write's success (201, or a 2xx DELETE) goes out, check again that its repository is not "
+                "read-only and classifies to the same side as at admission; if it was locked or migrated while "
+                "the write ran, answer 503 instead (the client retries), so a migration's copy never misses an "
+                "acknowledged write. One more lock (and classification) look-up per successful write."),
         },
     ),
 ]
