@@ -312,6 +312,53 @@ def test_metrics_directory_is_removed_at_exit_and_stale_ones_at_start(tmp_path, 
     assert not own.exists()
 
 
+#: `regmw serve` (regmw.server.main) whose workers, once forked, wait for the file named by
+#: REGMW_TEST_GO before they go on to install their signal handlers: the window in which a
+#: SIGTERM from the master used to be lost, held open until the test has sent one.
+HELD_BOOT = """
+import os, sys, time
+from gunicorn import util
+
+seed = util.seed
+
+
+def held_seed():  # Worker.init_process calls it just before init_signals
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.environ["REGMW_TEST_GO"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    seed()
+
+
+util.seed = held_seed
+from regmw.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_while_the_workers_boot_stops_the_server_at_once(tmp_path):
+    """A SIGTERM the master passes on while a worker boots (stopped right after start) stops that
+    worker too; it was lost, and the worker served on until ``graceful_timeout`` killed it."""
+    config = tmp_path / "regmw.toml"
+    config.write_text("[serve]\nworkers = 2\ngraceful_timeout = 100\n" + gateway_config("http://127.0.0.1:9"))
+    script, log, go = tmp_path / "held_boot.py", tmp_path / "serve.log", tmp_path / "go"
+    script.write_text(HELD_BOOT)
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(script), "--config", str(config), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "REGMW_CONFIG": "", "REGMW_TEST_GO": str(go)})
+    try:
+        wait_for_port(port, proc=proc, timeout=30)
+        wait_until(lambda: log.read_text().count("Booting worker") == 2, timeout=30, what="both workers forked")
+        proc.send_signal(signal.SIGTERM)
+        # the master refuses connections once it stops (Arbiter.stop), just before it signals the workers
+        wait_until(lambda: connection_refused(port), timeout=30, what="the master stopping")
+        go.touch()  # the workers go on to install their handlers
+        assert proc.wait(timeout=30) == 0, log.read_text()  # not after graceful_timeout (100 s)
+    finally:
+        stop(proc)
+
+
 # --- what gunicorn refuses before the application sees a request ---------------------
 
 
