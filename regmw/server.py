@@ -33,6 +33,7 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -48,6 +49,10 @@ from gunicorn.workers.gthread import ThreadWorker
 from .errors import ConfigError, error_body
 
 log = logging.getLogger("regmw.server")
+
+#: What gunicorn's workers handle (Worker.init_signals): blocked from fork until those handlers are set.
+WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGWINCH,
+                            signal.SIGABRT})
 
 _OWNED_DIR = "REGMW_SERVE_METRICS_DIR"  # set when this server created PROMETHEUS_MULTIPROC_DIR (and removes it)
 
@@ -66,6 +71,12 @@ class DrainingWorker(ThreadWorker):
         # regmw's own server forked, so replacing it here changes no other server.
         gunicorn_util.write_error = write_oci_error
         super().init_process()
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        # Forked with these signals blocked (Arbiter.spawn_worker): one sent to us meanwhile was
+        # held pending, and reaches our own handlers now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
 
     def accept(self, listener: Any) -> None:
         try:
@@ -108,6 +119,21 @@ class Arbiter(_GunicornArbiter):
         app.section = dict(validated["serve"])
         app.log_level = validated["regmw"]["log_level"]
         super().reload()
+
+    def spawn_worker(self) -> int:
+        """Fork a worker with the signals it handles blocked until it has installed its handlers.
+
+        A freshly forked worker still runs the master's handlers, which only queue the signal
+        for the master's loop, in the child's copy of the queue: a SIGTERM sent while a worker
+        boots (the master stopping right after start, or while it replaces a worker) was lost,
+        and that worker served on until ``graceful_timeout`` ran out and it was killed.
+        Blocked, the signal stays pending until :meth:`DrainingWorker.init_signals`.
+        """
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            return super().spawn_worker()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # the master's own signals, pending ones first
 
     def stop(self, graceful: bool = True) -> None:
         for listener in self.LISTENERS:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from regmw.gateway import REQUEST_PIECE, _sendmsg_all
-from tests.servers._util import http_request
+from tests.servers._util import http_request, wait_until
 from tests.test_server import gateway_config, regmw_serve  # noqa: F401 - regmw_serve is a fixture
 
 MIB = 1024 * 1024
@@ -50,7 +50,9 @@ def test_a_chunked_multi_mib_push_through_regmw_serve_is_stored_byte_for_byte(do
 
     status, _, stored = http_request(docker_registry.url, "GET", f"/v2/group/project/blobs/{digest}")
     assert status == 200 and stored == data
-    patched = [line for line in served.log_lines() if line["method"] == "PATCH"]
+    # the access log line is written when the request is finished, after the client has the answer
+    patched = wait_until(lambda: [line for line in served.log_lines() if line["method"] == "PATCH"], timeout=30,
+                         what="the PATCH's access log line")
     assert [line["status"] for line in patched] == [202]
 
 

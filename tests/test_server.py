@@ -202,15 +202,30 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def measured(url: str, requests: int, **labels: str) -> str:
+    """The metrics at ``url`` once ``requests`` API requests (with ``labels``) are measured in them.
+
+    A request is measured when the server closes its body, after the client has the last byte: the
+    client can ask for the metrics before the worker that served its previous request has done that.
+    """
+    parts = urlsplit(url)
+
+    def scrape() -> str | None:
+        status, _, body = request(f"{parts.scheme}://{parts.netloc}", "GET", parts.path)
+        assert status == 200
+        text = body.decode()
+        return text if metric(text, "regmw_request_duration_seconds_count", **labels) >= requests else None
+
+    return wait_until(scrape, timeout=30, what=f"{requests} requests measured")
+
+
 @pytest.mark.services
 def test_metrics_of_all_workers_on_the_separate_port_not_on_the_api_port(docker_registry, regmw_serve):
     served = regmw_serve(gateway_config(docker_registry.url), metrics=True, workers=2)
     for _ in range(20):  # spread over both workers by the kernel; the total must still be 20
         assert request(served.url, "GET", "/v2/")[0] == 200
     assert request(served.url, "GET", "/v2/a/manifests/latest")[0] == 404
-    status, _, body = request(f"http://127.0.0.1:{served.metrics_port}", "GET", "/metrics")
-    text = body.decode()
-    assert status == 200
+    text = measured(f"http://127.0.0.1:{served.metrics_port}/metrics", 21)
     assert metric(text, "regmw_request_duration_seconds_count", resource="base", method="GET", status="2xx") == 20
     assert metric(text, "regmw_request_duration_seconds_count", resource="manifests", status="4xx") == 1
     assert metric(text, "regmw_upstream_response_seconds_count", upstream="upstream") == 21
@@ -226,9 +241,8 @@ def test_metrics_on_the_api_port_only_when_configured_and_allowed(docker_registr
     served = regmw_serve(config)  # default allow-list: loopback
     for _ in range(6):
         request(served.url, "GET", "/v2/")
-    status, _, body = request(served.url, "GET", "/-/regmw/metrics")
-    assert status == 200  # every worker's figures, whichever worker answers
-    assert metric(body.decode(), "regmw_request_duration_seconds_count", resource="base") == 6
+    text = measured(f"{served.url}/-/regmw/metrics", 6, resource="base")  # every worker's figures, whichever worker answers
+    assert metric(text, "regmw_request_duration_seconds_count", resource="base") == 6
     elsewhere = regmw_serve(config, serve_extra='metrics_allow = ["10.0.0.0/8"]\n')
     status, _, body = request(elsewhere.url, "GET", "/-/regmw/metrics")
     assert status == 403 and json.loads(body)["errors"][0]["code"] == "DENIED"
@@ -296,6 +310,53 @@ def test_metrics_directory_is_removed_at_exit_and_stale_ones_at_start(tmp_path, 
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(timeout=30) == 0
     assert not own.exists()
+
+
+#: `regmw serve` (regmw.server.main) whose workers, once forked, wait for the file named by
+#: REGMW_TEST_GO before they go on to install their signal handlers: the window in which a
+#: SIGTERM from the master used to be lost, held open until the test has sent one.
+HELD_BOOT = """
+import os, sys, time
+from gunicorn import util
+
+seed = util.seed
+
+
+def held_seed():  # Worker.init_process calls it just before init_signals
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.environ["REGMW_TEST_GO"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    seed()
+
+
+util.seed = held_seed
+from regmw.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_while_the_workers_boot_stops_the_server_at_once(tmp_path):
+    """A SIGTERM the master passes on while a worker boots (stopped right after start) stops that
+    worker too; it was lost, and the worker served on until ``graceful_timeout`` killed it."""
+    config = tmp_path / "regmw.toml"
+    config.write_text("[serve]\nworkers = 2\ngraceful_timeout = 100\n" + gateway_config("http://127.0.0.1:9"))
+    script, log, go = tmp_path / "held_boot.py", tmp_path / "serve.log", tmp_path / "go"
+    script.write_text(HELD_BOOT)
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(script), "--config", str(config), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "REGMW_CONFIG": "", "REGMW_TEST_GO": str(go)})
+    try:
+        wait_for_port(port, proc=proc, timeout=30)
+        wait_until(lambda: log.read_text().count("Booting worker") == 2, timeout=30, what="both workers forked")
+        proc.send_signal(signal.SIGTERM)
+        # the master refuses connections once it stops (Arbiter.stop), just before it signals the workers
+        wait_until(lambda: connection_refused(port), timeout=30, what="the master stopping")
+        go.touch()  # the workers go on to install their handlers
+        assert proc.wait(timeout=30) == 0, log.read_text()  # not after graceful_timeout (100 s)
+    finally:
+        stop(proc)
 
 
 # --- what gunicorn refuses before the application sees a request ---------------------
