@@ -419,6 +419,7 @@ class Services:
     db_router: Any = None
     token_verifier: Any = None
     clients: Any = None  # regmw.clients.ClientResolver: who the client is, for rate limits
-    #: set by :class:`~regmw.middleware.RegistryMiddleware`: requests are served in this process with
-    #: these services, so what a process-local (not ``shared``) lock or cache holds is seen by them
+    #: requests are served in this process with these services (``build(serving=True)``, and
+    #: :class:`~regmw.middleware.RegistryMiddleware`), so what a process-local (not ``shared``) lock or
+    #: cache holds is seen by them; in-process background work (webhook delivery) runs only then
     serving: bool = False

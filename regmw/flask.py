@@ -90,7 +90,7 @@ class RegMW:
         base = app.config.get("REGMW_CONFIG") or self.config or os.environ.get("REGMW_CONFIG") or {}
         flat = {key: value for key, value in app.config.items() if key.startswith("REGMW_") and key != "REGMW_CONFIG"}
         overrides = merge(dict(app.config.get("REGMW") or {}), self._sections_of(flat, base, app.config))
-        runtime = build(base, plugins=self.plugins, overrides=overrides)
+        runtime = build(base, plugins=self.plugins, overrides=overrides, serving=True)
         state = RegMWState(runtime, RegistryMiddleware(app.wsgi_app, runtime))
         app.wsgi_app = state.middleware
         app.extensions[EXTENSION] = state

@@ -94,7 +94,7 @@ class RegistryMiddleware:
     ) -> None:
         self.app = app
         self.apps = dict(apps or {})
-        self.runtime = config if isinstance(config, Runtime) else build(config, environ=environ, plugins=plugins)
+        self.runtime = config if isinstance(config, Runtime) else build(config, environ=environ, plugins=plugins, serving=True)
         self.services = self.runtime.services
         self.services.serving = True  # a background job here shares this process's locks and cache with requests
         hook = self.runtime.pm.hook

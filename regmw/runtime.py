@@ -78,12 +78,16 @@ def build(
     environ: Mapping[str, str] | None = None,
     plugins: Iterable[Any] = (),
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    serving: bool = False,
 ) -> Runtime:
     """Build a :class:`Runtime` from a TOML path or a dict, plus environment overrides.
 
     ``environ`` defaults to ``os.environ``; pass ``{}`` for a hermetic build.
     ``overrides`` (e.g. from Flask's ``app.config``) win over the file, and the
-    environment wins over both.
+    environment wins over both. ``serving``: requests will be served with this
+    runtime (``services.serving``, set before ``regmw_startup``, which starts
+    in-process background work such as webhook delivery only then); a CLI
+    command or a script builds without it.
     """
     environ = os.environ if environ is None else environ
     if config is None:
@@ -105,10 +109,10 @@ def build(
     load_plugins(pm, builtins, plugins, entry_points not in ("false", "0", "no", "off"))
     sections = gather_sections(pm)
     validated = validate(merge(raw, env_overrides(sections, environ)), sections, source)
-    return Runtime(validated, pm, build_services(validated, pm))
+    return Runtime(validated, pm, build_services(validated, pm, serving))
 
 
-def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
+def build_services(config: Config, pm: pluggy.PluginManager, serving: bool = False) -> Services:
     """Call the provider hooks once, in the contract's order, each seeing the services built before it.
 
     ``regmw_redis`` → cache, locks, rate limiter, storage → classifier →
@@ -121,6 +125,7 @@ def build_services(config: Config, pm: pluggy.PluginManager) -> Services:
         pm=pm,
         token_verifier=TokenVerifier.from_config(config["auth"]),
         clients=ClientResolver(config["regmw"]["trusted_proxies"], config["regmw"]["ipv6_prefix"]),
+        serving=serving,
     )
     services.redis = hook.regmw_redis(config=config)
     services.cache = hook.regmw_cache(config=config, services=services)

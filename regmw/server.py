@@ -188,7 +188,7 @@ class RegmwServer(BaseApplication):
 
         _configure_logging(self.log_level)
         try:
-            runtime = build(self.regmw_config)
+            runtime = build(self.regmw_config, serving=True)
             app = load_app(self.app_spec) if self.app_spec else None
             return make_application(runtime, app=app, registry_root=self.registry_root)
         except ConfigError as exc:

@@ -18,7 +18,7 @@ import os
 from .runtime import build
 from .serve import make_application
 
-_runtime = build()
+_runtime = build(serving=True)
 # This module is the process's entry point, so it may set the level of regmw's own loggers; a runtime
 # built inside someone else's app (RegistryMiddleware, the Flask extension) leaves logging alone.
 logging.getLogger("regmw").setLevel(_runtime.config["regmw"]["log_level"])

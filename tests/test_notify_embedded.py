@@ -160,3 +160,23 @@ def test_a_retry_after_of_a_429_or_503_is_waited_for_up_to_the_longest_step(embe
     gaps = [later - earlier for earlier, later in zip(receiver.arrivals, receiver.arrivals[1:], strict=False)]
     assert gaps[0] >= 0.95, gaps  # Retry-After: 1, although the schedule said 0.05
     assert gaps[2] < 3.0, gaps  # Retry-After: 3600, capped at the longest step (1.5)
+
+
+def test_only_a_serving_process_delivers_a_cli_command_leaves_the_queue_alone(webhook_receiver, tmp_path):
+    """A CLI command builds the same runtime as the server; it must not start the delivery thread, which
+    would deliver (or park and drop) queued events behind the operator's back while they inspect them."""
+    import threading
+
+    from regmw.runtime import build
+
+    def deliverers() -> int:
+        return sum(thread.name == "regmw-notify-delivery" and thread.is_alive() for thread in threading.enumerate())
+
+    config = embedded_config(webhook_receiver(), tmp_path / "spool")
+    before = deliverers()
+    cli = build(config, environ={})
+    assert deliverers() == before and cli.services.serving is False
+    served = build(config, environ={}, serving=True)
+    assert deliverers() == before + 1
+    served.services.events.close()
+    cli.services.events.close()

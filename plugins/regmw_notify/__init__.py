@@ -70,8 +70,15 @@ def regmw_event_sink(config, services):
 
 @hookimpl
 def regmw_startup(services):
-    """Start the in-process delivery thread when ``delivery_thread`` asks for it."""
+    """Start the in-process delivery thread when ``delivery_thread`` asks for it, in a serving process only.
+
+    A CLI command (``regmw notifications dead-letters show``, ``regmw migrate``)
+    builds the same runtime but must not deliver, park or drop events behind
+    the operator's back.
+    """
     section = services.config["notifications"]
+    if not services.serving:
+        return
     sink = services.events if isinstance(services.events, NotifySink) else None
     streams = sink.streams if sink is not None else streams_of(services.config, services)
     thread = section["delivery_thread"]

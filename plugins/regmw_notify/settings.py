@@ -84,7 +84,7 @@ SECTION = Section(
         ),
         "delivery_thread": Option(
             "str", "auto",
-            "Deliver from a thread inside the server (`regmw serve`, `regmw demo`, any app): `on`, `off`, or "
+            "Deliver from a thread inside the server (`regmw serve`, `regmw demo`, any app; never in a CLI command): `on`, `off`, or "
             "`auto` = on without Redis (the embedded queue has no other deliverer; one process at a time "
             "delivers), off with Redis (run `regmw notifications worker`).", choices=("auto", "on", "off"),
         ),
