@@ -19,12 +19,9 @@ from .servers._util import free_port, stop, wait_for_port, wait_until
 
 DIGEST = "sha256:" + "ab" * 32
 
-SERVER = '''
-import io, os, socket, sys
-from regmw import RegistryMiddleware, hookimpl
-
+#: What both test servers share: the log file, and a plugin noting each ``regmw_finish`` in it.
+NOTING = '''
 LOG = {log!r}
-BLOB = {blob!r}
 
 def note(line):
     with open(LOG, "a") as handle:
@@ -34,6 +31,14 @@ class Finish:
     @hookimpl
     def regmw_finish(self, context, status):
         note(f"finish {{context.repository}} {{status}}")
+'''
+
+SERVER = '''
+import io, os, socket, sys
+from regmw import RegistryMiddleware, hookimpl
+
+BLOB = {blob!r}
+''' + NOTING + '''
 
 class NotingFile(io.FileIO):
     def close(self):
@@ -241,17 +246,7 @@ import socket
 from flask import Flask, send_file
 from regmw import hookimpl
 from regmw.flask import RegMW
-
-LOG = {log!r}
-
-def note(line):
-    with open(LOG, "a") as handle:
-        handle.write(line + "\\n")
-
-class Finish:
-    @hookimpl
-    def regmw_finish(self, context, status):
-        note(f"finish {{context.repository}} {{status}}")
+''' + NOTING + '''
 
 app = Flask(__name__)
 
