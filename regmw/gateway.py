@@ -111,6 +111,10 @@ REQUEST_PIECE = 1024 * 1024
 #: ``ready()`` waits at most this long for the upstream (a probe must answer quickly).
 READY_TIMEOUT = 3.0
 
+#: After an early answer, at most this much of the client's unread body is read and dropped, for at most
+#: this long, before the answer goes out (see :meth:`_RequestBody.linger`).
+LINGER_BYTES = 256 * 1024 * 1024
+LINGER_SECONDS = 5.0
 #: Bodies at least this long (Content-Length) are spliced when they may be (see :func:`_splice_target`):
 #: below it the pipe and the extra system calls cost more than the copy they save.
 SPLICE_MIN = 1024 * 1024
@@ -270,7 +274,7 @@ class Gateway:
         body = _RequestBody(environ, method)
         start = time.perf_counter()
         try:
-            conn, response = self._exchange(method, target, headers, body)
+            conn, response = self._exchange(method, target, headers, body, environ)
             splice_to = _splice_target(environ, method, response) if self.zero_copy else None
             first = _first_piece(conn, response, spliced=splice_to is not None)
         except UpstreamError as exc:
@@ -327,7 +331,7 @@ class Gateway:
             headers.append(("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http")))
         return headers
 
-    def _exchange(self, method: str, target: str, headers: list[tuple[str, str]], body: _RequestBody):
+    def _exchange(self, method: str, target: str, headers: list[tuple[str, str]], body: _RequestBody, environ: dict):
         """Send the request and read the response head; retry once on a stale pooled connection."""
         for attempt in (1, 2):
             conn, reused = self.pool.get()
@@ -345,6 +349,7 @@ class Gateway:
                     early = _early_response(conn) if body.consumed or not reused else None
                     if early is None:
                         raise
+                    body.linger(environ.get("gunicorn.socket"))
                     return conn, early
                 return conn, conn.getresponse()
             except _ClientGone:
@@ -484,6 +489,40 @@ class _RequestBody:
         elif self.length:
             for chunk in self._chunks():
                 conn.send(chunk)
+
+    def linger(self, client: socket.socket | None) -> None:
+        """Read and drop the rest of the body the upstream did not wait for, within bounds, before answering.
+
+        The upstream answered early (a 404 for an unknown upload, a 401) and
+        the server will close the connection: closed with the client's bytes
+        still unread, the kernel sends a reset, which can destroy the answer
+        in the client's buffers before the client reads it (a client that
+        sends its whole body before it reads never sees it at all). As
+        nginx's lingering close: at most :data:`LINGER_BYTES` or
+        :data:`LINGER_SECONDS` (gunicorn's socket gets that timeout
+        meanwhile), then the answer goes out whatever is left.
+        """
+        if self.stream is None:
+            return
+        deadline, left = time.monotonic() + LINGER_SECONDS, LINGER_BYTES
+        blocking = client.gettimeout() if client is not None else None
+        try:
+            while left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    return
+                if client is not None:
+                    client.settimeout(wait)
+                try:
+                    chunk = self.stream.read(min(REQUEST_PIECE, left))
+                except Exception:  # noqa: BLE001 - a timeout, a reset, a malformed body: stop draining
+                    return
+                if not chunk:
+                    return
+                left -= len(chunk)
+        finally:
+            if client is not None:
+                client.settimeout(blocking)
 
     def _chunks(self) -> Iterator[bytes]:
         remaining = self.length
