@@ -46,7 +46,7 @@ from prometheus_client import make_wsgi_app
 
 from . import accesslog, health, metrics
 from .context import RequestContext
-from .defaults.core import readonly_store_down
+from .defaults.core import ReadOnlyCheck
 from .errors import BackendUnavailable, Refusal, name_invalid, unavailable
 from .routes import NotAnApiRequest, UnknownReference, parse_request
 from .runtime import Runtime, build
@@ -109,7 +109,8 @@ class RegistryMiddleware:
         # (notifications store the event, dbroute records the write position).
         self._response_started = _call_plan(hook.regmw_response_started, isolate=True)
         self._finish_hook = _call_plan(hook.regmw_finish, isolate=True)
-        self._readonly = self.runtime.config["readonly"]
+        self._confirm_writes = self.runtime.config["readonly"]["confirm_writes"]
+        self._read_only = ReadOnlyCheck(self.services)
         serve = self.runtime.config["serve"]
         self.metrics_path = self.runtime.config["regmw"]["metrics_path"] or None
         # A registry front (the gateway) forwards a manifest read whose reference breaks the
@@ -191,7 +192,7 @@ class RegistryMiddleware:
         app = self.apps.get(context.migration_path, self.app) if self.apps else self.app
         response_started = self._response_started
         started = False  # the server's start_response was called (even if it raised: its status is set)
-        confirm = context.is_write and self._readonly["confirm_writes"] and route.repository is not None
+        confirm = context.is_write and self._confirm_writes and route.repository is not None
         replaced: list[Iterable[bytes]] = []  # the answer sent instead of the app's (see _confirm_write)
 
         def regmw_start_response(status: str, headers: list, exc_info: Any = None):
@@ -282,13 +283,11 @@ class RegistryMiddleware:
         classification that fails, a 503.
         """
         repository = context.repository
-        try:
-            if self.services.locks.read_only(repository):
-                return _unconfirmed("became read-only", repository, self._readonly["retry_after"])
-        except Exception as exc:
-            refusal = readonly_store_down(exc, repository, self._readonly)
-            if refusal is not None:
-                return refusal
+        refusal = self._read_only(context)  # the admission's own check, its store-down policy included
+        if refusal is not None and refusal.reason == "read_only":
+            return _unconfirmed("became read-only", repository, self._read_only.policy["retry_after"])
+        if refusal is not None:
+            return refusal
         classifier = self.services.classifier
         if classifier is None or context.migration_path is None:
             return None
