@@ -19,7 +19,7 @@ from .servers._util import free_port, stop, wait_for_port, wait_until
 
 DIGEST = "sha256:" + "ab" * 32
 
-#: What both test servers share: the log file, and a plugin noting each ``regmw_finish`` in it.
+#: What both test servers share: the log file, a plugin noting each ``regmw_finish`` in it, and the sendfile count.
 NOTING = '''
 LOG = {log!r}
 
@@ -31,6 +31,16 @@ class Finish:
     @hookimpl
     def regmw_finish(self, context, status):
         note(f"finish {{context.repository}} {{status}}")
+
+def post_fork(server, worker):  # gunicorn's hook (the module is also the server's config): count sendfile calls
+    sendfile = socket.socket.sendfile
+
+    def counting(self, file, offset=0, count=None):
+        sent = sendfile(self, file, offset, count)
+        note(f"sendfile {{SENDFILE_LABEL}} {{sent}}")
+        return sent
+
+    socket.socket.sendfile = counting
 '''
 
 SERVER = '''
@@ -38,6 +48,7 @@ import io, os, socket, sys
 from regmw import RegistryMiddleware, hookimpl
 
 BLOB = {blob!r}
+SENDFILE_LABEL = "file"
 ''' + NOTING + '''
 
 class NotingFile(io.FileIO):
@@ -104,16 +115,6 @@ application = RegistryMiddleware(
     app, {{"regmw": {{"plugins": [], "entry_points": False}},
           "ratelimit": {{"rules": [{{"by": "client", "limit": "100000/minute"}}]}}}},
     plugins=[Finish()], environ={{}})
-
-def post_fork(server, worker):
-    sendfile = socket.socket.sendfile
-
-    def counting(self, file, offset=0, count=None):
-        sent = sendfile(self, file, offset, count)
-        note(f"sendfile file {{sent}}")
-        return sent
-
-    socket.socket.sendfile = counting
 '''
 
 
@@ -246,6 +247,8 @@ import socket
 from flask import Flask, send_file
 from regmw import hookimpl
 from regmw.flask import RegMW
+
+SENDFILE_LABEL = "flask"
 ''' + NOTING + '''
 
 app = Flask(__name__)
@@ -255,16 +258,6 @@ def blob(name, digest):
     return send_file({blob!r}, mimetype="application/octet-stream", conditional=True, etag=digest, max_age=0)
 
 RegMW(app, config={{"regmw": {{"plugins": [], "entry_points": False}}}}, plugins=[Finish()])
-
-def post_fork(server, worker):
-    sendfile = socket.socket.sendfile
-
-    def counting(self, file, offset=0, count=None):
-        sent = sendfile(self, file, offset, count)
-        note(f"sendfile flask {{sent}}")
-        return sent
-
-    socket.socket.sendfile = counting
 '''
 
 
