@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from .errors import ConfigError
+from .errors import ConfigError, exception_line
 
 USAGE_ERROR = 2
 FAILED = 1
@@ -330,8 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a dependency down, a bug: one line, not a traceback
         if os.environ.get("REGMW_TRACEBACK"):
             traceback.print_exc()
-        text = str(exc).strip()
-        click.echo(f"regmw: {type(exc).__name__}: {text.splitlines()[0] if text else repr(exc)}", err=True)
+        click.echo(f"regmw: {exception_line(exc)}", err=True)
         return FAILED
     return result if isinstance(result, int) else 0  # ctx.exit(code) returns the code here
 

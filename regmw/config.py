@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .errors import ConfigError, exception_line
 
 _MISSING = object()
 
@@ -178,9 +178,8 @@ def validate(raw: Mapping[str, Any], sections: Mapping[str, Section], source: st
             except ConfigError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a rule's bug: name the section and the rule, in one line
-                text = str(exc).strip()
                 raise ConfigError(f"{source}: [{name}] rule {getattr(check, '__name__', repr(check))} failed: "
-                                  f"{type(exc).__name__}: {text.splitlines()[0] if text else repr(exc)}") from None
+                                  f"{exception_line(exc)}") from None
             if problem:
                 raise ConfigError(f"{source}: {problem}")
     return validated

@@ -91,6 +91,12 @@ def too_many_requests(message: str, retry_after: int, headers: Iterable[tuple[st
     return Refusal(429, "TOOMANYREQUESTS", message, headers=headers, retry_after=retry_after, reason="rate_limit")
 
 
+def exception_line(exc: BaseException) -> str:
+    """``Type: first line of its text`` (its repr when it has none): an unexpected error, reported in one line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else repr(exc)}"
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported as one line naming the key."""
 

@@ -19,7 +19,7 @@ from .backends import Services
 from .clients import ClientResolver
 from .config import OPTION_TYPES, Config, Option, Section, _as_list, env_name, env_overrides, load_toml, merge, validate
 from .defaults.core import check_rate_limiter, complete_admission
-from .errors import ConfigError
+from .errors import ConfigError, exception_line
 from .plugins import load_plugins, make_manager
 from .tokens import TokenVerifier
 
@@ -51,9 +51,7 @@ def _declared_sections(impl: Any) -> list[Section]:
     try:
         declared = impl.function()
     except Exception as exc:  # noqa: BLE001 - a plugin's bug: name the plugin, in one line
-        text = str(exc).strip()
-        raise ConfigError(f"plugin {plugin}: regmw_config_sections raised {type(exc).__name__}: "
-                          f"{text.splitlines()[0] if text else repr(exc)}") from None
+        raise ConfigError(f"plugin {plugin}: regmw_config_sections raised {exception_line(exc)}") from None
     if declared is None:
         return []
     if isinstance(declared, Section) or not isinstance(declared, Iterable) or isinstance(declared, (str, Mapping)):

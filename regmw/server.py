@@ -46,7 +46,7 @@ from gunicorn.arbiter import Arbiter as _GunicornArbiter
 from gunicorn.errors import AppImportError
 from gunicorn.workers.gthread import ThreadWorker
 
-from .errors import ConfigError, error_body
+from .errors import ConfigError, error_body, exception_line
 
 log = logging.getLogger("regmw.server")
 
@@ -198,9 +198,7 @@ class RegmwServer(BaseApplication):
         except Exception as exc:
             # A provider hook that raised (a plugin's bug, a backend it insisted on reaching): one line,
             # the traceback only with [regmw] log_level = "DEBUG" (gunicorn logs it there).
-            text = str(exc).strip()
-            raise AppImportError(f"regmw: start-up failed: {type(exc).__name__}: "
-                                 f"{text.splitlines()[0] if text else repr(exc)}") from exc
+            raise AppImportError(f"regmw: start-up failed: {exception_line(exc)}") from exc
 
     def run(self) -> None:
         try:
