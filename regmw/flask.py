@@ -106,10 +106,10 @@ class RegMW:
 
         given = merge(dict(base) if isinstance(base, Mapping) else load_toml(base), app_config.get("REGMW") or {})
 
-        plugins_key = env_name("regmw", "plugins")
         core = dict(given.get("regmw") or {})
-        if plugins_key in flat:
-            core["plugins"] = flat[plugins_key]
+        for key in ("plugins", "entry_points", "disable_plugins"):  # what decides which plugins load
+            if env_name("regmw", key) in flat:
+                core[key] = flat[env_name("regmw", key)]
         pm = manager_for({**given, "regmw": core}, os.environ, self.plugins, "<app.config>")
         names = {env_name(section.name, key): (section.name, key)
                  for section in gather_sections(pm).values() for key in section.options}

@@ -134,7 +134,8 @@ def describe(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     rows = []
     for name, plugin in pm.list_name_plugin():
-        if plugin is None:
+        if plugin is None:  # blocked: [regmw] disable_plugins
+            rows.append((name, "disabled ([regmw] disable_plugins)", []))
             continue
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
         if name in DEFAULT_PLUGINS:
@@ -160,12 +161,32 @@ def manager_for(
     the rest needs the sections these plugins declare.
     """
     core = raw.get("regmw", {}) if isinstance(raw.get("regmw", {}), Mapping) else {}
-    try:
-        builtins = _as_list(environ.get("REGMW_PLUGINS", core.get("plugins", [])), None)
-    except ValueError as exc:
-        raise ConfigError(f"{source}: regmw.plugins: {exc}") from None
+    lists = {}
+    for key in ("plugins", "disable_plugins"):
+        try:
+            lists[key] = _as_list(environ.get(f"REGMW_{key.upper()}", core.get(key, [])), None)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: regmw.{key}: {exc}") from None
     entry_points = str(environ.get("REGMW_ENTRY_POINTS", core.get("entry_points", True))).lower()
     pm = make_manager()
-    load_plugins(pm, builtins, extra, entry_points not in ("false", "0", "no", "off"))
+    block_entry_points(pm, lists["disable_plugins"], source)
+    load_plugins(pm, lists["plugins"], extra, entry_points not in ("false", "0", "no", "off"))
     return pm
+
+
+def block_entry_points(pm: pluggy.PluginManager, names: Iterable[str], source: str = "<config>") -> None:
+    """Keep the named entry-point plugins from loading (``[regmw] disable_plugins``; pytest's ``-p no:NAME``).
+
+    Only entry-point names: a built-in is switched off by leaving it out of
+    ``[regmw] plugins``, and an embedded default holds sections and services
+    the core needs, so naming either is a configuration error rather than a
+    silent no-op (or a core missing its defaults). A name no installed
+    distribution declares is accepted: one file serves hosts with and
+    without that plugin installed.
+    """
+    for name in names:
+        if name in BUILTIN_PLUGINS or name in BUILTIN_PLUGINS.values() or name in DEFAULT_PLUGINS:
+            raise ConfigError(f"{source}: regmw.disable_plugins: {name!r} is not an entry-point plugin (a built-in is "
+                              "disabled by leaving it out of regmw.plugins; embedded defaults cannot be disabled)")
+        pm.set_blocked(name)
 

@@ -17,10 +17,10 @@ import pluggy
 
 from .backends import Services
 from .clients import ClientResolver
-from .config import OPTION_TYPES, Config, Option, Section, _as_list, env_name, env_overrides, load_toml, merge, validate
+from .config import OPTION_TYPES, Config, Option, Section, env_overrides, load_toml, merge, validate
 from .defaults.core import check_rate_limiter, complete_admission
 from .errors import ConfigError, exception_line
-from .plugins import load_plugins, make_manager
+from .plugins import manager_for
 from .tokens import TokenVerifier
 
 
@@ -97,14 +97,7 @@ def build(
         raw, source = load_toml(config), str(config)
     raw = merge(raw, overrides or {})
 
-    core = raw.get("regmw", {}) if isinstance(raw.get("regmw", {}), Mapping) else {}
-    try:
-        builtins = _as_list(environ.get(env_name("regmw", "plugins"), core.get("plugins", [])), None)
-        entry_points = str(environ.get(env_name("regmw", "entry_points"), core.get("entry_points", True))).lower()
-    except ValueError as exc:
-        raise ConfigError(f"{source}: regmw.plugins: {exc}") from None
-    pm = make_manager()
-    load_plugins(pm, builtins, plugins, entry_points not in ("false", "0", "no", "off"))
+    pm = manager_for(raw, environ, plugins, source)
     sections = gather_sections(pm)
     validated = validate(merge(raw, env_overrides(sections, environ)), sections, source)
     return Runtime(validated, pm, build_services(validated, pm, serving))

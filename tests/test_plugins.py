@@ -56,6 +56,55 @@ def test_entry_points_can_be_disabled(installed_plugin):
         build({"regmw": {"entry_points": False}, "hello": {}}, environ={})
 
 
+def test_one_entry_point_plugin_can_be_disabled_while_the_others_load(installed_plugin, tmp_path, monkeypatch):
+    install(tmp_path, monkeypatch, "regmw_other", """
+        from regmw import hookimpl
+
+        @hookimpl
+        def regmw_response_started(context, status, headers):
+            headers.append(("X-Other", "yes"))
+    """, project="regmw-other", entry="other")
+    for config, environ in (({"regmw": {"disable_plugins": ["hello"]}}, {}),
+                            ({}, {"REGMW_DISABLE_PLUGINS": "hello, not-installed"})):
+        response = Client(RegistryMiddleware(app, config, environ=environ)).get("/v2/bad/repo/tags/list")
+        assert response.status_code == 200 and "X-Hello" not in response.headers  # hello's admit and header: gone
+        assert response.headers["X-Other"] == "yes"
+    with pytest.raises(Exception, match="unknown section \\[hello\\]"):  # its configuration is gone with it
+        build({"regmw": {"disable_plugins": ["hello"]}, "hello": {}}, environ={})
+
+
+def test_a_flask_app_config_disables_an_entry_point_plugin(installed_plugin):
+    from flask import Flask
+
+    from regmw.flask import RegMW
+
+    flask_app = Flask("registry")
+    flask_app.config["REGMW_DISABLE_PLUGINS"] = "hello"
+
+    @flask_app.get("/v2/<path:name>/tags/list")
+    def tags(name):
+        return {"name": name}
+
+    RegMW(flask_app, config={})
+    response = flask_app.test_client().get("/v2/good/repo/tags/list")
+    assert response.status_code == 200 and "X-Hello" not in response.headers
+
+
+@pytest.mark.parametrize("name", ["redis", "regmw_redis", "regmw.defaults.core"])
+def test_disable_plugins_refuses_a_builtin_or_default(name):
+    with pytest.raises(Exception, match=f"regmw.disable_plugins: '{name}' is not an entry-point plugin"):
+        build({"regmw": {"disable_plugins": [name]}}, environ={})
+
+
+def test_regmw_plugins_shows_a_disabled_entry_point(installed_plugin, tmp_path, capsys):
+    config = tmp_path / "regmw.toml"
+    config.write_text('[regmw]\ndisable_plugins = ["hello"]\n')
+    assert main(["plugins", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "hello  (disabled ([regmw] disable_plugins))" in out
+    assert "regmw_admit" not in out.split("hello  (disabled")[1].split("\n\n")[0]
+
+
 def test_regmw_plugins_lists_builtins_and_entry_points(installed_plugin, capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out

@@ -196,6 +196,8 @@ SECTIONS = [
             "plugins": Option("list", [], "Built-in plugins to enable: migration, gcs, redis, jobs, dbroute, db-migrations, notifications "
                               "(or dotted module paths, e.g. `mycompany.regmw_hooks`)."),
             "entry_points": Option("bool", True, "Load third-party plugins from the `regmw` entry-point group."),
+            "disable_plugins": Option("list", [], "Entry-point plugins (by entry-point name) not to load while the "
+                                      "others still do, like pytest's `-p no:NAME`; `regmw plugins` lists the names."),
             "trusted_proxies": Option(
                 "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
                 "balancer), read right to left; hops may carry a port, and an IPv6 zone (`%eth0`) is dropped; `::ffff:a.b.c.d` (an IPv4 peer of a dual-stack "
