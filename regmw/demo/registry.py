@@ -88,7 +88,7 @@ def create_app(root: str) -> Flask:
             return exc
         allowed = getattr(exc, "valid_methods", None)  # a 405 names the methods allowed (RFC 9110), as Flask's does
         return oci_error(_HTTP_CODES.get(exc.code, "UNKNOWN"), _HTTP_MESSAGES.get(exc.code) or exc.description or exc.name,
-                         status=exc.code, headers={"Allow": ", ".join(allowed)} if allowed else None)
+                         status=exc.code, headers={"Allow": ", ".join(sorted(allowed))} if allowed else None)
 
     @app.route("/v2/", methods=["GET"])
     def base() -> Response:
