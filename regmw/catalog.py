@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_BODY = 8 * 1024 * 1024  # a 1000-entry page of 255-character names is ~260 KB
+_ATOI = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
 #: ``gunicorn.socket`` too: a gateway splices a large body straight into that socket (regmw.gateway),
 #: and a page read here must come back as bytes, never reach the client on its own.
@@ -50,10 +52,18 @@ _NOT_FORWARDED = ("wsgi.input", "CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_TRANSFER
 
 
 def page_size(value: str | None) -> int:
-    """A catalog request's ``n`` as distribution reads it: absent, not a number or negative is 100."""
+    """A catalog request's ``n`` as distribution reads it: absent, not a number or negative is 100.
+
+    A number is what Go's ``strconv.Atoi`` reads: ASCII digits after an optional
+    sign. Python's ``int()`` also takes surrounding spaces (``n=+3`` in a query is
+    a space and 3), ``_`` and other scripts' digits, which distribution answers
+    with 100 names.
+    """
+    if not value or _ATOI.fullmatch(value) is None:
+        return DEFAULT_PAGE
     try:
-        n = int(value or "")
-    except ValueError:
+        n = int(value)
+    except ValueError:  # more digits than int() converts (4300)
         return DEFAULT_PAGE
     return DEFAULT_PAGE if n < 0 else n
 

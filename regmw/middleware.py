@@ -37,7 +37,6 @@ import ipaddress
 import itertools
 import logging
 import os
-import posixpath
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -48,7 +47,7 @@ from . import accesslog, health, metrics
 from .context import RequestContext
 from .defaults.core import ReadOnlyCheck
 from .errors import BackendUnavailable, Refusal, name_invalid, unavailable
-from .routes import NotAnApiRequest, UnknownReference, parse_request
+from .routes import NotAnApiRequest, UnknownReference, check_script_name, parse_request, reaches_api
 from .runtime import Runtime, build
 
 log = logging.getLogger("regmw")
@@ -318,10 +317,18 @@ class RegistryMiddleware:
         """Hand a non-API path to the app untouched, unless it only looks like one.
 
         ``/x/../v2/...`` (or ``/v2x/../v2/...``) would skip every check here and
-        then be normalised into an API call by the app or an upstream.
+        then be normalised into an API call by the app or an upstream; so would
+        an API path that starts in ``SCRIPT_NAME``, which the gateway forwards in
+        front of ``PATH_INFO`` (:func:`regmw.routes.check_script_name`).
         """
-        if ("/." in path or "//" in path) and _reaches_api(path):
+        if ("/." in path or "//" in path) and reaches_api(path):
             return name_invalid("path with dot or empty segments")(environ, start_response)
+        script = environ.get("SCRIPT_NAME")
+        if script:
+            try:
+                check_script_name(script, path)
+            except Refusal as refusal:
+                return refusal(environ, start_response)
         return self.app(environ, start_response)
 
     def _finish(self, context: RequestContext) -> None:
@@ -553,7 +560,3 @@ def _plugin_label(impl: Any) -> str:
     kind = type(impl.plugin)
     return f"{kind.__module__}.{kind.__qualname__}"
 
-
-def _reaches_api(path: str) -> bool:
-    normalised = posixpath.normpath("/" + path.lstrip("/"))
-    return normalised == "/v2" or normalised.startswith("/v2/")

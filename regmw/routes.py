@@ -34,6 +34,7 @@ What a refusal answers:
 """
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 
@@ -154,6 +155,26 @@ def check_name(name: str) -> str:
     return name
 
 
+def reaches_api(path: str) -> bool:
+    """Whether ``path`` is an API path once an app or an upstream normalises it (dot segments, repeated ``/``)."""
+    normalised = posixpath.normpath("/" + path.lstrip("/"))
+    return normalised == "/v2" or normalised.startswith("/v2/")
+
+
+def check_script_name(script: str, path: str) -> None:
+    """Refuse (NAME_INVALID) an API path that starts in ``SCRIPT_NAME`` (``script``) instead of ``PATH_INFO``.
+
+    regmw checks ``PATH_INFO``; the gateway forwards ``SCRIPT_NAME + PATH_INFO``,
+    and gunicorn takes ``SCRIPT_NAME`` from a request header of a peer in its
+    ``forwarded_allow_ips`` (loopback by default). ``/v2/team/app`` there and
+    ``/manifests/latest`` in ``PATH_INFO`` reached the upstream as an API call no
+    check, limit or lock saw; ``/v2/other`` there made it act on another
+    repository than the one checked. A mount prefix (``/registry``) never starts one.
+    """
+    if reaches_api(script + path):
+        raise name_invalid("an API path must not start in SCRIPT_NAME (a mount prefix)")
+
+
 def valid_tag(tag: str) -> bool:
     return TAG_RE.fullmatch(tag) is not None
 
@@ -229,10 +250,12 @@ def path_segments(environ: dict) -> list[str]:
     code points, like ``PATH_INFO``.
     """
     path = environ.get("PATH_INFO") or "/"
+    script = environ.get("SCRIPT_NAME", "")
+    if script:
+        check_script_name(script, path)
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw:
         raw_path = _target_path(raw)
-        script = environ.get("SCRIPT_NAME", "")
         segments = [_decode(segment) for segment in raw_path.split("/")]
         if "/".join(segments) == script + path:
             skip = script.count("/")

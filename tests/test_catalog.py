@@ -162,7 +162,10 @@ def test_reference_registry_catalog_pages_as_docker_registry_does(tmp_path, dock
     for name in OLD + NEW:
         push_blob(docker_registry.url, name)
         push_blob(reference, name)
-    for query in ["", "n=1", "n=2", "n=3", "last=g%2Fseven", "n=2&last=g-eight", "n=0", "n=1001", "n=abc"]:
+    # n as Go's strconv.Atoi reads it: "+3" is 3; " 3" ("+" in a query is a space), "3 ", "0_3", "\n3"
+    # and a digit of another script (U+0663) are not numbers (100 names), though Python's int() takes them.
+    for query in ["", "n=1", "n=2", "n=3", "last=g%2Fseven", "n=2&last=g-eight", "n=0", "n=1001", "n=abc",
+                  "n=%2B3", "n=+3", "n=3%20", "n=0_3", "n=%0A3", "n=%D9%A3"]:
         while True:
             real, ours = catalog(docker_registry.url, query), catalog(reference, query)
             assert ours == real, query

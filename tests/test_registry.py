@@ -155,7 +155,12 @@ def test_invalid_names(client, path):
 
 
 def test_unsupported_method(client):
-    assert error_code(client.post(f"/v2/{REPO}/manifests/latest")) == "UNSUPPORTED"
+    response = client.post(f"/v2/{REPO}/manifests/latest")
+    assert response.status_code == 405 and error_code(response) == "UNSUPPORTED"
+    assert response.headers["Allow"] == "GET, HEAD, PUT, DELETE"  # a 405 names what is allowed (RFC 9110)
+    assert client.head(f"/v2/{REPO}/tags/list").headers["Allow"] == "GET"
+    location = client.post(f"/v2/{REPO}/blobs/uploads/").headers["Location"]
+    assert client.post(location).headers["Allow"] == "GET, PATCH, PUT, DELETE"
 
 
 @pytest.mark.parametrize("body", [
@@ -201,6 +206,7 @@ def test_flasks_own_error_answers_are_oci_bodies_not_html(client, method, path, 
     response = client.open(path, method=method)
     assert response.status_code == status and response.mimetype == "application/json"
     assert error_code(response) == code
+    assert ("Allow" in response.headers) == (status == 405)  # Flask's own 405 keeps its Allow header
 
 
 CATALOG_NAMES = ["g/seven", "g-eight", "g.nine", "gz", "g/seven/sub", "a/one"]

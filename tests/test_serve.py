@@ -11,7 +11,7 @@ import pytest
 
 from regmw.demo.registry import create_app
 
-from .servers._util import free_port, stop, wait_for_port
+from .servers._util import free_port, http_request, stop, wait_for_port
 
 
 def get(url: str) -> tuple[int, dict, bytes]:
@@ -57,6 +57,32 @@ def test_serve_as_gateway_in_front_of_a_registry(tmp_path, run_regmw, serve_wsgi
     status, headers, body = get(base + "/v2/team/app/tags/list")
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"  # answered by the upstream
     assert headers["RateLimit-Remaining"] == "4"  # counted by regmw on the way
+
+
+def test_serve_refuses_an_api_path_a_client_starts_in_script_name(tmp_path, run_regmw, serve_wsgi):
+    """gunicorn sets SCRIPT_NAME from a ``SCRIPT_NAME`` request header of a peer in its forwarded_allow_ips
+    (loopback by default) and the gateway forwards SCRIPT_NAME + PATH_INFO, while regmw checks PATH_INFO.
+
+    A DELETE whose API path started in that header reached the upstream with no check, limit, lock or
+    classification; a read named one repository to regmw (team/app) and another to the upstream.
+    """
+    seen = []
+
+    def upstream(environ, start_response):
+        seen.append(environ["PATH_INFO"])
+        start_response("202 Accepted", [("Content-Length", "0")])
+        return [b""]
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[gateway]\nupstream = "{serve_wsgi(upstream)}"\n[serve]\nworkers = 1\n')
+    base = run_regmw("--config", str(config), "serve")
+    for method, target, script in [("DELETE", "/v2/team/app/manifests/latest", "/v2/team/app"),
+                                   ("GET", "/v2/other/v2/team/app/tags/list", "/v2/other"),
+                                   ("GET", "/v2/team/app/tags/list", "/v2")]:
+        status, _, body = http_request(base, method, target, headers={"SCRIPT_NAME": script})
+        assert status == 400 and json.loads(body)["errors"][0]["code"] == "NAME_INVALID", (target, body)
+    assert seen == []
+    assert http_request(base, "DELETE", "/v2/team/app/manifests/latest")[0] == 202 and seen == ["/v2/team/app/manifests/latest"]
 
 
 def test_serve_refuses_a_strategy_the_embedded_limiter_does_not_count_in_one_line(tmp_path):

@@ -86,14 +86,15 @@ def create_app(root: str) -> Flask:
         """Flask's own answers (405, 404 for ``/v2``, 400 for a broken body, 500) as OCI error bodies, not HTML."""
         if exc.code is None or exc.code < 400:
             return exc
+        allowed = getattr(exc, "valid_methods", None)  # a 405 names the methods allowed (RFC 9110), as Flask's does
         return oci_error(_HTTP_CODES.get(exc.code, "UNKNOWN"), _HTTP_MESSAGES.get(exc.code) or exc.description or exc.name,
-                         status=exc.code)
+                         status=exc.code, headers={"Allow": ", ".join(sorted(allowed))} if allowed else None)
 
     @app.route("/v2/", methods=["GET"])
     def base() -> Response:
         return Response("{}", 200, mimetype="application/json")
 
-    @app.route("/v2/<path:rest>", methods=["GET", "HEAD", "POST", "PATCH", "PUT", "DELETE"])
+    @app.route("/v2/<path:rest>", methods=list(_METHODS))
     def api(rest: str) -> Response:
         if rest == "_catalog" and request.method in ("GET", "HEAD"):
             return handlers.catalog_get()
@@ -105,13 +106,16 @@ def create_app(root: str) -> Flask:
                     return oci_error("NAME_INVALID", "invalid repository name", {"name": name[:256]})
                 handler = getattr(handlers, f"{resource}_{request.method.lower()}", None)
                 if handler is None:
-                    return oci_error("UNSUPPORTED", f"{request.method} is not supported on {resource}")
+                    allowed = [m for m in _METHODS if hasattr(handlers, f"{resource}_{m.lower()}")]
+                    return oci_error("UNSUPPORTED", f"{request.method} is not supported on {resource}",
+                                     headers={"Allow": ", ".join(allowed)})
                 return handler(name, ref)
         return oci_error("NAME_UNKNOWN", "unknown API path", {"path": rest[:256]}, status=404)
 
     return app
 
 
+_METHODS = ("GET", "HEAD", "POST", "PATCH", "PUT", "DELETE")
 _HTTP_CODES = {404: "NAME_UNKNOWN", 405: "UNSUPPORTED", 413: "SIZE_INVALID"}
 _HTTP_MESSAGES = {404: "unknown API path", 405: "method not supported on this path", 500: "internal error"}
 
@@ -168,7 +172,7 @@ class _Handlers:
 
     def uploads_post(self, name: str, ref: str) -> Response:
         if ref:
-            return oci_error("UNSUPPORTED", "POST to an existing upload")
+            return oci_error("UNSUPPORTED", "POST to an existing upload", headers={"Allow": "GET, PATCH, PUT, DELETE"})
         mount, source = request.args.get("mount"), request.args.get("from")
         if mount and source and valid_name(source) and self.store.linked_blob(source, mount):
             self.store.link_blob(name, mount)
