@@ -121,9 +121,11 @@ class RateLimitResult:
 
         Rounded up exactly: a client waiting that long finds the window over
         (``int(x + 0.999)`` rounded 1.0005 s down to 1, and a client retrying
-        after 1 s was refused again).
+        after 1 s was refused again), after rounding to the microsecond: a
+        window end computed as ``(now + 60) - now`` is sometimes
+        60.000000000007, which is float noise, not a 61st second.
         """
-        return max(1, math.ceil(self.reset_after))
+        return max(1, math.ceil(round(self.reset_after, 6)))
 
 
 def tightest(results: Iterable[RateLimitResult]) -> RateLimitResult | None:

@@ -61,6 +61,15 @@ def test_a_client_waiting_retry_after_seconds_is_admitted(strategy):
     assert lim.hit(Ctx()).allowed  # a client that waited as told is admitted
 
 
+def test_float_noise_in_the_window_end_is_not_a_second_more_to_wait():
+    """At this clock, the window end ``(now + 60) - now`` is 60.000000000000114: Retry-After is still 60."""
+    clock = Clock(1000.3000000000001)
+    assert (clock.now + 60) - clock.now > 60
+    refused = limiter({"by": "client", "limit": "0/minute", "name": "c"}, clock=clock).hit(Ctx())
+    assert not refused.allowed and dict(refused_by_limit(refused).headers)["Retry-After"] == "60"
+    assert dict(refused.headers())["RateLimit-Reset"] == "60"
+
+
 def test_the_tightest_limit_is_reported_and_a_refusal_stops_the_counting():
     clock = Clock()
     lim = limiter({"by": "client", "limit": "10/minute", "name": "c"},
