@@ -366,6 +366,44 @@ def test_primary_down_writes_fail_fast_with_503(registry, cluster):
     wait_until(lambda: registry.put(repo, 4) == 201, what="writes accepted again")
 
 
+def test_a_statement_failing_on_a_working_primary_does_not_mark_it_down(cluster):
+    """A lock timeout (psycopg2 raises it as an OperationalError, like a deadlock or a serialization
+    failure) is the app's to handle: it gets SQLAlchemy's error, the primary stays up for everyone."""
+    import psycopg2
+    from sqlalchemy.exc import OperationalError
+
+    app = make_app()
+
+    @app.put("/v2/<path:name>/blobs/uploads/<uid>")
+    def locking_write(name, uid):
+        handle = request.environ["regmw.db"]
+        lock = text("SET LOCAL lock_timeout = '50ms'; LOCK TABLE kv IN ACCESS EXCLUSIVE MODE")
+        if uid == "uncaught":  # left to init_app: Flask's own 500, like any error of the app's SQL
+            handle.execute(lock)
+        try:
+            handle.execute(lock)
+        except OperationalError as exc:
+            return f"locked: {exc.orig.pgcode}", 409
+        return "", 201
+
+    middleware = RegistryMiddleware(app, db_config(cluster), environ={})
+    router: Router = middleware.services.db_router
+    holder = psycopg2.connect(host="127.0.0.1", port=cluster.primary_port, user="postgres", dbname="postgres")
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("LOCK TABLE kv IN ACCESS SHARE MODE")  # held until the rollback below
+        response = Client(middleware).put(f"/v2/{unique('locked')}/blobs/uploads/u")
+        assert (response.status_code, response.get_data(as_text=True)) == (409, "locked: 55P03")
+        assert router.primary_state.up, router.primary_state.reason
+        response = Client(middleware).put(f"/v2/{unique('locked')}/blobs/uploads/uncaught")
+        assert response.status_code == 500
+        assert router.primary_state.up, router.primary_state.reason
+    finally:
+        holder.rollback()
+        holder.close()
+        router.close()
+
+
 # --- the shared (Redis) store -------------------------------------------------------
 
 
