@@ -366,6 +366,21 @@ def test_primary_down_writes_fail_fast_with_503(registry, cluster):
     wait_until(lambda: registry.put(repo, 4) == 201, what="writes accepted again")
 
 
+def test_a_restarted_primary_costs_no_write(registry, cluster):
+    """The primary restarts between two writes: the pooled connections to it are dead. The next write
+    gets a new one (pre-ping), not a 503 and a primary marked down."""
+    repo = unique("restarted")
+    for value in range(1, 4):  # pooled connections to the primary
+        assert registry.put(repo, value) == 201
+    cluster.stop_server(cluster.primary_dir, "fast")
+    cluster.start_primary()
+    wait_until(lambda: registry.router.primary_state.up, what="the checker sees the primary back")
+    response = registry.client.put(f"/v2/{repo}/manifests/latest", data="4")
+    assert response.status_code == 201, response.get_data(as_text=True)
+    assert registry.router.primary_state.up, registry.router.primary_state.reason
+    assert cluster.sql("primary", "SELECT value FROM kv WHERE repo = %s", repo) == [(4,)]
+
+
 def test_a_statement_failing_on_a_working_primary_does_not_mark_it_down(cluster):
     """A lock timeout (psycopg2 raises it as an OperationalError, like a deadlock or a serialization
     failure) is the app's to handle: it gets SQLAlchemy's error, the primary stays up for everyone."""
