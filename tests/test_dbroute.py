@@ -676,21 +676,51 @@ def test_a_pool_timeout_never_marks_the_primary_down(cluster):
         assert router.primary_state.up, router.primary_state.reason
         assert router.route(repo, is_write=True).role == "primary"
 
-        # The position pool exhausted too: the position is unknown (kept pending), the primary still up.
-        position_conns = [router.primary.position_engine.connect() for _ in range(2)]
+        # The position pool and the checker's pool exhausted too (the checker stopped: rounds by hand):
+        # the position is unknown (kept pending), the primary still up.
+        router.ensure_running()
+        router.checker.stop()
+        busy = [engine.connect() for engine in (router.primary.position_engine, router.primary.check_engine)
+                for _ in range(2)]
         try:
             assert router.record_write(repo) is None
             assert router.primary_state.up, router.primary_state.reason
             assert router.status()["pending"] == 1
             assert router.route(repo, is_write=False).reason == "unrecorded-write"
         finally:
-            for conn in position_conns:
+            for conn in busy:
                 conn.close()
     finally:
         held.close()
-    wait_until(lambda: router.status()["pending"] == 0, what="unknown position flushed by the checker")
+    router.check()  # the next round stores the unknown position (today's covers it)
+    assert router.status()["pending"] == 0
     assert router.store.get(repo).repository is not None
     reg.close()
+
+
+def test_a_busy_position_pool_still_records_the_write_for_other_instances(cluster, redis_server):
+    """Both position-pool connections busy when a write is answered: its position is read on the checker's
+    pool and stored, so another instance does not read the write stale from the lagging replica."""
+    _, url = redis_server
+    config = redis_config(cluster, url)
+    config["database"]["pool_timeout"] = 0.2
+    writer, reader = Registry(config), Registry(config)
+    try:
+        cluster.set_apply_delay("2s")
+        repo = unique("busy-positions")
+        busy = [writer.router.primary.position_engine.connect() for _ in range(2)]
+        try:
+            assert writer.put(repo, 1) == 201
+        finally:
+            for conn in busy:
+                conn.close()
+        answer = reader.get(repo)  # another instance, right after the answer
+        assert cluster.sql("replica", "SELECT value FROM kv WHERE repo = %s", repo) == []  # replica behind
+        assert answer["value"] == 1, f"stale read through the second instance: {answer}"
+        assert writer.router.status()["pending"] == 0
+    finally:
+        writer.close()
+        reader.close()
 
 
 # --- the store's namespace -------------------------------------------------------------------
