@@ -663,7 +663,8 @@ def test_write_position_recorded_while_the_request_holds_the_only_pooled_connect
 
 
 def test_a_pool_timeout_never_marks_the_primary_down(cluster):
-    reg = Registry(db_config(cluster, pool_size=1, max_overflow=0, pool_timeout=0.2))
+    # health_interval 1 s: replicas stay eligible (staleness 5 s) across the check-pool timeouts below
+    reg = Registry(db_config(cluster, pool_size=1, max_overflow=0, pool_timeout=0.2, health_interval=1.0))
     router = reg.router
     repo = unique("pooltimeout")
     held = router.primary.engine.connect()  # the only request connection
@@ -677,13 +678,15 @@ def test_a_pool_timeout_never_marks_the_primary_down(cluster):
         assert router.route(repo, is_write=True).role == "primary"
 
         # The position pool and the checker's pool exhausted too (the checker stopped: rounds by hand):
-        # the position is unknown (kept pending), the primary still up.
+        # the position is unknown (kept pending), the primary still up, even for a health round that
+        # times out on its own pool.
         router.ensure_running()
         router.checker.stop()
         busy = [engine.connect() for engine in (router.primary.position_engine, router.primary.check_engine)
                 for _ in range(2)]
         try:
             assert router.record_write(repo) is None
+            router.check()
             assert router.primary_state.up, router.primary_state.reason
             assert router.status()["pending"] == 1
             assert router.route(repo, is_write=False).reason == "unrecorded-write"
@@ -695,6 +698,15 @@ def test_a_pool_timeout_never_marks_the_primary_down(cluster):
     router.check()  # the next round stores the unknown position (today's covers it)
     assert router.status()["pending"] == 0
     assert router.store.get(repo).repository is not None
+    # A replica's check pool (shared with writes waiting for replay) timing out is no replica failure either.
+    replica = router.replicas[0][0]
+    busy = [replica.check_engine.connect() for _ in range(2)]
+    try:
+        router.check()
+    finally:
+        for conn in busy:
+            conn.close()
+    assert router.replica_state().failures == 0, router.replica_state().reason
     reg.close()
 
 

@@ -470,7 +470,8 @@ class Router:
         try:
             lsn = self.primary.current_wal_lsn()
         except SQLAlchemyError as exc:
-            self.primary_state.mark(False, _short(exc))
+            # (a pool timeout: request threads share this pool for positions and replay waits; not a down server)
+            self.primary_failed(exc)
         else:
             round_lsn = lsn
             self.history.add(started, lsn)
@@ -481,7 +482,7 @@ class Router:
             try:
                 in_recovery, replayed, server = node.replay_info()
             except SQLAlchemyError as exc:
-                state.record_failure(_short(exc))
+                self.replica_failed(node, exc)
                 continue
             if not in_recovery or replayed is None:
                 state.record_failure("not in recovery (promoted?)", immediate=True)
