@@ -366,6 +366,59 @@ def test_primary_down_writes_fail_fast_with_503(registry, cluster):
     wait_until(lambda: registry.put(repo, 4) == 201, what="writes accepted again")
 
 
+def test_a_restarted_primary_costs_no_write(registry, cluster):
+    """The primary restarts between two writes: the pooled connections to it are dead. The next write
+    gets a new one (pre-ping), not a 503 and a primary marked down."""
+    repo = unique("restarted")
+    for value in range(1, 4):  # pooled connections to the primary
+        assert registry.put(repo, value) == 201
+    cluster.stop_server(cluster.primary_dir, "fast")
+    cluster.start_primary()
+    wait_until(lambda: registry.router.primary_state.up, what="the checker sees the primary back")
+    response = registry.client.put(f"/v2/{repo}/manifests/latest", data="4")
+    assert response.status_code == 201, response.get_data(as_text=True)
+    assert registry.router.primary_state.up, registry.router.primary_state.reason
+    assert cluster.sql("primary", "SELECT value FROM kv WHERE repo = %s", repo) == [(4,)]
+
+
+def test_a_statement_failing_on_a_working_primary_does_not_mark_it_down(cluster):
+    """A lock timeout (psycopg2 raises it as an OperationalError, like a deadlock or a serialization
+    failure) is the app's to handle: it gets SQLAlchemy's error, the primary stays up for everyone."""
+    import psycopg2
+    from sqlalchemy.exc import OperationalError
+
+    app = make_app()
+
+    @app.put("/v2/<path:name>/blobs/uploads/<uid>")
+    def locking_write(name, uid):
+        handle = request.environ["regmw.db"]
+        lock = text("SET LOCAL lock_timeout = '50ms'; LOCK TABLE kv IN ACCESS EXCLUSIVE MODE")
+        if uid == "uncaught":  # left to init_app: Flask's own 500, like any error of the app's SQL
+            handle.execute(lock)
+        try:
+            handle.execute(lock)
+        except OperationalError as exc:
+            return f"locked: {exc.orig.pgcode}", 409
+        return "", 201
+
+    middleware = RegistryMiddleware(app, db_config(cluster), environ={})
+    router: Router = middleware.services.db_router
+    holder = psycopg2.connect(host="127.0.0.1", port=cluster.primary_port, user="postgres", dbname="postgres")
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("LOCK TABLE kv IN ACCESS SHARE MODE")  # held until the rollback below
+        response = Client(middleware).put(f"/v2/{unique('locked')}/blobs/uploads/u")
+        assert (response.status_code, response.get_data(as_text=True)) == (409, "locked: 55P03")
+        assert router.primary_state.up, router.primary_state.reason
+        response = Client(middleware).put(f"/v2/{unique('locked')}/blobs/uploads/uncaught")
+        assert response.status_code == 500
+        assert router.primary_state.up, router.primary_state.reason
+    finally:
+        holder.rollback()
+        holder.close()
+        router.close()
+
+
 # --- the shared (Redis) store -------------------------------------------------------
 
 
@@ -610,7 +663,8 @@ def test_write_position_recorded_while_the_request_holds_the_only_pooled_connect
 
 
 def test_a_pool_timeout_never_marks_the_primary_down(cluster):
-    reg = Registry(db_config(cluster, pool_size=1, max_overflow=0, pool_timeout=0.2))
+    # health_interval 1 s: replicas stay eligible (staleness 5 s) across the check-pool timeouts below
+    reg = Registry(db_config(cluster, pool_size=1, max_overflow=0, pool_timeout=0.2, health_interval=1.0))
     router = reg.router
     repo = unique("pooltimeout")
     held = router.primary.engine.connect()  # the only request connection
@@ -623,21 +677,62 @@ def test_a_pool_timeout_never_marks_the_primary_down(cluster):
         assert router.primary_state.up, router.primary_state.reason
         assert router.route(repo, is_write=True).role == "primary"
 
-        # The position pool exhausted too: the position is unknown (kept pending), the primary still up.
-        position_conns = [router.primary.position_engine.connect() for _ in range(2)]
+        # The position pool and the checker's pool exhausted too (the checker stopped: rounds by hand):
+        # the position is unknown (kept pending), the primary still up, even for a health round that
+        # times out on its own pool.
+        router.ensure_running()
+        router.checker.stop()
+        busy = [engine.connect() for engine in (router.primary.position_engine, router.primary.check_engine)
+                for _ in range(2)]
         try:
             assert router.record_write(repo) is None
+            router.check()
             assert router.primary_state.up, router.primary_state.reason
             assert router.status()["pending"] == 1
             assert router.route(repo, is_write=False).reason == "unrecorded-write"
         finally:
-            for conn in position_conns:
+            for conn in busy:
                 conn.close()
     finally:
         held.close()
-    wait_until(lambda: router.status()["pending"] == 0, what="unknown position flushed by the checker")
+    router.check()  # the next round stores the unknown position (today's covers it)
+    assert router.status()["pending"] == 0
     assert router.store.get(repo).repository is not None
+    # A replica's check pool (shared with writes waiting for replay) timing out is no replica failure either.
+    replica = router.replicas[0][0]
+    busy = [replica.check_engine.connect() for _ in range(2)]
+    try:
+        router.check()
+    finally:
+        for conn in busy:
+            conn.close()
+    assert router.replica_state().failures == 0, router.replica_state().reason
     reg.close()
+
+
+def test_a_busy_position_pool_still_records_the_write_for_other_instances(cluster, redis_server):
+    """Both position-pool connections busy when a write is answered: its position is read on the checker's
+    pool and stored, so another instance does not read the write stale from the lagging replica."""
+    _, url = redis_server
+    config = redis_config(cluster, url)
+    config["database"]["pool_timeout"] = 0.2
+    writer, reader = Registry(config), Registry(config)
+    try:
+        cluster.set_apply_delay("2s")
+        repo = unique("busy-positions")
+        busy = [writer.router.primary.position_engine.connect() for _ in range(2)]
+        try:
+            assert writer.put(repo, 1) == 201
+        finally:
+            for conn in busy:
+                conn.close()
+        answer = reader.get(repo)  # another instance, right after the answer
+        assert cluster.sql("replica", "SELECT value FROM kv WHERE repo = %s", repo) == []  # replica behind
+        assert answer["value"] == 1, f"stale read through the second instance: {answer}"
+        assert writer.router.status()["pending"] == 0
+    finally:
+        writer.close()
+        reader.close()
 
 
 # --- the store's namespace -------------------------------------------------------------------

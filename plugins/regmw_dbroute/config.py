@@ -80,8 +80,8 @@ SECTION = Section(
         ),
         "pre_ping": Option(
             "bool", True,
-            "Test a pooled replica connection before handing it out, so a restarted replica costs a retry "
-            "on the next connection, not an error in the app.",
+            "Test a pooled connection (to the primary or a replica) before handing it out, so a restarted "
+            "server costs a new connection, not an error in the app (a write's 503, the primary marked down).",
         ),
         "connect_timeout": Option(
             "int", 2,

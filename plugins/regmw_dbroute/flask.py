@@ -22,7 +22,7 @@ from typing import Any
 
 from regmw.errors import unavailable
 
-from .handle import DbHandle, PrimaryUnavailable, ReplicaLost, is_connection_error
+from .handle import DbHandle, PrimaryUnavailable, ReplicaLost, is_connection_error, is_server_gone
 
 
 def current_handle() -> DbHandle:
@@ -51,7 +51,8 @@ def init_app(app: Any) -> None:
     * :class:`PrimaryUnavailable`: the primary (needed for a write, or for the fallback read) is down;
     * :class:`ReplicaLost`: the replica failed after the transaction had returned results;
     * a connection error SQLAlchemy raised itself: a write whose primary connection dropped
-      (the primary is then marked down), or a streamed (server-side cursor) result of a
+      (the primary is then marked down; a statement that failed on a working primary, such as a
+      lock timeout or a deadlock, keeps Flask's own handling), or a streamed (server-side cursor) result of a
       replica failing while the view iterates it (the :class:`ReplicaLost` case).
 
     Any other exception keeps Flask's own handling.
@@ -77,6 +78,8 @@ def init_app(app: Any) -> None:
         if not (isinstance(handle, DbHandle) and is_connection_error(exc)):
             raise exc
         if handle.role == "primary":
+            if not is_server_gone(exc):  # a lock timeout, a deadlock: the statement failed, not the primary
+                raise exc
             handle.report_primary_failure(exc)
         return answer("database connection lost; retry the request", handle.name)
 

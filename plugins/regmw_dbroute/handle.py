@@ -66,12 +66,35 @@ QUERY_CANCELED = "57014"
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """True if ``exc`` says the server is unreachable or went away (not: the SQL failed)."""
+    """True if ``exc`` says the server cannot serve the statement (not: the SQL failed).
+
+    Broad on purpose: a replica read failing so is retried on the primary,
+    including a replica's own cancellations (a conflict with recovery is
+    SQLSTATE 40001/40P01, an ``OperationalError`` too). Whether the *primary*
+    went away is the narrower :func:`is_server_gone`.
+    """
     if isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) == QUERY_CANCELED:
         return False
     if isinstance(exc, CONNECTION_ERRORS):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def is_server_gone(exc: BaseException) -> bool:
+    """True if a statement failed because its server went away: the connection was lost (SQLAlchemy
+    invalidated it, or libpq failed with no SQLSTATE), or the server is shutting down (SQLSTATE
+    class 08, 57P).
+
+    psycopg2 also raises ``OperationalError`` for a lock timeout (55P03), a deadlock (40P01), a
+    serialization failure (40001) or a full disk (53100): the statement failed on a working
+    server. Marking the primary down for those would refuse every other write with 503.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "pgcode", None)
+    return isinstance(exc, OperationalError) and (code is None or code[:2] == "08" or code[:3] == "57P")
 
 
 
@@ -199,6 +222,8 @@ class DbHandle:
             if not is_connection_error(exc):
                 raise
             if not unit.on_replica:  # the primary went away under a statement: never retried (a write)
+                if not is_server_gone(exc):
+                    raise  # a lock timeout, a deadlock, ...: the statement failed, the primary did not
                 self._router.primary_failed(exc)
                 raise PrimaryUnavailable(
                     f"database primary {unit.node.name} failed during a statement: {_first_line(exc)}"

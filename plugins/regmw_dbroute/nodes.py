@@ -65,7 +65,7 @@ class Node:
             max_overflow=settings.max_overflow,
             pool_timeout=settings.pool_timeout,
             pool_recycle=settings.pool_recycle,
-            pool_pre_ping=settings.pre_ping and role == "replica",
+            pool_pre_ping=settings.pre_ping,
             connect_args=connect_args,
         )
         if role == "replica":

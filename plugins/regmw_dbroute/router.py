@@ -319,7 +319,14 @@ class Router:
             except SQLAlchemyError as exc:  # e.g. the app left its transaction aborted: use the position pool
                 log.debug("WAL position not readable on the request's connection (%s); using the position pool",
                           _short(exc))
-        return self.primary.current_wal_lsn(insert=True, engine=self.primary.position_engine)
+        try:
+            return self.primary.current_wal_lsn(insert=True, engine=self.primary.position_engine)
+        except PoolTimeout:
+            # Every position connection busy: a loaded instance, not a down primary. An unknown position
+            # can neither be stored nor waited for, and another instance could read the write stale from a
+            # lagging replica, so ask on the checker's pool (where flush_pending reads unknown ones too).
+            log.warning("position pool busy for pool_timeout; reading a write position on the checker's pool")
+            return self.primary.current_wal_lsn(insert=True)
 
     def await_replay(self, lsn: int, timeout: float | None = None) -> bool:
         """Wait until every replica that answers has replayed ``lsn``; False if ``timeout`` passed first.
@@ -463,7 +470,8 @@ class Router:
         try:
             lsn = self.primary.current_wal_lsn()
         except SQLAlchemyError as exc:
-            self.primary_state.mark(False, _short(exc))
+            # (a pool timeout: request threads share this pool for positions and replay waits; not a down server)
+            self.primary_failed(exc)
         else:
             round_lsn = lsn
             self.history.add(started, lsn)
@@ -474,7 +482,7 @@ class Router:
             try:
                 in_recovery, replayed, server = node.replay_info()
             except SQLAlchemyError as exc:
-                state.record_failure(_short(exc))
+                self.replica_failed(node, exc)
                 continue
             if not in_recovery or replayed is None:
                 state.record_failure("not in recovery (promoted?)", immediate=True)
