@@ -1,6 +1,6 @@
 """The dramatiq job queue: one actor per declared job, status records and fenced job state in Redis.
 
-Key layout (``<ns>`` = ``[jobs] namespace``, on a Redis Cluster ``{<ns>}``:
+Key layout (``<ns>`` = ``[jobs] namespace``, by default ``<[redis] namespace>-jobs``; on a Redis Cluster ``{<ns>}``:
 see :func:`broker_namespace`; dramatiq's own keys share it)::
 
     <ns>:regmw:records          hash job id -> JSON record (state, attempts, error, ...)
@@ -98,7 +98,8 @@ class DramatiqJobQueue:
         self.jobs = jobs
         connection = services.redis
         self.client = connection.client
-        self.namespace = broker_namespace(section["namespace"], bool(getattr(connection, "cluster", False)))
+        namespace = section["namespace"] or f"{connection.namespace}-jobs"  # [redis] namespace's: its own queue
+        self.namespace = broker_namespace(namespace, bool(getattr(connection, "cluster", False)))
         self.broker = RedisBroker(
             client=self.client, namespace=self.namespace,
             heartbeat_timeout=int(section["heartbeat_timeout"] * 1000),

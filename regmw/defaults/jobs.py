@@ -224,6 +224,11 @@ class SqliteJobQueue:
         return stop
 
 
+def _check_namespace(value: str) -> None:
+    if not value or any(char.isspace() for char in value):
+        raise ValueError("must be non-empty, without spaces")
+
+
 def jobs_plugin_has_redis(section: Any, config: Any) -> str | None:
     """The `jobs` plugin (dramatiq on Redis) needs the `redis` plugin's connection."""
     plugins = config["regmw"]["plugins"]
@@ -252,8 +257,10 @@ SECTION = Section(
                                     "a dead worker's jobs are requeued.", minimum=1),
         "maintenance_chance": Option("float", 0.001, "Redis queue (dramatiq): probability that a broker command also "
                                      "requeues dead workers' jobs (dramatiq's maintenance).", minimum=0, maximum=1),
-        "namespace": Option("str", "regmw-jobs", "Redis queue (dramatiq): key namespace of the broker (on a Redis "
-                            "Cluster `{<namespace>}`, one hash tag, unless it has one)."),
+        "namespace": Option("str", None, "Redis queue (dramatiq): key namespace of the broker; default "
+                            "`<[redis] namespace>-jobs`, so deployments sharing a Redis under different namespaces "
+                            "never share a queue (on a Redis Cluster `{<namespace>}`, one hash tag, unless it has one).",
+                            check=_check_namespace),
     },
     checks=(jobs_plugin_has_redis,),
 )
