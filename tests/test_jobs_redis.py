@@ -52,3 +52,18 @@ def test_a_jobs_namespace_that_would_not_namespace_is_refused(redis_server, name
     _, url = redis_server
     with pytest.raises(ConfigError, match="jobs.namespace: must be non-empty"):
         _runtime(url, "regmw", jobs={"namespace": namespace})
+
+
+def test_a_running_job_sees_the_worker_stop(redis_server):
+    """`context.stop` is set when the worker shuts down (SIGTERM), as on the embedded queue (docs/jobs.md)."""
+    _, url = redis_server
+    waiter = Waiter()
+    queue = _runtime(url, "stopping", waiter).services.jobs
+    queue.enqueue("wait", seconds=60)
+    stop = threading.Event()
+    worker = threading.Thread(target=queue.work, args=(stop, 1), daemon=True)
+    worker.start()
+    assert waiter.started.wait(30), "the job did not start"
+    stop.set()
+    worker.join(30)
+    assert not worker.is_alive() and waiter.stopped == [True]
