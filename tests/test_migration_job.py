@@ -328,3 +328,18 @@ def test_a_verification_longer_than_the_lock_ttl_renews_the_lock(harness, monkey
     (record,) = harness.services.jobs.status(JOB_NAME)
     assert record.state == "done", record.error
     assert harness.path("hash/app") == "new" and skew[0] > 5  # the verification outlasted lock_ttl
+
+
+def test_a_worker_stopping_mid_copy_releases_the_lock_at_once_and_the_job_is_retried(harness):
+    """SIGTERM (context.stop) mid-copy: the run stops at its next check and unlocks, not after lock_ttl."""
+    push(harness, "stop/app", b"s" * 2000)
+    stop = threading.Event()
+    harness.storage.before_copy = stop.set  # the worker is told to stop during the first copy
+    harness.services.jobs.enqueue(JOB_NAME, repository="stop/app")
+    assert harness.services.jobs.run_one(stop)
+    (record,) = harness.services.jobs.status(JOB_NAME)
+    assert record.state == "queued" and "worker stopping" in record.error, record
+    assert not harness.services.locks.read_only("stop/app") and harness.path("stop/app") == "old"
+    assert [e["action"] for e in harness.recorder.events] == ["locked", "unlocked"]
+    harness.run_jobs()  # another worker's turn
+    assert harness.path("stop/app") == "new"

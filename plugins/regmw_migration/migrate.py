@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -149,10 +150,16 @@ def plan(storage: Any, settings: Settings, repository: str, check: Callable[[], 
 
 
 class Fence:
-    """The run's read-only lock: renewed between side effects, checked against the state's token."""
+    """The run's read-only lock: renewed between side effects, checked against the state's token.
 
-    def __init__(self, services: Any, repository: str, ttl: float, owner: str) -> None:
+    ``stop`` (the job's ``context.stop``, set when its worker shuts down) also ends the run at the next
+    check: it then releases the lock at once, rather than leave writes refused until ``lock_ttl``.
+    """
+
+    def __init__(self, services: Any, repository: str, ttl: float, owner: str,
+                 stop: threading.Event | None = None) -> None:
         self.locks = services.locks
+        self.stop = stop
         self.jobs = services.jobs
         self.repository = repository
         self.ttl = ttl
@@ -171,6 +178,8 @@ class Fence:
 
     def check(self) -> None:
         """Before each side effect: renew when a third of the TTL passed; stop if the lock or the token is gone."""
+        if self.stop is not None and self.stop.is_set():
+            raise LeaseLost(f"{self.repository}: worker stopping")
         now = time.monotonic()
         if now - self.renewed > self.ttl * 2 / 3:
             raise LeaseLost(f"{self.repository}: lock not renewed for {now - self.renewed:.1f}s")
@@ -181,12 +190,14 @@ class Fence:
             if state.get("token", 0) != self.token:
                 raise LeaseLost(f"{self.repository}: a newer run (token {state.get('token')}) took over")
 
-    def wait(self, seconds: float, stop: Any) -> None:
-        """Wait ``seconds`` (or until ``stop`` is set) holding the lock: a ``drain`` as long as ``lock_ttl`` or
-        longer must not let it lapse (the first copy's check would then stop every run)."""
+    def wait(self, seconds: float) -> None:
+        """Wait ``seconds`` holding the lock: a ``drain`` as long as ``lock_ttl`` or longer must not let it
+        lapse (the first copy's check would then stop every run)."""
+        stop = self.stop or threading.Event()
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0 and not stop.wait(min(left, self.ttl / 6)):
             self.check()
+        self.check()
 
     def release(self) -> None:
         self.locks.clear_read_only(self.repository, self.owner)
@@ -253,7 +264,7 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
                               f"or {settings.new_root})")
 
     owner = f"migration:{os.uname().nodename}:{os.getpid()}:{context.job_id}:{uuid.uuid4().hex[:8]}"
-    fence = Fence(services, repository, settings.lock_ttl, owner)
+    fence = Fence(services, repository, settings.lock_ttl, owner, context.stop)
     if not fence.acquire():
         raise RetryLater(f"{repository} is read-only under another owner (an earlier run's lock expires by itself)")
     locked_at = time.monotonic()
@@ -262,7 +273,7 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
     try:
         if not jobs.set_state(key, {"phase": "locked", "owner": owner, "token": fence.token}, fence.token):
             raise LeaseLost(f"{repository}: a newer run holds the migration")
-        fence.wait(settings.drain, context.stop)  # writes admitted before the lock finish first
+        fence.wait(settings.drain)  # writes admitted before the lock finish first
         work = plan(storage, settings, repository, fence.check)
         if not work.files:
             raise MigrationFailed(f"{repository}: nothing under {work.old_prefix} (not an old repository)")
