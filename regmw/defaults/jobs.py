@@ -11,7 +11,9 @@ Guarantees (the same as the Redis queue's): a job is stored (committed, WAL)
 before ``enqueue`` returns; a claimed job carries a lease (``lease_until``),
 renewed while it runs; a process that dies mid-job leaves it ``running`` with
 a lease that runs out, after which any runner claims it again (at least
-once). Claims take SQLite's write lock (``BEGIN IMMEDIATE``), so two
+once). Each claim is numbered (``attempts``): a runner renews and records the
+outcome of its own claim only, so one whose lease ran out (paused, its
+renewals failing) cannot mark ``done`` or requeue a job another runner now holds. Claims take SQLite's write lock (``BEGIN IMMEDIATE``), so two
 processes on one file never run one job at once. A failed attempt is retried
 after an exponential backoff, up to the job's ``max_retries``; then ``failed``.
 
@@ -68,7 +70,7 @@ class SqliteJobQueue:
         self.lease = section["lease"]
         self._ready = False
         self._running = threading.Event()
-        self._mine: set[str] = set()
+        self._mine: dict[str, int] = {}  # job id -> the claim (attempt) this process holds
         self._mine_lock = threading.Lock()
 
     # --- storage --------------------------------------------------------------
@@ -141,19 +143,27 @@ class SqliteJobQueue:
             conn.execute("COMMIT")
         return row[0], row[1], json.loads(row[2]), row[3] + 1
 
-    def _finish(self, job_id: str, state: str, error: str = "", not_before: float = 0.0) -> None:
+    def _finish(self, job_id: str, state: str, error: str = "", not_before: float = 0.0,
+                attempt: int | None = None) -> None:
+        """Record an outcome; with ``attempt``, only while that claim is still the job's (not re-claimed since)."""
+        fenced = "" if attempt is None else " AND attempts = ?"
         with closing(self._connect()) as conn:
-            conn.execute("UPDATE jobs SET state = ?, error = ?, not_before = ?, lease_until = 0, updated = ? WHERE id = ?",
-                         (state, error[:2000], not_before, time.time(), job_id))
+            conn.execute("UPDATE jobs SET state = ?, error = ?, not_before = ?, lease_until = 0, updated = ? "
+                         "WHERE id = ?" + fenced, (state, error[:2000], not_before, time.time(), job_id,
+                                                    *(() if attempt is None else (attempt,))))
 
     def _renew(self, stop: threading.Event) -> None:
         while not stop.wait(self.lease / 3):
             with self._mine_lock:
-                mine = list(self._mine)
-            if mine:
+                mine = list(self._mine.items())
+            if not mine:
+                continue
+            try:
                 with closing(self._connect()) as conn:
-                    conn.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running'",
-                                     [(time.time() + self.lease, job_id) for job_id in mine])
+                    conn.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND attempts = ? AND state = 'running'",
+                                     [(time.time() + self.lease, job_id, attempt) for job_id, attempt in mine])
+            except sqlite3.Error as exc:  # a busy or failing file: try again next turn, never stop renewing
+                log.warning("job queue %s: leases not renewed: %s", self.path, exc)
 
     def run_one(self, stop: threading.Event) -> bool:
         """Claim and run one ready job; False when none was ready."""
@@ -163,26 +173,27 @@ class SqliteJobQueue:
         job_id, name, kwargs, attempts = claimed
         job = self.jobs.get(name)
         if job is None:
-            self._finish(job_id, "failed", f"no job named {name!r} is declared here")
+            self._finish(job_id, "failed", f"no job named {name!r} is declared here", attempt=attempts)
             return True
         with self._mine_lock:
-            self._mine.add(job_id)
+            self._mine[job_id] = attempts
         try:
             job.run(JobContext(self.services, job_id, name, attempts, stop=stop), **kwargs)
         except (Exception, LeaseLost) as exc:  # noqa: BLE001 - any failure is recorded, then retried or failed
             error = f"{type(exc).__name__}: {exc}"
             if attempts > job.max_retries:
                 log.error("job %s %s failed for good after %d attempts: %s", name, job_id, attempts, error)
-                self._finish(job_id, "failed", error)
+                self._finish(job_id, "failed", error, attempt=attempts)
             else:
                 if not isinstance(exc, RetryLater):
                     log.warning("job %s %s attempt %d failed, retrying: %s", name, job_id, attempts, error)
-                self._finish(job_id, "queued", error, time.time() + backoff(self.section, attempts))
+                self._finish(job_id, "queued", error, time.time() + backoff(self.section, attempts), attempts)
         else:
-            self._finish(job_id, "done")
+            self._finish(job_id, "done", attempt=attempts)
         finally:
             with self._mine_lock:
-                self._mine.discard(job_id)
+                if self._mine.get(job_id) == attempts:  # not re-claimed by another thread of this process
+                    del self._mine[job_id]
         return True
 
     def work(self, stop: threading.Event, threads: int = 1) -> None:
