@@ -107,3 +107,14 @@ def test_a_worker_process_refuses_a_migration_its_lock_would_not_reach(config, t
         worker.send_signal(signal.SIGTERM)
         worker.wait(20)
     assert worker.returncode == 0
+
+
+def test_a_worker_on_a_queue_it_cannot_open_fails_in_one_line(config, tmp_path):
+    """Not runner threads dying with tracebacks while `regmw worker` exits 0 having run nothing."""
+    (tmp_path / "a-file").write_text("")
+    config.write_text(config.read_text().replace(str(tmp_path / "jobs.sqlite3"), str(tmp_path / "a-file" / "q.db")))
+    result = subprocess.run([str(Path(sys.executable).parent / "regmw"), "worker", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"regmw: BackendUnavailable: job queue {tmp_path}/a-file/q.db "), result.stderr

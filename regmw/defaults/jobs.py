@@ -35,7 +35,7 @@ from typing import Any
 
 from regmw.backends import JobRecord
 from regmw.config import Option, Section
-from regmw.errors import ConfigError
+from regmw.errors import BackendUnavailable, ConfigError
 from regmw.jobs import Job, JobContext, LeaseLost, PeriodicRunner, RetryLater, collect_jobs
 from regmw.plugins import hookimpl
 
@@ -162,7 +162,7 @@ class SqliteJobQueue:
                 with closing(self._connect()) as conn:
                     conn.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND attempts = ? AND state = 'running'",
                                      [(time.time() + self.lease, job_id, attempt) for job_id, attempt in mine])
-            except sqlite3.Error as exc:  # a busy or failing file: try again next turn, never stop renewing
+            except (sqlite3.Error, OSError) as exc:  # a busy or failing file: try again next turn, never stop renewing
                 log.warning("job queue %s: leases not renewed: %s", self.path, exc)
 
     def run_one(self, stop: threading.Event) -> bool:
@@ -197,10 +197,19 @@ class SqliteJobQueue:
         return True
 
     def work(self, stop: threading.Event, threads: int = 1) -> None:
-        """Run jobs (and periodic jobs) until ``stop`` is set; one runner per process."""
+        """Run jobs (and periodic jobs) until ``stop`` is set; one runner per process.
+
+        Opens the queue first: a ``queue_path`` that cannot be opened is the caller's error at once
+        (``regmw worker``: one line, exit 1), not runner threads dying while the worker goes on.
+        """
         if self._running.is_set():
             stop.wait()
             return
+        try:
+            self._connect().close()
+        except (sqlite3.Error, OSError) as exc:
+            raise BackendUnavailable(f"job queue {os.path.abspath(self.path)} ([jobs] queue_path) cannot be opened: "
+                                     f"{exc}") from exc
         self._running.set()
         try:
             periodic = PeriodicRunner(self.services, self.jobs.values(), stop)
@@ -223,7 +232,7 @@ class SqliteJobQueue:
             try:
                 if not self.run_one(stop):
                     stop.wait(poll)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:  # the file busy or failing: try again, never stop running jobs
                 log.warning("job queue %s: %s", self.path, exc)
                 stop.wait(poll)
 
