@@ -118,3 +118,13 @@ def test_a_worker_on_a_queue_it_cannot_open_fails_in_one_line(config, tmp_path):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith(f"regmw: BackendUnavailable: job queue {tmp_path}/a-file/q.db "), result.stderr
+
+
+def test_reading_commands_create_no_queue_file(config, tmp_path, capsys):
+    """`jobs status`, `migrate status` and a refused `migrate` only read: no queue file appears (in the cwd, say)."""
+    seed(str(tmp_path), "team/app", 1000)
+    for argv in (["jobs", "status"], ["migrate", "status"], ["migrate", "--dry-run", "team/app"],
+                 ["migrate", "team/missing"]):
+        main([*argv, "-c", str(config)])
+    assert "team/app: 8 objects" in capsys.readouterr().out
+    assert not (tmp_path / "jobs.sqlite3").exists()

@@ -96,7 +96,14 @@ class SqliteJobQueue:
                          "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (job_id, name, json.dumps(kwargs), now + delay, now, now))
         return job_id
 
+    def _exists(self) -> bool:
+        """Whether the queue file exists: reading a queue that was never written creates nothing (``regmw jobs
+        status`` run from another directory must not leave a ``regmw-jobs.sqlite3`` there)."""
+        return self._ready or os.path.exists(self.path)
+
     def status(self, name: str | None = None) -> list[JobRecord]:
+        if not self._exists():
+            return []
         query = "SELECT id, name, kwargs, state, attempts, error, updated, lease_until FROM jobs"
         with closing(self._connect()) as conn:
             rows = conn.execute(query + (" WHERE name = ?" if name else "") + " ORDER BY created",
@@ -110,6 +117,8 @@ class SqliteJobQueue:
         return records
 
     def get_state(self, key: str) -> dict[str, Any] | None:
+        if not self._exists():
+            return None
         with closing(self._connect()) as conn:
             row = conn.execute("SELECT value FROM job_state WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
