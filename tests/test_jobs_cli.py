@@ -128,3 +128,34 @@ def test_reading_commands_create_no_queue_file(config, tmp_path, capsys):
         main([*argv, "-c", str(config)])
     assert "team/app: 8 objects" in capsys.readouterr().out
     assert not (tmp_path / "jobs.sqlite3").exists()
+
+
+def test_regmw_serve_with_several_workers_refuses_a_migration_on_process_local_locks(config, tmp_path, capsys):
+    """`[jobs] run_in_process` under `regmw serve` with 2 workers and no Redis: each worker has its own lock and
+    "new" mark, so the job refuses (nothing copied) rather than leave the other worker writing to the old side."""
+    import urllib.request
+
+    from .servers._util import free_port, stop, wait_for_port
+
+    config.write_text(config.read_text().replace("[jobs]\n", "[jobs]\nrun_in_process = true\n")
+                      + "[serve]\nworkers = 2\n")
+    seed(str(tmp_path), "team/app", 1000)
+    assert main(["migrate", "team/app", "-c", str(config)]) == 0
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "regmw"), "serve", "-c", str(config), "--port",
+                               str(port), "--registry-root", str(tmp_path / "served")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=server, timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # a request starts its worker's runner, which claims the job
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=10).close()
+            assert main(["migrate", "status", "-c", str(config)]) == 0
+            out = capsys.readouterr().out
+            if "ConfigError" in out or "\tdone" in out:
+                break
+            time.sleep(0.1)
+        assert "one of 2 serving processes" in out, out
+        assert not (tmp_path / "new").exists()
+    finally:
+        stop(server)

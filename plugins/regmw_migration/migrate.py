@@ -233,6 +233,12 @@ def check_shared(services: Any) -> None:
             f"migration job: {' and '.join(local)} live inside this process, which serves no requests: the serving "
             "processes would neither refuse writes during the copy nor see the repository marked new. Use shared "
             "ones (the redis plugin), or run the jobs in the one serving process ([jobs] run_in_process = true)")
+    processes = getattr(services, "serving_processes", None) or 1
+    if local and processes > 1:
+        raise ConfigError(
+            f"migration job: {' and '.join(local)} live inside this process, one of {processes} serving processes: "
+            "the others would neither refuse writes during the copy nor see the repository marked new. Use shared "
+            "ones (the redis plugin), or one serving process ([serve] workers = 1)")
 
 
 def own_entries_under(storage: Any, root: str, repository: str) -> bool:
