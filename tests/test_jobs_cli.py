@@ -159,3 +159,10 @@ def test_regmw_serve_with_several_workers_refuses_a_migration_on_process_local_l
         assert not (tmp_path / "new").exists()
     finally:
         stop(server)
+
+
+def test_a_dry_run_of_a_missing_repository_is_refused_like_the_real_run(config, tmp_path, capsys):
+    seed(str(tmp_path), "team/app", 1000)
+    assert main(["migrate", "--dry-run", "team/app", "team/typo", "-c", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "no such repository" in captured.err and "team/typo" in captured.err and captured.out == ""
