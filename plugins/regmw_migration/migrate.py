@@ -26,9 +26,10 @@ run's lock to expire (:class:`~regmw.jobs.RetryLater`, retried with backoff)
 and starts over from step 1 (copies are idempotent; blobs, being
 content-addressed, are skipped when already there with the right size).
 
-The lock is renewed between copies (and during the drain, the listing and the verification); a run that cannot renew it, or whose
-last renewal is older than ``lock_ttl`` minus a margin, or whose token is no
-longer the state's, stops before its next copy (:class:`~regmw.jobs.LeaseLost`).
+The lock is renewed between copies, and during the drain, the listing and
+the verification; a run that cannot renew it, or whose last renewal is older
+than ``lock_ttl`` minus a margin, or whose token is no longer the state's, or
+whose worker is stopping, stops before its next copy (:class:`~regmw.jobs.LeaseLost`).
 Writes admitted just before the lock may still be finishing; the run waits
 ``drain`` seconds before listing, and the verification lists the old side
 afresh, so a late write is caught (copied on a second pass) rather than lost.

@@ -13,7 +13,8 @@ renewed while it runs; a process that dies mid-job leaves it ``running`` with
 a lease that runs out, after which any runner claims it again (at least
 once). Each claim is numbered (``attempts``): a runner renews and records the
 outcome of its own claim only, so one whose lease ran out (paused, its
-renewals failing) cannot mark ``done`` or requeue a job another runner now holds. Claims take SQLite's write lock (``BEGIN IMMEDIATE``), so two
+renewals failing) cannot mark ``done`` or requeue a job another runner now
+holds. Claims take SQLite's write lock (``BEGIN IMMEDIATE``), so two
 processes on one file never run one job at once. A failed attempt is retried
 after an exponential backoff, up to the job's ``max_retries``; then ``failed``.
 
@@ -169,7 +170,8 @@ class SqliteJobQueue:
                 continue
             try:
                 with closing(self._connect()) as conn:
-                    conn.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND attempts = ? AND state = 'running'",
+                    conn.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND attempts = ? "
+                                     "AND state = 'running'",
                                      [(time.time() + self.lease, job_id, attempt) for job_id, attempt in mine])
             except (sqlite3.Error, OSError) as exc:  # a busy or failing file: try again next turn, never stop renewing
                 log.warning("job queue %s: leases not renewed: %s", self.path, exc)
