@@ -287,7 +287,9 @@ SECTION = Section(
         "heartbeat_timeout": Option("float", 60.0, "Redis queue (dramatiq): seconds without a heartbeat after which "
                                     "a dead worker's jobs are requeued.", minimum=1),
         "maintenance_chance": Option("float", 0.001, "Redis queue (dramatiq): probability that a broker command also "
-                                     "requeues dead workers' jobs (dramatiq's maintenance).", minimum=0, maximum=1),
+                                     "requeues dead workers' jobs (dramatiq's maintenance): with the default a dead "
+                                     "worker's job waits minutes past `heartbeat_timeout` (docs/jobs.md).",
+                                     minimum=0, maximum=1),
         "namespace": Option("str", None, "Redis queue (dramatiq): key namespace of the broker; default "
                             "`<[redis] namespace>-jobs`, so deployments sharing a Redis under different namespaces "
                             "never share a queue (on a Redis Cluster `{<namespace>}`, one hash tag, unless it has one).",
