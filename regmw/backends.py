@@ -425,3 +425,7 @@ class Services:
     #: :class:`~regmw.middleware.RegistryMiddleware`), so what a process-local (not ``shared``) lock or
     #: cache holds is seen by them; in-process background work (webhook delivery) runs only then
     serving: bool = False
+    #: how many processes serve requests with this configuration, when known (``regmw serve``: ``[serve]
+    #: workers``); None when not (an app mounting the middleware). Process-local locks and cache are one
+    #: process's only: with more than one, a job relying on them (the migration) must refuse
+    serving_processes: int | None = None

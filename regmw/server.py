@@ -189,6 +189,7 @@ class RegmwServer(BaseApplication):
         _configure_logging(self.log_level)
         try:
             runtime = build(self.regmw_config, serving=True)
+            runtime.services.serving_processes = self.section["workers"]
             app = load_app(self.app_spec) if self.app_spec else None
             return make_application(runtime, app=app, registry_root=self.registry_root)
         except ConfigError as exc:

@@ -70,7 +70,7 @@ class Cluster:
             config["migration"] = {"old_root": f"old/{LAYOUT}", "new_root": f"new/{LAYOUT}"}
         for name, values in sections.items():
             config[name] = {**config.get(name, {}), **values}
-        self.jobs_namespace = config.get("jobs", {}).get("namespace", "regmw-jobs")
+        self.jobs_namespace = config.get("jobs", {}).get("namespace", f"{self.namespace}-jobs")
         write_toml(self.config_path, config)
         self.env = {**os.environ, "REGMW_TEST_REGISTRY_ROOT": str(self.root), "REGMW_CONFIG": "",
                     "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -107,3 +107,62 @@ def test_a_worker_process_refuses_a_migration_its_lock_would_not_reach(config, t
         worker.send_signal(signal.SIGTERM)
         worker.wait(20)
     assert worker.returncode == 0
+
+
+def test_a_worker_on_a_queue_it_cannot_open_fails_in_one_line(config, tmp_path):
+    """Not runner threads dying with tracebacks while `regmw worker` exits 0 having run nothing."""
+    (tmp_path / "a-file").write_text("")
+    config.write_text(config.read_text().replace(str(tmp_path / "jobs.sqlite3"), str(tmp_path / "a-file" / "q.db")))
+    result = subprocess.run([str(Path(sys.executable).parent / "regmw"), "worker", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"regmw: BackendUnavailable: job queue {tmp_path}/a-file/q.db "), result.stderr
+
+
+def test_reading_commands_create_no_queue_file(config, tmp_path, capsys):
+    """`jobs status`, `migrate status` and a refused `migrate` only read: no queue file appears (in the cwd, say)."""
+    seed(str(tmp_path), "team/app", 1000)
+    for argv in (["jobs", "status"], ["migrate", "status"], ["migrate", "--dry-run", "team/app"],
+                 ["migrate", "team/missing"]):
+        main([*argv, "-c", str(config)])
+    assert "team/app: 8 objects" in capsys.readouterr().out
+    assert not (tmp_path / "jobs.sqlite3").exists()
+
+
+def test_regmw_serve_with_several_workers_refuses_a_migration_on_process_local_locks(config, tmp_path, capsys):
+    """`[jobs] run_in_process` under `regmw serve` with 2 workers and no Redis: each worker has its own lock and
+    "new" mark, so the job refuses (nothing copied) rather than leave the other worker writing to the old side."""
+    import urllib.request
+
+    from .servers._util import free_port, stop, wait_for_port
+
+    config.write_text(config.read_text().replace("[jobs]\n", "[jobs]\nrun_in_process = true\n")
+                      + "[serve]\nworkers = 2\n")
+    seed(str(tmp_path), "team/app", 1000)
+    assert main(["migrate", "team/app", "-c", str(config)]) == 0
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "regmw"), "serve", "-c", str(config), "--port",
+                               str(port), "--registry-root", str(tmp_path / "served")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc=server, timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # a request starts its worker's runner, which claims the job
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=10).close()
+            assert main(["migrate", "status", "-c", str(config)]) == 0
+            out = capsys.readouterr().out
+            if "ConfigError" in out or "\tdone" in out:
+                break
+            time.sleep(0.1)
+        assert "one of 2 serving processes" in out, out
+        assert not (tmp_path / "new").exists()
+    finally:
+        stop(server)
+
+
+def test_a_dry_run_of_a_missing_repository_is_refused_like_the_real_run(config, tmp_path, capsys):
+    seed(str(tmp_path), "team/app", 1000)
+    assert main(["migrate", "--dry-run", "team/app", "team/typo", "-c", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "no such repository" in captured.err and "team/typo" in captured.err and captured.out == ""

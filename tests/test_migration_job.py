@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 from werkzeug.serving import make_server
@@ -292,3 +293,53 @@ def test_a_repository_only_under_the_new_root_is_a_no_op_and_a_missing_one_fails
     # neither took the read-only lock (writes to a repository being created are not refused) nor announced
     assert taken == [] and harness.recorder.events == [] and harness.storage.copies == 0
     assert harness.path("fresh/app") == "new"
+
+
+def test_a_drain_close_to_the_lock_ttl_keeps_the_lock(harness, monkeypatch):
+    """The lock is renewed while the run drains: a drain of most of lock_ttl must not stop every run (LeaseLost)."""
+    push(harness, "drain/app", b"d" * 500)
+    monkeypatch.setitem(harness.services.config["migration_job"], "lock_ttl", 1)
+    monkeypatch.setitem(harness.services.config["migration_job"], "drain", 0.9)  # > 2/3 of lock_ttl
+    harness.services.jobs.enqueue(JOB_NAME, repository="drain/app")
+    harness.run_jobs()
+    (record,) = harness.services.jobs.status(JOB_NAME)
+    assert record.state == "done", record.error
+    assert harness.path("drain/app") == "new"
+
+
+def test_a_verification_longer_than_the_lock_ttl_renews_the_lock(harness, monkeypatch):
+    """Hashing every object of a large repository may outlast lock_ttl: the run renews between objects."""
+    import types
+
+    from regmw_migration import migrate
+
+    push(harness, "hash/app", b"h" * 500)
+    skew = [0.0]  # each digest "takes" a quarter of lock_ttl (a large object hashed), on the run's clock
+    monkeypatch.setattr(migrate, "time", types.SimpleNamespace(monotonic=lambda: time.monotonic() + skew[0]))
+    digest = harness.storage.digest
+
+    def slow_digest(key):
+        skew[0] += 0.25 * 5
+        return digest(key)
+
+    monkeypatch.setattr(harness.storage, "digest", slow_digest)
+    harness.services.jobs.enqueue(JOB_NAME, repository="hash/app")
+    harness.run_jobs()
+    (record,) = harness.services.jobs.status(JOB_NAME)
+    assert record.state == "done", record.error
+    assert harness.path("hash/app") == "new" and skew[0] > 5  # the verification outlasted lock_ttl
+
+
+def test_a_worker_stopping_mid_copy_releases_the_lock_at_once_and_the_job_is_retried(harness):
+    """SIGTERM (context.stop) mid-copy: the run stops at its next check and unlocks, not after lock_ttl."""
+    push(harness, "stop/app", b"s" * 2000)
+    stop = threading.Event()
+    harness.storage.before_copy = stop.set  # the worker is told to stop during the first copy
+    harness.services.jobs.enqueue(JOB_NAME, repository="stop/app")
+    assert harness.services.jobs.run_one(stop)
+    (record,) = harness.services.jobs.status(JOB_NAME)
+    assert record.state == "queued" and "worker stopping" in record.error, record
+    assert not harness.services.locks.read_only("stop/app") and harness.path("stop/app") == "old"
+    assert [e["action"] for e in harness.recorder.events] == ["locked", "unlocked"]
+    harness.run_jobs()  # another worker's turn
+    assert harness.path("stop/app") == "new"

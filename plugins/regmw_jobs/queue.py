@@ -1,6 +1,6 @@
 """The dramatiq job queue: one actor per declared job, status records and fenced job state in Redis.
 
-Key layout (``<ns>`` = ``[jobs] namespace``, on a Redis Cluster ``{<ns>}``:
+Key layout (``<ns>`` = ``[jobs] namespace``, by default ``<[redis] namespace>-jobs``; on a Redis Cluster ``{<ns>}``:
 see :func:`broker_namespace`; dramatiq's own keys share it)::
 
     <ns>:regmw:records          hash job id -> JSON record (state, attempts, error, ...)
@@ -98,7 +98,8 @@ class DramatiqJobQueue:
         self.jobs = jobs
         connection = services.redis
         self.client = connection.client
-        self.namespace = broker_namespace(section["namespace"], bool(getattr(connection, "cluster", False)))
+        namespace = section["namespace"] or f"{connection.namespace}-jobs"  # [redis] namespace's: its own queue
+        self.namespace = broker_namespace(namespace, bool(getattr(connection, "cluster", False)))
         self.broker = RedisBroker(
             client=self.client, namespace=self.namespace,
             heartbeat_timeout=int(section["heartbeat_timeout"] * 1000),
@@ -107,6 +108,7 @@ class DramatiqJobQueue:
         self.broker.add_middleware(CurrentMessage())
         self.broker.add_middleware(StatusMiddleware(self))
         self._set_state = self.client.register_script(SET_STATE)
+        self.stop = threading.Event()  # what a running job sees as ``context.stop``: :meth:`work`'s, once it runs
         self.actors = {name: self._actor(job) for name, job in jobs.items() if not job.periodic}
 
     def _actor(self, job: Job) -> dramatiq.Actor:
@@ -116,7 +118,7 @@ class DramatiqJobQueue:
             message = CurrentMessage.get_current_message()
             attempt = message.options.get("retries", 0) + 1 if message is not None else 1
             job_id = message.message_id if message is not None else ""
-            job.run(JobContext(services, job_id, job.name, attempt), **kwargs)
+            job.run(JobContext(services, job_id, job.name, attempt, stop=self.stop), **kwargs)
 
         run.__name__ = job.name
         return dramatiq.Actor(
@@ -192,7 +194,12 @@ class DramatiqJobQueue:
                 log.warning("dramatiq heartbeat not written: %s", exc)
 
     def work(self, stop: threading.Event, threads: int = 1) -> None:
-        """Run a dramatiq worker (every actor's queue) and the periodic jobs until ``stop`` is set."""
+        """Run a dramatiq worker (every actor's queue) and the periodic jobs until ``stop`` is set.
+
+        ``stop`` is also every running job's ``context.stop`` (docs/jobs.md): a job that checks it ends
+        (and is retried) when the worker shuts down, instead of being cut off when dramatiq's stop times out.
+        """
+        self.stop = stop
         periodic = PeriodicRunner(self.services, self.jobs.values(), stop)
         periodic.start()
         worker = dramatiq.Worker(self.broker, worker_threads=max(1, threads), worker_timeout=200)

@@ -26,9 +26,10 @@ run's lock to expire (:class:`~regmw.jobs.RetryLater`, retried with backoff)
 and starts over from step 1 (copies are idempotent; blobs, being
 content-addressed, are skipped when already there with the right size).
 
-The lock is renewed between copies; a run that cannot renew it, or whose
-last renewal is older than ``lock_ttl`` minus a margin, or whose token is no
-longer the state's, stops before its next copy (:class:`~regmw.jobs.LeaseLost`).
+The lock is renewed between copies, and during the drain, the listing and
+the verification; a run that cannot renew it, or whose last renewal is older
+than ``lock_ttl`` minus a margin, or whose token is no longer the state's, or
+whose worker is stopping, stops before its next copy (:class:`~regmw.jobs.LeaseLost`).
 Writes admitted just before the lock may still be finishing; the run waits
 ``drain`` seconds before listing, and the verification lists the old side
 afresh, so a late write is caught (copied on a second pass) rather than lost.
@@ -45,9 +46,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,8 +127,16 @@ def _kept(relative: str) -> bool:
     return relative.startswith(OWN_ENTRIES)
 
 
-def plan(storage: Any, settings: Settings, repository: str) -> Plan:
-    """List what migrating ``repository`` copies (``regmw migrate --dry-run`` prints it)."""
+def _no_check() -> None:
+    pass
+
+
+def plan(storage: Any, settings: Settings, repository: str, check: Callable[[], None] = _no_check) -> Plan:
+    """List what migrating ``repository`` copies (``regmw migrate --dry-run`` prints it).
+
+    ``check`` runs before each blob's ``head`` (a run passes :meth:`Fence.check`,
+    so a repository with many blobs keeps its lock while it is planned).
+    """
     old_prefix = f"{settings.old_root}/repositories/{repository}/"
     new_prefix = f"{settings.new_root}/repositories/{repository}/"
     files = {o.key[len(old_prefix):]: o for o in storage.list(old_prefix) if _kept(o.key[len(old_prefix):])}
@@ -135,15 +145,22 @@ def plan(storage: Any, settings: Settings, repository: str) -> Plan:
         match = LINK_RE.fullmatch(relative)
         if match and match.group(1) not in result.blobs:
             hex_ = match.group(1)
+            check()
             result.blobs[hex_] = storage.head(result.blob_key(settings.old_root, hex_))
     return result
 
 
 class Fence:
-    """The run's read-only lock: renewed between side effects, checked against the state's token."""
+    """The run's read-only lock: renewed between side effects, checked against the state's token.
 
-    def __init__(self, services: Any, repository: str, ttl: float, owner: str) -> None:
+    ``stop`` (the job's ``context.stop``, set when its worker shuts down) also ends the run at the next
+    check: it then releases the lock at once, rather than leave writes refused until ``lock_ttl``.
+    """
+
+    def __init__(self, services: Any, repository: str, ttl: float, owner: str,
+                 stop: threading.Event | None = None) -> None:
         self.locks = services.locks
+        self.stop = stop
         self.jobs = services.jobs
         self.repository = repository
         self.ttl = ttl
@@ -162,6 +179,8 @@ class Fence:
 
     def check(self) -> None:
         """Before each side effect: renew when a third of the TTL passed; stop if the lock or the token is gone."""
+        if self.stop is not None and self.stop.is_set():
+            raise LeaseLost(f"{self.repository}: worker stopping")
         now = time.monotonic()
         if now - self.renewed > self.ttl * 2 / 3:
             raise LeaseLost(f"{self.repository}: lock not renewed for {now - self.renewed:.1f}s")
@@ -171,6 +190,15 @@ class Fence:
             state = self.jobs.get_state(state_key(self.repository)) or {}
             if state.get("token", 0) != self.token:
                 raise LeaseLost(f"{self.repository}: a newer run (token {state.get('token')}) took over")
+
+    def wait(self, seconds: float) -> None:
+        """Wait ``seconds`` holding the lock: a ``drain`` as long as ``lock_ttl`` or longer must not let it
+        lapse (the first copy's check would then stop every run)."""
+        stop = self.stop or threading.Event()
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0 and not stop.wait(min(left, self.ttl / 6)):
+            self.check()
+        self.check()
 
     def release(self) -> None:
         self.locks.clear_read_only(self.repository, self.owner)
@@ -206,6 +234,12 @@ def check_shared(services: Any) -> None:
             f"migration job: {' and '.join(local)} live inside this process, which serves no requests: the serving "
             "processes would neither refuse writes during the copy nor see the repository marked new. Use shared "
             "ones (the redis plugin), or run the jobs in the one serving process ([jobs] run_in_process = true)")
+    processes = getattr(services, "serving_processes", None) or 1
+    if local and processes > 1:
+        raise ConfigError(
+            f"migration job: {' and '.join(local)} live inside this process, one of {processes} serving processes: "
+            "the others would neither refuse writes during the copy nor see the repository marked new. Use shared "
+            "ones (the redis plugin), or one serving process ([serve] workers = 1)")
 
 
 def own_entries_under(storage: Any, root: str, repository: str) -> bool:
@@ -237,7 +271,7 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
                               f"or {settings.new_root})")
 
     owner = f"migration:{os.uname().nodename}:{os.getpid()}:{context.job_id}:{uuid.uuid4().hex[:8]}"
-    fence = Fence(services, repository, settings.lock_ttl, owner)
+    fence = Fence(services, repository, settings.lock_ttl, owner, context.stop)
     if not fence.acquire():
         raise RetryLater(f"{repository} is read-only under another owner (an earlier run's lock expires by itself)")
     locked_at = time.monotonic()
@@ -246,9 +280,8 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
     try:
         if not jobs.set_state(key, {"phase": "locked", "owner": owner, "token": fence.token}, fence.token):
             raise LeaseLost(f"{repository}: a newer run holds the migration")
-        if settings.drain:
-            context.stop.wait(settings.drain)  # writes admitted before the lock finish first
-        work = plan(storage, settings, repository)
+        fence.wait(settings.drain)  # writes admitted before the lock finish first
+        work = plan(storage, settings, repository, fence.check)
         if not work.files:
             raise MigrationFailed(f"{repository}: nothing under {work.old_prefix} (not an old repository)")
         missing = sorted(hex_ for hex_, obj in work.blobs.items() if obj is None)
@@ -259,12 +292,12 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
         for _ in range(MAX_PASSES):
             copied += copy(storage, work, fence)
             fence.check()
-            problems = verify(storage, work)
+            problems = verify(storage, work, fence.check)
             if not problems:
                 break
             log.warning("%s: verification found %d differences (a write finishing late?); copying again: %s",
                         repository, len(problems), problems[:3])
-            work = plan(storage, settings, repository)
+            work = plan(storage, settings, repository, fence.check)
         else:
             raise MigrationFailed(f"{repository}: copy not verified after {MAX_PASSES} passes: {problems[:5]}")
         fence.check()
@@ -338,8 +371,13 @@ def copy(storage: Any, work: Plan, fence: Fence) -> int:
     return copied
 
 
-def verify(storage: Any, work: Plan) -> list[str]:
-    """Differences between the old and new side (empty: verified). Lists the old side afresh."""
+def verify(storage: Any, work: Plan, check: Callable[[], None] = _no_check) -> list[str]:
+    """Differences between the old and new side (empty: verified). Lists the old side afresh.
+
+    ``check`` runs before each object's comparison: hashing a large repository
+    (filesystem digests) can take longer than ``lock_ttl``, so the run renews
+    its lock here as it does between copies.
+    """
     problems: list[str] = []
     old = {o.key[len(work.old_prefix):]: o for o in storage.list(work.old_prefix)}
     new = {o.key[len(work.new_prefix):]: o for o in storage.list(work.new_prefix)}
@@ -350,6 +388,7 @@ def verify(storage: Any, work: Plan) -> list[str]:
     if len(old) != len(new):
         problems.append(f"object count {len(new)} != {len(old)}")
     for relative, obj in old.items():
+        check()
         twin = new.get(relative)
         if twin is None or twin.size != obj.size:
             problems.append(f"{relative}: missing or wrong size")
@@ -359,6 +398,7 @@ def verify(storage: Any, work: Plan) -> list[str]:
                 work.old_prefix + relative):
             problems.append(f"{relative}: content differs")
     for hex_, obj in work.blobs.items():
+        check()
         key = work.blob_key(work.new_root, hex_)
         twin = storage.head(key)
         if twin is None or obj is None or twin.size != obj.size:

@@ -45,8 +45,12 @@ def migrate(repositories: tuple[str, ...], extra: tuple[str, ...], dry_run: bool
         raise Failure("name at least one repository (or: regmw migrate status)", MISUSE)
     if services.classifier is None:
         raise Failure("migrate: classification is off ([migration] enabled = false)", MISUSE)
+    settings = Settings.from_config(runtime.config)
+    unknown = [name for name in names if not _known(services, settings, name)]
+    if unknown:  # a typo, with or without --dry-run (where it looked like "0 objects would be copied")
+        raise Failure(f"no such repository (nothing under {settings.old_root} or {settings.new_root}): "
+                      f"{', '.join(unknown)}; nothing {'listed' if dry_run else 'enqueued'}", MISUSE)
     if dry_run:
-        settings = Settings.from_config(runtime.config)
         for name in names:
             work = plan(services.storage, settings, name)
             for relative, obj in sorted(work.files.items()):
@@ -62,11 +66,6 @@ def migrate(repositories: tuple[str, ...], extra: tuple[str, ...], dry_run: bool
         raise Failure(f"migrate: {' and '.join(local)} live inside each process, so a `regmw worker` would take the "
                       "read-only lock and mark the repository new where no request sees them; use shared ones "
                       "(the redis plugin), or [jobs] run_in_process = true with one serving process", MISUSE)
-    settings = Settings.from_config(runtime.config)
-    unknown = [name for name in names if not _known(services, settings, name)]
-    if unknown:
-        raise Failure(f"no such repository (nothing under {settings.old_root} or {settings.new_root}): "
-                      f"{', '.join(unknown)}; nothing enqueued", MISUSE)
     rate = runtime.config["migration_job"]["rate_per_minute"] if rate is None else rate
     ids = enqueue(services, names, rate)
     for name, job_id in zip(names, ids, strict=True):

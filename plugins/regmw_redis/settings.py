@@ -86,7 +86,8 @@ SECTION = Section(
         "max_connections": Option("int", 64, "Connections in the shared pool, per process.", minimum=1),
         "pool_timeout": Option("float", 1.0, "Seconds to wait for a free pooled connection (single node).", minimum=0),
         "health_check_interval": Option(
-            "float", 0, "PING idle connections older than this many seconds before use; 0 = off (a dead one is retried anyway).",
+            "float", 0, "PING idle connections older than this many seconds before use (single node and Sentinel: "
+            "redis-py's cluster client takes no such setting); 0 = off (a dead one is retried anyway).",
             minimum=0,
         ),
         "client_name": Option("str", "regmw", "CLIENT SETNAME of regmw's connections (shows in CLIENT LIST)."),

@@ -11,7 +11,10 @@ Guarantees (the same as the Redis queue's): a job is stored (committed, WAL)
 before ``enqueue`` returns; a claimed job carries a lease (``lease_until``),
 renewed while it runs; a process that dies mid-job leaves it ``running`` with
 a lease that runs out, after which any runner claims it again (at least
-once). Claims take SQLite's write lock (``BEGIN IMMEDIATE``), so two
+once). Each claim is numbered (``attempts``): a runner renews and records the
+outcome of its own claim only, so one whose lease ran out (paused, its
+renewals failing) cannot mark ``done`` or requeue a job another runner now
+holds. Claims take SQLite's write lock (``BEGIN IMMEDIATE``), so two
 processes on one file never run one job at once. A failed attempt is retried
 after an exponential backoff, up to the job's ``max_retries``; then ``failed``.
 
@@ -33,7 +36,7 @@ from typing import Any
 
 from regmw.backends import JobRecord
 from regmw.config import Option, Section
-from regmw.errors import ConfigError
+from regmw.errors import BackendUnavailable, ConfigError
 from regmw.jobs import Job, JobContext, LeaseLost, PeriodicRunner, RetryLater, collect_jobs
 from regmw.plugins import hookimpl
 
@@ -68,7 +71,7 @@ class SqliteJobQueue:
         self.lease = section["lease"]
         self._ready = False
         self._running = threading.Event()
-        self._mine: set[str] = set()
+        self._mine: dict[str, int] = {}  # job id -> the claim (attempt) this process holds
         self._mine_lock = threading.Lock()
 
     # --- storage --------------------------------------------------------------
@@ -94,7 +97,14 @@ class SqliteJobQueue:
                          "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (job_id, name, json.dumps(kwargs), now + delay, now, now))
         return job_id
 
+    def _exists(self) -> bool:
+        """Whether the queue file exists: reading a queue that was never written creates nothing (``regmw jobs
+        status`` run from another directory must not leave a ``regmw-jobs.sqlite3`` there)."""
+        return self._ready or os.path.exists(self.path)
+
     def status(self, name: str | None = None) -> list[JobRecord]:
+        if not self._exists():
+            return []
         query = "SELECT id, name, kwargs, state, attempts, error, updated, lease_until FROM jobs"
         with closing(self._connect()) as conn:
             rows = conn.execute(query + (" WHERE name = ?" if name else "") + " ORDER BY created",
@@ -108,6 +118,8 @@ class SqliteJobQueue:
         return records
 
     def get_state(self, key: str) -> dict[str, Any] | None:
+        if not self._exists():
+            return None
         with closing(self._connect()) as conn:
             row = conn.execute("SELECT value FROM job_state WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
@@ -141,19 +153,28 @@ class SqliteJobQueue:
             conn.execute("COMMIT")
         return row[0], row[1], json.loads(row[2]), row[3] + 1
 
-    def _finish(self, job_id: str, state: str, error: str = "", not_before: float = 0.0) -> None:
+    def _finish(self, job_id: str, state: str, error: str = "", not_before: float = 0.0,
+                attempt: int | None = None) -> None:
+        """Record an outcome; with ``attempt``, only while that claim is still the job's (not re-claimed since)."""
+        fenced = "" if attempt is None else " AND attempts = ?"
         with closing(self._connect()) as conn:
-            conn.execute("UPDATE jobs SET state = ?, error = ?, not_before = ?, lease_until = 0, updated = ? WHERE id = ?",
-                         (state, error[:2000], not_before, time.time(), job_id))
+            conn.execute("UPDATE jobs SET state = ?, error = ?, not_before = ?, lease_until = 0, updated = ? "
+                         "WHERE id = ?" + fenced, (state, error[:2000], not_before, time.time(), job_id,
+                                                    *(() if attempt is None else (attempt,))))
 
     def _renew(self, stop: threading.Event) -> None:
         while not stop.wait(self.lease / 3):
             with self._mine_lock:
-                mine = list(self._mine)
-            if mine:
+                mine = list(self._mine.items())
+            if not mine:
+                continue
+            try:
                 with closing(self._connect()) as conn:
-                    conn.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running'",
-                                     [(time.time() + self.lease, job_id) for job_id in mine])
+                    conn.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND attempts = ? "
+                                     "AND state = 'running'",
+                                     [(time.time() + self.lease, job_id, attempt) for job_id, attempt in mine])
+            except (sqlite3.Error, OSError) as exc:  # a busy or failing file: try again next turn, never stop renewing
+                log.warning("job queue %s: leases not renewed: %s", self.path, exc)
 
     def run_one(self, stop: threading.Event) -> bool:
         """Claim and run one ready job; False when none was ready."""
@@ -163,33 +184,43 @@ class SqliteJobQueue:
         job_id, name, kwargs, attempts = claimed
         job = self.jobs.get(name)
         if job is None:
-            self._finish(job_id, "failed", f"no job named {name!r} is declared here")
+            self._finish(job_id, "failed", f"no job named {name!r} is declared here", attempt=attempts)
             return True
         with self._mine_lock:
-            self._mine.add(job_id)
+            self._mine[job_id] = attempts
         try:
             job.run(JobContext(self.services, job_id, name, attempts, stop=stop), **kwargs)
         except (Exception, LeaseLost) as exc:  # noqa: BLE001 - any failure is recorded, then retried or failed
             error = f"{type(exc).__name__}: {exc}"
             if attempts > job.max_retries:
                 log.error("job %s %s failed for good after %d attempts: %s", name, job_id, attempts, error)
-                self._finish(job_id, "failed", error)
+                self._finish(job_id, "failed", error, attempt=attempts)
             else:
                 if not isinstance(exc, RetryLater):
                     log.warning("job %s %s attempt %d failed, retrying: %s", name, job_id, attempts, error)
-                self._finish(job_id, "queued", error, time.time() + backoff(self.section, attempts))
+                self._finish(job_id, "queued", error, time.time() + backoff(self.section, attempts), attempts)
         else:
-            self._finish(job_id, "done")
+            self._finish(job_id, "done", attempt=attempts)
         finally:
             with self._mine_lock:
-                self._mine.discard(job_id)
+                if self._mine.get(job_id) == attempts:  # not re-claimed by another thread of this process
+                    del self._mine[job_id]
         return True
 
     def work(self, stop: threading.Event, threads: int = 1) -> None:
-        """Run jobs (and periodic jobs) until ``stop`` is set; one runner per process."""
+        """Run jobs (and periodic jobs) until ``stop`` is set; one runner per process.
+
+        Opens the queue first: a ``queue_path`` that cannot be opened is the caller's error at once
+        (``regmw worker``: one line, exit 1), not runner threads dying while the worker goes on.
+        """
         if self._running.is_set():
             stop.wait()
             return
+        try:
+            self._connect().close()
+        except (sqlite3.Error, OSError) as exc:
+            raise BackendUnavailable(f"job queue {os.path.abspath(self.path)} ([jobs] queue_path) cannot be opened: "
+                                     f"{exc}") from exc
         self._running.set()
         try:
             periodic = PeriodicRunner(self.services, self.jobs.values(), stop)
@@ -212,7 +243,7 @@ class SqliteJobQueue:
             try:
                 if not self.run_one(stop):
                     stop.wait(poll)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:  # the file busy or failing: try again, never stop running jobs
                 log.warning("job queue %s: %s", self.path, exc)
                 stop.wait(poll)
 
@@ -222,6 +253,11 @@ class SqliteJobQueue:
         threading.Thread(target=self.work, args=(stop, self.section["threads"]), name="regmw-jobs",
                          daemon=True).start()
         return stop
+
+
+def _check_namespace(value: str) -> None:
+    if not value or any(char.isspace() for char in value):
+        raise ValueError("must be non-empty, without spaces")
 
 
 def jobs_plugin_has_redis(section: Any, config: Any) -> str | None:
@@ -251,9 +287,13 @@ SECTION = Section(
         "heartbeat_timeout": Option("float", 60.0, "Redis queue (dramatiq): seconds without a heartbeat after which "
                                     "a dead worker's jobs are requeued.", minimum=1),
         "maintenance_chance": Option("float", 0.001, "Redis queue (dramatiq): probability that a broker command also "
-                                     "requeues dead workers' jobs (dramatiq's maintenance).", minimum=0, maximum=1),
-        "namespace": Option("str", "regmw-jobs", "Redis queue (dramatiq): key namespace of the broker (on a Redis "
-                            "Cluster `{<namespace>}`, one hash tag, unless it has one)."),
+                                     "requeues dead workers' jobs (dramatiq's maintenance): with the default a dead "
+                                     "worker's job waits minutes past `heartbeat_timeout` (docs/jobs.md).",
+                                     minimum=0, maximum=1),
+        "namespace": Option("str", None, "Redis queue (dramatiq): key namespace of the broker; default "
+                            "`<[redis] namespace>-jobs`, so deployments sharing a Redis under different namespaces "
+                            "never share a queue (on a Redis Cluster `{<namespace>}`, one hash tag, unless it has one).",
+                            check=_check_namespace),
     },
     checks=(jobs_plugin_has_redis,),
 )

@@ -1,0 +1,90 @@
+"""The embedded SQLite job queue: claims, leases and outcomes across runners sharing one file."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import regmw
+from regmw.jobs import Job, JobContext
+from regmw.plugins import hookimpl
+
+
+class Blocking:
+    """A test plugin: job ``block`` waits until its attempt's event is set (attempt 1 stands for a paused runner)."""
+
+    def __init__(self) -> None:
+        self.started = {1: threading.Event(), 2: threading.Event()}
+        self.release = {1: threading.Event(), 2: threading.Event()}
+
+    @hookimpl
+    def regmw_jobs(self, config):
+        def run(context: JobContext) -> None:
+            self.started[context.attempt].set()
+            assert self.release[context.attempt].wait(30)
+
+        return [Job("block", run, max_retries=3)]
+
+
+def test_a_runner_whose_lease_ran_out_cannot_finish_the_job_another_runner_holds(tmp_path):
+    """Runner A stalls past its lease, B claims the job again; A's late outcome must not overwrite B's claim."""
+    plugin = Blocking()
+    config = {"regmw": {"entry_points": False},
+              "jobs": {"queue_path": str(tmp_path / "jobs.sqlite3"), "run_in_process": False}}
+    a, b = (regmw.build(config, environ={}, plugins=[plugin]).services.jobs for _ in range(2))  # two processes' queues
+    job_id = a.enqueue("block")
+    stop = threading.Event()
+    runner_a = threading.Thread(target=a.run_one, args=(stop,))
+    runner_a.start()
+    assert plugin.started[1].wait(30)
+    with sqlite3.connect(a.path) as conn:  # A's renewals stopped (paused, its file busy): its lease runs out
+        conn.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (job_id,))
+    runner_b = threading.Thread(target=b.run_one, args=(stop,))
+    runner_b.start()
+    assert plugin.started[2].wait(30)
+    plugin.release[1].set()  # A wakes up and finishes its stale run
+    runner_a.join(30)
+    (record,) = b.status("block")
+    assert (record.state, record.attempts) == ("running", 2)  # still B's: not "done" under B's feet
+    plugin.release[2].set()
+    runner_b.join(30)
+    assert [r.state for r in b.status("block")] == ["done"]
+
+
+def test_one_failed_renewal_does_not_stop_the_renewals(tmp_path, monkeypatch):
+    """A busy or failing file once ("database is locked"): the next turn renews; the job is never left unleased."""
+    plugin = Blocking()
+    config = {"regmw": {"entry_points": False},
+              "jobs": {"queue_path": str(tmp_path / "jobs.sqlite3"), "run_in_process": False, "lease": 1,
+                       "poll_interval": 0.05}}
+    queue = regmw.build(config, environ={}, plugins=[plugin]).services.jobs
+    job_id = queue.enqueue("block")
+    connect, failed = queue._connect, threading.Event()
+
+    def busy_once():
+        if threading.current_thread().name == "regmw-jobs-renew" and not failed.is_set():
+            failed.set()
+            raise sqlite3.OperationalError("database is locked")
+        return connect()
+
+    monkeypatch.setattr(queue, "_connect", busy_once)
+    stop = threading.Event()
+    worker = threading.Thread(target=queue.work, args=(stop, 1))
+    worker.start()
+    try:
+        assert plugin.started[1].wait(30) and failed.wait(30)
+        failed_at = time.time()
+
+        def lease_until() -> float:
+            with sqlite3.connect(queue.path) as conn:
+                return conn.execute("SELECT lease_until FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+        deadline = time.monotonic() + 10
+        while lease_until() <= failed_at + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lease_until() > failed_at + 1, "the lease was not renewed after one failed renewal"
+    finally:
+        plugin.release[1].set()
+        stop.set()
+        worker.join(30)
+    assert [r.state for r in queue.status("block")] == ["done"]
