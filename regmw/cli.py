@@ -301,7 +301,11 @@ def serve_command(host: str, port: int, app: str | None, registry_root: str | No
 @click.option("--self-test", is_flag=True, help="push and pull a tiny image through it, print the decisions, exit")
 @config_option
 def demo_command(port: int, root: str | None, self_test: bool) -> None:
-    """Run a registry front on 127.0.0.1 with every embedded default enabled."""
+    """Run a registry front on 127.0.0.1 with every embedded default enabled.
+
+    With ``-c FILE``, the file's sections are laid over the demo's own
+    configuration (key by key): try a rate limit or a plugin on the demo.
+    """
     from .demo.run import demo
 
     ctx = click.get_current_context()

@@ -66,3 +66,25 @@ def test_what_the_demo_server_refuses_itself_gets_an_oci_body_not_html():
     assert b"content-type: application/json" in head.lower()
     assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
     assert json.loads(bad_version)["errors"][0]["code"] == "UNKNOWN"
+
+
+def test_a_config_file_is_laid_over_the_demos_own(tmp_path):
+    """`regmw -c FILE demo`: the file is read (a bad key is one configuration error line, exit 2) ..."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[ratelimit]\nbogus = 1\n")
+    result = subprocess.run([sys.executable, "-m", "regmw.cli", "-c", str(bad), "demo", "--self-test", "--port", "0",
+                             "--root", str(tmp_path / "root")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "configuration error" in result.stderr and "bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_config_files_sections_replace_the_demos_key_by_key(tmp_path):
+    """... and its keys win over the demo's: here a read limit of 0 refuses what the demo would serve."""
+    from werkzeug.test import Client
+
+    from regmw.demo.run import build_demo
+
+    middleware, _ = build_demo(str(tmp_path), "secret", overrides={
+        "ratelimit": {"rules": [{"name": "frozen", "by": "client", "limit": "0/minute"}]}})
+    assert Client(middleware).get("/v2/group/project/tags/list").status_code == 429
+    assert middleware.runtime.config["migration"]["old_root"].startswith("old/")  # the demo's other keys stay

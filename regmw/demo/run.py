@@ -17,12 +17,14 @@ import secrets
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jwt
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from regmw import RegistryMiddleware, hookimpl
+from regmw.config import load_toml, merge
 
 from .client import DemoClient
 from .registry import create_app
@@ -97,11 +99,13 @@ def demo_config(root: str, secret: str, webhooks: WebhookReceiver | None = None)
     return config
 
 
-def build_demo(root: str, secret: str, webhooks: WebhookReceiver | None = None) -> tuple[RegistryMiddleware, DecisionLog]:
+def build_demo(root: str, secret: str, webhooks: WebhookReceiver | None = None,
+               overrides: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[RegistryMiddleware, DecisionLog]:
+    """The demo's middleware; ``overrides`` (``regmw -c FILE demo``) is laid over its own configuration."""
     decisions = DecisionLog()
     apps = {"old": create_app(os.path.join(root, "old")), "new": create_app(os.path.join(root, "new"))}
-    middleware = RegistryMiddleware(apps["old"], demo_config(root, secret, webhooks), apps=apps, plugins=[decisions],
-                                    environ={})
+    config = merge(demo_config(root, secret, webhooks), overrides or {})
+    middleware = RegistryMiddleware(apps["old"], config, apps=apps, plugins=[decisions], environ={})
     return middleware, decisions
 
 
@@ -118,8 +122,9 @@ def demo(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = args.root or tempfile.mkdtemp(prefix="regmw-demo-")
     secret = secrets.token_urlsafe(32)
+    overrides = load_toml(args.config) if args.config else None  # read first: a bad file is one line, nothing started
     webhooks = WebhookReceiver().start()
-    middleware, decisions = build_demo(root, secret, webhooks)
+    middleware, decisions = build_demo(root, secret, webhooks, overrides)
     server = make_server("127.0.0.1", args.port, middleware, threaded=True, request_handler=_QuietHandler)
     port = server.server_port
     log.info("regmw demo: registry front on http://127.0.0.1:%d (storage %s)", port, root)
