@@ -6,6 +6,7 @@ see :func:`broker_namespace`; dramatiq's own keys share it)::
     <ns>:regmw:records          hash job id -> JSON record (state, attempts, error, ...)
     <ns>:regmw:state:<key>      hash {token, value}: a job's resumable state, written only by
                                 the highest fencing token (a Lua compare-and-set)
+    <ns>:regmw:starts           hash job id -> times a worker started it (until its outcome)
 
 Records follow dramatiq's life cycle through :class:`StatusMiddleware`:
 ``queued`` when enqueued (and again when a failed attempt is scheduled for
@@ -13,7 +14,8 @@ retry), ``running`` when a worker starts it, ``done``, or ``failed`` once
 dramatiq's Retries middleware gives up (the message then sits in dramatiq's
 dead-letter queue). A worker killed mid-job leaves its record ``running``
 until dramatiq requeues the message (heartbeat timeout) and another worker
-starts it again.
+starts it again; a job started ``max_retries + 1`` times without an outcome
+(it kills its worker each time) is ``failed`` and dead-lettered instead.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
-from dramatiq.middleware import CurrentMessage, Middleware
+from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 
 from regmw.backends import JobRecord
 from regmw.errors import ConfigError
@@ -34,6 +36,7 @@ from regmw.jobs import Job, JobContext, PeriodicRunner
 log = logging.getLogger("regmw.jobs")
 
 QUEUE = "regmw"
+_GAVE_UP = "regmw_gave_up"  # message option: why StatusMiddleware refused to start it again
 TIME_LIMIT_MS = 24 * 3600 * 1000  # a migration of a big repository may take long; the lock bounds it, not dramatiq
 
 #: KEYS: state hash. ARGV: token, value. Writes only if token >= the stored one.
@@ -70,6 +73,16 @@ class StatusMiddleware(Middleware):
         self.queue = queue
 
     def before_process_message(self, broker, message) -> None:
+        starts = self.queue._count_start(message.message_id)
+        job = self.queue.jobs.get(message.actor_name)
+        if starts is not None and job is not None and starts > job.max_retries + 1:
+            # dramatiq requeues a dead worker's message without counting a retry, so a job that kills
+            # its worker (OOM) would run forever: after max_retries + 1 starts it goes to dead letters.
+            message.options[_GAVE_UP] = (f"gave up after {starts - 1} starts: a worker stopped mid-job "
+                                         "without an outcome (killed?)")
+            log.error("job %s %s %s", message.actor_name, message.message_id, message.options[_GAVE_UP])
+            message.fail()
+            raise SkipMessage(message.options[_GAVE_UP])
         self.queue._record(message.message_id, message.actor_name, message.kwargs, "running",
                            message.options.get("retries", 0) + 1)
 
@@ -82,9 +95,14 @@ class StatusMiddleware(Middleware):
             state = "failed" if message.failed else "queued"
             error = f"{type(exception).__name__}: {exception}"
         self.queue._record(message.message_id, message.actor_name, message.kwargs, state, attempts, error)
+        if state != "queued":
+            self.queue._count_start(message.message_id, forget=True)
 
     def after_skip_message(self, broker, message) -> None:
-        self.queue._record(message.message_id, message.actor_name, message.kwargs, "failed", 0, "skipped")
+        gave_up = message.options.get(_GAVE_UP)
+        starts = self.queue._count_start(message.message_id, forget=True) if gave_up else None
+        self.queue._record(message.message_id, message.actor_name, message.kwargs, "failed", starts or 0,
+                           gave_up or "skipped")
 
 
 class DramatiqJobQueue:
@@ -134,6 +152,27 @@ class DramatiqJobQueue:
 
     def _state_key(self, key: str) -> str:
         return f"{self.namespace}:regmw:state:{key}"
+
+    def _starts_key(self) -> str:
+        return f"{self.namespace}:regmw:starts"
+
+    def _count_start(self, job_id: str, forget: bool = False) -> int | None:
+        """Count one more start of ``job_id`` (or, with ``forget``, drop its count and return it); None if Redis failed.
+
+        Starts, not retries: a message requeued from a dead worker starts again with
+        dramatiq's retry count unchanged.
+        """
+        try:
+            if forget:
+                pipe = self.client.pipeline()
+                pipe.hget(self._starts_key(), job_id)
+                pipe.hdel(self._starts_key(), job_id)
+                value = pipe.execute()[0]
+                return int(value) if value is not None else None
+            return int(self.client.hincrby(self._starts_key(), job_id, 1))
+        except Exception as exc:  # counting is protection, not the job: never fail the job for it
+            log.warning("job %s: start not counted: %s", job_id, exc)
+            return None
 
     def _record(self, job_id: str, name: str, kwargs: dict, state: str, attempts: int, error: str = "") -> None:
         value = {"name": name, "kwargs": kwargs, "state": state, "attempts": attempts, "error": error[:2000],

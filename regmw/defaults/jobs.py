@@ -186,6 +186,13 @@ class SqliteJobQueue:
         if job is None:
             self._finish(job_id, "failed", f"no job named {name!r} is declared here", attempt=attempts)
             return True
+        if attempts > job.max_retries + 1:
+            # Outcomes stop at max_retries + 1 attempts; a claim beyond that means runs ended with no outcome
+            # at all: their runner died (a job that OOM-kills or crashes its worker would run forever).
+            error = f"gave up after {attempts - 1} attempts: a runner stopped mid-job without an outcome (killed?)"
+            log.error("job %s %s %s", name, job_id, error)
+            self._finish(job_id, "failed", error, attempt=attempts)
+            return True
         with self._mine_lock:
             self._mine[job_id] = attempts
         try:
