@@ -101,7 +101,13 @@ def writer(url: str, repository: str, requests: int, results) -> None:
 
 
 def slot_worker(url: str, name: str, max_holders: int, successes: int, attempts: int, results) -> None:
-    """Take ``name``'s slot ``successes`` times; inside, count holders in Redis and wait for company."""
+    """Take ``name``'s slot ``successes`` times; inside, count holders in Redis and wait for company.
+
+    Until some worker has been turned away (``test:slot:refused``), a holder stays
+    inside: workers start staggered on a busy machine, and holders that left at
+    once could let every later one in without a refusal. After the first refusal
+    nobody waits (a worker left alone for its last turns must not).
+    """
     from regmw_redis.locks import SlotUnavailable
 
     middleware = make_middleware(url, prefetch=False)
@@ -117,15 +123,15 @@ def slot_worker(url: str, name: str, max_holders: int, successes: int, attempts:
                 inside = r.incr("test:slot:inside")
                 peak = max(peak, inside)
                 r.execute_command("WAIT", 0, 0)  # a round trip of "work"
-                for _ in range(200):  # stay a little, so holders overlap (bounded)
-                    now = int(r.get("test:slot:inside") or 0)
-                    peak = max(peak, now)
-                    if now >= max_holders:
-                        break
+                deadline = time.monotonic() + 60  # a bound, not a timing: the loop ends on the refusal
+                while not int(r.get("test:slot:refused") or 0) and time.monotonic() < deadline:
+                    peak = max(peak, int(r.get("test:slot:inside") or 0))
+                peak = max(peak, int(r.get("test:slot:inside") or 0))
                 r.decr("test:slot:inside")
                 done += 1
         except SlotUnavailable:
             refused += 1
+            r.incr("test:slot:refused")
             time.sleep(0.001)  # back off before retrying (not a timing assertion)
     results.put({"done": done, "refused": refused, "peak": peak})
 
