@@ -24,14 +24,17 @@ Why these choices (measured in docs/performance.md, benchmarks/gateway_bench.py)
 * **The app is built in each worker** (after fork): Redis pools, database
   health threads and upstream pools must not be shared across processes. The
   master validates the configuration first, so a bad one fails as one line
-  (exit 2) before any worker starts.
+  (exit 2) before any worker starts. Workers build from the file as the
+  master read it (at start or at the last reload), never from a later edit.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import glob
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -46,6 +49,7 @@ from gunicorn.arbiter import Arbiter as _GunicornArbiter
 from gunicorn.errors import AppImportError
 from gunicorn.workers.gthread import ThreadWorker
 
+from .config import load_toml
 from .errors import ConfigError, error_body, exception_line
 
 log = logging.getLogger("regmw.server")
@@ -101,7 +105,8 @@ def write_oci_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
 class Arbiter(_GunicornArbiter):
     """gunicorn's arbiter, which stops listening (refuses new connections) before draining.
 
-    On SIGHUP it validates the configuration file again before replacing any
+    On SIGHUP it validates the configuration file again, and builds the app
+    once in a forked child (:func:`trial_build`), before replacing any
     worker: a configuration that cannot start is logged as one line and the
     running workers keep serving. (gunicorn alone would start new workers that
     fail to boot, and then stop the whole server.) A valid one is applied,
@@ -112,10 +117,17 @@ class Arbiter(_GunicornArbiter):
     def reload(self) -> None:
         app = self.app
         try:
-            validated = check_config(app.regmw_config, app.app_spec, app.registry_root)
+            snapshot = read_config(app.regmw_config)
+            validated = check_config(app.regmw_config, app.app_spec, app.registry_root, snapshot=snapshot)
         except (ConfigError, OSError) as exc:
             self.log.error("regmw: configuration error, not reloaded (the running workers keep serving): %s", exc)
             return
+        failure = trial_build(app, snapshot, validated["serve"]["timeout"])
+        if failure is not None:
+            self.log.error("regmw: configuration error, not reloaded (the running workers keep serving): %s",
+                           failure)
+            return
+        app.snapshot = snapshot
         app.section = dict(validated["serve"])
         app.log_level = validated["regmw"]["log_level"]
         super().reload()
@@ -147,9 +159,13 @@ class Arbiter(_GunicornArbiter):
 class RegmwServer(BaseApplication):
     """A gunicorn application serving :func:`regmw.serve.make_application` in each worker."""
 
-    def __init__(self, *, config: str | None, bind: str, section: dict[str, Any], log_level: str,
-                 app: str | None = None, registry_root: str | None = None) -> None:
+    def __init__(self, *, config: str | None, snapshot: tuple[dict[str, Any], str], bind: str,
+                 section: dict[str, Any], log_level: str, app: str | None = None,
+                 registry_root: str | None = None) -> None:
         self.regmw_config = config
+        # The file as validated at start or at the last reload: a worker booting later (one replaced
+        # after a crash) builds from this, not from a file edited since and not yet reloaded.
+        self.snapshot = snapshot
         self.bind = bind
         self.section = section
         self.log_level = log_level
@@ -183,12 +199,17 @@ class RegmwServer(BaseApplication):
 
     def load(self) -> Any:
         """Runs in each worker, after fork."""
+        _configure_logging(self.log_level)
+        return self.build_app(self.snapshot, serving=True)
+
+    def build_app(self, snapshot: tuple[dict[str, Any], str], serving: bool) -> Any:
+        """The worker's WSGI app from ``snapshot`` (:func:`read_config`); raises AppImportError with one line."""
         from .runtime import build
         from .serve import load_app, make_application
 
-        _configure_logging(self.log_level)
+        raw, source = snapshot
         try:
-            runtime = build(self.regmw_config, serving=True)
+            runtime = build(raw, source=source, serving=serving)
             runtime.services.serving_processes = self.section["workers"]
             app = load_app(self.app_spec) if self.app_spec else None
             return make_application(runtime, app=app, registry_root=self.registry_root)
@@ -214,6 +235,48 @@ class RegmwServer(BaseApplication):
             start_metrics_server(listen)
         log.info("regmw serving on http://%s (%d workers x %d threads)", self.bind,
                  self.section["workers"], self.section["threads"])
+
+
+def trial_build(app: RegmwServer, snapshot: tuple[dict[str, Any], str], timeout: float) -> str | None:
+    """Build the workers' app once in a forked child, as a reload's last check: the error line, or None.
+
+    Validation in the master builds no backend, so a configuration whose
+    plugins fail only when built (a provider hook raising, a replaced rate
+    limiter, an ``--app`` that no longer imports) passed it; gunicorn then
+    stopped the old workers, the new ones failed to boot and the whole server
+    stopped. The child builds without ``serving`` (no background delivery
+    starts) and exits; the master waits at most ``timeout`` (``[serve]
+    timeout``, what a booting worker gets) and removes the metric files the
+    child's pid left in the multiprocess directory (all zero: it served nothing).
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child (coverage does not follow os._exit)
+        code = 0
+        try:
+            os.close(read_end)
+            app.build_app(snapshot, serving=False)
+        except BaseException as exc:  # noqa: BLE001 - whatever stops a worker's boot
+            code = 1
+            os.write(write_end, (str(exc) if isinstance(exc, AppImportError) else exception_line(exc)).encode())
+        os._exit(code)
+    os.close(write_end)
+    try:
+        finished = select.select([read_end], [], [], timeout)[0]  # readable: a line written, or EOF at exit
+        if not finished:
+            os.kill(pid, signal.SIGKILL)
+        message = os.read(read_end, 4096).decode(errors="replace") if finished else ""
+    finally:
+        os.close(read_end)
+        status = os.waitpid(pid, 0)[1]
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        for leftover in glob.glob(os.path.join(glob.escape(directory), f"*_{pid}.db")) if directory else ():
+            os.unlink(leftover)
+    if not finished:
+        return f"the new configuration's app was not built within {timeout:g}s ([serve] timeout)"
+    if os.waitstatus_to_exitcode(status) != 0:
+        return message.removeprefix("regmw: ") or f"building the app failed (status {status})"
+    return None
 
 
 def start_metrics_server(listen: str) -> tuple[Any, Any]:
@@ -254,13 +317,21 @@ def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def check_config(config: str | None, app: str | None = None, registry_root: str | None = None) -> Any:
+def read_config(config: str | None) -> tuple[dict[str, Any], str]:
+    """The configuration file's contents and its name (``{}``, ``<defaults>`` without one); raises ConfigError."""
+    path = config or os.environ.get("REGMW_CONFIG")
+    return (load_toml(path) if path else {}), str(path or "<defaults>")
+
+
+def check_config(config: str | None, app: str | None = None, registry_root: str | None = None, *,
+                 snapshot: tuple[dict[str, Any], str] | None = None) -> Any:
     """Validate the configuration as start-up would, without building backends; raises ConfigError.
 
     Returns the validated config. In gateway mode the upstream settings are
-    checked too (building a Gateway opens no connection).
+    checked too (building a Gateway opens no connection). ``snapshot``: the
+    file as :func:`read_config` already read it.
     """
-    validated = _validated(config)
+    validated = _validated(*(snapshot or read_config(config)))
     if not app and not registry_root:
         from .gateway import create_gateway
 
@@ -268,19 +339,16 @@ def check_config(config: str | None, app: str | None = None, registry_root: str 
     return validated
 
 
-def _validated(config: str | None) -> Any:
+def _validated(raw: dict[str, Any], source: str) -> Any:
     """Validation as start-up does it (the same plugins, sections and checks), building no backend.
 
     Backends must not be built in the master: threads (database health) and
     sockets (Redis, upstream pools) do not survive into forked workers.
     """
-    from .config import env_overrides, load_toml, merge, validate
+    from .config import env_overrides, merge, validate
     from .plugins import manager_for
     from .runtime import gather_sections
 
-    path = config or os.environ.get("REGMW_CONFIG")
-    source = str(path or "<defaults>")
-    raw = load_toml(path) if path else {}
     sections = gather_sections(manager_for(raw, os.environ, source=source))
     return validate(merge(raw, env_overrides(sections, os.environ)), sections, source)
 
@@ -364,12 +432,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--registry-root")
     args = parser.parse_args(argv)
     try:
-        validated = check_config(args.config, args.app, args.registry_root)
+        snapshot = read_config(args.config)
+        validated = check_config(args.config, args.app, args.registry_root, snapshot=snapshot)
     except ConfigError as exc:
         print(f"regmw: configuration error: {exc}", file=sys.stderr)
         _on_exit(None)
         return 2
-    RegmwServer(config=args.config, bind=_bind(args.host, args.port), section=dict(validated["serve"]),
+    RegmwServer(config=args.config, snapshot=snapshot, bind=_bind(args.host, args.port), section=dict(validated["serve"]),
                 log_level=validated["regmw"]["log_level"], app=args.app, registry_root=args.registry_root).run()
     return 0
 
