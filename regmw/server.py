@@ -23,8 +23,9 @@ Why these choices (measured in docs/performance.md, benchmarks/gateway_bench.py)
   counters stay counted. The directory is removed when the server exits.
 * **The app is built in each worker** (after fork): Redis pools, database
   health threads and upstream pools must not be shared across processes. The
-  master validates the configuration first, so a bad one fails as one line
-  (exit 2) before any worker starts. Workers build from the file as the
+  master validates the configuration and builds the app once in a forked
+  child (:func:`trial_build`), so a bad one fails as one line (exit 2) before
+  any worker starts. Workers build from the file as the
   master read it (at start or at the last reload), never from a later edit.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ import signal
 import socket
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,7 +127,7 @@ class Arbiter(_GunicornArbiter):
         failure = trial_build(app, snapshot, validated["serve"]["timeout"])
         if failure is not None:
             self.log.error("regmw: configuration error, not reloaded (the running workers keep serving): %s",
-                           failure)
+                           failure[1].removeprefix("regmw: "))
             return
         app.snapshot = snapshot
         app.section = dict(validated["serve"])
@@ -215,11 +217,12 @@ class RegmwServer(BaseApplication):
             return make_application(runtime, app=app, registry_root=self.registry_root)
         except ConfigError as exc:
             # What only building the backends finds (a replaced rate limiter dropping [ratelimit] rules,
-            # ...): one line, as the master's validation says it, and gunicorn stops ("App failed to load").
+            # ...): one line, as the master's validation says it (trial_build, before any worker starts;
+            # a worker meeting it all the same stops gunicorn: "App failed to load").
             raise AppImportError(f"regmw: configuration error: {exc}") from exc
         except Exception as exc:
             # A provider hook that raised (a plugin's bug, a backend it insisted on reaching): one line,
-            # the traceback only with [regmw] log_level = "DEBUG" (gunicorn logs it there).
+            # the traceback only with [regmw] log_level = "DEBUG" (gunicorn, or trial_build, prints it there).
             raise AppImportError(f"regmw: start-up failed: {exception_line(exc)}") from exc
 
     def run(self) -> None:
@@ -237,17 +240,19 @@ class RegmwServer(BaseApplication):
                  self.section["workers"], self.section["threads"])
 
 
-def trial_build(app: RegmwServer, snapshot: tuple[dict[str, Any], str], timeout: float) -> str | None:
-    """Build the workers' app once in a forked child, as a reload's last check: the error line, or None.
+def trial_build(app: RegmwServer, snapshot: tuple[dict[str, Any], str], timeout: float) -> tuple[int, str] | None:
+    """Build the workers' app once in a forked child: None, or ``regmw serve``'s exit status and error line.
 
     Validation in the master builds no backend, so a configuration whose
     plugins fail only when built (a provider hook raising, a replaced rate
-    limiter, an ``--app`` that no longer imports) passed it; gunicorn then
-    stopped the old workers, the new ones failed to boot and the whole server
-    stopped. The child builds without ``serving`` (no background delivery
-    starts) and exits; the master waits at most ``timeout`` (``[serve]
-    timeout``, what a booting worker gets) and removes the metric files the
-    child's pid left in the multiprocess directory (all zero: it served nothing).
+    limiter) or an ``--app`` that does not import passed it. At start-up
+    gunicorn then forked workers that failed to boot, and stopped with its own
+    lines and exit status 4; on SIGHUP it had stopped the old workers first,
+    so the whole server stopped. The child builds without ``serving`` (no
+    background delivery starts) and exits; the master waits at most
+    ``timeout`` (``[serve] timeout``, what a booting worker gets) and removes
+    the metric files the child's pid left in the multiprocess directory (all
+    zero: it served nothing).
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -257,8 +262,11 @@ def trial_build(app: RegmwServer, snapshot: tuple[dict[str, Any], str], timeout:
             os.close(read_end)
             app.build_app(snapshot, serving=False)
         except BaseException as exc:  # noqa: BLE001 - whatever stops a worker's boot
-            code = 1
-            os.write(write_end, (str(exc) if isinstance(exc, AppImportError) else exception_line(exc)).encode())
+            code = 2 if isinstance(exc.__cause__, ConfigError) else 1
+            if app.log_level.upper() == "DEBUG":
+                traceback.print_exception(exc.__cause__ or exc)
+            line = str(exc) if isinstance(exc, AppImportError) else f"regmw: {exception_line(exc)}"
+            os.write(write_end, line.encode())
         os._exit(code)
     os.close(write_end)
     try:
@@ -273,9 +281,10 @@ def trial_build(app: RegmwServer, snapshot: tuple[dict[str, Any], str], timeout:
         for leftover in glob.glob(os.path.join(glob.escape(directory), f"*_{pid}.db")) if directory else ():
             os.unlink(leftover)
     if not finished:
-        return f"the new configuration's app was not built within {timeout:g}s ([serve] timeout)"
-    if os.waitstatus_to_exitcode(status) != 0:
-        return message.removeprefix("regmw: ") or f"building the app failed (status {status})"
+        return 1, f"regmw: the app was not built within {timeout:g}s ([serve] timeout)"
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        return (code if code in (1, 2) else 1), message or f"regmw: building the app failed (status {code})"
     return None
 
 
@@ -438,8 +447,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"regmw: configuration error: {exc}", file=sys.stderr)
         _on_exit(None)
         return 2
-    RegmwServer(config=args.config, snapshot=snapshot, bind=_bind(args.host, args.port), section=dict(validated["serve"]),
-                log_level=validated["regmw"]["log_level"], app=args.app, registry_root=args.registry_root).run()
+    server = RegmwServer(config=args.config, snapshot=snapshot, bind=_bind(args.host, args.port),
+                         section=dict(validated["serve"]), log_level=validated["regmw"]["log_level"], app=args.app,
+                         registry_root=args.registry_root)
+    failure = trial_build(server, snapshot, validated["serve"]["timeout"])  # one line, before any worker starts
+    if failure is not None:
+        print(failure[1], file=sys.stderr)
+        _on_exit(None)
+        return failure[0]
+    server.run()
     return 0
 
 
