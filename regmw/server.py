@@ -294,8 +294,14 @@ def start_metrics_server(listen: str) -> tuple[Any, Any]:
 
     from .metrics import exposition_registry
 
+    host, port = metrics_address(listen)
+    return start_http_server(port, addr=host, registry=exposition_registry())
+
+
+def metrics_address(listen: str) -> tuple[str, int]:
+    """``[serve] metrics_listen`` (``HOST:PORT``, ``[V6]:PORT``) as (host, port)."""
     host, _, port = listen.rpartition(":")
-    return start_http_server(int(port), addr=host.strip("[]"), registry=exposition_registry())
+    return host.strip("[]"), int(port)
 
 
 def _child_exit(server: Any, worker: Any) -> None:
@@ -386,26 +392,28 @@ class ListenError(OSError):
     """``regmw serve`` cannot listen on the address it was given (in use, not this host's, unknown name)."""
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int, what: str = "") -> None:
     """Bind ``host:port`` once as gunicorn will (``SO_REUSEADDR``), so a port in use fails at once, in one line.
 
     gunicorn itself retries five times a second apart, then logs "Can't
-    connect". Skipped for port 0 and for sockets handed over by a parent
-    (systemd's ``LISTEN_FDS``, gunicorn's ``GUNICORN_FD`` on re-exec).
+    connect". Skipped for port 0 and, for the API address, for sockets handed
+    over by a parent (systemd's ``LISTEN_FDS``, gunicorn's ``GUNICORN_FD`` on
+    re-exec). ``what`` names the setting in the line (``[serve] metrics_listen``).
     """
-    if port == 0 or os.environ.get("LISTEN_FDS") or os.environ.get("GUNICORN_FD"):
+    if port == 0 or (not what and (os.environ.get("LISTEN_FDS") or os.environ.get("GUNICORN_FD"))):
         return
+    where = f"{what + ': ' if what else ''}cannot listen on {_bind(host, port)}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {_bind(host, port)}: {exc.strerror}") from None
+        raise ListenError(f"{where}: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
-            raise ListenError(f"cannot listen on {_bind(host, port)}: {exc.strerror or exc}") from None
+            raise ListenError(f"{where}: {exc.strerror or exc}") from None
 
 
 def run(config: str | None, host: str = "127.0.0.1", port: int = 5000, *, app: str | None = None,
@@ -416,8 +424,10 @@ def run(config: str | None, host: str = "127.0.0.1", port: int = 5000, *, app: s
     any process starts). Does not return while serving: the process re-executes
     itself once to switch prometheus-client to multiprocess mode.
     """
-    check_config(config, app, registry_root)
+    validated = check_config(config, app, registry_root)
     check_listen(host, port)
+    if validated["serve"]["metrics_listen"]:  # the master binds it only once gunicorn listens (when_ready)
+        check_listen(*metrics_address(validated["serve"]["metrics_listen"]), what="[serve] metrics_listen")
     argv = [sys.executable, "-m", "regmw.server", "--host", host, "--port", str(port)]
     for flag, value in (("--config", config), ("--app", app), ("--registry-root", registry_root)):
         if value:

@@ -181,3 +181,18 @@ def test_serve_on_a_port_in_use_is_one_line_at_once(tmp_path):
                                 env={**os.environ, "REGMW_CONFIG": ""})
     assert result.returncode == 1
     assert result.stderr == f"regmw: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_serve_with_metrics_listen_on_a_port_in_use_is_one_line_at_once(tmp_path):
+    """It was the metrics server's traceback from gunicorn's when_ready, after the API port was bound."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "regmw.toml"
+        config.write_text(f'[serve]\nworkers = 1\nmetrics_listen = "127.0.0.1:{port}"\n')
+        result = subprocess.run([sys.executable, "-m", "regmw.cli", "-c", str(config), "serve", "--port", "0",
+                                 "--registry-root", str(tmp_path / "data")], capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "REGMW_CONFIG": ""})
+    assert (result.returncode, result.stderr) == (
+        1, f"regmw: [serve] metrics_listen: cannot listen on 127.0.0.1:{port}: Address already in use\n")
