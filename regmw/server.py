@@ -260,6 +260,8 @@ def trial_build(app: RegmwServer, snapshot: tuple[dict[str, Any], str], timeout:
         code = 0
         try:
             os.close(read_end)
+            for handled in _GunicornArbiter.SIGNALS:  # the master's handlers only queue: a SIGTERM must stop us
+                signal.signal(handled, signal.SIG_DFL)
             app.build_app(snapshot, serving=False)
         except BaseException as exc:  # noqa: BLE001 - whatever stops a worker's boot
             code = 2 if isinstance(exc.__cause__, ConfigError) else 1
