@@ -152,9 +152,7 @@ class RegistryMiddleware:
                 return unknown(environ, start_response, [(self._rid_header, rid)])
             route = unknown.route
         except Refusal as refusal:
-            _INVALID.inc()
-            self._record(environ, start, "invalid", refusal.status, None, refusal.reason or "invalid")
-            return refusal(environ, start_response, [(self._rid_header, rid)])
+            return self._invalid(refusal, environ, start_response, start)
 
         context = RequestContext(environ, route, self.services)
         environ["regmw.context"] = context
@@ -322,14 +320,30 @@ class RegistryMiddleware:
         front of ``PATH_INFO`` (:func:`regmw.routes.check_script_name`).
         """
         if ("/." in path or "//" in path) and reaches_api(path):
-            return name_invalid("path with dot or empty segments")(environ, start_response)
+            return self._invalid(name_invalid("path with dot or empty segments"), environ, start_response)
         script = environ.get("SCRIPT_NAME")
         if script:
             try:
                 check_script_name(script, path)
             except Refusal as refusal:
-                return refusal(environ, start_response)
+                return self._invalid(refusal, environ, start_response)
         return self.app(environ, start_response)
+
+    def _invalid(self, refusal: Refusal, environ: dict, start_response: Callable,
+                 start: float | None = None) -> Iterable[bytes]:
+        """Refuse a request that is not a valid API request: counted, logged and answered with its request id.
+
+        Also for a path that only leads into the API (dot segments, an API path
+        begun in ``SCRIPT_NAME``): a refusal the operator cannot see in the
+        access log or ``regmw_refusals_total`` hides exactly these probes.
+        """
+        if start is None:
+            start = time.perf_counter()
+        rid = environ.get("regmw.request_id") or accesslog.request_id(environ.get(self._rid_key))
+        environ["regmw.request_id"] = rid
+        _INVALID.inc()
+        self._record(environ, start, "invalid", refusal.status, None, refusal.reason or "invalid")
+        return refusal(environ, start_response, [(self._rid_header, rid)])
 
     def _finish(self, context: RequestContext) -> None:
         if self._finish_hook:

@@ -77,6 +77,7 @@ def build(
     plugins: Iterable[Any] = (),
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     serving: bool = False,
+    source: str | None = None,
 ) -> Runtime:
     """Build a :class:`Runtime` from a TOML path or a dict, plus environment overrides.
 
@@ -85,14 +86,15 @@ def build(
     environment wins over both. ``serving``: requests will be served with this
     runtime (``services.serving``, set before ``regmw_startup``, which starts
     in-process background work such as webhook delivery only then); a CLI
-    command or a script builds without it.
+    command or a script builds without it. ``source``: what error lines call
+    a dict ``config`` (the file it was read from), instead of ``<dict>``.
     """
     environ = os.environ if environ is None else environ
     if config is None:
         path = environ.get("REGMW_CONFIG")
         raw, source = (load_toml(path), str(path)) if path else ({}, "<defaults>")
     elif isinstance(config, Mapping):
-        raw, source = dict(config), "<dict>"
+        raw, source = dict(config), source or "<dict>"
     else:
         raw, source = load_toml(config), str(config)
     raw = merge(raw, overrides or {})

@@ -23,20 +23,25 @@ Why these choices (measured in docs/performance.md, benchmarks/gateway_bench.py)
   counters stay counted. The directory is removed when the server exits.
 * **The app is built in each worker** (after fork): Redis pools, database
   health threads and upstream pools must not be shared across processes. The
-  master validates the configuration first, so a bad one fails as one line
-  (exit 2) before any worker starts.
+  master validates the configuration and builds the app once in a forked
+  child (:func:`trial_build`), so a bad one fails as one line (exit 2) before
+  any worker starts. Workers build from the file as the
+  master read it (at start or at the last reload), never from a later edit.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import glob
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +51,7 @@ from gunicorn.arbiter import Arbiter as _GunicornArbiter
 from gunicorn.errors import AppImportError
 from gunicorn.workers.gthread import ThreadWorker
 
+from .config import load_toml
 from .errors import ConfigError, error_body, exception_line
 
 log = logging.getLogger("regmw.server")
@@ -101,7 +107,8 @@ def write_oci_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
 class Arbiter(_GunicornArbiter):
     """gunicorn's arbiter, which stops listening (refuses new connections) before draining.
 
-    On SIGHUP it validates the configuration file again before replacing any
+    On SIGHUP it validates the configuration file again, and builds the app
+    once in a forked child (:func:`trial_build`), before replacing any
     worker: a configuration that cannot start is logged as one line and the
     running workers keep serving. (gunicorn alone would start new workers that
     fail to boot, and then stop the whole server.) A valid one is applied,
@@ -112,10 +119,17 @@ class Arbiter(_GunicornArbiter):
     def reload(self) -> None:
         app = self.app
         try:
-            validated = check_config(app.regmw_config, app.app_spec, app.registry_root)
+            snapshot = read_config(app.regmw_config)
+            validated = check_config(app.regmw_config, app.app_spec, app.registry_root, snapshot=snapshot)
         except (ConfigError, OSError) as exc:
             self.log.error("regmw: configuration error, not reloaded (the running workers keep serving): %s", exc)
             return
+        failure = trial_build(app, snapshot, validated["serve"]["timeout"])
+        if failure is not None:
+            self.log.error("regmw: configuration error, not reloaded (the running workers keep serving): %s",
+                           failure[1].removeprefix("regmw: "))
+            return
+        app.snapshot = snapshot
         app.section = dict(validated["serve"])
         app.log_level = validated["regmw"]["log_level"]
         super().reload()
@@ -147,9 +161,13 @@ class Arbiter(_GunicornArbiter):
 class RegmwServer(BaseApplication):
     """A gunicorn application serving :func:`regmw.serve.make_application` in each worker."""
 
-    def __init__(self, *, config: str | None, bind: str, section: dict[str, Any], log_level: str,
-                 app: str | None = None, registry_root: str | None = None) -> None:
+    def __init__(self, *, config: str | None, snapshot: tuple[dict[str, Any], str], bind: str,
+                 section: dict[str, Any], log_level: str, app: str | None = None,
+                 registry_root: str | None = None) -> None:
         self.regmw_config = config
+        # The file as validated at start or at the last reload: a worker booting later (one replaced
+        # after a crash) builds from this, not from a file edited since and not yet reloaded.
+        self.snapshot = snapshot
         self.bind = bind
         self.section = section
         self.log_level = log_level
@@ -183,22 +201,28 @@ class RegmwServer(BaseApplication):
 
     def load(self) -> Any:
         """Runs in each worker, after fork."""
+        _configure_logging(self.log_level)
+        return self.build_app(self.snapshot, serving=True)
+
+    def build_app(self, snapshot: tuple[dict[str, Any], str], serving: bool) -> Any:
+        """The worker's WSGI app from ``snapshot`` (:func:`read_config`); raises AppImportError with one line."""
         from .runtime import build
         from .serve import load_app, make_application
 
-        _configure_logging(self.log_level)
+        raw, source = snapshot
         try:
-            runtime = build(self.regmw_config, serving=True)
+            runtime = build(raw, source=source, serving=serving)
             runtime.services.serving_processes = self.section["workers"]
             app = load_app(self.app_spec) if self.app_spec else None
             return make_application(runtime, app=app, registry_root=self.registry_root)
         except ConfigError as exc:
             # What only building the backends finds (a replaced rate limiter dropping [ratelimit] rules,
-            # ...): one line, as the master's validation says it, and gunicorn stops ("App failed to load").
+            # ...): one line, as the master's validation says it (trial_build, before any worker starts;
+            # a worker meeting it all the same stops gunicorn: "App failed to load").
             raise AppImportError(f"regmw: configuration error: {exc}") from exc
         except Exception as exc:
             # A provider hook that raised (a plugin's bug, a backend it insisted on reaching): one line,
-            # the traceback only with [regmw] log_level = "DEBUG" (gunicorn logs it there).
+            # the traceback only with [regmw] log_level = "DEBUG" (gunicorn, or trial_build, prints it there).
             raise AppImportError(f"regmw: start-up failed: {exception_line(exc)}") from exc
 
     def run(self) -> None:
@@ -216,14 +240,70 @@ class RegmwServer(BaseApplication):
                  self.section["workers"], self.section["threads"])
 
 
+def trial_build(app: RegmwServer, snapshot: tuple[dict[str, Any], str], timeout: float) -> tuple[int, str] | None:
+    """Build the workers' app once in a forked child: None, or ``regmw serve``'s exit status and error line.
+
+    Validation in the master builds no backend, so a configuration whose
+    plugins fail only when built (a provider hook raising, a replaced rate
+    limiter) or an ``--app`` that does not import passed it. At start-up
+    gunicorn then forked workers that failed to boot, and stopped with its own
+    lines and exit status 4; on SIGHUP it had stopped the old workers first,
+    so the whole server stopped. The child builds without ``serving`` (no
+    background delivery starts) and exits; the master waits at most
+    ``timeout`` (``[serve] timeout``, what a booting worker gets) and removes
+    the metric files the child's pid left in the multiprocess directory (all
+    zero: it served nothing).
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child (coverage does not follow os._exit)
+        code = 0
+        try:
+            os.close(read_end)
+            for handled in _GunicornArbiter.SIGNALS:  # the master's handlers only queue: a SIGTERM must stop us
+                signal.signal(handled, signal.SIG_DFL)
+            app.build_app(snapshot, serving=False)
+        except BaseException as exc:  # noqa: BLE001 - whatever stops a worker's boot
+            code = 2 if isinstance(exc.__cause__, ConfigError) else 1
+            if app.log_level.upper() == "DEBUG":
+                traceback.print_exception(exc.__cause__ or exc)
+            line = str(exc) if isinstance(exc, AppImportError) else f"regmw: {exception_line(exc)}"
+            os.write(write_end, line.encode())
+        os._exit(code)
+    os.close(write_end)
+    try:
+        finished = select.select([read_end], [], [], timeout)[0]  # readable: a line written, or EOF at exit
+        if not finished:
+            os.kill(pid, signal.SIGKILL)
+        message = os.read(read_end, 4096).decode(errors="replace") if finished else ""
+    finally:
+        os.close(read_end)
+        status = os.waitpid(pid, 0)[1]
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        for leftover in glob.glob(os.path.join(glob.escape(directory), f"*_{pid}.db")) if directory else ():
+            os.unlink(leftover)
+    if not finished:
+        return 1, f"regmw: the app was not built within {timeout:g}s ([serve] timeout)"
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        return (code if code in (1, 2) else 1), message or f"regmw: building the app failed (status {code})"
+    return None
+
+
 def start_metrics_server(listen: str) -> tuple[Any, Any]:
     """Serve every worker's metrics on ``HOST:PORT`` from this (the master) process."""
     from prometheus_client import start_http_server
 
     from .metrics import exposition_registry
 
+    host, port = metrics_address(listen)
+    return start_http_server(port, addr=host, registry=exposition_registry())
+
+
+def metrics_address(listen: str) -> tuple[str, int]:
+    """``[serve] metrics_listen`` (``HOST:PORT``, ``[V6]:PORT``) as (host, port)."""
     host, _, port = listen.rpartition(":")
-    return start_http_server(int(port), addr=host.strip("[]"), registry=exposition_registry())
+    return host.strip("[]"), int(port)
 
 
 def _child_exit(server: Any, worker: Any) -> None:
@@ -254,13 +334,21 @@ def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def check_config(config: str | None, app: str | None = None, registry_root: str | None = None) -> Any:
+def read_config(config: str | None) -> tuple[dict[str, Any], str]:
+    """The configuration file's contents and its name (``{}``, ``<defaults>`` without one); raises ConfigError."""
+    path = config or os.environ.get("REGMW_CONFIG")
+    return (load_toml(path) if path else {}), str(path or "<defaults>")
+
+
+def check_config(config: str | None, app: str | None = None, registry_root: str | None = None, *,
+                 snapshot: tuple[dict[str, Any], str] | None = None) -> Any:
     """Validate the configuration as start-up would, without building backends; raises ConfigError.
 
     Returns the validated config. In gateway mode the upstream settings are
-    checked too (building a Gateway opens no connection).
+    checked too (building a Gateway opens no connection). ``snapshot``: the
+    file as :func:`read_config` already read it.
     """
-    validated = _validated(config)
+    validated = _validated(*(snapshot or read_config(config)))
     if not app and not registry_root:
         from .gateway import create_gateway
 
@@ -268,19 +356,16 @@ def check_config(config: str | None, app: str | None = None, registry_root: str 
     return validated
 
 
-def _validated(config: str | None) -> Any:
+def _validated(raw: dict[str, Any], source: str) -> Any:
     """Validation as start-up does it (the same plugins, sections and checks), building no backend.
 
     Backends must not be built in the master: threads (database health) and
     sockets (Redis, upstream pools) do not survive into forked workers.
     """
-    from .config import env_overrides, load_toml, merge, validate
+    from .config import env_overrides, merge, validate
     from .plugins import manager_for
     from .runtime import gather_sections
 
-    path = config or os.environ.get("REGMW_CONFIG")
-    source = str(path or "<defaults>")
-    raw = load_toml(path) if path else {}
     sections = gather_sections(manager_for(raw, os.environ, source=source))
     return validate(merge(raw, env_overrides(sections, os.environ)), sections, source)
 
@@ -309,26 +394,28 @@ class ListenError(OSError):
     """``regmw serve`` cannot listen on the address it was given (in use, not this host's, unknown name)."""
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int, what: str = "") -> None:
     """Bind ``host:port`` once as gunicorn will (``SO_REUSEADDR``), so a port in use fails at once, in one line.
 
     gunicorn itself retries five times a second apart, then logs "Can't
-    connect". Skipped for port 0 and for sockets handed over by a parent
-    (systemd's ``LISTEN_FDS``, gunicorn's ``GUNICORN_FD`` on re-exec).
+    connect". Skipped for port 0 and, for the API address, for sockets handed
+    over by a parent (systemd's ``LISTEN_FDS``, gunicorn's ``GUNICORN_FD`` on
+    re-exec). ``what`` names the setting in the line (``[serve] metrics_listen``).
     """
-    if port == 0 or os.environ.get("LISTEN_FDS") or os.environ.get("GUNICORN_FD"):
+    if port == 0 or (not what and (os.environ.get("LISTEN_FDS") or os.environ.get("GUNICORN_FD"))):
         return
+    where = f"{what + ': ' if what else ''}cannot listen on {_bind(host, port)}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {_bind(host, port)}: {exc.strerror}") from None
+        raise ListenError(f"{where}: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
-            raise ListenError(f"cannot listen on {_bind(host, port)}: {exc.strerror or exc}") from None
+            raise ListenError(f"{where}: {exc.strerror or exc}") from None
 
 
 def run(config: str | None, host: str = "127.0.0.1", port: int = 5000, *, app: str | None = None,
@@ -339,8 +426,10 @@ def run(config: str | None, host: str = "127.0.0.1", port: int = 5000, *, app: s
     any process starts). Does not return while serving: the process re-executes
     itself once to switch prometheus-client to multiprocess mode.
     """
-    check_config(config, app, registry_root)
+    validated = check_config(config, app, registry_root)
     check_listen(host, port)
+    if validated["serve"]["metrics_listen"]:  # the master binds it only once gunicorn listens (when_ready)
+        check_listen(*metrics_address(validated["serve"]["metrics_listen"]), what="[serve] metrics_listen")
     argv = [sys.executable, "-m", "regmw.server", "--host", host, "--port", str(port)]
     for flag, value in (("--config", config), ("--app", app), ("--registry-root", registry_root)):
         if value:
@@ -364,13 +453,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--registry-root")
     args = parser.parse_args(argv)
     try:
-        validated = check_config(args.config, args.app, args.registry_root)
+        snapshot = read_config(args.config)
+        validated = check_config(args.config, args.app, args.registry_root, snapshot=snapshot)
     except ConfigError as exc:
         print(f"regmw: configuration error: {exc}", file=sys.stderr)
         _on_exit(None)
         return 2
-    RegmwServer(config=args.config, bind=_bind(args.host, args.port), section=dict(validated["serve"]),
-                log_level=validated["regmw"]["log_level"], app=args.app, registry_root=args.registry_root).run()
+    server = RegmwServer(config=args.config, snapshot=snapshot, bind=_bind(args.host, args.port),
+                         section=dict(validated["serve"]), log_level=validated["regmw"]["log_level"], app=args.app,
+                         registry_root=args.registry_root)
+    failure = trial_build(server, snapshot, validated["serve"]["timeout"])  # one line, before any worker starts
+    if failure is not None:
+        print(failure[1], file=sys.stderr)
+        _on_exit(None)
+        return failure[0]
+    server.run()
     return 0
 
 

@@ -1,10 +1,11 @@
 """The middleware's request flow: hook order, refusals, pass-through, streaming."""
 import json
+import logging
 
 import pytest
 from werkzeug.test import Client
 
-from regmw import Refusal, RegistryMiddleware, hookimpl
+from regmw import Refusal, RegistryMiddleware, hookimpl, metrics
 
 
 def plain_app(environ, start_response):
@@ -347,7 +348,7 @@ def test_metrics_endpoint_only_when_configured_and_only_to_allowed_networks():
 
 @pytest.mark.parametrize("path", ["/x/../v2/a/manifests/latest", "/static/..//v2/", "//v2/a/tags/list", "/./v2/a/tags/list",
                                   "/v2x/../v2/A/manifests/latest", "/v2./../v2/a/tags/list"])
-def test_dot_segments_that_lead_into_the_api_are_refused(path):
+def test_dot_segments_that_lead_into_the_api_are_refused(path, caplog):
     called = []
 
     def app(environ, start_response):
@@ -355,9 +356,17 @@ def test_dot_segments_that_lead_into_the_api_are_refused(path):
         return plain_app(environ, start_response)
 
     status = []
-    body = b"".join(make(app)({"REQUEST_METHOD": "GET", "PATH_INFO": path}, lambda s, h, e=None: status.append(s)))
-    assert status[0].startswith("400") and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
+    before = metrics.REGISTRY.get_sample_value("regmw_refusals_total", {"reason": "invalid"}) or 0
+    with caplog.at_level(logging.INFO, logger="regmw.access"):
+        body = b"".join(make(app)({"REQUEST_METHOD": "GET", "PATH_INFO": path, "HTTP_X_REQUEST_ID": "probe-1"},
+                                  lambda s, h, e=None: status.append((s, h))))
+    assert status[0][0].startswith("400") and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
     assert called == []
+    # seen by the operator as every other refusal: one access log line, counted, the request id sent back
+    assert ("X-Request-Id", "probe-1") in status[0][1]
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "regmw.access"]
+    assert (line["path"], line["status"], line["refusal"], line["request_id"]) == (path, 400, "invalid", "probe-1")
+    assert metrics.REGISTRY.get_sample_value("regmw_refusals_total", {"reason": "invalid"}) == before + 1
 
 
 @pytest.mark.parametrize("path", ["/static/./app.js", "/a//b", "/x/../y"])

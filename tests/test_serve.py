@@ -127,14 +127,15 @@ def regmw_cache(config, services):
 """
 
 
-@pytest.mark.parametrize("source, line", [
+@pytest.mark.parametrize("source, line, code", [
     (REPLACES_THE_RATE_LIMITER, "regmw: configuration error: {config}: ratelimit.rules client-any-0 would not "
-                                "be counted: plugin regmw_audit_plugin.boot provides Always"),
-    (RAISES_IN_A_PROVIDER, "regmw: start-up failed: RuntimeError: cache backend exploded\n"),
+                                "be counted: plugin regmw_audit_plugin.boot provides Always", 2),
+    (RAISES_IN_A_PROVIDER, "regmw: start-up failed: RuntimeError: cache backend exploded\n", 1),
 ], ids=["refused-once-built", "provider-raises"])
-def test_a_plugin_failing_only_when_the_backends_are_built_stops_serve_in_one_line(tmp_path, source, line):
-    """What the master's validation cannot see (it builds no backend) stops the workers' start-up:
-    one line, the server stops (gunicorn's "App failed to load"), never a worker's traceback."""
+def test_a_plugin_failing_only_when_the_backends_are_built_stops_serve_in_one_line(tmp_path, source, line, code):
+    """What the master's validation cannot see (it builds no backend) stops start-up before any worker
+    starts: one line and the documented exit status (it was gunicorn's "App failed to load" lines and
+    its exit status 4), never a worker's traceback."""
     package = tmp_path / "regmw_audit_plugin"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -147,9 +148,16 @@ def test_a_plugin_failing_only_when_the_backends_are_built_stops_serve_in_one_li
          "--registry-root", str(tmp_path / "data")],
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
-    assert result.returncode != 0
-    assert line.format(config=config) in result.stderr
-    assert "Traceback" not in result.stderr and "second line" not in result.stderr
+    assert result.returncode == code and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(line.format(config=config))
+
+
+@pytest.mark.parametrize("spec, reason", [("no_such_module:app", "No module named 'no_such_module'"),
+                                          ("json:no_such_app", "module 'json' has no attribute 'no_such_app'")])
+def test_serve_with_an_app_that_does_not_load_is_one_line_and_exit_2(tmp_path, spec, reason):
+    result = subprocess.run([sys.executable, "-m", "regmw.cli", "serve", "--port", "0", "--app", spec],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "REGMW_CONFIG": ""})
+    assert (result.returncode, result.stderr) == (2, f"regmw: configuration error: --app {spec}: cannot load ({reason})\n")
 
 
 def test_wsgi_entry_point_reads_regmw_config(tmp_path):
@@ -173,3 +181,18 @@ def test_serve_on_a_port_in_use_is_one_line_at_once(tmp_path):
                                 env={**os.environ, "REGMW_CONFIG": ""})
     assert result.returncode == 1
     assert result.stderr == f"regmw: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_serve_with_metrics_listen_on_a_port_in_use_is_one_line_at_once(tmp_path):
+    """It was the metrics server's traceback from gunicorn's when_ready, after the API port was bound."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "regmw.toml"
+        config.write_text(f'[serve]\nworkers = 1\nmetrics_listen = "127.0.0.1:{port}"\n')
+        result = subprocess.run([sys.executable, "-m", "regmw.cli", "-c", str(config), "serve", "--port", "0",
+                                 "--registry-root", str(tmp_path / "data")], capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "REGMW_CONFIG": ""})
+    assert (result.returncode, result.stderr) == (
+        1, f"regmw: [serve] metrics_listen: cannot listen on 127.0.0.1:{port}: Address already in use\n")

@@ -187,6 +187,58 @@ def test_sighup_reloads_a_good_configuration_and_keeps_serving_on_a_bad_one(dock
     assert served.proc.poll() is None
 
 
+def test_sighup_to_plugins_that_fail_only_when_built_keeps_the_running_workers(tmp_path, monkeypatch, regmw_serve):
+    """The master's validation builds no backend: a provider hook that raises passed it, gunicorn
+    stopped the old workers, the new ones failed to boot ("App failed to load") and the server stopped."""
+    (tmp_path / "regmw_reload_plugin").mkdir()
+    (tmp_path / "regmw_reload_plugin" / "__init__.py").write_text("")
+    (tmp_path / "regmw_reload_plugin" / "boot.py").write_text(
+        "from regmw import hookimpl\n\n@hookimpl\ndef regmw_cache(config, services):\n"
+        "    raise RuntimeError('cache backend exploded')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    served = regmw_serve(gateway_config("http://127.0.0.1:9"), workers=1)
+    good = served.config.read_text()
+
+    served.config.write_text(good.replace("entry_points = false\n",
+                                          'entry_points = false\nplugins = ["regmw_reload_plugin.boot"]\n'))
+    served.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: served.proc.poll() is not None or "not reloaded" in served.log.read_text(),
+               timeout=30, what="the reload's outcome")
+    assert served.proc.poll() is None
+    assert ("not reloaded (the running workers keep serving): start-up failed: RuntimeError: cache backend exploded"
+            in served.log.read_text())
+    assert request(served.url, "GET", "/-/regmw/health")[0] == 200
+    directory = Path(tempfile.gettempdir()).glob(f"regmw-metrics-{served.proc.pid}-*/*.db")
+    pids = {int(path.stem.rpartition("_")[2]) for path in directory}
+    assert all(os.path.exists(f"/proc/{pid}") for pid in pids)  # the trial build's files are gone with it
+
+    served.config.write_text(good.replace("100000/minute", "500/minute"))
+    served.proc.send_signal(signal.SIGHUP)  # a good one after it still applies
+    wait_until(lambda: request(served.url, "GET", "/v2/")[1].get("RateLimit-Limit") == "500",
+               timeout=30, what="the new configuration served")
+
+
+def workers_of(proc: subprocess.Popen) -> set[int]:
+    """The gunicorn master's child processes (its workers)."""
+    return {int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()}
+
+
+def test_a_worker_replaced_after_a_crash_builds_the_configuration_last_loaded(regmw_serve):
+    """A file edited but not yet reloaded (SIGHUP) is not what a replacement worker reads: it read the
+    file as it was then, failed to boot on the typo, and gunicorn stopped the whole server."""
+    served = regmw_serve(gateway_config("http://127.0.0.1:9"), workers=1)
+    assert request(served.url, "GET", "/v2/")[1]["RateLimit-Limit"] == "100000"
+    (worker,) = wait_until(lambda: workers_of(served.proc), timeout=30, what="the worker")
+    served.config.write_text(served.config.read_text().replace("100000/minute", "500/minute") + "[serve.typo]\n")
+
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: served.proc.poll() is not None or workers_of(served.proc) - {worker},
+               timeout=30, what="a replacement worker")
+    headers = wait_until(lambda: served.proc.poll() is None and request(served.url, "GET", "/v2/")[1],
+                         timeout=30, what="an answer from the replacement")
+    assert headers["RateLimit-Limit"] == "100000"  # the configuration loaded at start, not the edited file
+
+
 # --- metrics, health, ready, logs ------------------------------------------------------
 
 

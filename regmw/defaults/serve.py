@@ -59,8 +59,8 @@ SECTION = Section(
                                            "`regmw serve`)."),
         "request_id_header": Option("str", "X-Request-Id", "Request header whose value (if sane) becomes the "
                                                            "request id; it is generated otherwise, sent back in the "
-                                                           "same response header (unless the app's answer has it) and "
-                                                           "forwarded upstream.", check=_header_name),
+                                                           "same response header (replacing one the app's answer has) "
+                                                           "and forwarded upstream.", check=_header_name),
     },
 )
 
