@@ -326,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         click.echo(f"regmw: configuration error: {exc}", err=True)
         return USAGE_ERROR
+    except click.UsageError as exc:  # one line too, naming where the help is (click's own block spans four)
+        where = exc.ctx.command_path if exc.ctx is not None else "regmw"
+        click.echo(f"regmw: {exc.format_message()} (see '{where} --help')", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
