@@ -79,6 +79,24 @@ class JobContext:
             raise LeaseLost(f"{self.name}: worker stopping")
 
 
+class FinishedRecords:
+    """When a queue deletes the records of finished jobs: older than ``[jobs] keep_finished``, looked for at most
+    once a minute per process (on a job's outcome), so ``regmw jobs status`` and the store do not grow forever."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, keep: float) -> None:
+        self.keep = keep
+        self._next = 0.0
+
+    def cutoff(self, now: float) -> float | None:
+        """The ``updated`` time before which finished records go, or None when it is not time to look."""
+        if not self.keep or now < self._next:
+            return None
+        self._next = now + self.INTERVAL
+        return now - self.keep
+
+
 def collect_jobs(config: Any, pm: Any) -> dict[str, Job]:
     """Every plugin's job declarations by name; a name declared twice or a bad N is a ConfigError."""
     jobs: dict[str, Job] = {}

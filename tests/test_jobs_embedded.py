@@ -138,3 +138,34 @@ def test_a_job_that_kills_its_worker_every_time_is_failed_not_run_forever(tmp_pa
     assert record.attempts == 3 and "without an outcome" in record.error, record
     assert runs.read_text().split() == ["1", "2"]  # max_retries = 1: two runs, the third claim gives up
     assert record.id == job_id
+
+
+class Quick:
+    """A test plugin: job ``quick`` returns at once."""
+
+    @hookimpl
+    def regmw_jobs(self, config):
+        return [Job("quick", lambda context: None)]
+
+
+def _run_until_done(queue, job_id: str) -> None:
+    stop = threading.Event()
+    deadline = time.monotonic() + 30
+    while {record.id: record.state for record in queue.status("quick")}.get(job_id) != "done":
+        assert time.monotonic() < deadline, queue.status("quick")
+        queue.run_one(stop)
+
+
+def test_records_of_finished_jobs_are_deleted_after_keep_finished(tmp_path):
+    """A finished job's record stays `keep_finished` seconds, then the next outcome (in a while) deletes it."""
+    config = {"regmw": {"entry_points": False},
+              "jobs": {"queue_path": str(tmp_path / "jobs.sqlite3"), "run_in_process": False, "keep_finished": 3600}}
+    a, b = (regmw.build(config, environ={}, plugins=[Quick()]).services.jobs for _ in range(2))  # two processes
+    old, kept = a.enqueue("quick"), a.enqueue("quick")
+    _run_until_done(a, old)
+    _run_until_done(a, kept)
+    with sqlite3.connect(a.path) as conn:  # `old` finished two hours ago, `kept` just now
+        conn.execute("UPDATE jobs SET updated = updated - 7200 WHERE id = ?", (old,))
+    fresh = b.enqueue("quick")
+    _run_until_done(b, fresh)  # b has not looked for old records yet: it does on this outcome
+    assert sorted(record.id for record in b.status("quick")) == sorted([kept, fresh])

@@ -125,3 +125,33 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_not_run_forever
     assert runs.read_text().split() == ["1", "1"]  # two starts (dramatiq's attempt stays 1), the third gives up
     assert queue.client.zcard(f"{queue.namespace}:regmw.XQ") == 1  # in dramatiq's dead letters, as failed jobs are
     assert not queue.client.exists(f"{queue.namespace}:regmw:starts")  # its start count is gone with its outcome
+
+
+def test_records_of_finished_jobs_are_deleted_after_keep_finished(redis_server):
+    """A finished job's record (and its entry in `<ns>:regmw:finished`) goes `keep_finished` seconds later."""
+    import time
+
+    _, url = redis_server
+
+    def run(queue, **kwargs) -> str:
+        job_id = queue.enqueue("wait", seconds=0, **kwargs)
+        stop = threading.Event()
+        worker = threading.Thread(target=queue.work, args=(stop, 1), daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while {record.id: record.state for record in queue.status("wait")}.get(job_id) != "done":
+            assert time.monotonic() < deadline, queue.status("wait")
+            time.sleep(0.05)  # polling the record: the loop ends on its state
+        stop.set()
+        worker.join(30)
+        return job_id
+
+    jobs = {"keep_finished": 3600}
+    first = _runtime(url, "pruned", jobs=jobs).services.jobs
+    old, kept = run(first), run(first)
+    first.client.zadd(f"{first.namespace}:regmw:finished", {old: time.time() - 7200})  # `old` finished 2 h ago
+    second = _runtime(url, "pruned", jobs=jobs).services.jobs  # another process: it has not looked yet
+    fresh = run(second)
+    assert sorted(record.id for record in second.status("wait")) == sorted([kept, fresh])
+    assert sorted(second.client.zrange(f"{second.namespace}:regmw:finished", 0, -1)) == sorted(
+        [kept.encode(), fresh.encode()])

@@ -7,6 +7,8 @@ see :func:`broker_namespace`; dramatiq's own keys share it)::
     <ns>:regmw:state:<key>      hash {token, value}: a job's resumable state, written only by
                                 the highest fencing token (a Lua compare-and-set)
     <ns>:regmw:starts           hash job id -> times a worker started it (until its outcome)
+    <ns>:regmw:finished         sorted set job id -> when it finished (done or failed): its record
+                                is deleted ``[jobs] keep_finished`` seconds later
 
 Records follow dramatiq's life cycle through :class:`StatusMiddleware`:
 ``queued`` when enqueued (and again when a failed attempt is scheduled for
@@ -31,7 +33,7 @@ from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 
 from regmw.backends import JobRecord
 from regmw.errors import ConfigError
-from regmw.jobs import Job, JobContext, PeriodicRunner
+from regmw.jobs import FinishedRecords, Job, JobContext, PeriodicRunner
 
 log = logging.getLogger("regmw.jobs")
 
@@ -127,6 +129,7 @@ class DramatiqJobQueue:
         self.broker.add_middleware(StatusMiddleware(self))
         self._set_state = self.client.register_script(SET_STATE)
         self.stop = threading.Event()  # what a running job sees as ``context.stop``: :meth:`work`'s, once it runs
+        self._finished = FinishedRecords(section["keep_finished"])
         self.actors = {name: self._actor(job) for name, job in jobs.items() if not job.periodic}
 
     def _actor(self, job: Job) -> dramatiq.Actor:
@@ -174,13 +177,33 @@ class DramatiqJobQueue:
             log.warning("job %s: start not counted: %s", job_id, exc)
             return None
 
+    def _finished_key(self) -> str:
+        return f"{self.namespace}:regmw:finished"
+
     def _record(self, job_id: str, name: str, kwargs: dict, state: str, attempts: int, error: str = "") -> None:
+        now = time.time()
         value = {"name": name, "kwargs": kwargs, "state": state, "attempts": attempts, "error": error[:2000],
-                 "updated": time.time()}
+                 "updated": now}
         try:
-            self.client.hset(self._records_key(), job_id, json.dumps(value))
+            pipe = self.client.pipeline()
+            pipe.hset(self._records_key(), job_id, json.dumps(value))
+            if state in ("done", "failed"):
+                pipe.zadd(self._finished_key(), {job_id: now})
+            pipe.execute()
+            cutoff = self._finished.cutoff(now) if state in ("done", "failed") else None
+            if cutoff is not None:
+                self._forget_finished(cutoff)
         except Exception as exc:  # a status record is information, not the job: never fail the job for it
             log.warning("job %s: status record not written: %s", job_id, exc)
+
+    def _forget_finished(self, cutoff: float) -> None:
+        """Delete the records of jobs finished before ``cutoff`` (``[jobs] keep_finished``), oldest first."""
+        old = self.client.zrangebyscore(self._finished_key(), "-inf", cutoff, start=0, num=10_000)
+        if old:
+            pipe = self.client.pipeline()
+            pipe.hdel(self._records_key(), *old)
+            pipe.zrem(self._finished_key(), *old)
+            pipe.execute()
 
     # --- the contract -------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from typing import Any
 from regmw.backends import JobRecord
 from regmw.config import Option, Section
 from regmw.errors import BackendUnavailable, ConfigError
-from regmw.jobs import Job, JobContext, LeaseLost, PeriodicRunner, RetryLater, collect_jobs
+from regmw.jobs import FinishedRecords, Job, JobContext, LeaseLost, PeriodicRunner, RetryLater, collect_jobs
 from regmw.plugins import hookimpl
 
 log = logging.getLogger("regmw.jobs")
@@ -73,6 +73,7 @@ class SqliteJobQueue:
         self._running = threading.Event()
         self._mine: dict[str, int] = {}  # job id -> the claim (attempt) this process holds
         self._mine_lock = threading.Lock()
+        self._finished = FinishedRecords(section["keep_finished"])
 
     # --- storage --------------------------------------------------------------
 
@@ -157,10 +158,14 @@ class SqliteJobQueue:
                 attempt: int | None = None) -> None:
         """Record an outcome; with ``attempt``, only while that claim is still the job's (not re-claimed since)."""
         fenced = "" if attempt is None else " AND attempts = ?"
+        now = time.time()
+        cutoff = self._finished.cutoff(now) if state in ("done", "failed") else None
         with closing(self._connect()) as conn:
             conn.execute("UPDATE jobs SET state = ?, error = ?, not_before = ?, lease_until = 0, updated = ? "
-                         "WHERE id = ?" + fenced, (state, error[:2000], not_before, time.time(), job_id,
+                         "WHERE id = ?" + fenced, (state, error[:2000], not_before, now, job_id,
                                                     *(() if attempt is None else (attempt,))))
+            if cutoff is not None:
+                conn.execute("DELETE FROM jobs WHERE state IN ('done', 'failed') AND updated < ?", (cutoff,))
 
     def _renew(self, stop: threading.Event) -> None:
         while not stop.wait(self.lease / 3):
@@ -291,6 +296,9 @@ SECTION = Section(
         "min_backoff": Option("float", 1.0, "Seconds before the first retry of a failed job (doubling after).",
                               minimum=0),
         "max_backoff": Option("float", 300.0, "Longest wait between retries of a failed job.", minimum=0),
+        "keep_finished": Option("float", 604800.0, "Seconds the record of a finished job (`done` or `failed`) is "
+                                "kept for `regmw jobs status` (7 days: as long as dramatiq keeps a dead letter); "
+                                "then a worker deletes it. 0: kept forever.", minimum=0),
         "heartbeat_timeout": Option("float", 60.0, "Redis queue (dramatiq): seconds without a heartbeat after which "
                                     "a dead worker's jobs are requeued.", minimum=1),
         "maintenance_chance": Option("float", 0.001, "Redis queue (dramatiq): probability that a broker command also "
