@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -91,53 +94,30 @@ def test_one_failed_renewal_does_not_stop_the_renewals(tmp_path, monkeypatch):
     assert [r.state for r in queue.status("block")] == ["done"]
 
 
-KILLER = '''
-import os, signal
-from regmw.jobs import Job
-from regmw.plugins import hookimpl
-
-@hookimpl
-def regmw_jobs(config):
-    def run(context):
-        with open(os.environ["RUNS_FILE"], "a") as runs:
-            runs.write(f"{context.attempt}\\n")
-        os.kill(os.getpid(), signal.SIGKILL)  # what an OOM kill does to the worker running it
-    return [Job("killer", run, max_retries=1)]
-'''
-
 
 def test_a_job_that_kills_its_worker_every_time_is_failed_not_run_forever(tmp_path):
     """Each run dies with its process (no outcome recorded); after max_retries + 1 runs the job is failed."""
-    import os
-    import subprocess
-    import sys
-
-    (tmp_path / "killer_plugin").mkdir()
-    (tmp_path / "killer_plugin" / "__init__.py").write_text("")
-    (tmp_path / "killer_plugin" / "jobs.py").write_text(KILLER)
     runs = tmp_path / "runs"
-    config = {"regmw": {"entry_points": False, "plugins": ["killer_plugin.jobs"]},
+    config = {"regmw": {"entry_points": False, "plugins": ["tests.job_killer"]},
               "jobs": {"queue_path": str(tmp_path / "jobs.sqlite3"), "run_in_process": False, "lease": 1}}
-    env = {**os.environ, "RUNS_FILE": str(runs),
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    sys.path.insert(0, str(tmp_path))
-    try:
-        queue = regmw.build(config, environ={}).services.jobs
-        job_id = queue.enqueue("killer")
-        worker = ("import json, sys, threading, regmw; "
-                  "regmw.build(json.loads(sys.argv[1]), environ={}).services.jobs.run_one(threading.Event())")
-        deadline = time.monotonic() + 60
-        while queue.status("killer")[0].state != "failed":
-            assert time.monotonic() < deadline, f"still {queue.status('killer')}, runs: {runs.read_text().split()}"
-            subprocess.run([sys.executable, "-c", worker, json.dumps(config)], env=env, timeout=60)
-    finally:
-        sys.path.remove(str(tmp_path))
-        for name in ("killer_plugin", "killer_plugin.jobs"):
-            sys.modules.pop(name, None)
+    queue = regmw.build(config, environ={}).services.jobs
+    job_id = queue.enqueue("killer")
+    worker = ("import json, sys, threading, regmw; "
+              "regmw.build(json.loads(sys.argv[1]), environ={}).services.jobs.run_one(threading.Event())")
+    deadline = time.monotonic() + 60
+    while queue.status("killer")[0].state != "failed":
+        assert time.monotonic() < deadline, f"still {queue.status('killer')}, runs: {runs.read_text().split()}"
+        subprocess.run([sys.executable, "-c", worker, json.dumps(config)], env=killer_env(runs), timeout=60)
     (record,) = queue.status("killer")
     assert record.attempts == 3 and "without an outcome" in record.error, record
     assert runs.read_text().split() == ["1", "2"]  # max_retries = 1: two runs, the third claim gives up
     assert record.id == job_id
+
+
+def killer_env(runs) -> dict[str, str]:
+    """The environment of a process running ``tests.job_killer``: its runs file, the repository on the path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "RUNS_FILE": str(runs), "PYTHONPATH": os.pathsep.join([root, *sys.path])}
 
 
 class Quick:

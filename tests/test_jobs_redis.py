@@ -69,57 +69,36 @@ def test_a_running_job_sees_the_worker_stop(redis_server):
     assert not worker.is_alive() and waiter.stopped == [True]
 
 
-KILLER = """
-import os, signal
-from regmw.jobs import Job
-from regmw.plugins import hookimpl
-
-@hookimpl
-def regmw_jobs(config):
-    def run(context):
-        with open(os.environ["RUNS_FILE"], "a") as runs:
-            runs.write(f"{context.attempt}\\n")
-        os.kill(os.getpid(), signal.SIGKILL)  # what an OOM kill does to the worker running it
-    return [Job("killer", run, max_retries=1)]
-"""
-
 
 def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_not_run_forever(redis_server, tmp_path):
     """dramatiq requeues a dead worker's message without counting a retry; regmw counts starts and gives up."""
-    import os
     import subprocess
     import sys
     import time
 
+    from .test_jobs_embedded import killer_env
+
     _, url = redis_server
-    (tmp_path / "killer_plugin").mkdir()
-    (tmp_path / "killer_plugin" / "__init__.py").write_text("")
-    (tmp_path / "killer_plugin" / "jobs.py").write_text(KILLER)
     config = tmp_path / "regmw.toml"
-    config.write_text(f'[regmw]\nplugins = ["redis", "jobs", "killer_plugin.jobs"]\nentry_points = false\n'
+    config.write_text(f'[regmw]\nplugins = ["redis", "jobs", "tests.job_killer"]\nentry_points = false\n'
                       f'[redis]\nurl = "{url}"\nnamespace = "killer"\n'
                       '[jobs]\nheartbeat_timeout = 1\nmaintenance_chance = 1.0\n')
     runs = tmp_path / "runs"
-    env = {**os.environ, "RUNS_FILE": str(runs), "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    sys.path.insert(0, str(tmp_path))
+    queue = build(str(config), environ={}).services.jobs
+    queue.enqueue("killer")
     worker = None
     try:
-        queue = build(str(config), environ={}).services.jobs
-        queue.enqueue("killer")
         deadline = time.monotonic() + 90
         while queue.status("killer")[0].state != "failed":
             assert time.monotonic() < deadline, f"{queue.status('killer')}, runs: {runs.read_text().split()}"
             if worker is None or worker.poll() is not None:  # the last one was killed by the job: start another
-                worker = subprocess.Popen([sys.executable, "-m", "regmw.cli", "-c", str(config), "worker"], env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                worker = subprocess.Popen([sys.executable, "-m", "regmw.cli", "-c", str(config), "worker"],
+                                          env=killer_env(runs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.1)  # polling the record, not timing: the loop ends on its state
     finally:
         if worker is not None and worker.poll() is None:
             worker.terminate()
             worker.wait(30)
-        sys.path.remove(str(tmp_path))
-        for name in ("killer_plugin", "killer_plugin.jobs"):
-            sys.modules.pop(name, None)
     (record,) = queue.status("killer")
     assert record.attempts == 3 and "without an outcome" in record.error, record
     assert runs.read_text().split() == ["1", "1"]  # two starts (dramatiq's attempt stays 1), the third gives up
