@@ -134,3 +134,13 @@ def test_records_of_finished_jobs_are_deleted_after_keep_finished(redis_server):
     assert sorted(record.id for record in second.status("wait")) == sorted([kept, fresh])
     assert sorted(second.client.zrange(f"{second.namespace}:regmw:finished", 0, -1)) == sorted(
         [kept.encode(), fresh.encode()])
+
+
+def test_a_job_the_broker_refuses_leaves_no_queued_record(redis_server):
+    """`enqueue` raises when dramatiq cannot queue the message; no record claims it is queued."""
+    _, url = redis_server
+    queue = _runtime(url, "refusing").services.jobs
+    queue.client.set(f"{queue.namespace}:regmw.msgs", "not a hash")  # dramatiq's script now fails: WRONGTYPE
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        queue.enqueue("wait", seconds=0)
+    assert queue.status("wait") == []

@@ -212,8 +212,16 @@ class DramatiqJobQueue:
         if actor is None:
             raise ConfigError(f"no job named {name!r} is declared (known: {', '.join(sorted(self.actors)) or 'none'})")
         message = actor.message_with_options(kwargs=kwargs)
+        # The record first: written after, it could overwrite a worker's "running" or "done".
         self._record(message.message_id, name, kwargs, "queued", 0)
-        self.broker.enqueue(message, delay=int(delay * 1000) or None)
+        try:
+            self.broker.enqueue(message, delay=int(delay * 1000) or None)
+        except Exception:
+            try:  # not queued: a record saying "queued" would stay forever (the caller gets the error)
+                self.client.hdel(self._records_key(), message.message_id)
+            except Exception as exc:
+                log.warning("job %s: not queued, and its record not removed: %s", message.message_id, exc)
+            raise
         return message.message_id
 
     def status(self, name: str | None = None) -> list[JobRecord]:
