@@ -100,7 +100,8 @@ class RegistryMiddleware:
         # The plugin set is fixed once the runtime is built, so each decision
         # hook's call plan is made here, once (see _call_plan): hooks nobody
         # implements are skipped outright, the others called without pluggy's
-        # per-call machinery unless a wrapper needs it.
+        # per-call machinery unless a wrapper needs it. A plan takes the hook's
+        # arguments positionally, in its spec's order.
         self._admit = _call_plan(hook.regmw_admit)
         self._classify = _call_plan(hook.regmw_classify)
         self._route_db = _call_plan(hook.regmw_route_db)
@@ -162,14 +163,14 @@ class RegistryMiddleware:
         try:
             if route.resource == "uploads" and environ.get("QUERY_STRING"):  # "fro%6D=" is from= too
                 context.mount_from  # noqa: B018 - validates the mount source's name (NAME_INVALID)
-            refusal = self._admit(context=context) if self._admit else None
+            refusal = self._admit(context) if self._admit else None
             if refusal is None:
                 if route.repository is not None and self._classify:
                     step = "classify"
-                    context.migration_path = self._classify(context=context)
+                    context.migration_path = self._classify(context)
                 if self._route_db:
                     step = "route_db"
-                    context.db = self._route_db(context=context)
+                    context.db = self._route_db(context)
         except Refusal as raised:
             refusal = raised
             if refusal.code == "NAME_INVALID":
@@ -215,7 +216,7 @@ class RegistryMiddleware:
                 headers = list(headers)
             try:
                 if response_started:
-                    response_started(context=context, status=context.status, headers=headers)
+                    response_started(context, context.status, headers)
             except Exception:
                 log.exception("regmw_response_started failed for %s %s", context.method, path)
             started = True
@@ -348,7 +349,7 @@ class RegistryMiddleware:
     def _finish(self, context: RequestContext) -> None:
         if self._finish_hook:
             try:
-                self._finish_hook(context=context, status=context.status)
+                self._finish_hook(context, context.status)
             except Exception:
                 log.exception("regmw_finish failed")
         environ = context.environ
@@ -469,13 +470,16 @@ def _finish_on_close(body: Any, finish: Callable[[RequestContext], None], contex
 def _call_plan(caller: Any, isolate: bool = False) -> Callable[..., Any] | None:
     """How to call one decision hook per request, worked out once at start-up.
 
-    None when no plugin implements it. When some implementation is a wrapper
-    (``hookwrapper=True`` or ``wrapper=True``), pluggy's own caller, which runs
-    them. Otherwise a plain loop over the implementations in pluggy's order
-    (``get_hookimpls()`` reversed: the last registered and ``tryfirst`` first),
-    passing each the arguments it names, stopping at the first non-None
-    answer for a ``firstresult`` hook and otherwise collecting the non-None
-    answers, as pluggy does. Measured (benchmarks/core_overhead.py
+    The plan takes the hook's arguments positionally, in its spec's order
+    (``plan(context)``, ``plan(context, status)``): no keyword dict to pack
+    and unpack per call. None when no plugin implements it. When some
+    implementation is a wrapper (``hookwrapper=True`` or ``wrapper=True``),
+    pluggy's own caller, which runs them, given the arguments by name.
+    Otherwise a plain loop over the implementations in pluggy's order
+    (``get_hookimpls()`` reversed: the last registered and ``tryfirst``
+    first), passing each the arguments it names, stopping at the first
+    non-None answer for a ``firstresult`` hook and otherwise collecting the
+    non-None answers, as pluggy does. Measured (benchmarks/core_overhead.py
     ``--dispatch``): pluggy costs several times the loop per call, and the
     gap grows with each plugin. pluggy stays the registry and the contract;
     hook-call monitoring added after start-up (``pm.add_hookcall_monitoring``)
@@ -492,26 +496,31 @@ def _call_plan(caller: Any, isolate: bool = False) -> Callable[..., Any] | None:
     impls = caller.get_hookimpls()
     if not impls:
         return None
+    spec_names = tuple(caller.spec.argnames)  # every regmw hook has a spec (regmw.hookspecs)
     if any(impl.hookwrapper or impl.wrapper for impl in impls):
         if not isolate:
-            return caller
+
+            def through_pluggy(*values: Any) -> Any:
+                return caller(**dict(zip(spec_names, values, strict=True)))
+
+            return through_pluggy
         hook_name, hookexec = caller.name, caller._hookexec  # what HookCaller.__call__ runs (pluggy >= 1.0)
         guarded = [impl if impl.hookwrapper or impl.wrapper else _isolated_impl(hook_name, impl) for impl in impls]
 
-        def wrapped_isolated(**kwargs: Any) -> Any:
-            return hookexec(hook_name, guarded, kwargs, False)
+        def wrapped_isolated(*values: Any) -> Any:
+            return hookexec(hook_name, guarded, dict(zip(spec_names, values, strict=True)), False)
 
         return wrapped_isolated
-    spec_names = tuple(caller.spec.argnames) if caller.spec is not None else ()
-    # None: the implementation takes every argument, in the spec's order (the usual case)
-    calls = tuple((impl.function, None if tuple(impl.argnames) == spec_names else tuple(impl.argnames))
+    # Per implementation, the positions of the arguments it names; None: it takes every
+    # argument, in the spec's order (the usual case).
+    calls = tuple((impl.function, None if tuple(impl.argnames) == spec_names
+                   else tuple(spec_names.index(name) for name in impl.argnames))
                   for impl in reversed(impls))
-    if caller.spec is not None and caller.spec.opts.get("firstresult"):
+    if caller.spec.opts.get("firstresult"):
 
-        def first_result(**kwargs: Any) -> Any:
-            values = [kwargs[name] for name in spec_names]
-            for function, names in calls:
-                result = function(*values) if names is None else function(*[kwargs[name] for name in names])
+        def first_result(*values: Any) -> Any:
+            for function, picks in calls:
+                result = function(*values) if picks is None else function(*[values[i] for i in picks])
                 if result is not None:
                     return result
             return None
@@ -520,25 +529,24 @@ def _call_plan(caller: Any, isolate: bool = False) -> Callable[..., Any] | None:
 
     if isolate:
         hook_name = caller.name
-        labelled = tuple((_plugin_label(impl), function, names)
-                         for impl, (function, names) in zip(reversed(impls), calls, strict=True))
+        context_at = spec_names.index("context") if "context" in spec_names else None
+        labelled = tuple((_plugin_label(impl), function, picks)
+                         for impl, (function, picks) in zip(reversed(impls), calls, strict=True))
 
-        def each_isolated(**kwargs: Any) -> list[Any]:
-            values = [kwargs[name] for name in spec_names]
-            for label, function, names in labelled:
+        def each_isolated(*values: Any) -> list[Any]:
+            for label, function, picks in labelled:
                 try:
-                    function(*values) if names is None else function(*[kwargs[name] for name in names])
+                    function(*values) if picks is None else function(*[values[i] for i in picks])
                 except Exception:
-                    _log_isolated_failure(hook_name, label, kwargs.get("context"))
+                    _log_isolated_failure(hook_name, label, values[context_at] if context_at is not None else None)
             return []
 
         return each_isolated
 
-    def all_results(**kwargs: Any) -> list[Any]:
-        values = [kwargs[name] for name in spec_names]
+    def all_results(*values: Any) -> list[Any]:
         results = []
-        for function, names in calls:
-            result = function(*values) if names is None else function(*[kwargs[name] for name in names])
+        for function, picks in calls:
+            result = function(*values) if picks is None else function(*[values[i] for i in picks])
             if result is not None:
                 results.append(result)
         return results

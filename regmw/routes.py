@@ -116,25 +116,33 @@ def parse_segments(segments: list[str], method: str = "GET") -> Route:
             raise name_invalid("encoded '/' or '\\' in the path is not allowed")
         raise NotAnApiRequest("/".join(segments))
     rest = segments[2:]
-    if rest in ([], [""]):
-        return Route("base")
-    if rest in (["_catalog"], ["_catalog", ""]):
-        return Route("catalog")
-    if rest[-3:-1] == ["blobs", "uploads"]:  # ".../blobs/uploads/<id>"; "" (a trailing slash) is no id
-        return _route("uploads", rest[:-3], rest[-1] or None, method)
-    if rest[-2:] == ["blobs", "uploads"]:
+    if len(rest) < 2:
+        if rest in ([], [""]):
+            return Route("base")
+        if rest == ["_catalog"]:
+            return Route("catalog")
+        raise _unknown("/".join(rest))
+    # Every other form ends in "<kind>/<last>": dispatched on those two segments, without
+    # building a slice per form tried (this runs on every API request).
+    kind, last = rest[-2], rest[-1]
+    if kind == "uploads" and len(rest) >= 3 and rest[-3] == "blobs":
+        return _route("uploads", rest[:-3], last or None, method)  # ".../blobs/uploads/<id>"; "" is no id
+    if kind == "blobs" and last == "uploads":
         return _route("uploads", rest[:-2], None, method)
-    if rest[-2:] == ["tags", "list"]:
+    if kind == "tags" and last == "list":
         return _route("tags", rest[:-2], None, method)
-    if len(rest) >= 2 and rest[-2] in ("manifests", "blobs", "referrers") and rest[-1]:
-        return _route(rest[-2], rest[:-2], rest[-1], method)
+    if kind in ("manifests", "blobs", "referrers") and last:
+        return _route(kind, rest[:-2], last, method)
+    if rest == ["_catalog", ""]:
+        return Route("catalog")
     raise _unknown("/".join(rest))
 
 
 def _route(resource: str, name_segments: list[str], ref: str | None, method: str) -> Route:
-    if any("/" in segment or "\\" in segment for segment in name_segments):
-        raise name_invalid("encoded '/' or '\\' in a repository name is not allowed", _shown("/".join(name_segments)))
-    name = check_name("/".join(name_segments))
+    name = "/".join(name_segments)
+    if "\\" in name or (name_segments and name.count("/") != len(name_segments) - 1):  # an encoded / or \ in a segment
+        raise name_invalid("encoded '/' or '\\' in a repository name is not allowed", _shown(name))
+    name = check_name(name)
     if ref is None:
         return Route(resource, name)
     if resource == "manifests":
