@@ -343,3 +343,31 @@ def test_a_worker_stopping_mid_copy_releases_the_lock_at_once_and_the_job_is_ret
     assert [e["action"] for e in harness.recorder.events] == ["locked", "unlocked"]
     harness.run_jobs()  # another worker's turn
     assert harness.path("stop/app") == "new"
+
+
+def test_a_write_acknowledged_while_the_lock_lapsed_before_the_mark_is_copied_after_it(harness, monkeypatch):
+    """The run stalls longer than lock_ttl between its last check and the mark: the lock lapses, a push is
+    admitted and acknowledged on the old side; after the mark the run copies what the new side lacks."""
+    import types
+
+    from regmw_migration import migrate
+
+    push(harness, "stall/app", b"s" * 500)
+    skew = [0.0]
+    monkeypatch.setattr(migrate, "time", types.SimpleNamespace(monotonic=lambda: time.monotonic() + skew[0]))
+    set_state, answers = harness.services.jobs.set_state, []
+
+    def stalled_set_state(key, value, token):
+        if value.get("phase") == "marked" and not answers:  # after the run's last check, before the mark
+            skew[0] += 6  # the process stalled past lock_ttl (5 s) ...
+            harness.services.locks.clear_read_only("stall/app", value["owner"])  # ... so its lock expired
+            answers.extend(harness.client.push_image("stall/app", "during-lapse", b"L" * 700))
+        return set_state(key, value, token)
+
+    monkeypatch.setattr(harness.services.jobs, "set_state", stalled_set_state)
+    harness.services.jobs.enqueue(JOB_NAME, repository="stall/app")
+    harness.run_jobs()
+    assert [a.status for a in answers] == [201, 201, 201]  # acknowledged: the repository was old and unlocked
+    assert harness.path("stall/app") == "new"
+    assert harness.client.pull_layer("stall/app", "during-lapse") == b"L" * 700  # not lost
+    assert harness.client.pull_layer("stall/app", "v1") == b"s" * 500

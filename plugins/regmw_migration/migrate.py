@@ -310,16 +310,28 @@ def migrate_repository(context: JobContext, repository: str) -> Outcome:
                                                       reason="migration failed"))
         raise
     outcome = _finish(context, settings, repository, {"objects": work.objects, "bytes": work.bytes}, owner,
-                      fence.token, locked_at)
+                      fence.token, locked_at, fence.renewed)
     outcome.copied = copied
     return outcome
 
 
 def _finish(context: JobContext, settings: Settings, repository: str, state: dict, owner: str | None, token: int,
-            locked_at: float) -> Outcome:
-    """Steps 4-6 (also a rerun's, after a crash past "marked"): mark new, unlock, announce, record "done"."""
+            locked_at: float, renewed: float | None = None) -> Outcome:
+    """Steps 4-6 (also a rerun's, after a crash past "marked"): mark new, unlock, announce, record "done".
+
+    ``renewed``: when the run last renewed its lock. If more than ``lock_ttl``
+    has passed by the time the mark is written (the process stalled after its
+    last check), the lock may have lapsed, and writes admitted meanwhile were
+    acknowledged on the old side: :func:`catch_up` copies them. A rerun that
+    resumes after "marked" cannot know, so it always does.
+    """
     services = context.services
     services.classifier.mark_migrated(repository)
+    if renewed is None or time.monotonic() - renewed > settings.lock_ttl:
+        caught = catch_up(services.storage, settings, repository)
+        if caught:
+            log.warning("%s: the lock may have lapsed before the mark; %d objects written on the old side "
+                        "meanwhile were copied after it", repository, caught)
     if owner:
         services.locks.clear_read_only(repository, owner)
     locked_ms = (time.monotonic() - locked_at) * 1000 if locked_at else 0.0
@@ -368,6 +380,31 @@ def copy(storage: Any, work: Plan, fence: Fence) -> int:
         if _kept(relative) and relative not in work.files:
             fence.check()
             storage.delete(obj.key)
+    return copied
+
+
+def catch_up(storage: Any, settings: Settings, repository: str) -> int:
+    """After the mark: copy what the old side holds and the new side lacks, never overwriting the new side.
+
+    What a write acknowledged on the old side while the lock had lapsed left
+    there (a new tag, its manifest and layer links, its blobs). The new side
+    already serves the repository, so its files are newer than the old ones
+    and stay; a write admitted on the old side that finishes after the mark
+    is refused at confirmation (``[readonly] confirm_writes``), so nothing
+    acknowledged is left behind. Returns how many objects it copied.
+    """
+    work = plan(storage, settings, repository)
+    present = {o.key[len(work.new_prefix):] for o in storage.list(work.new_prefix)}
+    copied = 0
+    for hex_, obj in work.blobs.items():  # blobs first: a link copied before its blob would answer 404
+        target = work.blob_key(work.new_root, hex_)
+        if obj is not None and storage.head(target) is None:
+            storage.copy(work.blob_key(work.old_root, hex_), target)
+            copied += 1
+    for relative in work.files:
+        if relative not in present:
+            storage.copy(work.old_prefix + relative, work.new_prefix + relative)
+            copied += 1
     return copied
 
 
