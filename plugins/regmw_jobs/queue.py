@@ -39,6 +39,7 @@ log = logging.getLogger("regmw.jobs")
 
 QUEUE = "regmw"
 _GAVE_UP = "regmw_gave_up"  # message option: why StatusMiddleware refused to start it again
+_STARTS = "regmw_starts"  # message option: how many times it had been started then
 TIME_LIMIT_MS = 24 * 3600 * 1000  # a migration of a big repository may take long; the lock bounds it, not dramatiq
 
 #: KEYS: state hash. ARGV: token, value. Writes only if token >= the stored one.
@@ -80,6 +81,7 @@ class StatusMiddleware(Middleware):
         if starts is not None and job is not None and starts > job.max_retries + 1:
             # dramatiq requeues a dead worker's message without counting a retry, so a job that kills
             # its worker (OOM) would run forever: after max_retries + 1 starts it goes to dead letters.
+            message.options[_STARTS] = starts
             message.options[_GAVE_UP] = (f"gave up after {starts - 1} starts: a worker stopped mid-job "
                                          "without an outcome (killed?)")
             log.error("job %s %s %s", message.actor_name, message.message_id, message.options[_GAVE_UP])
@@ -98,13 +100,14 @@ class StatusMiddleware(Middleware):
             error = f"{type(exception).__name__}: {exception}"
         self.queue._record(message.message_id, message.actor_name, message.kwargs, state, attempts, error)
         if state != "queued":
-            self.queue._count_start(message.message_id, forget=True)
+            self.queue._forget_starts(message.message_id)
 
     def after_skip_message(self, broker, message) -> None:
         gave_up = message.options.get(_GAVE_UP)
-        starts = self.queue._count_start(message.message_id, forget=True) if gave_up else None
-        self.queue._record(message.message_id, message.actor_name, message.kwargs, "failed", starts or 0,
-                           gave_up or "skipped")
+        if gave_up:
+            self.queue._forget_starts(message.message_id)
+        self.queue._record(message.message_id, message.actor_name, message.kwargs, "failed",
+                           message.options.get(_STARTS, 0), gave_up or "skipped")
 
 
 class DramatiqJobQueue:
@@ -159,23 +162,24 @@ class DramatiqJobQueue:
     def _starts_key(self) -> str:
         return f"{self.namespace}:regmw:starts"
 
-    def _count_start(self, job_id: str, forget: bool = False) -> int | None:
-        """Count one more start of ``job_id`` (or, with ``forget``, drop its count and return it); None if Redis failed.
+    def _count_start(self, job_id: str) -> int | None:
+        """Count one more start of ``job_id``; None if Redis failed.
 
         Starts, not retries: a message requeued from a dead worker starts again with
         dramatiq's retry count unchanged.
         """
         try:
-            if forget:
-                pipe = self.client.pipeline()
-                pipe.hget(self._starts_key(), job_id)
-                pipe.hdel(self._starts_key(), job_id)
-                value = pipe.execute()[0]
-                return int(value) if value is not None else None
             return int(self.client.hincrby(self._starts_key(), job_id, 1))
         except Exception as exc:  # counting is protection, not the job: never fail the job for it
             log.warning("job %s: start not counted: %s", job_id, exc)
             return None
+
+    def _forget_starts(self, job_id: str) -> None:
+        """Drop ``job_id``'s start count once it has an outcome."""
+        try:
+            self.client.hdel(self._starts_key(), job_id)
+        except Exception as exc:
+            log.warning("job %s: start count not removed: %s", job_id, exc)
 
     def _finished_key(self) -> str:
         return f"{self.namespace}:regmw:finished"
