@@ -29,12 +29,16 @@ plain WSGI app that raises it (Flask would otherwise turn it into its own
 500 page before regmw sees it). A handler the app (or a blueprint, or a
 plugin's ``init_app``) registers for it, or for a subclass, takes precedence.
 
-Any other exception of a view is Flask's: its 500 page (or the app's
-handler). Only when Flask lets it propagate (``PROPAGATE_EXCEPTIONS``, on
-with ``TESTING`` or ``DEBUG``) does it reach the middleware, which answers an
-API request with its OCI ``500 UNKNOWN`` and logs the traceback on the
-``regmw`` logger, as for any WSGI app: a test client gets that 500, not the
-exception.
+Any other exception of a view on an API request is answered with the
+middleware's OCI ``500 UNKNOWN`` body (refusal reason ``app_error``), not
+Flask's HTML page, which no registry client can read: Flask still logs the
+traceback (``app.logger``), and none of it is sent. The app's own handler for
+500 (``app.errorhandler(500)``, registered before or after ``init_app``) or
+for the exception's class takes precedence, and paths outside ``/v2`` keep
+Flask's page. When Flask lets the exception propagate
+(``PROPAGATE_EXCEPTIONS``, on with ``TESTING`` or ``DEBUG``) the middleware
+answers it the same way and logs the traceback on the ``regmw`` logger: a
+test client gets that 500, not the exception.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from typing import Any
 from .config import env_name, load_toml, merge
 from .context import RequestContext
 from .errors import BackendUnavailable, ConfigError
-from .middleware import _REFUSAL, RegistryMiddleware, backend_unavailable
+from .middleware import _APP_ERROR, _REFUSAL, RegistryMiddleware, backend_unavailable
 from .runtime import Runtime, build, gather_sections
 
 EXTENSION = "regmw"
@@ -96,6 +100,8 @@ class RegMW:
         app.extensions[EXTENSION] = state
         if BackendUnavailable not in app.error_handler_spec[None][None]:
             app.register_error_handler(BackendUnavailable, _answer_backend_unavailable)
+        if 500 not in app.error_handler_spec[None]:
+            app.register_error_handler(500, _answer_internal_error)
         return state
 
     def _sections_of(self, flat: Mapping[str, Any], base: Any, app_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,6 +139,21 @@ def _answer_backend_unavailable(exc: BackendUnavailable) -> Any:
     refusal = backend_unavailable()
     environ[_REFUSAL] = refusal.reason
     return refusal  # a WSGI app: Flask runs it, so the body and headers are the middleware's own
+
+
+def _answer_internal_error(error: Any) -> Any:
+    """Flask's 500 for an API request (a view raised, or aborted with 500): the middleware's OCI 500 body.
+
+    Flask has logged the exception already; the client gets no part of it.
+    Off the API, Flask's own page (returning the error renders it).
+    """
+    from flask import request
+
+    environ = request.environ
+    if "regmw.context" not in environ:
+        return error
+    environ[_REFUSAL] = _APP_ERROR.reason
+    return _APP_ERROR
 
 
 def state(app: Any = None) -> RegMWState:

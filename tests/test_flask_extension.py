@@ -143,25 +143,47 @@ def test_a_views_backend_unavailable_is_the_middlewares_oci_503(testing):
 
 
 @pytest.mark.parametrize("testing", [False, True])
-def test_a_views_other_error_is_flasks_500_page_unless_flask_propagates_it(testing):
-    """Propagated (TESTING/DEBUG), it reaches the middleware: an OCI 500, finished as 500, the text never sent."""
+def test_a_views_other_error_on_the_api_is_an_oci_500_propagated_or_not(testing):
+    """Flask's HTML 500 page is replaced on API requests: the OCI 500, finished and counted as app_error."""
     app = Flask(__name__)
     app.config["TESTING"] = testing
 
     @app.route("/v2/<path:rest>")
-    def broken(rest):
+    @app.route("/plain")
+    def broken(rest=None):
         raise RuntimeError("SECRET detail")
 
     finishes = Finishes()
     RegMW(app, plugins=[finishes])
+    refused = metrics.refusals.labels("app_error")
+    before = refused._value.get()
     response = Client(app).get("/v2/a/b/tags/list")
     assert response.status_code == 500 and b"SECRET" not in response.data
-    kind = response.headers["Content-Type"]
-    assert kind.startswith("application/json") if testing else kind.startswith("text/html")
-    if testing:
-        assert response.json["errors"][0]["code"] == "UNKNOWN"
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json["errors"][0]["code"] == "UNKNOWN"
+    assert response.headers["X-Request-Id"]
     response.close()
     assert finishes.statuses == [500]
+    assert refused._value.get() == before + 1
+    if not testing:  # off the API, Flask's own page
+        plain = Client(app).get("/plain")
+        assert plain.status_code == 500 and plain.headers["Content-Type"].startswith("text/html")
+
+
+def test_the_apps_own_500_handler_wins_registered_before_or_after_init_app():
+    before = Flask(__name__)
+    before.register_error_handler(500, lambda error: ("mine", 500))
+    after = Flask(__name__)
+    for app in (before, after):
+        @app.route("/v2/<path:rest>")
+        def broken(rest):
+            raise RuntimeError("boom")
+
+        RegMW(app)
+    after.register_error_handler(500, lambda error: ("mine", 500))
+    for app in (before, after):
+        response = Client(app).get("/v2/a/b/tags/list")
+        assert (response.status_code, response.data) == (500, b"mine")
 
 
 def test_the_apps_own_backend_unavailable_handler_and_non_api_paths_keep_flasks_handling():

@@ -52,10 +52,10 @@ def init_app(app: Any) -> None:
     * :class:`ReplicaLost`: the replica failed after the transaction had returned results;
     * a connection error SQLAlchemy raised itself: a write whose primary connection dropped
       (the primary is then marked down; a statement that failed on a working primary, such as a
-      lock timeout or a deadlock, keeps Flask's own handling), or a streamed (server-side cursor) result of a
+      lock timeout or a deadlock, is left to the app's handlers: an OCI 500 from ``RegMW`` if it has none), or a streamed (server-side cursor) result of a
       replica failing while the view iterates it (the :class:`ReplicaLost` case).
 
-    Any other exception keeps Flask's own handling.
+    Any other exception is left to the app's handlers (``RegMW`` answers an API request's with an OCI 500).
     """
     from sqlalchemy.exc import DBAPIError
 
