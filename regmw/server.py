@@ -41,6 +41,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -49,8 +50,17 @@ from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter as _GunicornArbiter
 from gunicorn.errors import AppImportError
+from gunicorn.http.errors import (
+    ChunkMissingTerminator,
+    InvalidChunkExtension,
+    InvalidChunkSize,
+    InvalidResponseHeader,
+    InvalidResponseHeaderName,
+    ParseException,
+)
 from gunicorn.workers.gthread import ThreadWorker
 
+from . import accesslog
 from .config import load_toml
 from .errors import ConfigError, error_body, exception_line
 
@@ -69,7 +79,9 @@ class DrainingWorker(ThreadWorker):
     It also answers what gunicorn refuses before the application sees a request
     (a malformed request line or method, a bad Content-Length or chunk size, a
     header too large: 400, 414, 417, 431) with an OCI error body instead of
-    gunicorn's HTML page, as every other refusal regmw makes.
+    gunicorn's HTML page, as every other refusal regmw makes, and gives each
+    such request its access log line (``refusal: "invalid"``) and its count in
+    ``regmw_refusals_total``: probes the middleware never saw stay visible.
     """
 
     def init_process(self) -> None:
@@ -77,6 +89,21 @@ class DrainingWorker(ThreadWorker):
         # regmw's own server forked, so replacing it here changes no other server.
         gunicorn_util.write_error = write_oci_error
         super().init_process()
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        _written.status = None
+        super().handle_error(req, client, addr, exc)
+        status = _written.status
+        # A chunked body's error is met while the app reads it: the middleware has seen (and logged) that request.
+        if status is None or not isinstance(exc, ParseException) or isinstance(exc, _MET_BY_THE_APP):
+            return
+        from . import metrics  # imported by the app already: prometheus-client's mode is chosen (see run)
+
+        metrics.refusals.labels("invalid").inc()
+        if self.app.section["access_log"] and accesslog.access_log.isEnabledFor(logging.INFO):
+            environ = {"REQUEST_METHOD": getattr(req, "method", None), "PATH_INFO": getattr(req, "path", None),
+                       "REMOTE_ADDR": addr[0] if addr else None}
+            accesslog.access_log.info(accesslog.line(environ, status, 0.0, refusal="invalid"))
 
     def init_signals(self) -> None:
         super().init_signals()
@@ -94,8 +121,16 @@ class DrainingWorker(ThreadWorker):
             self.set_accept_enabled(False)
 
 
+#: The status :func:`write_oci_error` answered, per worker thread (read back by ``DrainingWorker.handle_error``).
+_written = threading.local()
+#: gunicorn's parse errors met while the app reads a chunked body, or in the app's own response headers.
+_MET_BY_THE_APP = (InvalidChunkSize, ChunkMissingTerminator, InvalidChunkExtension, InvalidResponseHeader,
+                   InvalidResponseHeaderName)
+
+
 def write_oci_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn's ``util.write_error`` with an OCI error body (``UNKNOWN``; the status says what was wrong)."""
+    _written.status = status_int
     message = mesg[:256] if mesg else (reason.lower() if status_int < 500 else "internal error")
     body = error_body("UNKNOWN", message)
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"

@@ -254,6 +254,12 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def metrics_text(served: Served) -> str:
+    status, _, body = request(f"http://127.0.0.1:{served.metrics_port}", "GET", "/metrics")
+    assert status == 200
+    return body.decode()
+
+
 def measured(url: str, requests: int, **labels: str) -> str:
     """The metrics at ``url`` once ``requests`` API requests (with ``labels``) are measured in them.
 
@@ -424,8 +430,10 @@ REFUSED_BY_GUNICORN = [
 ]
 
 
-def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html(regmw_serve):
-    served = regmw_serve(gateway_config("http://127.0.0.1:9"), workers=1)  # never reached: gunicorn answers
+def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html_and_logged(regmw_serve):
+    """An OCI body, and (as for the middleware's own refusals) an access log line and a refusal count."""
+    served = regmw_serve(gateway_config("http://127.0.0.1:9"), metrics=True, workers=1)  # never reached
+    before = metric(metrics_text(served), "regmw_refusals_total", reason="invalid")
     for raw, status in REFUSED_BY_GUNICORN:
         with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
             sock.sendall(raw)
@@ -436,3 +444,9 @@ def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html(regmw_serve
         assert head.startswith(b"HTTP/1.1 %d " % status), (raw[:40], head)
         assert b"content-type: application/json" in head.lower(), (raw[:40], head)
         assert json.loads(body)["errors"][0]["code"] == "UNKNOWN", (raw[:40], body)
+    wait_until(lambda: len(served.log_lines()) == len(REFUSED_BY_GUNICORN), timeout=10, what="the access log lines")
+    lines = served.log_lines()
+    assert [line["status"] for line in lines] == [status for _, status in REFUSED_BY_GUNICORN]
+    assert all(line["refusal"] == "invalid" and line["client"] == "127.0.0.1" for line in lines)
+    wait_until(lambda: metric(metrics_text(served), "regmw_refusals_total", reason="invalid")
+               == before + len(REFUSED_BY_GUNICORN), timeout=10, what="the refusals counted")
