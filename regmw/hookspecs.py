@@ -230,8 +230,10 @@ def regmw_response_started(context, status, headers):
 def regmw_finish(context, status):
     """Called after the response body was sent and closed (or the request was refused).
 
-    ``status`` is the status sent; an app that raised counts as 500. Use it
-    for work the client need not wait for: events, metrics, cache
-    invalidation. Exceptions are logged, never sent to the client, and the
+    ``status`` is the status sent; an app that raised counts as 500 (503 for
+    a ``BackendUnavailable`` raised before its response started). Use it for
+    work the client need not wait for: metrics, cache invalidation, returning
+    connections (an event that must not be lost is stored earlier, in
+    ``regmw_response_started``, as the notifications plugin does). Exceptions are logged, never sent to the client, and the
     other plugins' implementations still run.
     """
