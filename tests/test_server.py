@@ -436,3 +436,51 @@ def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html(regmw_serve
         assert head.startswith(b"HTTP/1.1 %d " % status), (raw[:40], head)
         assert b"content-type: application/json" in head.lower(), (raw[:40], head)
         assert json.loads(body)["errors"][0]["code"] == "UNKNOWN", (raw[:40], body)
+
+
+# --- clients that stall mid-request ------------------------------------------------
+
+
+def answer_or_close(sock: socket.socket, within: float) -> bytes:
+    """What the server sends on ``sock`` until it closes it; fails if it still holds it after ``within`` s."""
+    answer = b""
+    sock.settimeout(within)
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except TimeoutError:
+        pytest.fail(f"the server still holds a stalled connection after {within}s (answered {answer[:60]!r})")
+    except ConnectionResetError:
+        pass
+    return answer
+
+
+def test_a_stalled_client_holds_a_thread_only_for_client_timeout(regmw_serve):
+    # An upstream that accepts (into its backlog) and never answers: the gateway is left reading the
+    # client's body. Without a limit, eight stalled clients held all eight threads forever.
+    with socket.socket() as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(64)
+        served = regmw_serve(gateway_config(f"http://127.0.0.1:{sink.getsockname()[1]}"), workers=1,
+                             serve_extra="client_timeout = 2\n")
+        stalled = []
+        for n in range(8):  # [serve] threads = 8: every thread of the one worker
+            sock = socket.create_connection(("127.0.0.1", served.port), timeout=30)
+            if n % 2:  # a body short of its Content-Length
+                sock.sendall(b"PUT /v2/a/b/manifests/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            else:  # half a request head
+                sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Half: a")
+            stalled.append(sock)
+        try:
+            for n, sock in enumerate(stalled):
+                answer = answer_or_close(sock, within=20)
+                if n % 2:
+                    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+                    assert json.loads(answer.partition(b"\r\n\r\n")[2])["errors"][0]["code"] == "UNKNOWN"
+                else:
+                    assert answer == b""  # a head never finished: nothing to answer, the connection closes
+            status, _, _ = request(served.url, "GET", "/-/regmw/health")  # threads are free again
+            assert status == 200
+        finally:
+            for sock in stalled:
+                sock.close()
