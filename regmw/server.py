@@ -44,6 +44,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util as gunicorn_util
@@ -138,13 +139,27 @@ class _StallLimited:
 
 
 def write_oci_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
-    """gunicorn's ``util.write_error`` with an OCI error body (``UNKNOWN``; the status says what was wrong)."""
+    """gunicorn's ``util.write_error`` with an OCI error body (``UNKNOWN``; the status says what was wrong).
+
+    The status line carries the status's own reason phrase: gunicorn leaves
+    its default ``Bad Request`` with a 501 (an unsupported transfer coding).
+    """
     message = mesg[:256] if mesg else (reason.lower() if status_int < 500 else "internal error")
     body = error_body("UNKNOWN", message)
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+    head = (f"HTTP/1.1 {status_int} {_reason_phrase(status_int, reason)}\r\nConnection: close\r\n"
             f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
             "Docker-Distribution-API-Version: registry/2.0\r\n\r\n")
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def _reason_phrase(status: int, reason: str) -> str:
+    """gunicorn's ``reason``, unless it is the default ``Bad Request`` left with another status: that status's own."""
+    if reason != "Bad Request" or status == 400:
+        return reason
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 class Arbiter(_GunicornArbiter):

@@ -421,6 +421,7 @@ REFUSED_BY_GUNICORN = [
     # just past gunicorn's limits (4094, 8190): all of it is read, so the close sends no RST before the answer
     (b"GET /v2/" + b"a" * 4100 + b"/tags/list HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"a" * 8200 + b"\r\n\r\n", 431),
+    (b"PUT /v2/a/b/manifests/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", 501),
 ]
 
 
@@ -434,6 +435,7 @@ def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html(regmw_serve
                 answer += chunk
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 %d " % status), (raw[:40], head)
+        assert status == 400 or b" Bad Request\r\n" not in head, head  # the status's own reason phrase
         assert b"content-type: application/json" in head.lower(), (raw[:40], head)
         assert json.loads(body)["errors"][0]["code"] == "UNKNOWN", (raw[:40], body)
 
