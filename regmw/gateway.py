@@ -207,10 +207,17 @@ def _alive(conn: http.client.HTTPConnection) -> bool:
     return not readable
 
 
-#: Headers naming the client's address: passed on only from a trusted proxy (as ``title()`` spells them).
-#: What a proxy in front says about the client and how it was reached: passed on only from a trusted proxy.
+#: What a proxy in front says about the client, how it was reached and which path it asked for: passed on
+#: only from a trusted proxy (as ``title()`` spells them). distribution reads the first seven; the others are
+#: what other registries and their frameworks read the same way: the scheme (``X-Forwarded-Scheme``,
+#: ``-Ssl``, ``-Protocol``, ``Front-End-Https``), the client (``X-Client-Ip``, ``True-Client-Ip``,
+#: ``X-Cluster-Client-Ip``), the host (``X-Forwarded-Server``) and the path itself (``X-Original-Url``,
+#: ``X-Rewrite-Url``: an upstream honouring them would act on another path than the one regmw checked).
 _FORWARDING_HEADERS = frozenset({"X-Forwarded-For", "X-Real-Ip", "Forwarded", "X-Forwarded-Proto",
-                                 "X-Forwarded-Host", "X-Forwarded-Port", "X-Forwarded-Prefix"})
+                                 "X-Forwarded-Host", "X-Forwarded-Port", "X-Forwarded-Prefix",
+                                 "X-Forwarded-Scheme", "X-Forwarded-Ssl", "X-Forwarded-Protocol", "Front-End-Https",
+                                 "X-Client-Ip", "True-Client-Ip", "X-Cluster-Client-Ip", "X-Forwarded-Server",
+                                 "X-Original-Url", "X-Rewrite-Url"})
 
 
 class Gateway:
