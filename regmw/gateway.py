@@ -335,7 +335,8 @@ class Gateway:
             headers = [(n, v) for n, v in headers if n != "X-Forwarded-For"]
             headers.append(("X-Forwarded-For", f"{forwarded}, {peer}" if forwarded else peer))
         if not (trusted and "HTTP_X_FORWARDED_PROTO" in environ):
-            headers.append(("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http")))
+            headers.append(("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http") if trusted
+                            else _reached_by(environ)))
         return headers
 
     def _exchange(self, method: str, target: str, headers: list[tuple[str, str]], body: _RequestBody, environ: dict):
@@ -400,6 +401,22 @@ class Gateway:
         host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
         scheme = environ.get("wsgi.url_scheme", "http")
         return f"{scheme}://{host}{path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def _reached_by(environ: dict) -> str:
+    """The scheme the client reached this server by, whatever it claims.
+
+    gunicorn sets ``wsgi.url_scheme`` from a client's ``X-Forwarded-Proto``
+    (``-Ssl``, ``-Protocol``) when the peer is in its ``forwarded_allow_ips``,
+    loopback by default: that is not ``[regmw] trusted_proxies``, and a client
+    on loopback (or behind an untrusted proxy there that passes the header on)
+    had the upstream build its URLs with the scheme it chose. gunicorn's
+    socket says it plainly; another server's ``wsgi.url_scheme`` is kept.
+    """
+    client = environ.get("gunicorn.socket")
+    if client is None:
+        return environ.get("wsgi.url_scheme", "http")
+    return "https" if isinstance(client, ssl.SSLSocket) else "http"
 
 
 #: The target of each link in a ``Link`` header (RFC 8288): ``<URI>``.

@@ -6,9 +6,11 @@ chunked encoding, keep-alive and header handling are those of real HTTP.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import http.client
 import json
 import os
+import socket
 from urllib.parse import urlsplit
 
 import pytest
@@ -133,6 +135,19 @@ def test_forwarding_headers_pass_on_only_from_a_trusted_proxy(serve_wsgi):
     assert all(seen[name.lower()] == value for name, value in others.items()), seen
     untrusted.close()
     app.close()
+
+
+def test_a_scheme_gunicorn_took_from_an_untrusted_clients_header_is_not_forwarded():
+    """gunicorn believes X-Forwarded-Proto from its ``forwarded_allow_ips`` (loopback by default) and sets
+    ``wsgi.url_scheme`` from it: outside ``[regmw] trusted_proxies`` the upstream gets the scheme of the socket."""
+    gateway = Gateway("http://127.0.0.1:9")
+    with socket.socket() as plain:
+        environ = {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_PROTO": "https", "wsgi.url_scheme": "https",
+                   "gunicorn.socket": plain, "HTTP_HOST": "x"}
+        assert dict(gateway._request_headers(environ))["X-Forwarded-Proto"] == "http"
+        trusting = Gateway("http://127.0.0.1:9", trusted_proxies=[ipaddress.ip_network("127.0.0.0/8")])
+        assert dict(trusting._request_headers(environ))["X-Forwarded-Proto"] == "https"  # its proxy's word
+    assert dict(gateway._request_headers({"wsgi.url_scheme": "https"}))["X-Forwarded-Proto"] == "https"  # no gunicorn
 
 
 def test_location_and_link_naming_upstream_are_rewritten(serve_wsgi):
