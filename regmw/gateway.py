@@ -207,10 +207,17 @@ def _alive(conn: http.client.HTTPConnection) -> bool:
     return not readable
 
 
-#: Headers naming the client's address: passed on only from a trusted proxy (as ``title()`` spells them).
-#: What a proxy in front says about the client and how it was reached: passed on only from a trusted proxy.
+#: What a proxy in front says about the client, how it was reached and which path it asked for: passed on
+#: only from a trusted proxy (as ``title()`` spells them). distribution reads the first seven; the others are
+#: what other registries and their frameworks read the same way: the scheme (``X-Forwarded-Scheme``,
+#: ``-Ssl``, ``-Protocol``, ``Front-End-Https``), the client (``X-Client-Ip``, ``True-Client-Ip``,
+#: ``X-Cluster-Client-Ip``), the host (``X-Forwarded-Server``) and the path itself (``X-Original-Url``,
+#: ``X-Rewrite-Url``: an upstream honouring them would act on another path than the one regmw checked).
 _FORWARDING_HEADERS = frozenset({"X-Forwarded-For", "X-Real-Ip", "Forwarded", "X-Forwarded-Proto",
-                                 "X-Forwarded-Host", "X-Forwarded-Port", "X-Forwarded-Prefix"})
+                                 "X-Forwarded-Host", "X-Forwarded-Port", "X-Forwarded-Prefix",
+                                 "X-Forwarded-Scheme", "X-Forwarded-Ssl", "X-Forwarded-Protocol", "Front-End-Https",
+                                 "X-Client-Ip", "True-Client-Ip", "X-Cluster-Client-Ip", "X-Forwarded-Server",
+                                 "X-Original-Url", "X-Rewrite-Url"})
 
 
 class Gateway:
@@ -328,7 +335,8 @@ class Gateway:
             headers = [(n, v) for n, v in headers if n != "X-Forwarded-For"]
             headers.append(("X-Forwarded-For", f"{forwarded}, {peer}" if forwarded else peer))
         if not (trusted and "HTTP_X_FORWARDED_PROTO" in environ):
-            headers.append(("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http")))
+            headers.append(("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http") if trusted
+                            else _reached_by(environ)))
         return headers
 
     def _exchange(self, method: str, target: str, headers: list[tuple[str, str]], body: _RequestBody, environ: dict):
@@ -393,6 +401,22 @@ class Gateway:
         host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME')}:{environ.get('SERVER_PORT')}"
         scheme = environ.get("wsgi.url_scheme", "http")
         return f"{scheme}://{host}{path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def _reached_by(environ: dict) -> str:
+    """The scheme the client reached this server by, whatever it claims.
+
+    gunicorn sets ``wsgi.url_scheme`` from a client's ``X-Forwarded-Proto``
+    (``-Ssl``, ``-Protocol``) when the peer is in its ``forwarded_allow_ips``,
+    loopback by default: that is not ``[regmw] trusted_proxies``, and a client
+    on loopback (or behind an untrusted proxy there that passes the header on)
+    had the upstream build its URLs with the scheme it chose. gunicorn's
+    socket says it plainly; another server's ``wsgi.url_scheme`` is kept.
+    """
+    client = environ.get("gunicorn.socket")
+    if client is None:
+        return environ.get("wsgi.url_scheme", "http")
+    return "https" if isinstance(client, ssl.SSLSocket) else "http"
 
 
 #: The target of each link in a ``Link`` header (RFC 8288): ``<URI>``.

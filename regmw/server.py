@@ -39,11 +39,13 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
 import traceback
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util as gunicorn_util
@@ -82,12 +84,15 @@ class DrainingWorker(ThreadWorker):
     gunicorn's HTML page, as every other refusal regmw makes, and gives each
     such request its access log line (``refusal: "invalid"``) and its count in
     ``regmw_refusals_total``: probes the middleware never saw stay visible.
+    And it bounds how long a client may stall (``[serve] client_timeout``,
+    :class:`_StallLimited`).
     """
 
     def init_process(self) -> None:
         # gunicorn's Worker.handle_error writes through util.write_error; this is the worker process
         # regmw's own server forked, so replacing it here changes no other server.
         gunicorn_util.write_error = write_oci_error
+        self.stall_limit = stall_limit(self.app.section["client_timeout"])
         super().init_process()
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
@@ -113,7 +118,7 @@ class DrainingWorker(ThreadWorker):
 
     def accept(self, listener: Any) -> None:
         try:
-            super().accept(listener)
+            super().accept(_StallLimited(listener, self.stall_limit))
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -128,15 +133,69 @@ _MET_BY_THE_APP = (InvalidChunkSize, ChunkMissingTerminator, InvalidChunkExtensi
                    InvalidResponseHeaderName)
 
 
+def stall_limit(seconds: int) -> bytes:
+    """``seconds`` as the ``struct timeval`` that ``SO_RCVTIMEO``/``SO_SNDTIMEO`` take."""
+    return struct.pack("ll", seconds, 0)
+
+
+class _StallLimited:
+    """A listening socket whose accepted connections may wait at most a limit per receive and per send.
+
+    gunicorn's threaded worker waits (without a thread) only for a request's
+    first byte; after that it reads the head and the body on a blocking socket
+    with no timeout, and writes the answer the same way. A client that sent
+    ``Content-Length: 100`` and ten bytes, half a header line, or a chunk size
+    it never fills, or that stops reading a pull, held a thread forever:
+    ``threads`` such clients and the worker served nobody else. The kernel's
+    ``SO_RCVTIMEO``/``SO_SNDTIMEO`` (``[serve] client_timeout``) end such a
+    wait: the read or write raises ``EAGAIN``, the app answers 400 (a body cut
+    short) or gunicorn closes the connection (a head cut short). The socket
+    stays blocking to Python (``gettimeout()`` is None), which the gateway's
+    zero-copy splice needs, and a transfer that keeps moving is never cut: the
+    limit is per wait. Set on each connection as it is accepted (two
+    ``setsockopt`` calls per connection, none per request): set on the
+    listening socket instead, connections already queued before a worker set
+    it, and UNIX-socket ones, would not inherit it.
+    """
+
+    __slots__ = ("_listener", "_limit")
+
+    def __init__(self, listener: Any, limit: bytes) -> None:
+        self._listener, self._limit = listener, limit
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        client, address = self._listener.accept()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._limit)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._limit)
+        return client, address
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._listener, name)  # getsockname(), ...: gunicorn's accept asks the listener
+
+
 def write_oci_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
-    """gunicorn's ``util.write_error`` with an OCI error body (``UNKNOWN``; the status says what was wrong)."""
+    """gunicorn's ``util.write_error`` with an OCI error body (``UNKNOWN``; the status says what was wrong).
+
+    The status line carries the status's own reason phrase: gunicorn leaves
+    its default ``Bad Request`` with a 501 (an unsupported transfer coding).
+    """
     _written.status = status_int
     message = mesg[:256] if mesg else (reason.lower() if status_int < 500 else "internal error")
     body = error_body("UNKNOWN", message)
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+    head = (f"HTTP/1.1 {status_int} {_reason_phrase(status_int, reason)}\r\nConnection: close\r\n"
             f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
             "Docker-Distribution-API-Version: registry/2.0\r\n\r\n")
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def _reason_phrase(status: int, reason: str) -> str:
+    """gunicorn's ``reason``, unless it is the default ``Bad Request`` left with another status: that status's own."""
+    if reason != "Bad Request" or status == 400:
+        return reason
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 class Arbiter(_GunicornArbiter):

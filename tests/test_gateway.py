@@ -6,9 +6,11 @@ chunked encoding, keep-alive and header handling are those of real HTTP.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import http.client
 import json
 import os
+import socket
 from urllib.parse import urlsplit
 
 import pytest
@@ -113,18 +115,39 @@ def test_forwarding_headers_pass_on_only_from_a_trusted_proxy(serve_wsgi):
     upstream = serve_wsgi(echo)
     spoof = {"X-Forwarded-For": "6.6.6.6", "X-Real-Ip": "6.6.6.6", "Forwarded": "for=6.6.6.6",
              "X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example", "X-Forwarded-Port": "8443"}
+    # what other registries (and the frameworks they are built on) read the same way: scheme, client, path
+    others = {"X-Forwarded-Scheme": "https", "X-Forwarded-Ssl": "on", "X-Forwarded-Protocol": "ssl",
+              "Front-End-Https": "on", "X-Client-IP": "6.6.6.6", "True-Client-IP": "6.6.6.6",
+              "X-Cluster-Client-IP": "6.6.6.6", "X-Forwarded-Server": "evil.example",
+              "X-Original-URL": "/v2/other/manifests/latest", "X-Rewrite-URL": "/v2/other/manifests/latest"}
+    spoof.update(others)
     untrusted = Gateway(upstream)
     seen = json.loads(request(serve_wsgi(untrusted), "GET", "/v2/", headers=spoof)[1])["headers"]
     assert seen["x-forwarded-for"] == "127.0.0.1" and "x-real-ip" not in seen and "forwarded" not in seen
     assert seen["x-forwarded-proto"] == "http" and "x-forwarded-host" not in seen and "x-forwarded-port" not in seen
+    assert not {name.lower() for name in others} & set(seen), seen
     app, _ = create_gateway(build({"regmw": {"trusted_proxies": ["127.0.0.0/8"]}, "gateway": {"upstream": upstream}},
                                   environ={}).config)
     seen = json.loads(request(serve_wsgi(app), "GET", "/v2/", headers=spoof)[1])["headers"]
     assert seen["x-forwarded-for"] == "6.6.6.6, 127.0.0.1"
     assert seen["x-real-ip"] == "6.6.6.6" and seen["forwarded"] == "for=6.6.6.6"
     assert seen["x-forwarded-proto"] == "https" and seen["x-forwarded-host"] == "evil.example"
+    assert all(seen[name.lower()] == value for name, value in others.items()), seen
     untrusted.close()
     app.close()
+
+
+def test_a_scheme_gunicorn_took_from_an_untrusted_clients_header_is_not_forwarded():
+    """gunicorn believes X-Forwarded-Proto from its ``forwarded_allow_ips`` (loopback by default) and sets
+    ``wsgi.url_scheme`` from it: outside ``[regmw] trusted_proxies`` the upstream gets the scheme of the socket."""
+    gateway = Gateway("http://127.0.0.1:9")
+    with socket.socket() as plain:
+        environ = {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_PROTO": "https", "wsgi.url_scheme": "https",
+                   "gunicorn.socket": plain, "HTTP_HOST": "x"}
+        assert dict(gateway._request_headers(environ))["X-Forwarded-Proto"] == "http"
+        trusting = Gateway("http://127.0.0.1:9", trusted_proxies=[ipaddress.ip_network("127.0.0.0/8")])
+        assert dict(trusting._request_headers(environ))["X-Forwarded-Proto"] == "https"  # its proxy's word
+    assert dict(gateway._request_headers({"wsgi.url_scheme": "https"}))["X-Forwarded-Proto"] == "https"  # no gunicorn
 
 
 def test_location_and_link_naming_upstream_are_rewritten(serve_wsgi):

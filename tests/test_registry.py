@@ -209,6 +209,12 @@ def test_flasks_own_error_answers_are_oci_bodies_not_html(client, method, path, 
     assert ("Allow" in response.headers) == (status == 405)  # Flask's own 405 keeps its Allow header
 
 
+def test_flasks_own_answer_to_options_is_not_typed_html(client):
+    response = client.options(f"/v2/{REPO}/tags/list")
+    assert response.status_code == 200 and response.get_data() == b""
+    assert "Content-Type" not in response.headers  # an empty answer has no type, not Flask's text/html
+
+
 CATALOG_NAMES = ["g/seven", "g-eight", "g.nine", "gz", "g/seven/sub", "a/one"]
 
 

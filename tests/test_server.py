@@ -427,6 +427,7 @@ REFUSED_BY_GUNICORN = [
     # just past gunicorn's limits (4094, 8190): all of it is read, so the close sends no RST before the answer
     (b"GET /v2/" + b"a" * 4100 + b"/tags/list HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"a" * 8200 + b"\r\n\r\n", 431),
+    (b"PUT /v2/a/b/manifests/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", 501),
 ]
 
 
@@ -442,6 +443,7 @@ def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html_and_logged(
                 answer += chunk
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 %d " % status), (raw[:40], head)
+        assert status == 400 or b" Bad Request\r\n" not in head, head  # the status's own reason phrase
         assert b"content-type: application/json" in head.lower(), (raw[:40], head)
         assert json.loads(body)["errors"][0]["code"] == "UNKNOWN", (raw[:40], body)
     wait_until(lambda: len(served.log_lines()) == len(REFUSED_BY_GUNICORN), timeout=10, what="the access log lines")
@@ -450,3 +452,51 @@ def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html_and_logged(
     assert all(line["refusal"] == "invalid" and line["client"] == "127.0.0.1" for line in lines)
     wait_until(lambda: metric(metrics_text(served), "regmw_refusals_total", reason="invalid")
                == before + len(REFUSED_BY_GUNICORN), timeout=10, what="the refusals counted")
+
+
+# --- clients that stall mid-request ------------------------------------------------
+
+
+def answer_or_close(sock: socket.socket, within: float) -> bytes:
+    """What the server sends on ``sock`` until it closes it; fails if it still holds it after ``within`` s."""
+    answer = b""
+    sock.settimeout(within)
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except TimeoutError:
+        pytest.fail(f"the server still holds a stalled connection after {within}s (answered {answer[:60]!r})")
+    except ConnectionResetError:
+        pass
+    return answer
+
+
+def test_a_stalled_client_holds_a_thread_only_for_client_timeout(regmw_serve):
+    # An upstream that accepts (into its backlog) and never answers: the gateway is left reading the
+    # client's body. Without a limit, eight stalled clients held all eight threads forever.
+    with socket.socket() as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(64)
+        served = regmw_serve(gateway_config(f"http://127.0.0.1:{sink.getsockname()[1]}"), workers=1,
+                             serve_extra="client_timeout = 2\n")
+        stalled = []
+        for n in range(8):  # [serve] threads = 8: every thread of the one worker
+            sock = socket.create_connection(("127.0.0.1", served.port), timeout=30)
+            if n % 2:  # a body short of its Content-Length
+                sock.sendall(b"PUT /v2/a/b/manifests/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            else:  # half a request head
+                sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Half: a")
+            stalled.append(sock)
+        try:
+            for n, sock in enumerate(stalled):
+                answer = answer_or_close(sock, within=20)
+                if n % 2:
+                    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+                    assert json.loads(answer.partition(b"\r\n\r\n")[2])["errors"][0]["code"] == "UNKNOWN"
+                else:
+                    assert answer == b""  # a head never finished: nothing to answer, the connection closes
+            status, _, _ = request(served.url, "GET", "/-/regmw/health")  # threads are free again
+            assert status == 200
+        finally:
+            for sock in stalled:
+                sock.close()

@@ -77,7 +77,7 @@ def create_app(root: str) -> Flask:
     @app.after_request
     def api_version(response: Response) -> Response:
         response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
-        if response.headers.get("Content-Length") == "0":
+        if _empty(response):
             response.headers.remove("Content-Type")  # an empty answer has no type (Flask adds text/html)
         return response
 
@@ -118,6 +118,14 @@ def create_app(root: str) -> Flask:
 _METHODS = ("GET", "HEAD", "POST", "PATCH", "PUT", "DELETE")
 _HTTP_CODES = {404: "NAME_UNKNOWN", 405: "UNSUPPORTED", 413: "SIZE_INVALID"}
 _HTTP_MESSAGES = {404: "unknown API path", 405: "method not supported on this path", 500: "internal error"}
+
+
+def _empty(response: Response) -> bool:
+    """Whether ``response`` has no body: a ``Content-Length: 0``, or no bytes yet to count (Flask's own
+    answer to OPTIONS has neither a body nor, until it is sent, a Content-Length). A file is not looked at."""
+    if response.headers.get("Content-Length") == "0":
+        return True
+    return response.is_sequence and not any(response.response)
 
 
 class _ClientBody:
