@@ -152,7 +152,8 @@ class _StallLimited:
     short) or gunicorn closes the connection (a head cut short). The socket
     stays blocking to Python (``gettimeout()`` is None), which the gateway's
     zero-copy splice needs, and a transfer that keeps moving is never cut: the
-    limit is per wait. Set on each connection as it is accepted (two
+    limit is per wait, a ``sendfile`` of the server's included
+    (:class:`_StallLimitedConnection`). Set on each connection as it is accepted (two
     ``setsockopt`` calls per connection, none per request): set on the
     listening socket instead, connections already queued before a worker set
     it, and UNIX-socket ones, would not inherit it.
@@ -164,13 +165,46 @@ class _StallLimited:
         self._listener, self._limit = listener, limit
 
     def accept(self) -> tuple[socket.socket, Any]:
-        client, address = self._listener.accept()
+        accepted, address = self._listener.accept()
+        client = _StallLimitedConnection(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._limit)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._limit)
         return client, address
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._listener, name)  # getsockname(), ...: gunicorn's accept asks the listener
+
+
+class _StallLimitedConnection(socket.socket):
+    """An accepted connection whose ``sendfile`` also ends when the client reads nothing for the limit.
+
+    gunicorn sends a ``wsgi.file_wrapper`` body (the bundled registry's blob
+    pulls) with ``socket.sendfile``. On a socket blocking to Python, that
+    waits in ``select`` without a limit whenever ``os.sendfile`` says EAGAIN,
+    and here EAGAIN means ``SO_SNDTIMEO`` expired: the client read nothing for
+    ``client_timeout``. This loop raises ``TimeoutError`` instead, so gunicorn
+    closes the connection (and the body, so ``regmw_finish`` runs).
+    """
+
+    __slots__ = ()
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        if count is None:
+            return super().sendfile(file, offset, count)  # gunicorn always gives the count
+        sent = 0
+        try:
+            while sent < count:
+                try:
+                    done = os.sendfile(self.fileno(), file.fileno(), offset + sent, min(count - sent, 1 << 30))
+                except BlockingIOError:
+                    raise TimeoutError(errno.ETIMEDOUT, "the client read nothing for [serve] client_timeout") from None
+                if done == 0:
+                    break  # the file is shorter than count: as socket.sendfile, stop there
+                sent += done
+        finally:
+            if sent:
+                file.seek(offset + sent)  # where socket.sendfile leaves the file
+        return sent
 
 
 def write_oci_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:

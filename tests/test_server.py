@@ -54,7 +54,8 @@ def regmw_serve(tmp_path):
     """``start(config_text, metrics=False)``: `regmw serve` (gunicorn) on a free port; stopped by PID."""
     started: list[subprocess.Popen] = []
 
-    def start(config_text: str, metrics: bool = False, workers: int = 2, serve_extra: str = "") -> Served:
+    def start(config_text: str, metrics: bool = False, workers: int = 2, serve_extra: str = "",
+              args: tuple[str, ...] = ()) -> Served:
         port = free_port()
         metrics_port = free_port() if metrics else None
         serve = f"[serve]\nworkers = {workers}\nthreads = 8\n{serve_extra}"
@@ -65,7 +66,7 @@ def regmw_serve(tmp_path):
         log = tmp_path / f"regmw-{port}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "regmw.cli", "--config", str(config), "serve",
-                                     "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                     "--port", str(port), *args], stdout=out, stderr=subprocess.STDOUT,
                                     env={**os.environ, "REGMW_CONFIG": ""})
         started.append(proc)
         wait_for_port(port, proc=proc, timeout=30)
@@ -500,3 +501,22 @@ def test_a_stalled_client_holds_a_thread_only_for_client_timeout(regmw_serve):
         finally:
             for sock in stalled:
                 sock.close()
+
+
+def test_a_client_that_stops_reading_a_sendfile_pull_holds_its_thread_only_for_client_timeout(tmp_path, regmw_serve):
+    """The bundled registry's blob pull goes out with sendfile, whose wait socket.sendfile never limits."""
+    served = regmw_serve("", workers=1, serve_extra="client_timeout = 1\n",
+                         args=("--registry-root", str(tmp_path / "registry")))
+    size = 32 * 1024 * 1024
+    digest = push_blob(served.url, [os.urandom(1024 * 1024)] * 32)
+    status, _, body = request(served.url, "GET", f"/v2/{REPO}/blobs/{digest}")  # a client that reads: all of it
+    assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server's sends block at once
+        sock.connect(("127.0.0.1", served.port))
+        sock.sendall(f"GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        # The pull is finished (its access log line written) once the server gives up on the stalled client.
+        wait_until(lambda: any(line["path"] == f"/v2/{REPO}/blobs/{digest}" for line in served.log_lines()),
+                   timeout=30, what="the server giving up on a client that reads nothing")
+        answer = answer_or_close(sock, within=30)
+    assert answer.startswith(b"HTTP/1.1 200 ") and len(answer) < size  # cut short, not sent to the end
