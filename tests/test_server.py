@@ -516,7 +516,7 @@ def test_a_client_that_stops_reading_a_sendfile_pull_holds_its_thread_only_for_c
         sock.connect(("127.0.0.1", served.port))
         sock.sendall(f"GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         # The pull is finished (its access log line written) once the server gives up on the stalled client.
-        wait_until(lambda: any(line["path"] == f"/v2/{REPO}/blobs/{digest}" for line in served.log_lines()),
+        wait_until(lambda: sum(line["path"] == f"/v2/{REPO}/blobs/{digest}" for line in served.log_lines()) == 2,
                    timeout=30, what="the server giving up on a client that reads nothing")
         answer = answer_or_close(sock, within=30)
     assert answer.startswith(b"HTTP/1.1 200 ") and len(answer) < size  # cut short, not sent to the end
