@@ -91,6 +91,18 @@ def too_many_requests(message: str, retry_after: int, headers: Iterable[tuple[st
     return Refusal(429, "TOOMANYREQUESTS", message, headers=headers, retry_after=retry_after, reason="rate_limit")
 
 
+def unreadable_body(exc: BaseException) -> str:
+    """Why the server could not read a client's request body (the message of its 400).
+
+    ``BlockingIOError``/``TimeoutError``: the client sent nothing for
+    ``[serve] client_timeout`` (the connection's receive timeout expired);
+    anything else: a bad chunk size or the connection ending mid-body.
+    """
+    if isinstance(exc, (BlockingIOError, TimeoutError)):
+        return "request body stalled: the client sent nothing for the server's client_timeout"
+    return f"request body is malformed or ended early ({type(exc).__name__})"
+
+
 def exception_line(exc: BaseException) -> str:
     """``Type: first line of its text`` (its repr when it has none): an unexpected error, reported in one line."""
     text = str(exc).strip()

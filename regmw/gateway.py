@@ -96,7 +96,7 @@ from . import metrics
 from .catalog import MergedCatalog
 from .clients import ClientResolver
 from .config import Option, Section
-from .errors import ConfigError, Refusal
+from .errors import ConfigError, Refusal, unreadable_body
 from .plugins import hookimpl
 
 log = logging.getLogger("regmw.gateway")
@@ -554,7 +554,7 @@ class _RequestBody:
             try:
                 chunk = self.stream.read(REQUEST_PIECE if remaining is None else min(REQUEST_PIECE, remaining))
             except Exception as exc:  # the server's body reader: a bad chunk size, EOF mid-chunk (an IOError)
-                raise _ClientGone(f"request body is malformed or ended early ({type(exc).__name__})") from None
+                raise _ClientGone(unreadable_body(exc)) from None
             if not chunk:
                 if remaining:
                     raise _ClientGone("request body ended before its Content-Length")

@@ -36,7 +36,7 @@ from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from regmw.catalog import MAX_PAGE, catalog_key, page_size
-from regmw.errors import error_body
+from regmw.errors import error_body, unreadable_body
 from regmw.routes import TAG_RE
 
 from .layout import Layout, append_stream, file_digest, parse_digest, valid_name
@@ -141,7 +141,7 @@ class _ClientBody:
         except HTTPException:
             raise
         except Exception as exc:
-            raise BadRequest(f"request body is malformed or ended early ({type(exc).__name__})") from None
+            raise BadRequest(unreadable_body(exc)) from None
 
 
 def _body() -> _ClientBody:
