@@ -88,3 +88,35 @@ def test_a_config_files_sections_replace_the_demos_key_by_key(tmp_path):
         "ratelimit": {"rules": [{"name": "frozen", "by": "client", "limit": "0/minute"}]}})
     assert Client(middleware).get("/v2/group/project/tags/list").status_code == 429
     assert middleware.runtime.config["migration"]["old_root"].startswith("old/")  # the demo's other keys stay
+
+
+def test_a_client_that_stalls_on_the_demo_server_is_let_go_after_client_timeout(tmp_path):
+    """Half a head: the connection closes; a body short of its Content-Length: the registry's 400 (stalled)."""
+    import json
+    import socket
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from regmw.demo.registry import create_app
+    from regmw.demo.run import _handler
+
+    server = make_server("127.0.0.1", 0, create_app(str(tmp_path)), threaded=True, request_handler=_handler(1))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    answers = []
+    try:
+        for raw in (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Half: a",
+                    b"PUT /v2/a/b/manifests/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"):
+            with socket.create_connection(("127.0.0.1", server.server_port), timeout=20) as sock:
+                sock.sendall(raw)
+                answer = b""
+                while chunk := sock.recv(65536):  # a socket.timeout here: the server still holds it
+                    answer += chunk
+            answers.append(answer)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers[0] == b""
+    head, _, body = answers[1].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert "stalled" in json.loads(body)["errors"][0]["message"]

@@ -52,7 +52,8 @@ SECTION = Section(
         "keepalive": Option("int", 5, "Seconds an idle client keep-alive connection is kept open.", minimum=0),
         "client_timeout": Option("int", 60, "Seconds a client may stall, sending none of the request head or "
                                             "body it started or reading none of its answer, before its "
-                                            "connection is closed (a stalled client must not hold a thread).",
+                                            "connection is closed (a stalled client must not hold a thread); "
+                                            "`regmw demo` keeps it too.",
                                  minimum=1),
         "metrics_listen": Option("str", "", "Separate `HOST:PORT` answering Prometheus metrics of all workers at "
                                             "any path (e.g. `127.0.0.1:9102`); empty: none.", check=_listen),

@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Flask, Response, request, send_file
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException
 
 from regmw.catalog import MAX_PAGE, catalog_key, page_size
 from regmw.errors import error_body, unreadable_body
@@ -138,6 +138,8 @@ class _ClientBody:
     def read(self, size: int = -1) -> bytes:
         try:
             return self._stream.read(size)
+        except ClientDisconnected as exc:  # werkzeug's stream met a read error (or EOF): say which
+            raise BadRequest(unreadable_body(exc.__context__ or exc)) from None
         except HTTPException:
             raise
         except Exception as exc:

@@ -60,9 +60,15 @@ class _QuietHandler(WSGIRequestHandler):
 
     What the HTTP server refuses before the app sees a request (a bad request
     line or version, a line or header past its limits) gets an OCI error body,
-    not http.server's HTML page.
+    not http.server's HTML page. A connection waits at most ``timeout``
+    seconds for the client (``socketserver``'s per-connection socket
+    timeout): a client that stalls mid-request, stops reading, or keeps an
+    idle connection open is let go (a stalled body is the registry's 400),
+    as under ``regmw serve``.
     """
 
+    #: Seconds a client may stall mid-request or stop reading (``[serve] client_timeout``; see :func:`_handler`).
+    timeout = 60
     error_content_type = "application/json; charset=utf-8"
     error_message_format = '{"errors":[{"code":"UNKNOWN","message":"%(message)s"}]}'
 
@@ -73,6 +79,11 @@ class _QuietHandler(WSGIRequestHandler):
         # the message may quote client bytes: JSON-escaped (ASCII) before it goes into the body
         message = self.responses.get(code, ("error",))[0] if message is None else message
         super().send_error(code, json.dumps(message)[1:-1], explain)
+
+
+def _handler(client_timeout: int) -> type[_QuietHandler]:
+    """The demo's request handler with ``[serve] client_timeout`` (the demo's ``-c FILE`` may set it)."""
+    return type("_DemoHandler", (_QuietHandler,), {"timeout": client_timeout})
 
 
 def demo_config(root: str, secret: str, webhooks: WebhookReceiver | None = None) -> dict[str, Any]:
@@ -125,7 +136,8 @@ def demo(args) -> int:
     overrides = load_toml(args.config) if args.config else None  # read first: a bad file is one line, nothing started
     webhooks = WebhookReceiver().start()
     middleware, decisions = build_demo(root, secret, webhooks, overrides)
-    server = make_server("127.0.0.1", args.port, middleware, threaded=True, request_handler=_QuietHandler)
+    server = make_server("127.0.0.1", args.port, middleware, threaded=True,
+                         request_handler=_handler(middleware.runtime.config["serve"]["client_timeout"]))
     port = server.server_port
     log.info("regmw demo: registry front on http://127.0.0.1:%d (storage %s)", port, root)
     log.info("old repositories live under %s/old, new ones under %s/new", root, root)
