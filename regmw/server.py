@@ -93,6 +93,7 @@ class DrainingWorker(ThreadWorker):
         # regmw's own server forked, so replacing it here changes no other server.
         gunicorn_util.write_error = write_oci_error
         self.stall_limit = stall_limit(self.app.section["client_timeout"])
+        self.log.error_log.addFilter(_stalled_head_in_one_line)
         super().init_process()
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
@@ -173,6 +174,24 @@ class _StallLimited:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._listener, name)  # getsockname(), ...: gunicorn's accept asks the listener
+
+
+def _stalled_head_in_one_line(record: logging.LogRecord) -> bool:
+    """gunicorn's error log filter: a request head that stalled is one warning line, not a traceback.
+
+    gunicorn logs any socket error while it reads a head as "Socket error
+    processing request." with its traceback; the receive timeout's EAGAIN
+    (``[serve] client_timeout``) is a client's doing, and a client stalling
+    on purpose would fill the log with tracebacks.
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, BlockingIOError) and record.msg == "Socket error processing request.":
+        record.msg, record.args, record.exc_info, record.exc_text = _STALLED_HEAD, (), None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
+_STALLED_HEAD = "a client sent part of a request head, then nothing for [serve] client_timeout: connection closed"
 
 
 class _StallLimitedConnection(socket.socket):
