@@ -345,3 +345,43 @@ def test_an_upstream_under_a_path_prefix_gets_it_and_its_urls_come_back_without_
         assert response.getheader("Link") == f'<{url}/v2/a/tags/list?n=2&last=b>; rel="next"'
     finally:
         gateway.close()
+
+
+# --- a hostile or broken upstream -------------------------------------------------
+
+
+def raw_exchange(url: str, target: str = "/v2/a/manifests/latest", method: str = "GET") -> tuple[bytes, bytes]:
+    """One request on a fresh connection, read to EOF: the client's view, byte for byte (head, body)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", urlsplit(url).port), timeout=30) as sock:
+        sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+def through(serve_wsgi, reply: bytes, target: str = "/v2/a/manifests/latest", method: str = "GET",
+            timeout: float = 2) -> tuple[bytes, bytes]:
+    """``reply`` from a raw upstream, as the gateway's client gets it (see :func:`raw_exchange`)."""
+    upstream = RawUpstream(reply, stall=True)
+    gateway = Gateway(upstream.url, timeout=timeout)
+    try:
+        return raw_exchange(serve_wsgi(gateway), target, method)
+    finally:
+        gateway.close()
+        upstream.close()
+
+
+def test_a_link_header_of_many_unclosed_brackets_is_passed_on_in_linear_time(serve_wsgi):
+    """The Link rewrite's pattern scanned such a value to its end from every ``<``: 60,000 of them held a
+    core (and the worker's GIL, every other request of the worker) for about 20 s."""
+    import time
+
+    link = b"<" * 60_000
+    started = time.monotonic()
+    head, _ = through(serve_wsgi, b"HTTP/1.1 200 OK\r\nLink: " + link + b"\r\nContent-Length: 0\r\n\r\n")
+    assert time.monotonic() - started < 3
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nLink: " + link + b"\r\n" in head + b"\r\n"
