@@ -780,14 +780,16 @@ def _splice_target(environ: dict, method: str, response: http.client.HTTPRespons
     Only where the body goes straight from the upstream socket to the client
     socket byte for byte: gunicorn's plain (not TLS) socket for an HTTP/1.x
     request (HTTP/2 frames its data; a blocking socket, as the gthread worker
-    hands it over, so a splice into it never answers EAGAIN), a body of a known
+    hands it over, so a splice into it answers EAGAIN only when ``regmw serve``'s
+    send timeout, ``[serve] client_timeout``, expired: a client gone), a body of a known
     length of at least :data:`SPLICE_MIN` (no chunked framing to translate),
     a response that has a body at all, and a connection the upstream keeps
     open (after ``Connection: close``, nginx's on the last of its
     ``keepalive_requests``, the body is read through the response only).
     """
     client = environ.get("gunicorn.socket")
-    if (type(client) is not socket.socket or client.gettimeout() is not None
+    # a subclass too (regmw serve's accepted connections are one, for their sendfile), but never TLS
+    if (not isinstance(client, socket.socket) or isinstance(client, ssl.SSLSocket) or client.gettimeout() is not None
             or environ.get("SERVER_PROTOCOL") not in ("HTTP/1.1", "HTTP/1.0")):
         return None
     if method == "HEAD" or response.status < 200 or response.status in (204, 304):
