@@ -196,7 +196,7 @@ class ConnectionPool:
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ssl_context)
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        conn.response_class = _UpstreamResponse
+        conn.response_class = StrictResponse
         return conn
 
 
@@ -208,9 +208,10 @@ _BODY_DEFECTS = (email.errors.StartBoundaryNotFoundDefect, email.errors.Multipar
 _DIGITS = re.compile(r"[0-9]+")
 
 
-class _UpstreamResponse(http.client.HTTPResponse):
+class StrictResponse(http.client.HTTPResponse):
     """http.client's response, strict where a proxy must be (RFC 9112): a head it cannot pass on safely is a 502.
 
+    (Also the webhook sender's, ``regmw_notify.deliver``: a head cut short is no 2xx to acknowledge on.)
     Left to http.client, the gateway passed on:
 
     * an interim 103 Early Hints (or 102) as the final answer: the client got

@@ -289,3 +289,28 @@ def test_an_endpoints_content_type_replaces_ours_whatever_its_case():
     assert outcome.result == "delivered"
     types = [line for line in heads[0].split("\r\n")[1:] if line.lower().startswith("content-type:")]
     assert [value.split(":", 1)[1].strip() for value in types] == ["application/json"], heads[0]
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 200 OK\r\nConte", b"HTTP/1.1 200 OK\r\nX-A: 1\r\n"],
+                         ids=["mid-line", "before-the-empty-line"])
+def test_a_2xx_whose_head_the_receiver_hung_up_in_is_no_delivery(answer):
+    """http.client took such a head for a whole one (a 200 with an empty body): a receiver that died while
+    answering had its events acknowledged. At least once means it gets them again."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = parse_endpoints([{"name": "cut", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h"}],
+                               [ipaddress.ip_network("127.0.0.0/8")])[0]
+    try:
+        outcome = Poster(endpoint, [ipaddress.ip_network("127.0.0.0/8")]).post("e1", [b'{"id":"e1"}'])
+        thread.join(10)
+    finally:
+        listener.close()
+    assert outcome.result == "failed", outcome

@@ -26,6 +26,8 @@ from email.utils import parsedate_to_datetime
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
+from regmw.gateway import StrictResponse
+
 from .endpoints import Endpoint, check_address
 from .events import MEDIA_TYPE, envelope_raw
 from .signing import Signer
@@ -139,8 +141,11 @@ class _Deadline:
 
 def _pool_classes(total: float) -> dict[str, type]:
     """urllib3 connection pools whose connections enforce ``total`` (see :class:`_Deadline`)."""
-    http = type("DeadlineHTTPConnection", (_Deadline, HTTPConnection), {"total": total})
-    https = type("DeadlineHTTPSConnection", (_Deadline, HTTPSConnection), {"total": total})
+    # StrictResponse: http.client took a head the receiver hung up in ("HTTP/1.1 200 OK" and half a header)
+    # for a whole one, so a receiver that died mid-answer had its events acknowledged
+    strict = {"total": total, "response_class": StrictResponse}
+    http = type("DeadlineHTTPConnection", (_Deadline, HTTPConnection), strict)
+    https = type("DeadlineHTTPSConnection", (_Deadline, HTTPSConnection), strict)
     return {"http": type("DeadlinePool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": http}),
             "https": type("DeadlineTLSPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": https})}
 
