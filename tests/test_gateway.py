@@ -449,3 +449,19 @@ def test_control_characters_in_the_upstreams_head_become_spaces(serve_wsgi):
     assert not any(char in head for char in (b"\x00", b"\x01", b"\x7f", b"\r X", b"\n "))
     assert b"X-Fold: a   Set-Cookie: x=1" in lines and b"X-Nul: a b c d" in lines
     assert b"X-Keep: caf\xc3\xa9" in lines and not any(line.startswith(b"X(Bad)") for line in lines)
+
+
+def test_the_readiness_probe_takes_the_status_and_leaves_the_body(serve_wsgi):
+    """``ready()`` read the body of the upstream's ``GET /v2/`` whole: one that never ends (or stalls) held
+    it in memory and failed the probe at its timeout, although the upstream had answered 200."""
+    import time
+
+    upstream = RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n" + b"x" * 65536, stall=True)
+    gateway = Gateway(upstream.url, timeout=10)
+    try:
+        started = time.monotonic()
+        gateway.ready()
+        assert time.monotonic() - started < 1
+    finally:
+        gateway.close()
+        upstream.close()
