@@ -270,7 +270,8 @@ class StrictResponse(http.client.HTTPResponse):
 
 
 class _HeadReader:
-    """http.client's reader while it reads a response head: notes a line that ended at EOF, not at a newline."""
+    """http.client's reader while it reads a response head: notes a line that ended at EOF, not at a newline,
+    and makes a bare CR inside a line a space."""
 
     __slots__ = ("raw", "cut")
 
@@ -281,6 +282,10 @@ class _HeadReader:
         line = self.raw.readline(limit)
         if not line.endswith(b"\n"):
             self.cut = True
+            return line
+        content = line.rstrip(b"\r\n")
+        if b"\r" in content:  # a bare CR, which email's parser takes for a line's end: the rest became a header
+            line = content.replace(b"\r", b" ") + line[len(content):]  # RFC 9112 2.2: a space
         return line
 
     def close(self) -> None:
