@@ -28,6 +28,7 @@ catalog would be a wrong one.
 """
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import re
@@ -218,6 +219,12 @@ def _call(app: WSGIApp, environ: dict) -> _Answer | Refusal:
             if size > MAX_BODY:
                 return Refusal(502, "UNAVAILABLE", "upstream catalog page is too large")
             chunks.append(chunk)
+    # A page the upstream cuts short or stops sending: the gateway's body breaks off as it does to break a
+    # client's connection, but no status is out yet here; raised on, it was the app error's 500 and traceback.
+    except TimeoutError:
+        return Refusal(504, "UNAVAILABLE", "upstream registry did not answer in time")
+    except (OSError, http.client.HTTPException):
+        return Refusal(502, "UNAVAILABLE", "upstream catalog page broke off")
     finally:
         close = getattr(body, "close", None)
         if close is not None:

@@ -71,6 +71,7 @@ Each upstream request is timed to its response head
 """
 from __future__ import annotations
 
+import email.errors
 import http.client
 import ipaddress
 import logging
@@ -190,9 +191,105 @@ class ConnectionPool:
             conn.close()
 
     def _new(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection
         if self.scheme == "https":
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ssl_context)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn.response_class = StrictResponse
+        return conn
+
+
+#: Interim (1xx) answers skipped before the final one, at most; an upstream that sends more is a 502.
+MAX_INTERIM = 16
+#: Defects of a parsed head that concern only a multipart body, which http.client never parses: not framing.
+_BODY_DEFECTS = (email.errors.StartBoundaryNotFoundDefect, email.errors.MultipartInvariantViolationDefect)
+#: A Content-Length (RFC 9110 8.6: 1*DIGIT); ``int()`` also takes ``+5``, `` 5``, ``5_0`` and other scripts' digits.
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class StrictResponse(http.client.HTTPResponse):
+    """http.client's response, strict where a proxy must be (RFC 9112): a head it cannot pass on safely is a 502.
+
+    (Also the webhook sender's, ``regmw_notify.deliver``: a head cut short is no 2xx to acknowledge on.)
+    Left to http.client, the gateway passed on:
+
+    * an interim 103 Early Hints (or 102) as the final answer: the client got
+      the 103 and never the answer, which was left in the connection (http.client
+      skips only 100). Every 1xx is skipped now, at most :data:`MAX_INTERIM`;
+      a 101 nobody asked for is refused (the gateway never asks to upgrade);
+    * a head the upstream hung up in (before its empty line) as a whole one:
+      ``HTTP/1.1 200 OK\\r\\nContent-Le`` and EOF became a 200 with an empty body;
+    * a head with a line it cannot parse (a name with a space or NUL, no
+      colon): the parser drops that line and every one after it, Content-Length
+      included, and the body was then read until the upstream closed;
+    * a Transfer-Encoding other than ``chunked``, or a Content-Length that is not
+      one number (two that differ, ``5, 10``, ``-1``, ``+5``): RFC 9112 6.3 makes
+      both a 502 for a proxy; gunicorn refused to send the malformed ones (a 500
+      from the app) and passed two differing ones on.
+
+    :attr:`declared_length` is the checked Content-Length (None without one, or
+    with chunked framing, which overrides it): the only Content-Length the client gets.
+    """
+
+    declared_length: int | None = None
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        raw = self.fp
+        self.fp = head = _HeadReader(raw)
+        try:
+            super().begin()
+        finally:
+            if self.fp is head:  # (None when http.client closed it on a bad status line)
+                self.fp = raw
+        if head.cut:
+            raise http.client.IncompleteRead(b"", None)
+        defects = [defect for defect in self.msg.defects if not isinstance(defect, _BODY_DEFECTS)]
+        if defects:
+            raise http.client.HTTPException(f"unparseable response head: {defects[0]!r}")
+        if self.msg.get_all("Transfer-Encoding") and not self.chunked:
+            raise http.client.UnknownTransferEncoding(self.msg.get("Transfer-Encoding"))
+        lengths = set(self.msg.get_all("Content-Length") or ())
+        if lengths and not self.chunked:
+            if len(lengths) > 1 or not _DIGITS.fullmatch(next(iter(lengths))):
+                raise http.client.HTTPException(f"bad Content-Length {sorted(lengths)!r}")
+            self.declared_length = int(lengths.pop())
+
+    def _read_status(self) -> tuple[str, int, str]:
+        """The final status line: interim 1xx answers (and their heads) skipped, a 101 refused."""
+        for _ in range(MAX_INTERIM):
+            version, status, reason = super()._read_status()
+            if status == 101:
+                raise http.client.HTTPException("101 Switching Protocols, which the gateway never asks for")
+            if status >= 200:
+                return version, status, reason
+            http.client.parse_headers(self.fp)
+        raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) answers")
+
+
+class _HeadReader:
+    """http.client's reader while it reads a response head: notes a line that ended at EOF, not at a newline,
+    and makes a bare CR inside a line a space."""
+
+    __slots__ = ("raw", "cut")
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.cut = raw, False
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.raw.readline(limit)
+        if not line.endswith(b"\n"):
+            self.cut = True
+            return line
+        content = line.rstrip(b"\r\n")
+        if b"\r" in content:  # a bare CR, which email's parser takes for a line's end: the rest became a header
+            line = content.replace(b"\r", b" ") + line[len(content):]  # RFC 9112 2.2: a space
+        return line
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 def _alive(conn: http.client.HTTPConnection) -> bool:
@@ -267,8 +364,8 @@ class Gateway:
             conn = http.client.HTTPConnection(pool.host, pool.port, timeout=min(pool.timeout, READY_TIMEOUT))
         try:
             conn.request("GET", self.prefix + "/v2/", headers={"Host": self.netloc})
-            response = conn.getresponse()
-            response.read()
+            response = conn.getresponse()  # the status is the answer: its body is not read (the connection is
+            # closed): read, an endless one was held in memory, and a stalled one timed the probe out
         finally:
             conn.close()
         if response.status >= 500:
@@ -295,7 +392,8 @@ class Gateway:
         except _ClientGone as gone:
             return Refusal(400, "UNKNOWN", str(gone))(environ, start_response)
         _upstream_seconds[(self.name, f"{response.status // 100}xx")].observe(time.perf_counter() - start)
-        status = f"{response.status} {response.reason or _phrase(response.status)}"
+        reason = response.reason
+        status = f"{response.status} {reason if reason and not _UNSAFE_VALUE.search(reason) else _phrase(response.status)}"
         start_response(status, self._response_headers(environ, response))
         return _ResponseBody(self.pool, conn, response, self.name, splice_to, first)
 
@@ -381,13 +479,19 @@ class Gateway:
         headers = []
         for name, value in response.getheaders():
             lower = name.lower()
-            if lower in HOP_BY_HOP or lower in named_hops or lower in _SERVER_SET:
+            if lower in HOP_BY_HOP or lower in named_hops or lower in _SERVER_SET or lower == "content-length":
                 continue
+            if not _TOKEN.fullmatch(name):
+                continue
+            if _UNSAFE_VALUE.search(value):
+                value = _UNSAFE_VALUE.sub(" ", value)
             if lower == "location":
                 value = self._rewrite_location(environ, value)
             elif lower == "link":  # paging (tags/list, _catalog, referrers): <URL>; rel="next"
                 value = _LINK_TARGET.sub(lambda m: f"<{self._rewrite_location(environ, m[1])}>", value)
             headers.append((name, value))
+        if getattr(response, "declared_length", None) is not None:  # checked: one number, no chunked framing
+            headers.append(("Content-Length", str(response.declared_length)))
         return headers
 
     def _rewrite_location(self, environ: dict, location: str) -> str:
@@ -419,8 +523,17 @@ def _reached_by(environ: dict) -> str:
     return "https" if isinstance(client, ssl.SSLSocket) else "http"
 
 
-#: The target of each link in a ``Link`` header (RFC 8288): ``<URI>``.
-_LINK_TARGET = re.compile(r"<([^>]*)>")
+#: What a header value or reason phrase may hold (RFC 9110 5.5: SP, HTAB, VCHAR, obs-text; what gunicorn checks
+#: before it sends one): an upstream's CR or LF (an obs-fold), NUL or other control character becomes a space,
+#: as RFC 9110 asks of a recipient that forwards it (gunicorn refused the whole answer: the app's 500).
+_UNSAFE_VALUE = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
+#: A header name (RFC 9110 5.6.2, a token); http.client also parses names holding ``"``, ``(`` or ``@``, which
+#: gunicorn refuses to send: such a header is dropped.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: The target of each link in a ``Link`` header (RFC 8288): ``<URI>``. ``[^<>]``, not ``[^>]``: a URI holds
+#: no ``<``, and with ``[^>]*`` a value of many ``<`` and no ``>`` (an upstream's, up to 64 KiB) was scanned
+#: to its end from every ``<``: quadratic, 15 s of one core (and the worker's GIL) for 50,000 of them.
+_LINK_TARGET = re.compile(r"<([^<>]*)>")
 
 
 def _early_response(conn: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
@@ -673,14 +786,16 @@ def _splice_target(environ: dict, method: str, response: http.client.HTTPRespons
     Only where the body goes straight from the upstream socket to the client
     socket byte for byte: gunicorn's plain (not TLS) socket for an HTTP/1.x
     request (HTTP/2 frames its data; a blocking socket, as the gthread worker
-    hands it over, so a splice into it never answers EAGAIN), a body of a known
+    hands it over, so a splice into it answers EAGAIN only when ``regmw serve``'s
+    send timeout, ``[serve] client_timeout``, expired: a client gone), a body of a known
     length of at least :data:`SPLICE_MIN` (no chunked framing to translate),
     a response that has a body at all, and a connection the upstream keeps
     open (after ``Connection: close``, nginx's on the last of its
     ``keepalive_requests``, the body is read through the response only).
     """
     client = environ.get("gunicorn.socket")
-    if (type(client) is not socket.socket or client.gettimeout() is not None
+    # a subclass too (regmw serve's accepted connections are one, for their sendfile), but never TLS
+    if (not isinstance(client, socket.socket) or isinstance(client, ssl.SSLSocket) or client.gettimeout() is not None
             or environ.get("SERVER_PROTOCOL") not in ("HTTP/1.1", "HTTP/1.0")):
         return None
     if method == "HEAD" or response.status < 200 or response.status in (204, 304):

@@ -172,3 +172,23 @@ def test_reference_registry_catalog_pages_as_docker_registry_does(tmp_path, dock
             if real[1] is None:
                 break
             query = re.fullmatch(r'</v2/_catalog\?(last=[^&>]+&n=\d+)>; rel="next"', real[1]).group(1)
+
+
+@pytest.mark.parametrize(("stall", "status"), [(False, 502), (True, 504)], ids=["cut-short", "stalled"])
+def test_a_catalog_page_an_upstream_breaks_off_is_502_or_504(serve_wsgi, stall, status):
+    """The page is read in-process, before any status goes out: an upstream that sends part of it and hangs
+    up (or goes silent) is the gateway's 502 (504), as before the first byte, not the app error's 500."""
+    from tests.test_gateway import RawUpstream
+
+    whole = RawUpstream(b'HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{"repositories":[]}\n')
+    broken = RawUpstream(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"repositories":[', stall=stall)
+    runtime = build({"regmw": {"entry_points": False},
+                     "gateway": {"old_upstream": whole.url, "new_upstream": broken.url, "timeout": 0.5}}, environ={})
+    app, apps = create_gateway(runtime.config)
+    try:
+        answer, _headers, body = request(serve_wsgi(RegistryMiddleware(app, runtime, apps=apps)), "GET", "/v2/_catalog")
+        assert answer == status and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        app.close()
+        whole.close()
+        broken.close()

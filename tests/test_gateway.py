@@ -345,3 +345,127 @@ def test_an_upstream_under_a_path_prefix_gets_it_and_its_urls_come_back_without_
         assert response.getheader("Link") == f'<{url}/v2/a/tags/list?n=2&last=b>; rel="next"'
     finally:
         gateway.close()
+
+
+# --- a hostile or broken upstream -------------------------------------------------
+
+
+def raw_exchange(url: str, target: str = "/v2/a/manifests/latest", method: str = "GET") -> tuple[bytes, bytes]:
+    """One request on a fresh connection, read to EOF: the client's view, byte for byte (head, body)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", urlsplit(url).port), timeout=30) as sock:
+        sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+def through(serve_wsgi, reply: bytes, target: str = "/v2/a/manifests/latest", method: str = "GET",
+            timeout: float = 2, stall: bool = True) -> tuple[bytes, bytes]:
+    """``reply`` from a raw upstream (which then holds the connection open, or with ``stall=False`` hangs up),
+    as the gateway's client gets it (see :func:`raw_exchange`)."""
+    upstream = RawUpstream(reply, stall=stall)
+    gateway = Gateway(upstream.url, timeout=timeout)
+    try:
+        return raw_exchange(serve_wsgi(gateway), target, method)
+    finally:
+        gateway.close()
+        upstream.close()
+
+
+def test_a_link_header_of_many_unclosed_brackets_is_passed_on_in_linear_time(serve_wsgi):
+    """The Link rewrite's pattern scanned such a value to its end from every ``<``: 60,000 of them held a
+    core (and the worker's GIL, every other request of the worker) for about 20 s."""
+    import time
+
+    link = b"<" * 60_000
+    started = time.monotonic()
+    head, _ = through(serve_wsgi, b"HTTP/1.1 200 OK\r\nLink: " + link + b"\r\nContent-Length: 0\r\n\r\n")
+    assert time.monotonic() - started < 3
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nLink: " + link + b"\r\n" in head + b"\r\n"
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nContent-Le",
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\n",
+    b"HTTP/1.1 200 OK\r\nX A: 1\r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 200 OK\r\nX-\x00A: 1\r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 4\r\n\r\nhi..",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2, 4\r\n\r\nhi..",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nhi",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nhi",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhi",
+    b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+], ids=["cut-mid-line", "cut-before-empty-line", "space-in-name", "nul-in-name", "gzip-chunked", "gzip",
+        "two-lengths", "length-list", "negative-length", "signed-length", "unasked-101", "endless-100"])
+def test_a_response_head_that_cannot_be_passed_on_safely_is_502(serve_wsgi, reply):
+    """http.client took each of these for a head (a 200 with an empty body, a body read to EOF past a dropped
+    Content-Length, a 101 as the answer, framing gunicorn refused with the app's 500 or passed on twice);
+    RFC 9112 makes them a proxy's 502."""
+    head, body = through(serve_wsgi, reply, stall=False)
+    assert head.startswith(b"HTTP/1.1 502 "), head + body
+    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_interim_answers_before_the_final_one_are_skipped(serve_wsgi):
+    """A 103 Early Hints was passed on as the answer: the client got a 103, never the 200 behind it."""
+    head, body = through(serve_wsgi, b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+                                     b"HTTP/1.1 102 Processing\r\n\r\n"
+                                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == b"ok"
+
+
+@pytest.mark.parametrize(("reply", "length", "expected"), [
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n14\r\nabcdefghijklmnopqrst\r\n0\r\n\r\n", None,
+     b"abcdefghijklmnopqrst"),
+    (b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello", b"5", b"hello"),
+], ids=["chunked-and-length", "same-length-twice"])
+def test_the_client_gets_one_content_length_and_only_the_upstreams_framing(serve_wsgi, reply, length, expected):
+    """Chunked framing overrides a Content-Length beside it (RFC 9112 6.3): forwarded, that Content-Length cut
+    the body short at the client (gunicorn sends no more than it) or left it waiting for more."""
+    head, body = through(serve_wsgi, b"HTTP/1.1 200 OK\r\n" + reply)
+    lengths = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    assert lengths == ([length] if length else [])
+    if length is None:  # the gateway's server chunks it again
+        assert b"transfer-encoding: chunked" in head.lower()
+        body = b"".join(body.split(b"\r\n")[1::2])
+    assert body == expected
+
+
+def test_control_characters_in_the_upstreams_head_become_spaces(serve_wsgi):
+    """An obs-fold's CR LF, a NUL or another control character in a header value (or the reason phrase) made
+    gunicorn refuse the whole answer (the app's 500), and any other server send it as it came; a bare CR split
+    a header in two; a header name that is not a token is dropped. RFC 9110 5.5, 9112 2.2: replaced with
+    spaces."""
+    head, body = through(serve_wsgi, b"HTTP/1.1 200 Fine\x00X\r\nX-Fold: a\r\n Set-Cookie: x=1\r\n"
+                                     b"X-Nul: a\x00b\x01c\x7fd\r\nX(Bad): 1\r\nX-Keep: caf\xc3\xa9\r\n"
+                                     b"X-Cr: a\rX-Injected: 1\r\n"
+                                     b"Content-Length: 2\r\n\r\nhi")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK" and body == b"hi"
+    assert not any(char in head for char in (b"\x00", b"\x01", b"\x7f", b"\r X", b"\n "))
+    assert b"X-Fold: a   Set-Cookie: x=1" in lines and b"X-Nul: a b c d" in lines
+    assert b"X-Keep: caf\xc3\xa9" in lines and not any(line.startswith(b"X(Bad)") for line in lines)
+    # a bare CR is no line end (email's parser took it for one: the rest was a header of its own)
+    assert b"X-Cr: a X-Injected: 1" in lines and not any(line.startswith(b"X-Injected") for line in lines)
+
+
+def test_the_readiness_probe_takes_the_status_and_leaves_the_body(serve_wsgi):
+    """``ready()`` read the body of the upstream's ``GET /v2/`` whole: one that never ends (or stalls) held
+    it in memory and failed the probe at its timeout, although the upstream had answered 200."""
+    import time
+
+    upstream = RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n" + b"x" * 65536, stall=True)
+    gateway = Gateway(upstream.url, timeout=10)
+    try:
+        started = time.monotonic()
+        gateway.ready()
+        assert time.monotonic() - started < 1
+    finally:
+        gateway.close()
+        upstream.close()

@@ -366,6 +366,18 @@ def test_when_the_body_is_spliced(case, head, method, environ, spliced):
         assert (_splice_target(env, method, parsed(head, method)) is client) is spliced, case
 
 
+def test_regmw_serves_own_connection_class_is_spliced_into():
+    """``regmw serve`` accepts connections as a ``socket.socket`` subclass (its sendfile gives up on the send
+    timeout): the ``type() is socket.socket`` check this replaced never spliced under it."""
+    from regmw.gateway import _splice_target
+    from regmw.server import _StallLimitedConnection
+
+    raw, peer = socket.socketpair()
+    with peer, _StallLimitedConnection(raw.family, raw.type, raw.proto, fileno=raw.detach()) as client:
+        client.setblocking(True)
+        assert _splice_target({"gunicorn.socket": client, "SERVER_PROTOCOL": "HTTP/1.1"}, "GET", parsed(LARGE)) is client
+
+
 def test_a_tls_client_socket_is_never_spliced_into():
     import ssl
 

@@ -180,3 +180,23 @@ def test_only_a_serving_process_delivers_a_cli_command_leaves_the_queue_alone(we
     assert deliverers() == before + 1
     served.services.events.close()
     cli.services.events.close()
+
+
+def test_an_odd_retry_after_from_one_receiver_stops_no_lane(webhook_receiver, tmp_path):
+    """``Retry-After: ²`` (the byte 0xB2) raised in the lane that read it, and without Redis the lanes share
+    one stop event: every endpoint's delivery stopped until a restart. Now a failed POST, retried."""
+    odd, good = webhook_receiver(), webhook_receiver()
+    odd.status, odd.reply_headers = 503, {"Retry-After": "\xb2"}
+    config = embedded_config(odd, tmp_path / "spool", name="odd")
+    config["notifications"]["endpoints"].append({"name": "good", "url": good.url, "secrets": [SECRET], "timeout": 0.5})
+    middleware = RegistryMiddleware(registry_app, config, environ={})
+    client = Client(middleware)
+    try:
+        assert client.put("/v2/team/app/manifests/v1", data=b"{}").status_code == 201
+        wait_until(lambda: odd.refused >= 2, 10, "the odd receiver asked twice")
+        assert client.put("/v2/team/app/manifests/v2", data=b"{}").status_code == 201
+        wait_until(lambda: good.count() == 2, 10, "both events at the other endpoint")
+        odd.status = 200
+        wait_until(lambda: odd.count() == 2, 10, "both events at the odd one once it accepts")
+    finally:
+        middleware.services.events.close()

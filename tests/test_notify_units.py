@@ -220,6 +220,46 @@ def test_retry_after_is_read_as_seconds_or_an_http_date():
     assert retry_after("Fri, 27 Nov 2026 07:00:30 GMT", now=1795762800.0) == 30.0  # 07:00:00 + 30 s
     assert retry_after("Fri, 27 Nov 2026 06:00:00 GMT", now=1795762800.0) == 0.0  # in the past
     assert retry_after(None) == retry_after("") == retry_after("soon") == retry_after("-5") == 0.0
+    # str.isdigit() says yes to these (a receiver's byte 0xB2 is "²"), float() then raised: every lane stopped
+    assert retry_after("\xb2") == retry_after("\u0663") == retry_after("1.5") == 0.0
+
+
+def test_an_answer_body_is_read_only_up_to_a_bound_and_a_longer_one_closes_its_connection():
+    """A receiver answering 200 with an endless body: preloaded, the body was held in memory for the whole
+    timeout (1.2 GB in 2 s on loopback) and the POST failed at it. The status is the outcome: delivered at
+    once, at most MAX_ANSWER read, that connection closed, and the next POST works on a new one."""
+    from regmw_notify.deliver import MAX_ANSWER
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    done, connections = threading.Event(), []
+
+    def serve():
+        for answer in (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 40) + b"x" * (4 * MAX_ANSWER),
+                       b"HTTP/1.1 204 No Content\r\n\r\n"):
+            connection, _ = listener.accept()
+            connections.append(connection)
+            connection.recv(65536)
+            connection.sendall(answer)
+        done.wait(10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = parse_endpoints([{"name": "big", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h",
+                                 "timeout": 2}], [ipaddress.ip_network("127.0.0.0/8")])[0]
+    poster = Poster(endpoint, [ipaddress.ip_network("127.0.0.0/8")])
+    try:
+        started = time.monotonic()
+        first = poster.post("e1", [b'{"id":"e1"}'])
+        elapsed = time.monotonic() - started
+        second = poster.post("e2", [b'{"id":"e2"}'])
+    finally:
+        done.set()
+        thread.join(10)
+        listener.close()
+        for connection in connections:
+            connection.close()
+    assert first.result == "delivered" and elapsed < 1.0, (first, elapsed)
+    assert second.result == "delivered" and len(connections) == 2
 
 
 def test_an_endpoints_content_type_replaces_ours_whatever_its_case():
@@ -249,3 +289,28 @@ def test_an_endpoints_content_type_replaces_ours_whatever_its_case():
     assert outcome.result == "delivered"
     types = [line for line in heads[0].split("\r\n")[1:] if line.lower().startswith("content-type:")]
     assert [value.split(":", 1)[1].strip() for value in types] == ["application/json"], heads[0]
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 200 OK\r\nConte", b"HTTP/1.1 200 OK\r\nX-A: 1\r\n"],
+                         ids=["mid-line", "before-the-empty-line"])
+def test_a_2xx_whose_head_the_receiver_hung_up_in_is_no_delivery(answer):
+    """http.client took such a head for a whole one (a 200 with an empty body): a receiver that died while
+    answering had its events acknowledged. At least once means it gets them again."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = parse_endpoints([{"name": "cut", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h"}],
+                               [ipaddress.ip_network("127.0.0.0/8")])[0]
+    try:
+        outcome = Poster(endpoint, [ipaddress.ip_network("127.0.0.0/8")]).post("e1", [b'{"id":"e1"}'])
+        thread.join(10)
+    finally:
+        listener.close()
+    assert outcome.result == "failed", outcome

@@ -9,11 +9,13 @@ An endpoint's ``timeout`` bounds the whole POST (connecting, sending, the
 status, the headers and the body of the answer), not each socket read: a
 receiver dribbling its answer a byte at a time must not hold a lane (and its
 shard's order) past it, nor outlast ``claim_idle``, which assumes a POST is
-over by then.
+over by then. Of the answer's body at most :data:`MAX_ANSWER` is read.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import socket
 import threading
 import time
@@ -24,9 +26,13 @@ from email.utils import parsedate_to_datetime
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
+from regmw.gateway import StrictResponse
+
 from .endpoints import Endpoint, check_address
 from .events import MEDIA_TYPE, envelope_raw
 from .signing import Signer
+
+log = logging.getLogger("regmw.notify")
 
 DELIVERED, FAILED, GONE = "delivered", "failed", "gone"
 
@@ -38,12 +44,19 @@ class Outcome:
     retry_after: float = 0.0  # seconds a 429 or 503 asked the sender to wait (Retry-After), 0 = none
 
 
+#: Delta-seconds (RFC 9110 10.2.3): ASCII digits. ``str.isdigit()`` is also true of ``²`` (a receiver's byte
+#: 0xB2, read as Latin-1), which ``float()`` refuses: the ValueError stopped every lane of the process.
+_SECONDS = re.compile(r"[0-9]+")
+#: Of an answer's body, at most this much is read (and dropped) to keep its connection; a longer body closes it.
+MAX_ANSWER = 64 * 1024
+
+
 def retry_after(value: str | None, now: float | None = None) -> float:
     """Seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP-date; 0 when absent or unreadable."""
     if not value:
         return 0.0
     value = value.strip()
-    if value.isdigit():
+    if _SECONDS.fullmatch(value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -128,8 +141,11 @@ class _Deadline:
 
 def _pool_classes(total: float) -> dict[str, type]:
     """urllib3 connection pools whose connections enforce ``total`` (see :class:`_Deadline`)."""
-    http = type("DeadlineHTTPConnection", (_Deadline, HTTPConnection), {"total": total})
-    https = type("DeadlineHTTPSConnection", (_Deadline, HTTPSConnection), {"total": total})
+    # StrictResponse: http.client took a head the receiver hung up in ("HTTP/1.1 200 OK" and half a header)
+    # for a whole one, so a receiver that died mid-answer had its events acknowledged
+    strict = {"total": total, "response_class": StrictResponse}
+    http = type("DeadlineHTTPConnection", (_Deadline, HTTPConnection), strict)
+    https = type("DeadlineHTTPSConnection", (_Deadline, HTTPSConnection), strict)
     return {"http": type("DeadlinePool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": http}),
             "https": type("DeadlineTLSPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": https})}
 
@@ -149,7 +165,20 @@ class Poster:
         self._http.pool_classes_by_scheme = _pool_classes(endpoint.timeout)
 
     def post(self, message_id: str, raw_events: Sequence[bytes]) -> Outcome:
-        """Deliver ``raw_events`` (serialised events) as one ``{"events": [...]}`` body."""
+        """Deliver ``raw_events`` (serialised events) as one ``{"events": [...]}`` body.
+
+        Whatever goes wrong is a failed POST, retried on schedule: an exception
+        would end the lane, and without Redis every lane of the process with it
+        (they share one stop event), so one receiver's odd answer stopped all
+        delivery until a restart.
+        """
+        try:
+            return self._post(message_id, raw_events)
+        except Exception as exc:  # noqa: BLE001 - see above; logged with its traceback, it is a bug to fix
+            log.exception("endpoint %s: POST failed unexpectedly", self.endpoint.name)
+            return Outcome(FAILED, f"{type(exc).__name__}: {exc}")
+
+    def _post(self, message_id: str, raw_events: Sequence[bytes]) -> Outcome:
         body = envelope_raw(list(raw_events))
         # case-insensitive: an endpoint's "content-type" replaces ours instead of making a second one
         headers = urllib3.HTTPHeaderDict({"Content-Type": MEDIA_TYPE})
@@ -159,7 +188,8 @@ class Poster:
         try:
             check_address(self.endpoint.url, self._allowed)
             response = self._http.request("POST", self.endpoint.url, body=body, headers=headers, redirect=False,
-                                          preload_content=True)
+                                          preload_content=False)
+            _read_answer(response, started + self.endpoint.timeout)
         except ValueError as exc:  # the SSRF guard: the name now points somewhere internal
             return Outcome(FAILED, str(exc))
         except urllib3.exceptions.HTTPError as exc:
@@ -174,3 +204,28 @@ class Poster:
 
     def close(self) -> None:
         self._http.clear()
+
+
+def _read_answer(response: urllib3.BaseHTTPResponse, deadline: float) -> None:
+    """Read the answer's body, at most :data:`MAX_ANSWER` of it, by ``deadline``; then let the connection go.
+
+    The body says nothing (the status is the outcome), but read whole
+    (``preload_content``) it was held in memory, as much as a receiver could
+    send within the timeout: 1.2 GB in 2 s on loopback, in the server process
+    that delivers without Redis. A longer body closes the connection instead
+    of being drained. The watchdog keeps the POST's deadline over this read
+    (it let go of the connection once the head was in).
+    """
+    connection = response.connection
+    if connection is not None:
+        _WATCHDOG.watch(connection, deadline)
+    try:
+        left = MAX_ANSWER
+        while left > 0 and (piece := response.read(min(left, 16384))):
+            left -= len(piece)
+        if left <= 0 and response.read(1):  # more than MAX_ANSWER: do not read on
+            response.close()
+    finally:
+        if connection is not None:
+            _WATCHDOG.forget(connection)
+        response.release_conn()
