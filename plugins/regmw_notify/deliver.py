@@ -26,7 +26,7 @@ from email.utils import parsedate_to_datetime
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
-from regmw.gateway import StrictResponse
+from regmw.strict_http import StrictResponse
 
 from .endpoints import Endpoint, check_address
 from .events import MEDIA_TYPE, envelope_raw
