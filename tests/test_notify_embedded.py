@@ -200,3 +200,29 @@ def test_an_odd_retry_after_from_one_receiver_stops_no_lane(webhook_receiver, tm
         wait_until(lambda: odd.count() == 2, 10, "both events at the odd one once it accepts")
     finally:
         middleware.services.events.close()
+
+
+def test_a_failing_lane_ends_no_delivery_for_good(embedded, monkeypatch):
+    """A lane's error (SQLite busy past its timeout, a full disk) set the stop event every lane shared
+    without Redis: all delivery ended until a restart. Now the lanes start again and deliver from their
+    cursors. The fault is one injected spool read failure: a real lock would take the 10 s busy timeout."""
+    import sqlite3
+
+    from regmw_notify.spool import Spool
+
+    receiver, client, _ = embedded()
+    assert client.put("/v2/team/app/manifests/v1", data=b"{}").status_code == 201
+    wait_until(lambda: receiver.count() == 1, 10, "the first event delivered")
+    read, failures = Spool.read, []
+
+    def read_failing_once(self, after, limit):
+        if not failures:
+            failures.append(after)
+            raise sqlite3.OperationalError("database is locked")
+        return read(self, after, limit)
+
+    monkeypatch.setattr(Spool, "read", read_failing_once)
+    wait_until(lambda: failures, 10, "the lane's read failing")
+    assert client.put("/v2/team/app/manifests/v2", data=b"{}").status_code == 201
+    wait_until(lambda: receiver.count() == 2, 15, "the next event delivered by the restarted lane")
+    assert [event["target"]["tag"] for event in receiver.snapshot()] == ["v1", "v2"]  # once each, in order

@@ -37,6 +37,9 @@ from .stream import REDIS_DOWN, Fenced, RedisStreams
 
 log = logging.getLogger("regmw.notify")
 
+#: Seconds before the embedded worker's lanes start again after one of them failed.
+LANE_RESTART_PAUSE = 1.0
+
 
 def consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -188,14 +191,41 @@ class EmbeddedWorker:
             os.close(fd)
 
     def _deliver(self, stop: threading.Event) -> None:
-        lanes = [Lane(f"{endpoint.name}/0", SpoolLaneQueue(self.spool, endpoint.name, stop), endpoint,
-                      self.posters[endpoint.name], stop) for endpoint in self.endpoints]
+        """One round of lanes, until ``stop``, or until a lane fails: then all of them end and start again.
+
+        A lane fails on what it cannot get past (SQLite busy past its timeout,
+        a full disk, a bug); the spool keeps every event, but the lanes once
+        shared the process's ``stop``, so one lane's error ended all delivery
+        until a restart. Each round has its own stop, as each shard's lanes do
+        with Redis; the failure is logged and the next round starts after
+        :data:`LANE_RESTART_PAUSE`, from the endpoints' cursors (nothing
+        acknowledged is sent again, nothing unacknowledged is skipped).
+        """
+        round_stop = threading.Event()
+        lanes = [Lane(f"{endpoint.name}/0", SpoolLaneQueue(self.spool, endpoint.name, round_stop), endpoint,
+                      self.posters[endpoint.name], round_stop) for endpoint in self.endpoints]
         for lane in lanes:
             lane.start()
         names = [endpoint.name for endpoint in self.endpoints]
-        while not stop.wait(1.0):
+        try:
+            while not (stop.wait(1.0) or round_stop.is_set()):
+                self._housekeeping(names)
+        finally:
+            round_stop.set()
+            for lane in lanes:
+                lane.join(10)
+        failed = [lane for lane in lanes if lane.error is not None]
+        for lane in failed:
+            log.error("notification lane %s failed: %s: %s; the lanes start again in %.0f s", lane.name,
+                      type(lane.error).__name__, lane.error, LANE_RESTART_PAUSE)
+        if failed:
+            stop.wait(LANE_RESTART_PAUSE)
+
+    def _housekeeping(self, names: list[str]) -> None:
+        """Trim what every endpoint has, publish the queue depths; a failure here waits for the next second."""
+        try:
             self.spool.trim(names)
             for name in names:  # the queue depth, as the Redis worker publishes it (one shard: "0")
                 metrics.depth.labels("0", name).set(self.spool.count_after(self.spool.cursor(name)))
-        for lane in lanes:
-            lane.join(10)
+        except Exception:
+            log.exception("notification queue housekeeping failed")
