@@ -7,6 +7,8 @@ import socket
 import threading
 import time
 import types
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
@@ -14,7 +16,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from regmw import ConfigError, build
 from regmw.errors import SlotUnavailable
-from regmw_notify.deliver import Poster
+from regmw_notify.deliver import Outcome, Poster
 from regmw_notify.endpoints import Endpoint, check_address, parse_endpoints
 from regmw_notify.events import action_for, envelope_raw
 from regmw_notify.signing import Signer
@@ -262,30 +264,39 @@ def test_an_answer_body_is_read_only_up_to_a_bound_and_a_longer_one_closes_its_c
     assert second.result == "delivered" and len(connections) == 2
 
 
-def test_an_endpoints_content_type_replaces_ours_whatever_its_case():
-    """``headers = {"content-type" = "application/json"}``: one Content-Type is sent, the endpoint's, not two."""
+def post_to_raw_receiver(serve: Callable[[socket.socket], None], **table: Any) -> Outcome:
+    """POST one event to the endpoint ``table`` at a one-connection raw receiver running ``serve(connection)``."""
     listener = socket.create_server(("127.0.0.1", 0))
-    heads = []
 
-    def serve():
+    def accept():
         connection, _ = listener.accept()
         with connection:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += connection.recv(65536)
-            heads.append(data.split(b"\r\n\r\n")[0].decode())
-            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            serve(connection)
 
-    thread = threading.Thread(target=serve, daemon=True)
+    thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    endpoint = parse_endpoints([{"name": "json", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h",
-                                 "secrets": [OLD], "headers": {"content-type": "application/json"}}],
-                               [ipaddress.ip_network("127.0.0.0/8")])[0]
+    loopback = [ipaddress.ip_network("127.0.0.0/8")]
+    endpoint = parse_endpoints([{"name": "raw", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h", **table}],
+                               loopback)[0]
     try:
-        outcome = Poster(endpoint, [ipaddress.ip_network("127.0.0.0/8")]).post("e1", [b'{"id":"e1"}'])
-        thread.join(10)
+        return Poster(endpoint, loopback).post("e1", [b'{"id":"e1"}'])
     finally:
+        thread.join(10)
         listener.close()
+
+
+def test_an_endpoints_content_type_replaces_ours_whatever_its_case():
+    """``headers = {"content-type" = "application/json"}``: one Content-Type is sent, the endpoint's, not two."""
+    heads = []
+
+    def serve(connection):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += connection.recv(65536)
+        heads.append(data.split(b"\r\n\r\n")[0].decode())
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    outcome = post_to_raw_receiver(serve, secrets=[OLD], headers={"content-type": "application/json"})
     assert outcome.result == "delivered"
     types = [line for line in heads[0].split("\r\n")[1:] if line.lower().startswith("content-type:")]
     assert [value.split(":", 1)[1].strip() for value in types] == ["application/json"], heads[0]
@@ -296,21 +307,10 @@ def test_an_endpoints_content_type_replaces_ours_whatever_its_case():
 def test_a_2xx_whose_head_the_receiver_hung_up_in_is_no_delivery(answer):
     """http.client took such a head for a whole one (a 200 with an empty body): a receiver that died while
     answering had its events acknowledged. At least once means it gets them again."""
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def serve():
-        connection, _ = listener.accept()
-        with connection:
-            connection.recv(65536)
-            connection.sendall(answer)
+    def serve(connection):
+        connection.recv(65536)
+        connection.sendall(answer)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    endpoint = parse_endpoints([{"name": "cut", "url": f"http://127.0.0.1:{listener.getsockname()[1]}/h"}],
-                               [ipaddress.ip_network("127.0.0.0/8")])[0]
-    try:
-        outcome = Poster(endpoint, [ipaddress.ip_network("127.0.0.0/8")]).post("e1", [b'{"id":"e1"}'])
-        thread.join(10)
-    finally:
-        listener.close()
+    outcome = post_to_raw_receiver(serve)
     assert outcome.result == "failed", outcome
