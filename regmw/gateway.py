@@ -272,8 +272,9 @@ class Gateway:
             conn = http.client.HTTPConnection(pool.host, pool.port, timeout=min(pool.timeout, READY_TIMEOUT))
         try:
             conn.request("GET", self.prefix + "/v2/", headers={"Host": self.netloc})
-            response = conn.getresponse()  # the status is the answer: its body is not read (the connection is
-            # closed): read, an endless one was held in memory, and a stalled one timed the probe out
+            # Only the status matters; the body is left unread (the connection is closed): read, an endless
+            # one was held in memory and a stalled one timed the probe out.
+            response = conn.getresponse()
         finally:
             conn.close()
         if response.status >= 500:
