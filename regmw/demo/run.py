@@ -60,15 +60,13 @@ class _QuietHandler(WSGIRequestHandler):
 
     What the HTTP server refuses before the app sees a request (a bad request
     line or version, a line or header past its limits) gets an OCI error body,
-    not http.server's HTML page. A connection waits at most ``timeout``
-    seconds for the client (``socketserver``'s per-connection socket
-    timeout): a client that stalls mid-request, stops reading, or keeps an
+    not http.server's HTML page. Made by :func:`_handler`, a connection waits
+    at most ``[serve] client_timeout`` seconds for the client (``socketserver``'s
+    per-connection socket ``timeout``): a client that stalls mid-request, stops reading, or keeps an
     idle connection open is let go (a stalled body is the registry's 400),
     as under ``regmw serve``.
     """
 
-    #: Seconds a client may stall mid-request or stop reading (``[serve] client_timeout``; see :func:`_handler`).
-    timeout = 60
     error_content_type = "application/json; charset=utf-8"
     error_message_format = '{"errors":[{"code":"UNKNOWN","message":"%(message)s"}]}'
 
