@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from .errors import Refusal
+from .errors import UPSTREAM_TIMED_OUT, Refusal
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
@@ -222,7 +222,7 @@ def _call(app: WSGIApp, environ: dict) -> _Answer | Refusal:
     # A page the upstream cuts short or stops sending: the gateway's body breaks off as it does to break a
     # client's connection, but no status is out yet here; raised on, it was the app error's 500 and traceback.
     except TimeoutError:
-        return Refusal(504, "UNAVAILABLE", "upstream registry did not answer in time")
+        return UPSTREAM_TIMED_OUT
     except (OSError, http.client.HTTPException):
         return Refusal(502, "UNAVAILABLE", "upstream catalog page broke off")
     finally:

@@ -91,6 +91,10 @@ def too_many_requests(message: str, retry_after: int, headers: Iterable[tuple[st
     return Refusal(429, "TOOMANYREQUESTS", message, headers=headers, retry_after=retry_after, reason="rate_limit")
 
 
+#: The gateway's answer when its upstream sent nothing for ``[gateway] timeout`` (a page of the merged catalog too).
+UPSTREAM_TIMED_OUT = Refusal(504, "UNAVAILABLE", "upstream registry did not answer in time")
+
+
 def unreadable_body(exc: BaseException) -> str:
     """Why the server could not read a client's request body (the message of its 400).
 

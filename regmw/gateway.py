@@ -96,7 +96,7 @@ from . import metrics
 from .catalog import MergedCatalog
 from .clients import ClientResolver
 from .config import Option, Section
-from .errors import ConfigError, Refusal, unreadable_body
+from .errors import UPSTREAM_TIMED_OUT, ConfigError, Refusal, unreadable_body
 from .plugins import hookimpl
 from .strict_http import StrictResponse
 
@@ -294,7 +294,7 @@ class Gateway:
             _upstream_errors[(self.name, "timeout" if exc.timed_out else "connect")].inc()
             log.warning("gateway %s %s -> %s: %s", method, target, self.netloc, exc)
             if exc.timed_out:
-                refusal = Refusal(504, "UNAVAILABLE", "upstream registry did not answer in time")
+                refusal = UPSTREAM_TIMED_OUT
             else:
                 refusal = Refusal(502, "UNAVAILABLE", "upstream registry is unreachable")
             return refusal(environ, start_response)
