@@ -360,8 +360,13 @@ def pushes_and_deliveries_across_a_failover(url: str, receiver, tmp_path, reposi
             for repository in repositories:
                 _push_retrying(client, repository, tags, deadline)
         expected = tags * len(repositories)
-        wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= expected, 60,
-                   f"{expected} events delivered")
+        try:
+            wait_until(lambda: len(first_deliveries(receiver.snapshot())) >= expected, 60,
+                       f"{expected} events delivered")
+        except AssertionError as exc:  # say what the workers said, for whoever reads a failed run
+            logs = "\n".join((tmp_path / f"worker{index}" / "stderr").read_text()[-3000:] for index in range(2))
+            raise AssertionError(f"{exc}; {len(first_deliveries(receiver.snapshot()))} arrived; "
+                                 f"workers' stderr:\n{logs}") from None
         assert all(worker.poll() is None for worker in workers)
     finally:
         for worker in workers:

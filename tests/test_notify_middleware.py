@@ -1,10 +1,12 @@
 """Events made by real requests through the middleware: durable before the response, spooled while Redis is down."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
 import pytest
+import redis
 from werkzeug.test import Client
 
 from regmw import RegistryMiddleware
@@ -112,3 +114,87 @@ def test_wait_for_replicas_that_do_not_confirm_keeps_a_spooled_copy(redis_server
     assert sum(streams.client.xlen(streams.stream(shard)) for shard in range(2)) == 1  # added...
     assert sink.spool.count() == 1  # ...and, unconfirmed, spooled too: delivered twice at worst, never lost
     assert sink.forward_once() and sink.spool.count() == 0  # the forwarder does not re-add it forever
+
+
+@pytest.fixture
+def master_and_replica(tmp_path):
+    """(master process, master url, replica process) of a real redis-server and its replica, in sync."""
+
+    from .servers._util import stop
+    from .servers.redis_server import start_redis
+
+    (tmp_path / "master").mkdir()
+    (tmp_path / "replica").mkdir()
+    master, port = start_redis(tmp_path / "master")
+    replica, replica_port = start_redis(tmp_path / "replica", "--replicaof", "127.0.0.1", str(port))
+    try:
+        link = redis.Redis(port=replica_port)
+        wait_until(lambda: link.info("replication").get("master_link_status") == "up", 10, "the replica in sync")
+        yield master, f"redis://127.0.0.1:{port}/0", replica
+    finally:
+        replica.send_signal(signal.SIGCONT)
+        stop(replica)
+        stop(master)
+
+
+def _forwarding_behind_a_stopped_replica(url: str, tmp_path, events: int):
+    """A sink whose spool holds ``events`` unconfirmed events, its forwarder adding them in a thread."""
+    from regmw_notify.events import plugin_event
+    from regmw_notify.sink import NotifySink
+    from regmw_notify.stream import RedisStreams
+
+    from .servers.notify_apps import Connection
+
+    streams = RedisStreams(Connection(url), 2, wait_replicas=1, wait_timeout=0.05)
+    sink = NotifySink(streams, tmp_path / "spool")
+    for tag in range(events):
+        sink.emit(plugin_event("push", "team/app", tag=str(tag)))  # unconfirmed: added and spooled
+    assert sink.spool.count() == events
+    before = sum(streams.client.xlen(streams.stream(shard)) for shard in range(2))  # the first emit's XADD
+    outcome: list = []
+
+    def forward() -> None:
+        try:
+            outcome.append(sink.forward_once())
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            outcome.append(exc)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    wait_until(lambda: sum(streams.client.xlen(streams.stream(shard)) for shard in range(2)) == before + events,
+               10, "the forwarder's XADDs on the master")
+    return sink, streams, thread, outcome, before + events
+
+
+def test_the_forwarder_keeps_its_copy_until_a_lagging_replica_has_the_events(master_and_replica, tmp_path):
+    """A replica that is connected but behind (here: SIGSTOPped) has not got the forwarded events yet.
+
+    Deleting the spooled copies then would lose them if the master died before
+    the replica caught up; the forwarder waits for the replica instead, and
+    does not add them again meanwhile.
+    """
+    _master, url, replica = master_and_replica
+    replica.send_signal(signal.SIGSTOP)
+    sink, streams, thread, outcome, added = _forwarding_behind_a_stopped_replica(url, tmp_path, 3)
+    thread.join(0.5)  # the forwarder is still waiting for the replica (it would have returned at once before)
+    assert thread.is_alive() and sink.spool.count() == 3
+    replica.send_signal(signal.SIGCONT)
+    thread.join(10)
+    assert outcome == [True] and sink.spool.count() == 0
+    assert sum(streams.client.xlen(streams.stream(shard)) for shard in range(2)) == added  # not added again
+    sink.close()
+
+
+def test_a_master_that_dies_before_its_replica_caught_up_leaves_the_events_spooled(master_and_replica, tmp_path):
+    """The master is SIGKILLed while the forwarder waits for its stopped replica: nothing is deleted from the spool."""
+    master, url, replica = master_and_replica
+    replica.send_signal(signal.SIGSTOP)
+    sink, _streams, thread, outcome, _added = _forwarding_behind_a_stopped_replica(url, tmp_path, 3)
+    thread.join(0.5)
+    assert thread.is_alive()  # waiting for the replica
+    master.send_signal(signal.SIGKILL)
+    master.wait(10)
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], redis.RedisError), outcome
+    assert sink.spool.count() == 3  # the next forward adds them to whoever serves the slot then
+    sink.close()

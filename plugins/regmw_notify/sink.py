@@ -12,6 +12,9 @@ socket_timeout``) plus one SQLite commit, then only the commit.
 
 Without Redis the spool is the queue (see :mod:`.queues`).
 
+With ``wait_replicas``, a spooled event is deleted only once the replicas
+its master has acknowledged it (see :meth:`NotifySink._await_replicas`).
+
 ``emit`` raises only if neither Redis nor the disk could take the event.
 """
 from __future__ import annotations
@@ -30,6 +33,9 @@ from .spool import Spool, claim_spool, queue_spool
 from .stream import REDIS_DOWN, NotReplicated, RedisStreams
 
 log = logging.getLogger("regmw.notify")
+
+#: Seconds the spool forwarder waits for a connected but lagging replica before it deletes what it forwarded.
+REPLICA_PATIENCE = 30.0
 
 _STREAM, _SPOOL, _QUEUE = (metrics.enqueued.labels(where) for where in ("stream", "spool", "queue"))
 
@@ -127,11 +133,39 @@ class NotifySink:
             return True
         try:
             self.streams.add([(row.repository, row.data) for row in rows])
-        except NotReplicated as exc:  # added, but not confirmed by enough replicas: do not re-add them forever
-            log.warning("forwarded %d spooled events without replica confirmation: %s", len(rows), exc)
+        except NotReplicated as exc:  # added, not yet confirmed: wait for the replicas rather than add them again
+            unconfirmed = self._await_replicas(exc.shards)
+            if unconfirmed is None:
+                return False  # closing: they stay spooled, and the next start forwards them again
+            if unconfirmed:
+                log.warning("forwarded %d spooled events without replica confirmation: %s", len(rows), unconfirmed)
         spool.delete_through(rows[-1].seq)  # a crash between the two re-sends these: at-least-once
         metrics.spooled.dec(len(rows))
         return True
+
+    def _await_replicas(self, shards: frozenset[int]) -> str | None:
+        """After an unconfirmed forward: "" once the replicas have it, else why it stays unconfirmed (None: closing).
+
+        Deleting the spooled copies of events only a master holds would lose
+        them if that master died before its replica caught up, so the
+        forwarder waits here (a lagging replica) as long as the master has
+        the replicas ``wait_replicas`` asks for, up to :data:`REPLICA_PATIENCE`.
+        A master with fewer (a promoted replica without its own) has nothing
+        to wait for. A master that dies meanwhile raises a Redis error: the
+        events stay spooled and the next forward adds them to whoever serves
+        their slot (duplicates, never a gap).
+        """
+        deadline = self.clock() + REPLICA_PATIENCE
+        while not self.closed.is_set():
+            try:
+                if self.streams.await_replicas(shards):
+                    return ""
+                return f"the master has fewer than {self.streams.wait_replicas} replicas"
+            except NotReplicated as exc:
+                if self.clock() >= deadline:
+                    return f"replicas still behind after {REPLICA_PATIENCE:g}s ({exc})"
+                self.closed.wait(0.05)  # pacing only: each round already waited wait_timeout in WAIT
+        return None
 
     def close(self) -> None:
         self.closed.set()

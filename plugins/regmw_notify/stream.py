@@ -6,6 +6,7 @@ keys share a Redis Cluster slot and its scripts may touch them together)::
     <ns>:notify:{notify-shard:N}:events          the shard's stream (entries: e=event JSON, r=repository)
     <ns>:notify:{notify-shard:N}:fence           the highest lease token that took the shard
     <ns>:notify:{notify-shard:N}:dead:<endpoint> parked events of one endpoint (dead letters)
+    <ns>:notify:{notify-shard:N}:replicated      a marker the spool forwarder writes to WAIT behind (expires)
     <ns>:notify:endpoint:<endpoint>              hash: paused, disabled
 
 Guarantees kept here: an event is acknowledged (XACK) or parked only by a
@@ -71,7 +72,11 @@ class Fenced(Exception):
 
 
 class NotReplicated(redis.RedisError):
-    """WAIT returned fewer replicas than ``[notifications] wait_replicas``."""
+    """WAIT returned fewer replicas than ``[notifications] wait_replicas``; ``shards``: those the write touched."""
+
+    def __init__(self, message: str, shards: Iterable[int] = ()) -> None:
+        super().__init__(message)
+        self.shards = frozenset(shards)
 
 
 def shard_of(repository: str, shards: int) -> int:
@@ -133,7 +138,8 @@ class RedisStreams:
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
         results = pipe.execute()
         if self.wait_replicas and int(results[-1]) < self.wait_replicas:
-            raise NotReplicated(f"WAIT: {results[-1]} of {self.wait_replicas} replicas acknowledged")
+            raise NotReplicated(f"WAIT: {results[-1]} of {self.wait_replicas} replicas acknowledged",
+                                self._shards_of(entries))
         return [_text(entry_id) for entry_id in results[: len(entries)]]
 
     def _add_on_cluster_and_wait(self, entries: Sequence[tuple[str, bytes]], only: str | None) -> list[str]:
@@ -171,8 +177,47 @@ class RedisStreams:
                 ids[index] = _text(entry_id)
             confirmed.append(int(results[-1]))
         if min(confirmed) < self.wait_replicas:
-            raise NotReplicated(f"WAIT: {min(confirmed)} of {self.wait_replicas} replicas acknowledged")
+            raise NotReplicated(f"WAIT: {min(confirmed)} of {self.wait_replicas} replicas acknowledged",
+                                self._shards_of(entries))
         return ids
+
+    def _shards_of(self, entries: Sequence[tuple[str, bytes]]) -> set[int]:
+        return {shard_of(repository, self.shards) for repository, _data in entries}
+
+    def await_replicas(self, shards: Iterable[int]) -> bool:
+        """One round of confirming, after an unconfirmed XADD, that the masters of ``shards`` have been replicated.
+
+        For the spool forwarder, which must not delete spooled events that only
+        a master holds: a SIGKILLed master would take them along. ``WAIT``
+        counts the writes of its own connection, so each master gets, on one
+        connection, ``ROLE`` (how many replicas it has), then a marker write
+        in the shard's slot and ``WAIT``: replicas that have the marker have
+        everything written before it. Returns True when every master has
+        ``wait_replicas`` replicas acknowledging; False when one has fewer
+        replicas connected than that (nothing to wait for: a promoted replica
+        without its own, say). Raises :class:`NotReplicated` while replicas lag
+        (one ``wait_timeout`` each round), and a Redis error when a master is
+        down (the events are then added again, to whoever serves the slot).
+        """
+        client = self.client
+        masters: dict[str, tuple[Any, int]] = {}
+        for shard in sorted(shards):
+            if getattr(self.connection, "cluster", False):
+                node = client.get_node_from_key(self.stream(shard))
+                masters.setdefault(node.name, (node.redis_connection, shard))
+            else:
+                masters.setdefault("", (client, shard))
+        for master, shard in masters.values():
+            pipe = master.pipeline(transaction=False)
+            pipe.execute_command("ROLE")
+            pipe.set(self.key(shard, "replicated"), "1", px=60_000)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
+            role, _marker, acknowledged = pipe.execute()  # (a replica refuses the SET: ReadOnlyError)
+            if len(role[2]) < self.wait_replicas:
+                return False
+            if int(acknowledged) < self.wait_replicas:
+                raise NotReplicated(f"WAIT: {acknowledged} of {self.wait_replicas} replicas acknowledged", shards)
+        return True
 
     # --- delivery ----------------------------------------------------------------------
 
