@@ -10,6 +10,8 @@ tokens, and it serves one request at a time.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,13 +130,23 @@ def _shared_gcs_emulator():
 
 @pytest.fixture
 def gcs_emulator(_shared_gcs_emulator):
-    """The session's in-memory GCS emulator, emptied (one empty bucket) for this test.
+    """The session's in-memory GCS emulator, with a new empty bucket that only this test uses.
 
     Shared because stopping one takes half a second (its server polls for
-    shutdown); tests that stop the emulator use ``own_gcs_emulator``.
+    shutdown); tests that stop the emulator use ``own_gcs_emulator``. A bucket
+    per test rather than wiping one: once, in CI, objects seeded right after a
+    wipe were missing from the next listing. The emulator's storage has no
+    lock, and a wipe from the test's thread races whatever its server thread
+    is still doing; with a bucket each, nothing one test did reaches another.
     """
-    _shared_gcs_emulator.server.wipe(keep_buckets=True)
-    return _shared_gcs_emulator
+    shared = _shared_gcs_emulator
+    view = copy.copy(shared)
+    view.bucket = f"{shared.bucket}-{next(_bucket_numbers)}"
+    view.client.create_bucket(view.bucket)
+    return view
+
+
+_bucket_numbers = itertools.count(1)
 
 
 @pytest.fixture
