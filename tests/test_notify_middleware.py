@@ -137,7 +137,7 @@ def master_and_replica(tmp_path):
         stop(master)
 
 
-def _forwarding_behind_a_stopped_replica(url: str, tmp_path, events: int):
+def _forwarding_behind_a_stopped_replica(url: str, tmp_path, events: int, wait: bool = True):
     """A sink whose spool holds ``events`` unconfirmed events, its forwarder adding them in a thread."""
     from regmw_notify.events import plugin_event
     from regmw_notify.sink import NotifySink
@@ -161,6 +161,8 @@ def _forwarding_behind_a_stopped_replica(url: str, tmp_path, events: int):
 
     thread = threading.Thread(target=forward, daemon=True)
     thread.start()
+    if not wait:
+        return sink, streams, thread, outcome, before + events
     wait_until(lambda: sum(streams.client.xlen(streams.stream(shard)) for shard in range(2)) == before + events,
                10, "the forwarder's XADDs on the master")
     return sink, streams, thread, outcome, before + events
@@ -197,4 +199,18 @@ def test_a_master_that_dies_before_its_replica_caught_up_leaves_the_events_spool
     thread.join(10)
     assert len(outcome) == 1 and isinstance(outcome[0], redis.RedisError), outcome
     assert sink.spool.count() == 3  # the next forward adds them to whoever serves the slot then
+    sink.close()
+
+
+def test_an_acl_user_who_may_not_ask_role_gets_the_add_once_behaviour(master_and_replica, tmp_path):
+    """``ROLE`` is ``@dangerous``: a user refused it cannot tell lagging replicas from none, so it does not wait."""
+    _master, url, replica = master_and_replica
+    admin = redis.Redis.from_url(url)
+    admin.acl_setuser("forwarder", enabled=True, passwords=["+secret"], keys=["*"], channels=["*"],
+                      commands=["+@all", "-role"])
+    replica.send_signal(signal.SIGSTOP)
+    limited = url.replace("redis://", "redis://forwarder:secret@")
+    sink, _streams, thread, outcome, _added = _forwarding_behind_a_stopped_replica(limited, tmp_path, 2, wait=False)
+    thread.join(10)
+    assert outcome == [True] and sink.spool.count() == 0  # forwarded once, unconfirmed, and logged as such
     sink.close()

@@ -195,9 +195,11 @@ class RedisStreams:
         everything written before it. Returns True when every master has
         ``wait_replicas`` replicas acknowledging; False when one has fewer
         replicas connected than that (nothing to wait for: a promoted replica
-        without its own, say). Raises :class:`NotReplicated` while replicas lag
-        (one ``wait_timeout`` each round), and a Redis error when a master is
-        down (the events are then added again, to whoever serves the slot).
+        without its own, say), or when it may not be asked (``ROLE`` is
+        ``@dangerous`` in Redis's ACLs). Raises :class:`NotReplicated` while
+        replicas lag (one ``wait_timeout`` each round), and a Redis error when
+        a master is down (the events are then added again, to whoever serves
+        the slot).
         """
         client = self.client
         masters: dict[str, tuple[Any, int]] = {}
@@ -212,7 +214,16 @@ class RedisStreams:
             pipe.execute_command("ROLE")
             pipe.set(self.key(shard, "replicated"), "1", px=60_000)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
-            role, _marker, acknowledged = pipe.execute()  # (a replica refuses the SET: ReadOnlyError)
+            try:
+                role, marker, acknowledged = pipe.execute(raise_on_error=False)
+            except redis.RedisError:
+                if getattr(self.connection, "cluster", False):
+                    _refresh_slot_map(client)  # the next forward goes to whoever serves the slot now
+                raise
+            if isinstance(marker, Exception):  # a replica refuses the SET (ReadOnlyError): not the master any more
+                raise marker
+            if isinstance(role, Exception):  # an ACL user without @dangerous may not ask: nothing to go by
+                return False
             if len(role[2]) < self.wait_replicas:
                 return False
             if int(acknowledged) < self.wait_replicas:
