@@ -59,7 +59,9 @@ def _config(url: str, namespace: str, endpoints: list[dict], spool_dir, **notifi
     section.update(notifications)
     return {
         "regmw": {"plugins": ["redis", "notifications"], "entry_points": False},
-        "redis": {"url": url, "namespace": namespace, "socket_timeout": 0.5, "connect_timeout": 0.5},
+        # (the socket outlasts WAIT, as start-up requires)
+        "redis": {"url": url, "namespace": namespace, "socket_timeout": max(0.5, section.get("wait_timeout", 0) + 0.5),
+                  "connect_timeout": 0.5},
         "notifications": section,
     }
 
@@ -103,7 +105,7 @@ def test_pushes_on_cluster_reach_the_receiver_in_order_per_repository(redis_clus
     receiver = webhook_receiver()
     namespace = _ns()
     config = _config(redis_cluster.url, namespace, [_endpoint(receiver)], tmp_path / "spool", wait_replicas=1,
-                     wait_timeout=0.4)
+                     wait_timeout=1.5)  # long: a replica slowed by a busy machine must not spool what this checks
     middleware = RegistryMiddleware(registry_app, config, environ={})
     assert middleware.services.redis.cluster
     client = Client(middleware)
@@ -192,7 +194,7 @@ def test_wait_replicas_waits_on_the_master_that_took_the_event(redis_cluster, tm
     ``wait_replicas = 2`` of a write no replica had seen.)
     """
     namespace = _ns()
-    config = _config(redis_cluster.url, namespace, [], tmp_path / "spool", wait_replicas=1, wait_timeout=0.4)
+    config = _config(redis_cluster.url, namespace, [], tmp_path / "spool", wait_replicas=1, wait_timeout=1.5)
     middleware = RegistryMiddleware(registry_app, config, environ={})
     sink = middleware.services.events
     streams: RedisStreams = sink.streams
