@@ -216,12 +216,12 @@ class RedisStreams:
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
             try:
                 role, marker, acknowledged = pipe.execute(raise_on_error=False)
+                if isinstance(marker, Exception):  # not this slot's master any more (READONLY, MOVED)
+                    raise marker
             except redis.RedisError:
                 if getattr(self.connection, "cluster", False):
                     _refresh_slot_map(client)  # the next forward goes to whoever serves the slot now
                 raise
-            if isinstance(marker, Exception):  # a replica refuses the SET (ReadOnlyError): not the master any more
-                raise marker
             if isinstance(role, Exception):  # an ACL user without @dangerous may not ask: nothing to go by
                 return False
             if len(role[2]) < self.wait_replicas:
