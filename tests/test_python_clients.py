@@ -23,6 +23,7 @@ without them these tests skip, or fail under ``REGMW_REQUIRE_SERVICES=1``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 from pathlib import Path
@@ -131,6 +132,40 @@ def test_oras_push_pull_through_the_demo_middleware(tmp_path, oras, demo_url):
     assert any(line.startswith("PATCH") and "status=202" in line for line in repo_lines)
     assert all("path=old" in line for line in repo_lines)  # no token: classified old, stored in the old root
     assert (tmp_path / "demo/old/docker/registry/v2/repositories/oras/artifact/_manifests").is_dir()
+
+
+def test_a_blob_pulled_from_the_demo_has_one_date_header(tmp_path, demo_url):
+    """requests joins repeated fields: two Date lines became "Sat, ... GMT, Sat, ... GMT", which no date parser takes."""
+    url, _ = demo_url
+    data = b"one blob"
+    status, headers, _ = http_request(url, "POST", f"/v2/dated/app/blobs/uploads/?digest={_digest(data)}", data,
+                                      {"Content-Type": "application/octet-stream"})
+    assert status == 201, status
+    parts = urlsplit(url)
+    for method in ("GET", "HEAD"):
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        try:
+            conn.request(method, f"/v2/dated/app/blobs/{_digest(data)}")
+            response = conn.getresponse()
+            response.read()
+        finally:
+            conn.close()
+        assert response.status == 200
+        assert len(response.msg.get_all("Date")) == 1, (method, response.msg.get_all("Date"))
+
+
+@pytest.mark.services
+def test_oras_push_pull_through_the_gateway(tmp_path, oras, docker_registry, regmw_serve):  # noqa: F811
+    served = regmw_serve(gateway_config(docker_registry.url))
+    files = oras_round_trip(oras, served.url, tmp_path, size=int(1.5 * MIB))
+    # the upstream holds what went through the gateway
+    status, _, body = http_request(docker_registry.url, "GET", "/v2/oras/artifact/tags/list")
+    assert status == 200 and sorted(json.loads(body)["tags"]) == ["v1", "v2"]
+    status, _, body = http_request(docker_registry.url, "GET", f"/v2/oras/artifact/blobs/{_digest(files['payload.bin'])}")
+    assert status == 200 and body == files["payload.bin"]
+    # an access-log line is written once its response is finished, after the client has the answer
+    patches = wait_until(lambda: _logged(served, "PATCH", 3), what="three PATCH access-log lines")
+    assert [line["status"] for line in patches] == [202, 202, 202]
 
 
 # --- python-dxf -------------------------------------------------------------------
