@@ -31,11 +31,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from regmw.demo.run import build_demo
+from regmw.demo.run import build_demo, demo_token
 from tests.servers._util import http_request, need_module, wait_until
 from tests.test_server import gateway_config, regmw_serve  # noqa: F401 - regmw_serve is a fixture
 
 MIB = 1024 * 1024
+DEMO_SECRET = "demo-secret-" + "x" * 32
 
 
 def _host(url: str) -> str:
@@ -55,7 +56,7 @@ def _logged(served, method: str, count: int, resource: str = "uploads") -> list[
 @pytest.fixture
 def demo_url(tmp_path, serve_wsgi):
     """``regmw demo``'s middleware (its own configuration, no webhook receiver) on werkzeug's threaded server."""
-    middleware, decisions = build_demo(str(tmp_path / "demo"), "demo-secret-" + "x" * 32)
+    middleware, decisions = build_demo(str(tmp_path / "demo"), DEMO_SECRET)
     return serve_wsgi(middleware), decisions
 
 
@@ -214,6 +215,27 @@ def test_dxf_through_the_demo_middleware(tmp_path, dxf, demo_url):
     dxf_round_trip(dxf, url, tmp_path, size=300_000)
     mounts = [line for line in decisions.lines if line.startswith("POST") and " dxf/other " in line]
     assert mounts and all("status=201" in line for line in mounts)
+
+
+@pytest.mark.services
+def test_dxf_lists_the_demos_repositories_on_both_paths(dxf, demo_url):
+    """A repository pushed with an eligible token lives under the new root: the catalog lists it too."""
+    url, decisions = demo_url
+    names = ["fresh/app", "legacy/app", "legacy/tool", "zebra/app"]
+    for name in names:
+        client = dxf(url, name)
+        if name.startswith(("fresh/", "zebra/")):
+            client.token = demo_token(DEMO_SECRET, name, eligible=True)  # sent as Authorization: Bearer
+        data = name.encode()
+        client.set_alias("v1", client.push_blob(data=iter([data]), digest=_digest(data)))
+    paths = {line.split()[1]: line.split()[3] for line in decisions.lines if line.startswith("PUT ")}
+    assert paths == {"fresh/app": "path=new", "legacy/app": "path=old", "legacy/tool": "path=old",
+                     "zebra/app": "path=new"}
+    lister = dxf(url, "legacy/app")
+    assert lister.list_repos() == names
+    # one a page, each page's Link naming the next: the merge pages across both roots
+    assert lister.list_repos(batch_size=1) == names
+    assert lister.list_repos(batch_size=3) == names
 
 
 @pytest.mark.services
