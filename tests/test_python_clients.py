@@ -26,6 +26,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -167,6 +168,41 @@ def test_oras_push_pull_through_the_gateway(tmp_path, oras, docker_registry, reg
     # an access-log line is written once its response is finished, after the client has the answer
     patches = wait_until(lambda: _logged(served, "PATCH", 3), what="three PATCH access-log lines")
     assert [line["status"] for line in patches] == [202, 202, 202]
+
+
+@pytest.mark.services
+def test_oras_with_token_auth_through_the_gateway(tmp_path, oras, make_docker_registry, token_server,
+                                                  regmw_serve):  # noqa: F811
+    """The upstream's Bearer challenge reaches the client unchanged, the client's token reaches the upstream,
+    and regmw verifies that same token (its subject's rate-limit rule counts the requests)."""
+    upstream = make_docker_registry(token_server.registry_config())
+    per_user = '[[ratelimit.rules]]\nby = "subject"\nlimit = "1000/minute"\nname = "per-user"\n'
+    served = regmw_serve(gateway_config(upstream.url) + token_server.regmw_config() + per_user)
+
+    status, headers, _ = http_request(served.url, "POST", "/v2/secure/app/blobs/uploads/")
+    headers = {name.lower(): value for name, value in headers.items()}
+    assert status == 401
+    challenge = dict(re.findall(r'(\w+)="([^"]*)"', headers["www-authenticate"]))
+    assert headers["www-authenticate"].startswith("Bearer ")
+    assert challenge["realm"] == f"{token_server.url}/token" and challenge["service"] == token_server.service
+    scope, actions = challenge["scope"].rsplit(":", 1)
+    assert scope == "repository:secure/app" and sorted(actions.split(",")) == ["pull", "push"]  # in Go's map order
+    assert headers["ratelimit-limit"] == "100000"  # no verified token: no subject, the per-client rule
+
+    client = oras(served.url)
+    client.auth.set_basic_auth(token_server.username, token_server.password)
+    ref = f"{_host(served.url)}/secure/app"
+    data = os.urandom(200_000)
+    (tmp_path / "secret.bin").write_bytes(data)
+    pushed = client.push(files=["secret.bin"], target=f"{ref}:v1")
+    assert pushed.status_code == 201
+    assert pushed.headers["RateLimit-Limit"] == "1000"  # regmw verified the token: its subject was counted
+    pulled = client.pull(target=f"{ref}:v1", outdir=str(tmp_path / "pulled"))
+    assert [Path(p).read_bytes() for p in pulled] == [data]
+    assert client.get_tags(ref) == ["v1"]
+    assert token_server.issued == [["repository:secure/app:pull"]]  # one token, from the realm, not the gateway
+    status, _, _ = http_request(upstream.url, "GET", "/v2/secure/app/tags/list")
+    assert status == 401  # the upstream itself still wants a token
 
 
 # --- python-dxf -------------------------------------------------------------------
