@@ -34,6 +34,7 @@ import pytest
 
 from regmw.demo.run import build_demo, demo_token
 from tests.servers._util import http_request, need_module, wait_until
+from tests.test_gateway_splice import ZERO_COPY, metric
 from tests.test_server import gateway_config, regmw_serve  # noqa: F401 - regmw_serve is a fixture
 
 MIB = 1024 * 1024
@@ -158,8 +159,9 @@ def test_a_blob_pulled_from_the_demo_has_one_date_header(tmp_path, demo_url):
 
 @pytest.mark.services
 def test_oras_push_pull_through_the_gateway(tmp_path, oras, docker_registry, regmw_serve):  # noqa: F811
-    served = regmw_serve(gateway_config(docker_registry.url))
+    served = regmw_serve(gateway_config(docker_registry.url), metrics=True)
     files = oras_round_trip(oras, served.url, tmp_path, size=int(1.5 * MIB))
+    assert metric(served, ZERO_COPY) > 2 * MIB  # the two 1.5 MiB pulls went socket to socket (splice)
     # the upstream holds what went through the gateway
     status, _, body = http_request(docker_registry.url, "GET", "/v2/oras/artifact/tags/list")
     assert status == 200 and sorted(json.loads(body)["tags"]) == ["v1", "v2"]
@@ -276,8 +278,9 @@ def test_dxf_lists_the_demos_repositories_on_both_paths(dxf, demo_url):
 
 @pytest.mark.services
 def test_dxf_through_the_gateway(tmp_path, dxf, docker_registry, regmw_serve):  # noqa: F811
-    served = regmw_serve(gateway_config(docker_registry.url))
+    served = regmw_serve(gateway_config(docker_registry.url), metrics=True)
     dxf_round_trip(dxf, served.url, tmp_path, size=int(1.5 * MIB))
+    assert metric(served, ZERO_COPY) > 2 * MIB  # dxf's three 1.5 MiB pulls, socket to socket (splice)
     status, _, body = http_request(docker_registry.url, "GET", "/v2/dxf/other/tags/list")
     assert status == 200 and json.loads(body)["tags"] == ["mounted"]
     puts = wait_until(lambda: _logged(served, "PUT", 2), what="two upload PUT access-log lines")
