@@ -14,9 +14,13 @@ front of Debian's ``docker-registry``:
 * python-dxf pushes a blob from a file (Content-Length) and from an iterator
   (``Transfer-Encoding: chunked`` PUT), skips one a HEAD finds, tags manifests,
   pages through tags and the catalog by following ``Link`` headers, mounts a
-  blob across repositories, and deletes a manifest by its digest.
+  blob across repositories, and deletes a manifest by its digest; against the
+  demo it also lists repositories on both paths (old root, and new for an
+  eligible token) from one catalog.
 
-The blobs pulled through the gateway are over 1 MiB, so they take its
+oras-py also logs in to a ``docker-registry`` with ``auth: token`` through the
+gateway (tests/servers/token_server.py), whose ``[auth]`` verifies the same
+token. The blobs pulled through the gateway are over 1 MiB, so they take its
 zero-copy (``splice``) path. The clients are installed by the ``test`` extra;
 without them these tests skip, or fail under ``REGMW_REQUIRE_SERVICES=1``.
 """
