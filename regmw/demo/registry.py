@@ -168,6 +168,9 @@ class _Handlers:
         response = send_file(path, mimetype="application/octet-stream", conditional=True, etag=digest, max_age=0)
         response.headers["Docker-Content-Digest"] = digest
         response.headers.remove("Content-Disposition")
+        # make_conditional stamps a Date; the HTTP server sends its own (werkzeug's always does, under
+        # `regmw demo`), so a pull saw two Date fields, which requests joins into one unparsable value.
+        response.headers.remove("Date")
         return response
 
     blobs_head = blobs_get

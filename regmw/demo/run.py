@@ -24,6 +24,7 @@ import jwt
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from regmw import RegistryMiddleware, hookimpl
+from regmw.catalog import MergedCatalog
 from regmw.config import load_toml, merge
 
 from .client import DemoClient
@@ -114,7 +115,11 @@ def build_demo(root: str, secret: str, webhooks: WebhookReceiver | None = None,
     decisions = DecisionLog()
     apps = {"old": create_app(os.path.join(root, "old")), "new": create_app(os.path.join(root, "new"))}
     config = merge(demo_config(root, secret, webhooks), overrides or {})
-    middleware = RegistryMiddleware(apps["old"], config, apps=apps, plugins=[decisions], environ={})
+    # A repository lives under one root or the other, and /v2/_catalog is about none: answered by the old
+    # registry alone, it left out every new repository (dxf's list_repos, podman search). Both, merged and
+    # paged as one registry, as the gateway does with two upstreams.
+    app = MergedCatalog(apps["old"], [apps["old"], apps["new"]])
+    middleware = RegistryMiddleware(app, config, apps=apps, plugins=[decisions], environ={})
     return middleware, decisions
 
 

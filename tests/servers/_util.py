@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import importlib
 import os
 import shutil
 import socket
@@ -28,6 +29,14 @@ def need_binary(name: str) -> str:
     if path is None:
         unavailable(f"{name} not on PATH")
     return path
+
+
+def need_module(name: str):
+    """Import a real client installed from PyPI by the ``test`` extra (``oras``, ``dxf``), else skip or fail."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        unavailable(f"{name} not installed (pip install -e '.[test]')")
 
 
 def free_port() -> int:

@@ -44,14 +44,16 @@ class DockerRegistry:
     proc: subprocess.Popen | None = None
 
 
-def _start(binary: str, root: Path, config: Path, log: Path, procs: list[subprocess.Popen]) -> DockerRegistry:
+def _start(binary: str, root: Path, config: Path, log: Path, procs: list[subprocess.Popen],
+           extra_config: str = "") -> DockerRegistry:
     """Start ``docker-registry serve`` on a free port with storage under ``root``; return once it listens.
 
-    The process is appended to ``procs`` before the wait, so the caller stops it even when the wait fails.
+    ``extra_config``: more top-level YAML sections (``auth:``). The process is appended to ``procs``
+    before the wait, so the caller stops it even when the wait fails.
     """
     root.mkdir(parents=True)
     port = free_port()
-    config.write_text(CONFIG.format(root=root, port=port))
+    config.write_text(CONFIG.format(root=root, port=port) + extra_config)
     with open(log, "wb") as out:
         proc = subprocess.Popen([binary, "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
     procs.append(proc)
@@ -61,19 +63,20 @@ def _start(binary: str, root: Path, config: Path, log: Path, procs: list[subproc
 
 @pytest.fixture
 def make_docker_registry(tmp_path):
-    """``make_docker_registry()`` starts one more fresh ``docker-registry`` (own root and port) per call.
+    """``make_docker_registry(extra_config="")`` starts one more fresh ``docker-registry`` (own root and port).
 
-    For tests that need several upstreams (the old/new catalog) or a clean one per
-    run (conformance). Needs the binary: no URL fallback, since one URL is one registry.
+    For tests that need several upstreams (the old/new catalog), a clean one per
+    run (conformance), or one configured otherwise (``extra_config``: top-level YAML
+    sections, e.g. token ``auth:``). Needs the binary: no URL fallback, since one URL is one registry.
     """
     binary = shutil.which("docker-registry")
     procs: list[subprocess.Popen] = []
 
-    def start() -> DockerRegistry:
+    def start(extra_config: str = "") -> DockerRegistry:
         if binary is None:
             unavailable("docker-registry not on PATH (apt-get install docker-registry)")
         base = tmp_path / f"registry-{len(procs)}"
-        return _start(binary, base / "storage", base / "registry.yml", base / "registry.log", procs)
+        return _start(binary, base / "storage", base / "registry.yml", base / "registry.log", procs, extra_config)
 
     yield start
     for proc in procs:
