@@ -18,8 +18,9 @@ configured endpoint's group has acknowledged.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -92,6 +93,7 @@ class RedisStreams:
         self.shards = shards
         self.wait_replicas = wait_replicas
         self.wait_ms = max(1, int(wait_timeout * 1000))
+        self.cluster = bool(getattr(connection, "cluster", False))
         client = connection.client
         # regmw_redis's lean path for the one request-path command (measured there); any other provider's client
         self._execute = getattr(connection, "execute", None) or client.execute_command
@@ -129,7 +131,7 @@ class RedisStreams:
             repository, data = entries[0]
             return [_text(self._execute("XADD", self._streams[shard_of(repository, self.shards)], "*",
                                         "e", data, "r", repository))]
-        if self.wait_replicas and getattr(self.connection, "cluster", False):
+        if self.wait_replicas and self.cluster:
             return self._add_on_cluster_and_wait(entries, only)
         pipe = self.client.pipeline(transaction=False)
         for repository, data in entries:
@@ -155,24 +157,20 @@ class RedisStreams:
         error handling, the slot map is re-read first, so the next attempt
         (the spool forwarder's) goes to the promoted replica or new owner.
         """
-        client = self.client
-        by_node: dict[str, tuple[Any, list[int]]] = {}
+        by_master: dict[str, tuple[Any, list[int]]] = {}
         for index, (repository, _data) in enumerate(entries):
-            node = client.get_node_from_key(self.stream(shard_of(repository, self.shards)))
-            by_node.setdefault(node.name, (node, []))[1].append(index)
+            name, master = self._master(shard_of(repository, self.shards))
+            by_master.setdefault(name, (master, []))[1].append(index)
         ids: list[str] = [""] * len(entries)
         confirmed = []
-        for node, indexes in by_node.values():
-            pipe = node.redis_connection.pipeline(transaction=False)
+        for master, indexes in by_master.values():
+            pipe = master.pipeline(transaction=False)
             for index in indexes:
                 repository, data = entries[index]
                 pipe.xadd(self.stream(shard_of(repository, self.shards)), _fields(repository, data, only))
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
-            try:
+            with self._slot_map_reread_on_error():
                 results = pipe.execute()
-            except redis.RedisError:
-                _refresh_slot_map(client)
-                raise
             for index, entry_id in zip(indexes, results[:-1], strict=True):
                 ids[index] = _text(entry_id)
             confirmed.append(int(results[-1]))
@@ -180,6 +178,29 @@ class RedisStreams:
             raise NotReplicated(f"WAIT: {min(confirmed)} of {self.wait_replicas} replicas acknowledged",
                                 self._shards_of(entries))
         return ids
+
+    def _master(self, shard: int) -> tuple[str, Any]:
+        """(name, client) of the master serving ``shard``: on a cluster, its node's own client (a plain
+        pipeline there stays on one connection to it); otherwise the one client."""
+        if not self.cluster:
+            return "", self.client
+        node = self.client.get_node_from_key(self.stream(shard))
+        return node.name, node.redis_connection
+
+    @contextlib.contextmanager
+    def _slot_map_reread_on_error(self) -> Iterator[None]:
+        """On a cluster, a Redis error in the block re-reads the slot map before it is raised on.
+
+        Pipelines on a node's own client bypass the cluster client's error
+        handling, so after a dead master or a moved slot the next attempt
+        (the spool forwarder's) would go to the same node again.
+        """
+        try:
+            yield
+        except redis.RedisError:
+            if self.cluster:
+                _refresh_slot_map(self.client)
+            raise
 
     def _shards_of(self, entries: Sequence[tuple[str, bytes]]) -> set[int]:
         return {shard_of(repository, self.shards) for repository, _data in entries}
@@ -201,27 +222,19 @@ class RedisStreams:
         a master is down (the events are then added again, to whoever serves
         the slot).
         """
-        client = self.client
         masters: dict[str, tuple[Any, int]] = {}
         for shard in sorted(shards):
-            if getattr(self.connection, "cluster", False):
-                node = client.get_node_from_key(self.stream(shard))
-                masters.setdefault(node.name, (node.redis_connection, shard))
-            else:
-                masters.setdefault("", (client, shard))
+            name, master = self._master(shard)
+            masters.setdefault(name, (master, shard))
         for master, shard in masters.values():
             pipe = master.pipeline(transaction=False)
             pipe.execute_command("ROLE")
             pipe.set(self.key(shard, "replicated"), "1", px=60_000)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
-            try:
+            with self._slot_map_reread_on_error():
                 role, marker, acknowledged = pipe.execute(raise_on_error=False)
                 if isinstance(marker, Exception):  # not this slot's master any more (READONLY, MOVED)
                     raise marker
-            except redis.RedisError:
-                if getattr(self.connection, "cluster", False):
-                    _refresh_slot_map(client)  # the next forward goes to whoever serves the slot now
-                raise
             if isinstance(role, Exception):  # an ACL user without @dangerous may not ask: nothing to go by
                 return False
             if len(role[2]) < self.wait_replicas:
