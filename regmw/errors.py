@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from http import HTTPStatus
 from typing import Any
 
 STATUS_TEXT = {
@@ -105,6 +106,14 @@ def unreadable_body(exc: BaseException) -> str:
     if isinstance(exc, (BlockingIOError, TimeoutError)):
         return "request body stalled: the client sent nothing for the server's client_timeout"
     return f"request body is malformed or ended early ({type(exc).__name__})"
+
+
+def status_phrase(status: int, unknown: str = "Unknown") -> str:
+    """The standard reason phrase of ``status`` (``unknown`` for a code that has none)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return unknown
 
 
 def exception_line(exc: BaseException) -> str:

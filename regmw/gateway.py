@@ -83,7 +83,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -96,7 +95,7 @@ from . import metrics
 from .catalog import MergedCatalog
 from .clients import ClientResolver
 from .config import Option, Section
-from .errors import UPSTREAM_TIMED_OUT, ConfigError, Refusal, unreadable_body
+from .errors import UPSTREAM_TIMED_OUT, ConfigError, Refusal, status_phrase, unreadable_body
 from .plugins import hookimpl
 from .strict_http import StrictResponse
 
@@ -302,7 +301,7 @@ class Gateway:
             return Refusal(400, "UNKNOWN", str(gone))(environ, start_response)
         _upstream_seconds[(self.name, f"{response.status // 100}xx")].observe(time.perf_counter() - start)
         reason = response.reason
-        status = f"{response.status} {reason if reason and not _UNSAFE_VALUE.search(reason) else _phrase(response.status)}"
+        status = f"{response.status} {reason if reason and not _UNSAFE_VALUE.search(reason) else status_phrase(response.status)}"
         start_response(status, self._response_headers(environ, response))
         return _ResponseBody(self.pool, conn, response, self.name, splice_to, first)
 
@@ -773,13 +772,6 @@ def _fill(source: int, pipe: int, count: int, poller: select.poll, wait_ms: int 
         if not moved:
             raise http.client.IncompleteRead(b"", remaining)
         return moved
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
 
 
 # --- configuration ---------------------------------------------------------

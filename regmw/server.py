@@ -45,7 +45,6 @@ import tempfile
 import threading
 import traceback
 from collections.abc import Sequence
-from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util as gunicorn_util
@@ -64,7 +63,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from . import accesslog
 from .config import load_toml
-from .errors import ConfigError, error_body, exception_line
+from .errors import ConfigError, error_body, exception_line, status_phrase
 
 log = logging.getLogger("regmw.server")
 
@@ -245,10 +244,7 @@ def _reason_phrase(status: int, reason: str) -> str:
     """gunicorn's ``reason``, unless it is the default ``Bad Request`` left with another status: that status's own."""
     if reason != "Bad Request" or status == 400:
         return reason
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
+    return status_phrase(status, "Error")
 
 
 class Arbiter(_GunicornArbiter):

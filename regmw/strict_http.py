@@ -16,8 +16,9 @@ from typing import Any
 MAX_INTERIM = 16
 #: Defects of a parsed head that concern only a multipart body, which http.client never parses: not framing.
 _BODY_DEFECTS = (email.errors.StartBoundaryNotFoundDefect, email.errors.MultipartInvariantViolationDefect)
-#: A Content-Length (RFC 9110 8.6: 1*DIGIT); ``int()`` also takes ``+5``, `` 5``, ``5_0`` and other scripts' digits.
-_DIGITS = re.compile(r"[0-9]+")
+#: 1*DIGIT: a Content-Length (RFC 9110 8.6), a Retry-After's delta-seconds. ``int()`` also takes ``+5``,
+#: `` 5``, ``5_0`` and other scripts' digits.
+DIGITS = re.compile(r"[0-9]+")
 
 
 class StrictResponse(http.client.HTTPResponse):
@@ -65,7 +66,7 @@ class StrictResponse(http.client.HTTPResponse):
             raise http.client.UnknownTransferEncoding(self.msg.get("Transfer-Encoding"))
         lengths = set(self.msg.get_all("Content-Length") or ())
         if lengths and not self.chunked:
-            if len(lengths) > 1 or not _DIGITS.fullmatch(next(iter(lengths))):
+            if len(lengths) > 1 or not DIGITS.fullmatch(next(iter(lengths))):
                 raise http.client.HTTPException(f"bad Content-Length {sorted(lengths)!r}")
             self.declared_length = int(lengths.pop())
 

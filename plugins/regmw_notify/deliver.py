@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 import threading
 import time
@@ -26,7 +25,7 @@ from email.utils import parsedate_to_datetime
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
-from regmw.strict_http import StrictResponse
+from regmw.strict_http import DIGITS, StrictResponse
 
 from .endpoints import Endpoint, check_address
 from .events import MEDIA_TYPE, envelope_raw
@@ -44,9 +43,6 @@ class Outcome:
     retry_after: float = 0.0  # seconds a 429 or 503 asked the sender to wait (Retry-After), 0 = none
 
 
-#: Delta-seconds (RFC 9110 10.2.3): ASCII digits. ``str.isdigit()`` is also true of ``²`` (a receiver's byte
-#: 0xB2, read as Latin-1), which ``float()`` refuses: the ValueError stopped every lane of the process.
-_SECONDS = re.compile(r"[0-9]+")
 #: Of an answer's body, at most this much is read (and dropped) to keep its connection; a longer body closes it.
 MAX_ANSWER = 64 * 1024
 
@@ -56,7 +52,9 @@ def retry_after(value: str | None, now: float | None = None) -> float:
     if not value:
         return 0.0
     value = value.strip()
-    if _SECONDS.fullmatch(value):
+    # delta-seconds (RFC 9110 10.2.3): ASCII digits; ``str.isdigit()`` is also true of ``²`` (a receiver's byte
+    # 0xB2, read as Latin-1), which ``float()`` refuses: the ValueError stopped every lane of the process
+    if DIGITS.fullmatch(value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)
