@@ -44,6 +44,12 @@ from .layout import Layout, append_stream, file_digest, parse_digest, valid_name
 MAX_MANIFEST = 4 * 1024 * 1024
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+#: The manifest types a push may declare, as distribution 2.8 serves them (schema1 is not taken).
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST})
+#: Blobs are content-addressed, so a cache may keep one for a year, as distribution tells it.
+BLOB_CACHE_CONTROL = "max-age=31536000"
 
 # One pattern per resource, tried in order (uploads before blobs).
 _ROUTES = [
@@ -77,8 +83,8 @@ def create_app(root: str) -> Flask:
     @app.after_request
     def api_version(response: Response) -> Response:
         response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
-        if _empty(response):
-            response.headers.remove("Content-Type")  # an empty answer has no type (Flask adds text/html)
+        if _empty(response) and response.mimetype == response.default_mimetype:
+            response.headers.remove("Content-Type")  # an empty answer nobody typed has no type, not Flask's text/html
         return response
 
     @app.errorhandler(HTTPException)
@@ -165,7 +171,8 @@ class _Handlers:
         if path is None:
             return oci_error("BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest})
         # send_file streams the file (wsgi.file_wrapper) and honours Range requests.
-        response = send_file(path, mimetype="application/octet-stream", conditional=True, etag=digest, max_age=0)
+        response = send_file(path, mimetype="application/octet-stream", conditional=True, etag=digest)
+        response.headers["Cache-Control"] = BLOB_CACHE_CONTROL  # send_file's max_age would add "public" and Expires
         response.headers["Docker-Content-Digest"] = digest
         response.headers.remove("Content-Disposition")
         # make_conditional stamps a Date; the HTTP server sends its own (werkzeug's always does, under
@@ -211,6 +218,7 @@ class _Handlers:
         content_range = request.headers.get("Content-Range")
         if content_range:
             match = re.fullmatch(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})", content_range.strip())
+            # OCI 1.1: a chunk out of order is 416 (distribution 2.8 takes it and appends it anyway)
             if match is None or int(match.group(1)) != size:
                 return oci_error("BLOB_UPLOAD_INVALID", "content range does not continue the upload",
                                  {"range": content_range[:64]}, 416, _upload_headers(name, upload_id, size))
@@ -246,6 +254,8 @@ class _Handlers:
     # --- manifests ----------------------------------------------------------
 
     def manifests_get(self, name: str, reference: str) -> Response:
+        # Served whatever Accept says: OCI distribution 1.1 answers an existing manifest with 200, while
+        # distribution 2.8 answers 404 MANIFEST_UNKNOWN to an Accept (or none) that leaves out an OCI type.
         digest = self._resolve(name, reference)
         if digest is None:
             return oci_error("MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "reference": reference[:128]})
@@ -260,6 +270,7 @@ class _Handlers:
             return oci_error("TAG_INVALID", "manifest tag is invalid", {"tag": reference[:128]})
         body = _body().read(MAX_MANIFEST + 1)
         if len(body) > MAX_MANIFEST:
+            # OCI distribution 1.1 asks for 413 Payload Too Large; distribution 2.8 answers 400: the spec wins.
             return oci_error("MANIFEST_INVALID", "manifest is larger than 4 MiB", status=413)
         try:
             manifest = json.loads(body)
@@ -269,7 +280,7 @@ class _Handlers:
             return oci_error("MANIFEST_INVALID", "manifest is nested too deeply")
         if not isinstance(manifest, dict):
             return oci_error("MANIFEST_INVALID", "manifest is not a JSON object")
-        problem = _shape_problem(manifest)
+        problem = _type_problem(manifest, request.mimetype) or _shape_problem(manifest)
         if problem:
             return oci_error("MANIFEST_INVALID", problem)
         missing = self._missing_references(name, manifest)
@@ -298,7 +309,7 @@ class _Handlers:
             for tag in self._tags(name):
                 if self.store.read_link(self.store.tag_current(name, tag)) == digest:
                     _remove_tree(os.path.join(self.store.tags_dir(name), tag))
-        else:
+        else:  # OCI 1.1 deletes a tag alone; distribution 2.8 refuses it (400 DIGEST_INVALID)
             _remove_tree(os.path.join(self.store.tags_dir(name), reference))
         return Response(status=202)
 
@@ -358,6 +369,7 @@ class _Handlers:
         tags = self._tags(name)
         if not tags and not os.path.isdir(self.store.repo(name)):
             return oci_error("NAME_UNKNOWN", "repository name not known to registry", {"name": name})
+        # OCI 1.1 pages with n and last (distribution 2.8 ignores both and lists every tag, unsorted)
         last = request.args.get("last")
         if last:
             tags = [tag for tag in tags if tag > last]
@@ -375,6 +387,24 @@ class _Handlers:
         except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(tag for tag in entries if os.path.exists(self.store.tag_current(name, tag)))
+
+
+def _type_problem(manifest: dict, content_type: str) -> str | None:
+    """Why a manifest pushed as ``content_type`` (parameters dropped) cannot be taken as that type, if it cannot.
+
+    The type must be one this registry serves, and the manifest's own ``mediaType``, when it has one, must be
+    the same (OCI distribution 1.1, and distribution 2.8 alike): a body read as one type on push and as
+    another on pull is CVE-2021-41190. An OCI manifest or index may leave ``mediaType`` out; a Docker one
+    may not (distribution refuses it, as its schema requires the field).
+    """
+    if content_type not in MANIFEST_TYPES:
+        return f"manifest Content-Type {content_type[:128]!r} is not a manifest media type this registry serves"
+    declared = manifest.get("mediaType")
+    if declared is None and content_type in (DOCKER_MANIFEST, DOCKER_LIST):
+        return "a Docker manifest must name its mediaType"
+    if declared is not None and declared != content_type:
+        return f"manifest mediaType {str(declared)[:128]!r} does not match its Content-Type {content_type!r}"
+    return None
 
 
 def _shape_problem(manifest: dict) -> str | None:

@@ -1,0 +1,95 @@
+"""``regmw demo``'s reference registry answers as the OCI distribution spec (1.1) and Debian's
+``docker-registry`` (distribution 2.8) do where they agree, over real HTTP.
+
+Each case runs against the demo's middleware on werkzeug's server (as ``regmw demo`` serves it) and
+against a real ``docker-registry``: the same requests, the same answers. Where the two disagree the
+demo follows the spec, and registry.py says so next to the code; those cases are not here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from urllib.parse import urlsplit
+
+import pytest
+
+from regmw.demo.registry import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from tests.servers._util import http_request
+from tests.test_python_clients import demo_url  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.services
+
+REPO = "spec/check"
+CONFIG = b'{"architecture":"amd64","os":"linux"}'
+LAYER = b"layer bytes"
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(params=["demo", "docker-registry"])
+def registry(request) -> str:
+    """The URL of the demo's middleware, or of a fresh ``docker-registry``, with CONFIG and LAYER in REPO."""
+    if request.param == "demo":
+        url = request.getfixturevalue("demo_url")[0]
+    else:
+        url = request.getfixturevalue("docker_registry").url
+    for blob in (CONFIG, LAYER, b""):
+        push_blob(url, blob)
+    return url
+
+
+def push_blob(url: str, data: bytes) -> None:
+    """POST then PUT with the digest: the upload both registries take (2.8 ignores a POST's body)."""
+    status, headers, _ = http_request(url, "POST", f"/v2/{REPO}/blobs/uploads/")
+    assert status == 202, status
+    location = urlsplit(headers["Location"])
+    query = f"{location.query}&" if location.query else ""
+    status, _, body = http_request(url, "PUT", f"{location.path}?{query}digest={_digest(data)}", data,
+                                   {"Content-Type": "application/octet-stream"})
+    assert status == 201, body
+
+
+def manifest(media_type: str | None) -> bytes:
+    fields = {"schemaVersion": 2, **({"mediaType": media_type} if media_type else {}),
+              "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(CONFIG),
+                         "size": len(CONFIG)},
+              "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": _digest(LAYER),
+                          "size": len(LAYER)}]}
+    return json.dumps(fields).encode()
+
+
+@pytest.mark.parametrize("declared, content_type, status", [
+    (OCI_MANIFEST, OCI_MANIFEST, 201),
+    (OCI_MANIFEST, OCI_MANIFEST + "; charset=utf-8", 201),  # the registry SHOULD ignore parameters
+    (None, OCI_MANIFEST, 201),  # an OCI manifest may leave mediaType out
+    (OCI_MANIFEST, None, 400),
+    (OCI_MANIFEST, DOCKER_MANIFEST, 400),
+    (OCI_MANIFEST, OCI_INDEX, 400),
+    (OCI_MANIFEST, "application/json", 400),
+    (None, DOCKER_MANIFEST, 400),  # a Docker manifest names its type
+    (None, None, 400),
+], ids=["same", "parameters", "oci-without-mediatype", "no-content-type", "docker-type-oci-body",
+        "index-type-manifest-body", "json", "docker-without-mediatype", "neither"])
+def test_a_manifest_is_taken_only_as_the_type_its_content_type_and_mediatype_agree_on(
+        registry, declared, content_type, status):
+    headers = {"Content-Type": content_type} if content_type else {}
+    got, _, body = http_request(registry, "PUT", f"/v2/{REPO}/manifests/pushed", manifest(declared), headers)
+    assert got == status, body
+    if status == 400:
+        assert json.loads(body)["errors"][0]["code"] == "MANIFEST_INVALID"
+        got, _, _ = http_request(registry, "GET", f"/v2/{REPO}/manifests/pushed", headers={"Accept": OCI_MANIFEST})
+        assert got == 404  # nothing was tagged
+
+
+@pytest.mark.parametrize("data", [LAYER, b""], ids=["blob", "empty-blob"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_blob_is_octet_stream_and_cacheable_for_a_year(registry, method, data):
+    """Content-addressed, so immutable: distribution's Cache-Control; a zero-length blob keeps its type too."""
+    status, headers, body = http_request(registry, method, f"/v2/{REPO}/blobs/{_digest(data)}")
+    assert status == 200
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["Cache-Control"] == "max-age=31536000"
+    assert headers["Content-Length"] == str(len(data)) and headers["Docker-Content-Digest"] == _digest(data)
+    assert body == (data if method == "GET" else b"")
