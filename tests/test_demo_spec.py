@@ -93,3 +93,47 @@ def test_a_blob_is_octet_stream_and_cacheable_for_a_year(registry, method, data)
     assert headers["Cache-Control"] == "max-age=31536000"
     assert headers["Content-Length"] == str(len(data)) and headers["Docker-Content-Digest"] == _digest(data)
     assert body == (data if method == "GET" else b"")
+
+
+def test_the_referrers_api_lists_the_manifests_whose_subject_is_the_digest(demo_url):  # noqa: F811
+    """OCI 1.1's referrers API, which distribution 2.8 lacks (its 404 sends a client to the referrers tag)."""
+    url = demo_url[0]
+    for blob in (CONFIG, LAYER):
+        push_blob(url, blob)
+    subject = manifest(OCI_MANIFEST)
+    status, _, _ = http_request(url, "PUT", f"/v2/{REPO}/manifests/v1", subject, {"Content-Type": OCI_MANIFEST})
+    assert status == 201
+    descriptor = {"mediaType": OCI_MANIFEST, "digest": _digest(subject), "size": len(subject)}
+    signature = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.sig",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": _digest(CONFIG), "size": len(CONFIG)},
+        "layers": [], "subject": descriptor, "annotations": {"org.example.signed-by": "ci"},
+    }).encode()
+    sbom = json.dumps({**json.loads(manifest(OCI_MANIFEST)), "subject": descriptor}).encode()  # no artifactType
+    pushed = []
+    for referrer in (signature, sbom):
+        status, headers, body = http_request(url, "PUT", f"/v2/{REPO}/manifests/{_digest(referrer)}", referrer,
+                                             {"Content-Type": OCI_MANIFEST})
+        assert status == 201, body
+        pushed.append(headers["OCI-Subject"])
+    assert pushed == [_digest(subject)] * 2  # the registry processed the subject: no referrers tag needed
+
+    status, headers, body = http_request(url, "GET", f"/v2/{REPO}/referrers/{_digest(subject)}")
+    assert status == 200 and headers["Content-Type"] == OCI_INDEX and "OCI-Filters-Applied" not in headers
+    index = json.loads(body)
+    assert index["schemaVersion"] == 2 and index["mediaType"] == OCI_INDEX
+    assert sorted(index["manifests"], key=lambda d: d["digest"]) == sorted([
+        {"mediaType": OCI_MANIFEST, "digest": _digest(signature), "size": len(signature),
+         "artifactType": "application/vnd.example.sig", "annotations": {"org.example.signed-by": "ci"}},
+        {"mediaType": OCI_MANIFEST, "digest": _digest(sbom), "size": len(sbom),
+         "artifactType": "application/vnd.oci.image.config.v1+json"},  # an image manifest's config type
+    ], key=lambda d: d["digest"])
+
+    status, headers, body = http_request(
+        url, "GET", f"/v2/{REPO}/referrers/{_digest(subject)}?artifactType=application/vnd.example.sig")
+    assert status == 200 and headers["OCI-Filters-Applied"] == "artifactType"
+    assert [d["digest"] for d in json.loads(body)["manifests"]] == [_digest(signature)]
+
+    for unknown in (_digest(b"no such manifest"), _digest(signature)):  # none refer to it: empty, never 404
+        status, _, body = http_request(url, "GET", f"/v2/{REPO}/referrers/{unknown}")
+        assert status == 200 and json.loads(body)["manifests"] == []

@@ -3,7 +3,9 @@
 Why it exists: ``regmw demo`` and the tests need a registry application to put
 the middleware in front of, in-process, without Go or Docker. It is not a
 production registry (no auth, no garbage collection, sha256 only), but it
-speaks the protocol the way ``registry:2`` does, so ``skopeo copy`` pushes to
+speaks the protocol the way ``registry:2`` does (and OCI distribution 1.1
+where the two differ: a comment marks each place, tests/test_demo_spec.py
+runs the points they agree on against both), so ``skopeo copy`` pushes to
 and pulls from it, and it stores data in distribution's filesystem layout
 (:mod:`regmw.demo.layout`) so regmw's filesystem storage stat works on it.
 
@@ -15,6 +17,7 @@ Endpoints (``<name>`` may contain slashes)::
     GET, PATCH, PUT, DELETE  /v2/<name>/blobs/uploads/<uuid>   PUT needs ?digest=
     HEAD, GET, PUT, DELETE   /v2/<name>/manifests/<tag or digest>
     GET        /v2/<name>/tags/list                         ?n=&last=
+    GET        /v2/<name>/referrers/<digest>                ?artifactType=
     GET        /v2/_catalog                                 ?n=&last=
 
 The catalog lists what distribution lists (a repository is a folder holding
@@ -57,6 +60,7 @@ _ROUTES = [
     ("blobs", re.compile(r"(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
     ("manifests", re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
     ("tags", re.compile(r"(?P<name>.+)/tags/(?P<ref>list)")),
+    ("referrers", re.compile(r"(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
 ]
 _STATUS = {
     "BLOB_UNKNOWN": 404, "BLOB_UPLOAD_UNKNOWN": 404, "MANIFEST_UNKNOWN": 404, "NAME_UNKNOWN": 404,
@@ -295,9 +299,11 @@ class _Handlers:
         if ":" not in reference:
             self.store.write_link(self.store.tag_index(name, reference, hex_), digest)
             self.store.write_link(self.store.tag_current(name, reference), digest)
-        return Response(status=201, headers={
-            "Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest, "Content-Length": "0",
-        })
+        headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest, "Content-Length": "0"}
+        subject = _subject(manifest)
+        if subject:  # OCI 1.1: tells the client the referrers API lists it (no referrers tag to maintain)
+            headers["OCI-Subject"] = subject
+        return Response(status=201, headers=headers)
 
     def manifests_delete(self, name: str, reference: str) -> Response:
         digest = self._resolve(name, reference)
@@ -336,6 +342,39 @@ class _Handlers:
             if not layer.get("urls") and self.store.linked_blob(name, digest) is None:
                 missing.append(digest)
         return missing
+
+    # --- referrers ----------------------------------------------------------
+
+    def referrers_get(self, name: str, digest: str) -> Response:
+        """OCI 1.1's referrers API (distribution 2.8 has none): an image index of every manifest in ``name``
+        whose ``subject`` is ``digest``, filtered by ``artifactType``; 200, never 404, even for none.
+
+        Found by reading every manifest of the repository, as the demo keeps no index of subjects.
+        """
+        if parse_digest(digest) is None:
+            return oci_error("DIGEST_INVALID", "invalid digest", {"digest": digest[:128]})
+        wanted, headers = request.args.get("artifactType"), {}
+        referrers = []
+        for child in self._revisions(name):
+            with open(self.store.blob_data(parse_digest(child)), "rb") as handle:
+                body = handle.read()
+            manifest = json.loads(body)
+            if _subject(manifest) == digest:
+                referrers.append(_referrer(manifest, child, len(body), _media_type(body)))
+        if wanted is not None:
+            referrers = [r for r in referrers if r.get("artifactType") == wanted]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": referrers}
+        return Response(json.dumps(index), 200, content_type=OCI_INDEX, headers=headers)
+
+    def _revisions(self, name: str) -> list[str]:
+        """The digest of every manifest ``name`` holds, sorted."""
+        try:
+            entries = os.listdir(self.store.revisions_dir(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        links = (self.store.read_link(self.store.revision_link(name, hex_)) for hex_ in sorted(entries))
+        return [digest for digest in links if digest]
 
     # --- catalog ------------------------------------------------------------
 
@@ -416,6 +455,26 @@ def _shape_problem(manifest: dict) -> str | None:
     if manifest.get("config") is not None and not isinstance(manifest["config"], dict):
         return "manifest config is not a descriptor"
     return None
+
+
+def _subject(manifest: Any) -> str | None:
+    """The digest a manifest's ``subject`` descriptor names, if it has one."""
+    subject = manifest.get("subject") if isinstance(manifest, dict) else None
+    digest = subject.get("digest") if isinstance(subject, dict) else None
+    return digest if isinstance(digest, str) and digest else None
+
+
+def _referrer(manifest: dict, digest: str, size: int, media_type: str) -> dict:
+    """A referrer's descriptor (OCI 1.1): its ``artifactType``, else an image manifest's config type, and its
+    annotations."""
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    artifact_type = manifest.get("artifactType") or (config.get("mediaType") if media_type == OCI_MANIFEST else None)
+    descriptor = {"mediaType": media_type, "digest": digest, "size": size}
+    if artifact_type:
+        descriptor["artifactType"] = artifact_type
+    if manifest.get("annotations"):
+        descriptor["annotations"] = manifest["annotations"]
+    return descriptor
 
 
 def _media_type(body: bytes) -> str:
