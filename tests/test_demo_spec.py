@@ -137,3 +137,23 @@ def test_the_referrers_api_lists_the_manifests_whose_subject_is_the_digest(demo_
     for unknown in (_digest(b"no such manifest"), _digest(signature)):  # none refer to it: empty, never 404
         status, _, body = http_request(url, "GET", f"/v2/{REPO}/referrers/{unknown}")
         assert status == 200 and json.loads(body)["manifests"] == []
+
+
+def test_a_repository_is_known_to_tags_list_by_its_tags_and_a_manifest_delete_takes_its_tags(registry):
+    """Blobs alone (or an upload) make no repository for tags/list; a manifest deleted by digest takes its tags."""
+    tags = f"/v2/{REPO}/tags/list"
+    status, _, body = http_request(registry, "GET", tags)
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"
+    pushed = manifest(OCI_MANIFEST)
+    status, _, _ = http_request(registry, "PUT", f"/v2/{REPO}/manifests/v1", pushed, {"Content-Type": OCI_MANIFEST})
+    assert status == 201
+    assert json.loads(http_request(registry, "GET", tags)[2])["tags"] == ["v1"]
+    by_digest = f"/v2/{REPO}/manifests/{_digest(pushed)}"
+    assert http_request(registry, "DELETE", by_digest)[0] == 202
+    status, _, body = http_request(registry, "DELETE", by_digest)
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    status, _, _ = http_request(registry, "GET", f"/v2/{REPO}/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    assert status == 404
+    status, _, body = http_request(registry, "GET", tags)
+    # the repository is still there, with no tag: distribution 2.8 says "tags": null, the demo the spec's []
+    assert status == 200 and not json.loads(body)["tags"]

@@ -406,7 +406,7 @@ class _Handlers:
 
     def tags_get(self, name: str, _: str) -> Response:
         tags = self._tags(name)
-        if not tags and not os.path.isdir(self.store.repo(name)):
+        if not tags and not os.path.isdir(self.store.tags_dir(name)):  # known by its tags, as distribution: not by a blob
             return oci_error("NAME_UNKNOWN", "repository name not known to registry", {"name": name})
         # OCI 1.1 pages with n and last (distribution 2.8 ignores both and lists every tag, unsorted)
         last = request.args.get("last")
@@ -418,6 +418,7 @@ class _Handlers:
             tags = tags[:n]
             if tags:  # n=0 asks for nothing: a Link to the same empty page would never end
                 headers["Link"] = f'</v2/{name}/tags/list?{urlencode({"n": n, "last": tags[-1]})}>; rel="next"'
+        # no tag is [] (distribution 2.8 sends null, which the spec's list does not allow)
         return Response(json.dumps({"name": name, "tags": tags}), 200, mimetype="application/json", headers=headers)
 
     def _tags(self, name: str) -> list[str]:
