@@ -157,3 +157,14 @@ def test_a_repository_is_known_to_tags_list_by_its_tags_and_a_manifest_delete_ta
     status, _, body = http_request(registry, "GET", tags)
     # the repository is still there, with no tag: distribution 2.8 says "tags": null, the demo the spec's []
     assert status == 200 and not json.loads(body)["tags"]
+
+
+def test_a_manifest_naming_unknown_blobs_gets_one_error_per_blob(registry):
+    unknown = [_digest(b"no config"), _digest(b"no layer")]
+    body = json.loads(manifest(OCI_MANIFEST))
+    body["config"]["digest"], body["layers"][0]["digest"] = unknown
+    status, _, answer = http_request(registry, "PUT", f"/v2/{REPO}/manifests/v1", json.dumps(body).encode(),
+                                     {"Content-Type": OCI_MANIFEST})
+    errors = json.loads(answer)["errors"]
+    assert status == 400 and [e["code"] for e in errors] == ["MANIFEST_BLOB_UNKNOWN"] * 2
+    assert all(digest in json.dumps(error["detail"]) for error, digest in zip(errors, unknown, strict=True))

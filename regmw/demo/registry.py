@@ -70,11 +70,12 @@ _STATUS = {
 
 
 def oci_error(
-    code: str, message: str, detail: Any = None, status: int | None = None, headers: dict[str, str] | None = None
+    code: str, message: str, detail: Any = None, status: int | None = None, headers: dict[str, str] | None = None,
+    each: list[Any] | None = None,
 ) -> Response:
-    """An OCI distribution error response: ``{"errors": [{"code", "message", "detail"}]}``."""
+    """An OCI distribution error response: ``{"errors": [{"code", "message", "detail"}]}`` (one per ``each``)."""
     status = status or _STATUS.get(code, 400)
-    return Response(error_body(code, message, detail), status, mimetype="application/json", headers=headers)
+    return Response(error_body(code, message, detail, each=each), status, mimetype="application/json", headers=headers)
 
 
 def create_app(root: str) -> Flask:
@@ -289,7 +290,9 @@ class _Handlers:
             return oci_error("MANIFEST_INVALID", problem)
         missing = self._missing_references(name, manifest)
         if missing:
-            return oci_error("MANIFEST_BLOB_UNKNOWN", "manifest references unknown content", {"digest": missing})
+            # one error per unknown blob, as distribution 2.8 answers (its detail is the bare digest)
+            return oci_error("MANIFEST_BLOB_UNKNOWN", "blob unknown to registry",
+                             each=[{"digest": digest} for digest in missing])
         digest = self.store.put_content(body)
         if ":" in reference and reference != digest:
             return oci_error("DIGEST_INVALID", "manifest digest does not match its reference",
