@@ -83,6 +83,22 @@ def test_a_manifest_is_taken_only_as_the_type_its_content_type_and_mediatype_agr
         assert got == 404  # nothing was tagged
 
 
+@pytest.mark.parametrize("content_type, fields, status", [
+    (OCI_MANIFEST, {**json.loads(manifest(OCI_MANIFEST)), "manifests": []}, 400),
+    (OCI_INDEX, json.loads(manifest(None)), 400),  # a manifest's shape, pushed as an index
+    (OCI_INDEX, {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [],
+                 "config": json.loads(manifest(None))["config"]}, 400),
+    (OCI_INDEX, {"schemaVersion": 2, "manifests": []}, 201),  # an index may leave mediaType out too
+], ids=["manifest-with-manifests", "manifest-shape-as-index", "index-with-config", "index-without-mediatype"])
+def test_a_manifest_with_another_types_fields_is_refused_as_ambiguous(registry, content_type, fields, status):
+    """CVE-2021-41190: a body both a manifest and an index would be read by its shape as either."""
+    got, _, body = http_request(registry, "PUT", f"/v2/{REPO}/manifests/pushed", json.dumps(fields).encode(),
+                                {"Content-Type": content_type})
+    assert got == status, body
+    if status == 400:
+        assert json.loads(body)["errors"][0]["code"] == "MANIFEST_INVALID"
+
+
 @pytest.mark.parametrize("data", [LAYER, b""], ids=["blob", "empty-blob"])
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_a_blob_is_octet_stream_and_cacheable_for_a_year(registry, method, data):

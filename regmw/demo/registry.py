@@ -438,7 +438,9 @@ def _type_problem(manifest: dict, content_type: str) -> str | None:
     The type must be one this registry serves, and the manifest's own ``mediaType``, when it has one, must be
     the same (OCI distribution 1.1, and distribution 2.8 alike): a body read as one type on push and as
     another on pull is CVE-2021-41190. An OCI manifest or index may leave ``mediaType`` out; a Docker one
-    may not (distribution refuses it, as its schema requires the field).
+    may not (distribution refuses it, as its schema requires the field). Nor may an OCI manifest carry an
+    index's ``manifests``, or an OCI index a manifest's ``config`` or ``layers`` (distribution's fix for that
+    CVE): without ``mediaType`` the body would be read by its shape as the other type.
     """
     if content_type not in MANIFEST_TYPES:
         return f"manifest Content-Type {content_type[:128]!r} is not a manifest media type this registry serves"
@@ -447,6 +449,9 @@ def _type_problem(manifest: dict, content_type: str) -> str | None:
         return "a Docker manifest must name its mediaType"
     if declared is not None and declared != content_type:
         return f"manifest mediaType {str(declared)[:128]!r} does not match its Content-Type {content_type!r}"
+    foreign = {OCI_MANIFEST: ("manifests",), OCI_INDEX: ("config", "layers")}.get(content_type, ())
+    if any(manifest.get(field) is not None for field in foreign):
+        return f"a manifest pushed as {content_type} has fields of another type ({', '.join(foreign)})"
     return None
 
 
