@@ -409,7 +409,8 @@ class _Handlers:
 
     def tags_get(self, name: str, _: str) -> Response:
         tags = self._tags(name)
-        if not tags and not os.path.isdir(self.store.tags_dir(name)):  # known by its tags, as distribution: not by a blob
+        # a repository is known here by its tags folder, as distribution knows it (a blob or an upload is not enough)
+        if not tags and not os.path.isdir(self.store.tags_dir(name)):
             return oci_error("NAME_UNKNOWN", "repository name not known to registry", {"name": name})
         # OCI 1.1 pages with n and last (distribution 2.8 ignores both and lists every tag, unsorted)
         last = request.args.get("last")
