@@ -25,16 +25,21 @@ STATUS_TEXT = {
 }
 
 
-def error_body(code: str, message: str, detail: Any = None) -> bytes:
+def error_body(code: str, message: str, detail: Any = None, *, each: Iterable[Any] | None = None) -> bytes:
     """The one OCI error body regmw writes: ``{"errors":[{"code","message"[,"detail"]}]}``, compact JSON.
 
     Refusals, the gateway and the reference registry all build their bodies
     here, so every error a client sees from regmw has the same shape.
+    ``each``: one error of ``code`` per detail in it instead, as distribution
+    answers a manifest naming several unknown blobs.
     """
-    error: dict[str, Any] = {"code": code, "message": message}
-    if detail is not None:
-        error["detail"] = detail
-    return json.dumps({"errors": [error]}, separators=(",", ":")).encode()
+    errors = []
+    for item in [detail] if each is None else each:
+        error: dict[str, Any] = {"code": code, "message": message}
+        if item is not None:
+            error["detail"] = item
+        errors.append(error)
+    return json.dumps({"errors": errors}, separators=(",", ":")).encode()
 
 
 class Refusal(Exception):

@@ -8,7 +8,7 @@ import json
 import pytest
 from werkzeug.test import Client
 
-from regmw.demo.registry import create_app
+from regmw.demo.registry import OCI_MANIFEST, create_app
 
 REPO = "group/project"
 
@@ -116,7 +116,7 @@ def test_manifest_put_get_delete(client):
         assert got.headers["Docker-Content-Digest"] == digest
         head = client.head(f"/v2/{REPO}/manifests/{ref}")
         assert head.status_code == 200 and head.headers["Content-Length"] == str(len(manifest))
-    assert client.put(f"/v2/{REPO}/manifests/v2", data=manifest).status_code == 201
+    assert client.put(f"/v2/{REPO}/manifests/v2", data=manifest, content_type=OCI_MANIFEST).status_code == 201
     assert json.loads(client.get(f"/v2/{REPO}/tags/list").get_data()) == {"name": REPO, "tags": ["v1", "v2"]}
     page = client.get(f"/v2/{REPO}/tags/list", query_string={"n": 1})
     assert json.loads(page.get_data())["tags"] == ["v1"] and 'rel="next"' in page.headers["Link"]

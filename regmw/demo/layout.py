@@ -64,8 +64,11 @@ class Layout:
     def layer_link(self, name: str, hex_: str) -> str:
         return os.path.join(self.repo(name), "_layers", "sha256", hex_, "link")
 
+    def revisions_dir(self, name: str) -> str:
+        return os.path.join(self.repo(name), "_manifests", "revisions", "sha256")
+
     def revision_link(self, name: str, hex_: str) -> str:
-        return os.path.join(self.repo(name), "_manifests", "revisions", "sha256", hex_, "link")
+        return os.path.join(self.revisions_dir(name), hex_, "link")
 
     def tags_dir(self, name: str) -> str:
         return os.path.join(self.repo(name), "_manifests", "tags")

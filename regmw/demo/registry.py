@@ -3,7 +3,9 @@
 Why it exists: ``regmw demo`` and the tests need a registry application to put
 the middleware in front of, in-process, without Go or Docker. It is not a
 production registry (no auth, no garbage collection, sha256 only), but it
-speaks the protocol the way ``registry:2`` does, so ``skopeo copy`` pushes to
+speaks the protocol the way ``registry:2`` does (and OCI distribution 1.1
+where the two differ: a comment marks each place, tests/test_demo_spec.py
+runs the points they agree on against both), so ``skopeo copy`` pushes to
 and pulls from it, and it stores data in distribution's filesystem layout
 (:mod:`regmw.demo.layout`) so regmw's filesystem storage stat works on it.
 
@@ -15,6 +17,7 @@ Endpoints (``<name>`` may contain slashes)::
     GET, PATCH, PUT, DELETE  /v2/<name>/blobs/uploads/<uuid>   PUT needs ?digest=
     HEAD, GET, PUT, DELETE   /v2/<name>/manifests/<tag or digest>
     GET        /v2/<name>/tags/list                         ?n=&last=
+    GET        /v2/<name>/referrers/<digest>                ?artifactType=
     GET        /v2/_catalog                                 ?n=&last=
 
 The catalog lists what distribution lists (a repository is a folder holding
@@ -44,6 +47,12 @@ from .layout import Layout, append_stream, file_digest, parse_digest, valid_name
 MAX_MANIFEST = 4 * 1024 * 1024
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+#: The manifest types a push may declare, as distribution 2.8 serves them (schema1 is not taken).
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST})
+#: Blobs are content-addressed, so a cache may keep one for a year, as distribution tells it.
+BLOB_CACHE_CONTROL = "max-age=31536000"
 
 # One pattern per resource, tried in order (uploads before blobs).
 _ROUTES = [
@@ -51,6 +60,7 @@ _ROUTES = [
     ("blobs", re.compile(r"(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
     ("manifests", re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
     ("tags", re.compile(r"(?P<name>.+)/tags/(?P<ref>list)")),
+    ("referrers", re.compile(r"(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
 ]
 _STATUS = {
     "BLOB_UNKNOWN": 404, "BLOB_UPLOAD_UNKNOWN": 404, "MANIFEST_UNKNOWN": 404, "NAME_UNKNOWN": 404,
@@ -60,11 +70,12 @@ _STATUS = {
 
 
 def oci_error(
-    code: str, message: str, detail: Any = None, status: int | None = None, headers: dict[str, str] | None = None
+    code: str, message: str, detail: Any = None, status: int | None = None, headers: dict[str, str] | None = None,
+    each: list[Any] | None = None,
 ) -> Response:
-    """An OCI distribution error response: ``{"errors": [{"code", "message", "detail"}]}``."""
+    """An OCI distribution error response: ``{"errors": [{"code", "message", "detail"}]}`` (one per ``each``)."""
     status = status or _STATUS.get(code, 400)
-    return Response(error_body(code, message, detail), status, mimetype="application/json", headers=headers)
+    return Response(error_body(code, message, detail, each=each), status, mimetype="application/json", headers=headers)
 
 
 def create_app(root: str) -> Flask:
@@ -77,8 +88,8 @@ def create_app(root: str) -> Flask:
     @app.after_request
     def api_version(response: Response) -> Response:
         response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
-        if _empty(response):
-            response.headers.remove("Content-Type")  # an empty answer has no type (Flask adds text/html)
+        if _empty(response) and response.mimetype == response.default_mimetype:
+            response.headers.remove("Content-Type")  # an empty answer nobody typed has no type, not Flask's text/html
         return response
 
     @app.errorhandler(HTTPException)
@@ -165,7 +176,8 @@ class _Handlers:
         if path is None:
             return oci_error("BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest})
         # send_file streams the file (wsgi.file_wrapper) and honours Range requests.
-        response = send_file(path, mimetype="application/octet-stream", conditional=True, etag=digest, max_age=0)
+        response = send_file(path, mimetype="application/octet-stream", conditional=True, etag=digest)
+        response.headers["Cache-Control"] = BLOB_CACHE_CONTROL  # send_file's max_age would add "public" and Expires
         response.headers["Docker-Content-Digest"] = digest
         response.headers.remove("Content-Disposition")
         # make_conditional stamps a Date; the HTTP server sends its own (werkzeug's always does, under
@@ -211,6 +223,7 @@ class _Handlers:
         content_range = request.headers.get("Content-Range")
         if content_range:
             match = re.fullmatch(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})", content_range.strip())
+            # OCI 1.1: a chunk out of order is 416 (distribution 2.8 takes it and appends it anyway)
             if match is None or int(match.group(1)) != size:
                 return oci_error("BLOB_UPLOAD_INVALID", "content range does not continue the upload",
                                  {"range": content_range[:64]}, 416, _upload_headers(name, upload_id, size))
@@ -246,6 +259,8 @@ class _Handlers:
     # --- manifests ----------------------------------------------------------
 
     def manifests_get(self, name: str, reference: str) -> Response:
+        # Served whatever Accept says: OCI distribution 1.1 answers an existing manifest with 200, while
+        # distribution 2.8 answers 404 MANIFEST_UNKNOWN to an Accept (or none) that leaves out an OCI type.
         digest = self._resolve(name, reference)
         if digest is None:
             return oci_error("MANIFEST_UNKNOWN", "manifest unknown", {"name": name, "reference": reference[:128]})
@@ -260,6 +275,7 @@ class _Handlers:
             return oci_error("TAG_INVALID", "manifest tag is invalid", {"tag": reference[:128]})
         body = _body().read(MAX_MANIFEST + 1)
         if len(body) > MAX_MANIFEST:
+            # OCI distribution 1.1 asks for 413 Payload Too Large; distribution 2.8 answers 400: the spec wins.
             return oci_error("MANIFEST_INVALID", "manifest is larger than 4 MiB", status=413)
         try:
             manifest = json.loads(body)
@@ -269,12 +285,14 @@ class _Handlers:
             return oci_error("MANIFEST_INVALID", "manifest is nested too deeply")
         if not isinstance(manifest, dict):
             return oci_error("MANIFEST_INVALID", "manifest is not a JSON object")
-        problem = _shape_problem(manifest)
+        problem = _type_problem(manifest, request.mimetype) or _shape_problem(manifest)
         if problem:
             return oci_error("MANIFEST_INVALID", problem)
         missing = self._missing_references(name, manifest)
         if missing:
-            return oci_error("MANIFEST_BLOB_UNKNOWN", "manifest references unknown content", {"digest": missing})
+            # one error per unknown blob, as distribution 2.8 answers (its detail is the bare digest)
+            return oci_error("MANIFEST_BLOB_UNKNOWN", "blob unknown to registry",
+                             each=[{"digest": digest} for digest in missing])
         digest = self.store.put_content(body)
         if ":" in reference and reference != digest:
             return oci_error("DIGEST_INVALID", "manifest digest does not match its reference",
@@ -284,9 +302,11 @@ class _Handlers:
         if ":" not in reference:
             self.store.write_link(self.store.tag_index(name, reference, hex_), digest)
             self.store.write_link(self.store.tag_current(name, reference), digest)
-        return Response(status=201, headers={
-            "Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest, "Content-Length": "0",
-        })
+        headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest, "Content-Length": "0"}
+        subject = _subject(manifest)
+        if subject:  # OCI 1.1: tells the client the referrers API lists it (no referrers tag to maintain)
+            headers["OCI-Subject"] = subject
+        return Response(status=201, headers=headers)
 
     def manifests_delete(self, name: str, reference: str) -> Response:
         digest = self._resolve(name, reference)
@@ -298,7 +318,7 @@ class _Handlers:
             for tag in self._tags(name):
                 if self.store.read_link(self.store.tag_current(name, tag)) == digest:
                     _remove_tree(os.path.join(self.store.tags_dir(name), tag))
-        else:
+        else:  # OCI 1.1 deletes a tag alone; distribution 2.8 refuses it (400 DIGEST_INVALID)
             _remove_tree(os.path.join(self.store.tags_dir(name), reference))
         return Response(status=202)
 
@@ -325,6 +345,39 @@ class _Handlers:
             if not layer.get("urls") and self.store.linked_blob(name, digest) is None:
                 missing.append(digest)
         return missing
+
+    # --- referrers ----------------------------------------------------------
+
+    def referrers_get(self, name: str, digest: str) -> Response:
+        """OCI 1.1's referrers API (distribution 2.8 has none): an image index of every manifest in ``name``
+        whose ``subject`` is ``digest``, filtered by ``artifactType``; 200, never 404, even for none.
+
+        Found by reading every manifest of the repository, as the demo keeps no index of subjects.
+        """
+        if parse_digest(digest) is None:
+            return oci_error("DIGEST_INVALID", "invalid digest", {"digest": digest[:128]})
+        wanted, headers = request.args.get("artifactType"), {}
+        referrers = []
+        for child in self._revisions(name):
+            with open(self.store.blob_data(parse_digest(child)), "rb") as handle:
+                body = handle.read()
+            manifest = json.loads(body)
+            if _subject(manifest) == digest:
+                referrers.append(_referrer(manifest, child, len(body), _media_type(body)))
+        if wanted is not None:
+            referrers = [r for r in referrers if r.get("artifactType") == wanted]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": referrers}
+        return Response(json.dumps(index), 200, content_type=OCI_INDEX, headers=headers)
+
+    def _revisions(self, name: str) -> list[str]:
+        """The digest of every manifest ``name`` holds, sorted."""
+        try:
+            entries = os.listdir(self.store.revisions_dir(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        links = (self.store.read_link(self.store.revision_link(name, hex_)) for hex_ in sorted(entries))
+        return [digest for digest in links if digest]
 
     # --- catalog ------------------------------------------------------------
 
@@ -356,8 +409,10 @@ class _Handlers:
 
     def tags_get(self, name: str, _: str) -> Response:
         tags = self._tags(name)
-        if not tags and not os.path.isdir(self.store.repo(name)):
+        # a repository is known here by its tags folder, as distribution knows it (a blob or an upload is not enough)
+        if not tags and not os.path.isdir(self.store.tags_dir(name)):
             return oci_error("NAME_UNKNOWN", "repository name not known to registry", {"name": name})
+        # OCI 1.1 pages with n and last (distribution 2.8 ignores both and lists every tag, unsorted)
         last = request.args.get("last")
         if last:
             tags = [tag for tag in tags if tag > last]
@@ -367,6 +422,7 @@ class _Handlers:
             tags = tags[:n]
             if tags:  # n=0 asks for nothing: a Link to the same empty page would never end
                 headers["Link"] = f'</v2/{name}/tags/list?{urlencode({"n": n, "last": tags[-1]})}>; rel="next"'
+        # no tag is [] (distribution 2.8 sends null, which the spec's list does not allow)
         return Response(json.dumps({"name": name, "tags": tags}), 200, mimetype="application/json", headers=headers)
 
     def _tags(self, name: str) -> list[str]:
@@ -375,6 +431,29 @@ class _Handlers:
         except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(tag for tag in entries if os.path.exists(self.store.tag_current(name, tag)))
+
+
+def _type_problem(manifest: dict, content_type: str) -> str | None:
+    """Why a manifest pushed as ``content_type`` (parameters dropped) cannot be taken as that type, if it cannot.
+
+    The type must be one this registry serves, and the manifest's own ``mediaType``, when it has one, must be
+    the same (OCI distribution 1.1, and distribution 2.8 alike): a body read as one type on push and as
+    another on pull is CVE-2021-41190. An OCI manifest or index may leave ``mediaType`` out; a Docker one
+    may not (distribution refuses it, as its schema requires the field). Nor may an OCI manifest carry an
+    index's ``manifests``, or an OCI index a manifest's ``config`` or ``layers`` (distribution's fix for that
+    CVE): without ``mediaType`` the body would be read by its shape as the other type.
+    """
+    if content_type not in MANIFEST_TYPES:
+        return f"manifest Content-Type {content_type[:128]!r} is not a manifest media type this registry serves"
+    declared = manifest.get("mediaType")
+    if declared is None and content_type in (DOCKER_MANIFEST, DOCKER_LIST):
+        return "a Docker manifest must name its mediaType"
+    if declared is not None and declared != content_type:
+        return f"manifest mediaType {str(declared)[:128]!r} does not match its Content-Type {content_type!r}"
+    foreign = {OCI_MANIFEST: ("manifests",), OCI_INDEX: ("config", "layers")}.get(content_type, ())
+    if any(manifest.get(field) is not None for field in foreign):
+        return f"a manifest pushed as {content_type} has fields of another type ({', '.join(foreign)})"
+    return None
 
 
 def _shape_problem(manifest: dict) -> str | None:
@@ -386,6 +465,26 @@ def _shape_problem(manifest: dict) -> str | None:
     if manifest.get("config") is not None and not isinstance(manifest["config"], dict):
         return "manifest config is not a descriptor"
     return None
+
+
+def _subject(manifest: Any) -> str | None:
+    """The digest a manifest's ``subject`` descriptor names, if it has one."""
+    subject = manifest.get("subject") if isinstance(manifest, dict) else None
+    digest = subject.get("digest") if isinstance(subject, dict) else None
+    return digest if isinstance(digest, str) and digest else None
+
+
+def _referrer(manifest: dict, digest: str, size: int, media_type: str) -> dict:
+    """A referrer's descriptor (OCI 1.1): its ``artifactType``, else an image manifest's config type, and its
+    annotations."""
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    artifact_type = manifest.get("artifactType") or (config.get("mediaType") if media_type == OCI_MANIFEST else None)
+    descriptor = {"mediaType": media_type, "digest": digest, "size": size}
+    if artifact_type:
+        descriptor["artifactType"] = artifact_type
+    if manifest.get("annotations"):
+        descriptor["annotations"] = manifest["annotations"]
+    return descriptor
 
 
 def _media_type(body: bytes) -> str:
