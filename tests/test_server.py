@@ -455,6 +455,45 @@ def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html_and_logged(
                == before + len(REFUSED_BY_GUNICORN), timeout=10, what="the refusals counted")
 
 
+# --- what gunicorn lets through but the gateway must not forward ----------------------
+
+REFUSED_BY_THE_GATEWAY = [
+    # gunicorn de-chunks and accepts ``gzip``: forwarded as plain chunked, docker-registry took the coded bytes
+    (b"POST /v2/group/project/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+     b"3\r\nabc\r\n0\r\n\r\n", 501, "UNSUPPORTED"),
+    # an authority-form target went upstream as ``CONNECT 443`` (docker-registry: a 301 to ``//443/``)
+    (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 405, "UNSUPPORTED"),
+    # forwarded as the client's Host: docker-registry's plain-text ``400 Bad Request: malformed Host header``
+    (b"POST /v2/group/project/blobs/uploads/ HTTP/1.1\r\nHost: evil.example/x?\r\nContent-Length: 0\r\n\r\n",
+     400, "UNKNOWN"),
+    (b"GET /v2/ HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "UNKNOWN"),
+]
+
+
+@pytest.mark.services
+@pytest.mark.parametrize(("raw", "status", "code"), REFUSED_BY_THE_GATEWAY,
+                         ids=["gzip-chunked", "connect", "host-with-path", "host-with-space"])
+def test_what_the_gateway_cannot_forward_as_sent_is_answered_by_regmw(docker_registry, regmw_serve, raw, status, code):
+    """A request gunicorn accepts but the upstream would read otherwise is answered by regmw with an OCI
+    body, and nothing reaches docker-registry (no upload started)."""
+    served = regmw_serve(gateway_config(docker_registry.url), workers=1)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert b"content-type: application/json" in head.lower(), head
+    assert json.loads(body)["errors"][0]["code"] == code, body
+    if docker_registry.root is not None:  # a registry of this run's own
+        uploads = docker_registry.root / "docker/registry/v2/repositories/group/project/_uploads"
+        assert not uploads.exists() or not any(uploads.iterdir())
+    # a good request right after is forwarded as usual
+    assert request(served.url, "POST", "/v2/group/project/blobs/uploads/")[0] == 202
+
+
 # --- clients that stall mid-request ------------------------------------------------
 
 
