@@ -312,7 +312,9 @@ class Gateway:
 
     def _target(self, environ: dict) -> str:
         # PATH_INFO is decoded (latin-1 code points for bytes); quote it back the way a client sends it.
-        raw = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1")
+        # An absolute-form target with no path (``GET http://host?x``) has an empty one: its origin-form is
+        # ``/`` (RFC 9112 3.2.1), not a bare ``?x`` that the upstream refuses as a request line.
+        raw = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1") or b"/"
         target = self.prefix + quote(raw, safe="/:@!$&'()*+,;=~")
         query = environ.get("QUERY_STRING")
         return f"{target}?{query}" if query else target  # the raw query, untouched

@@ -494,6 +494,22 @@ def test_what_the_gateway_cannot_forward_as_sent_is_answered_by_regmw(docker_reg
     assert request(served.url, "POST", "/v2/group/project/blobs/uploads/")[0] == 202
 
 
+@pytest.mark.services
+def test_an_absolute_form_target_without_a_path_is_forwarded_in_origin_form(docker_registry, regmw_serve):
+    """``GET http://host?x`` has an empty path, which gunicorn passes on as such: forwarded as ``?x`` it was
+    no request line docker-registry takes (a plain-text 400); as ``/?x`` it answers as it answers ``/``."""
+    served = regmw_serve(gateway_config(docker_registry.url), workers=1)
+    answers = []
+    for target in (b"/?x", b"http://registry.example?x"):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+            sock.sendall(b"GET %b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        answers.append(answer.split(b"\r\n", 1)[0])
+    assert answers[1] == answers[0] == b"HTTP/1.1 200 OK", answers
+
+
 # --- clients that stall mid-request ------------------------------------------------
 
 
