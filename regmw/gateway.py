@@ -97,7 +97,7 @@ from .clients import ClientResolver
 from .config import Option, Section
 from .errors import UPSTREAM_TIMED_OUT, ConfigError, Refusal, status_phrase, unreadable_body
 from .plugins import hookimpl
-from .strict_http import StrictResponse
+from .strict_http import DIGITS, StrictResponse
 
 log = logging.getLogger("regmw.gateway")
 
@@ -420,6 +420,8 @@ class Gateway:
         return f"{scheme}://{host}{path}" + (f"?{parts.query}" if parts.query else "")
 
 
+#: The largest Content-Length the gateway forwards: Go's (distribution's) int64.
+MAX_LENGTH = 2**63 - 1
 #: A Host header as RFC 9110 7.2 allows it: an RFC 3986 authority without userinfo, i.e. an IP literal or a
 #: reg-name (unreserved, pct-encoded, sub-delims), then an optional port; empty is allowed too.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
@@ -451,7 +453,12 @@ def _unforwardable(environ: dict, method: str) -> Refusal | None:
       forwarded as the client's Host (``preserve_host``) and put into the
       Location headers the upstream and the gateway build: distribution
       answers it with a plain-text 400, another upstream might build a URL
-      from it. 400, with an OCI body.
+      from it. 400, with an OCI body;
+    * a ``Content-Length`` past 2^63 - 1 (gunicorn takes any number of
+      digits) is one no upstream reads as sent: distribution answers a
+      plain-text 400 once the gateway is streaming, and a parser that wraps
+      it (2^64 + 3 read as 3) would take the rest of the body as a request of
+      its own, none of whose checks regmw made. 400, as distribution answers.
     """
     if method == "CONNECT":
         return Refusal(405, "UNSUPPORTED", "CONNECT is not supported")
@@ -461,6 +468,9 @@ def _unforwardable(environ: dict, method: str) -> Refusal | None:
                        detail={"transfer-encoding": environ["HTTP_TRANSFER_ENCODING"][:128]})
     if not _HOST.fullmatch(environ.get("HTTP_HOST", "")):
         return Refusal(400, "UNKNOWN", "malformed Host header")
+    length = environ.get("CONTENT_LENGTH") or "0"
+    if not codings and (not DIGITS.fullmatch(length) or len(length) > 19 or int(length) > MAX_LENGTH):
+        return Refusal(400, "UNKNOWN", "bad Content-Length", detail={"content-length": length[:32]})
     return None
 
 
@@ -557,13 +567,9 @@ class _RequestBody:
     def __init__(self, environ: dict, method: str) -> None:
         self.stream = environ.get("wsgi.input")
         self.consumed = False
-        try:
-            self.length: int | None = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            self.length = 0
-        self.chunked = _transfer_codings(environ) == ["chunked"]  # anything else: _unforwardable refused it
-        if self.chunked:
-            self.length = None
+        # Checked by _unforwardable: no transfer coding but chunked, and without one a Content-Length of 1*DIGIT.
+        self.chunked = _transfer_codings(environ) == ["chunked"]
+        self.length: int | None = None if self.chunked else int(environ.get("CONTENT_LENGTH") or 0)
         self.announce = self.chunked or self.length or method in ("POST", "PUT", "PATCH")
 
     def send(self, conn: http.client.HTTPConnection) -> None:

@@ -457,32 +457,31 @@ def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html_and_logged(
 
 # --- what gunicorn lets through but the gateway must not forward ----------------------
 
+UPLOAD = b"POST /v2/group/project/blobs/uploads/ HTTP/1.1\r\nConnection: close\r\n"
 REFUSED_BY_THE_GATEWAY = [
     # gunicorn de-chunks and accepts ``gzip``: forwarded as plain chunked, docker-registry took the coded bytes
-    (b"POST /v2/group/project/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-     b"3\r\nabc\r\n0\r\n\r\n", 501, "UNSUPPORTED"),
+    (UPLOAD + b"Host: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 501, "UNSUPPORTED"),
     # an authority-form target went upstream as ``CONNECT 443`` (docker-registry: a 301 to ``//443/``)
-    (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 405, "UNSUPPORTED"),
+    (b"CONNECT evil.example:443 HTTP/1.1\r\nConnection: close\r\nHost: evil.example:443\r\n\r\n", 405, "UNSUPPORTED"),
     # forwarded as the client's Host: docker-registry's plain-text ``400 Bad Request: malformed Host header``
-    (b"POST /v2/group/project/blobs/uploads/ HTTP/1.1\r\nHost: evil.example/x?\r\nContent-Length: 0\r\n\r\n",
-     400, "UNKNOWN"),
-    (b"GET /v2/ HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "UNKNOWN"),
+    (UPLOAD + b"Host: evil.example/x?\r\nContent-Length: 0\r\n\r\n", 400, "UNKNOWN"),
+    (b"GET /v2/ HTTP/1.1\r\nConnection: close\r\nHost: a b\r\n\r\n", 400, "UNKNOWN"),
+    # 2^64 + 3: docker-registry's plain-text 400 once the gateway streamed, after the client's whole body or
+    # never (this one sends no more); a parser that wraps reads 3 and takes the rest as a request of its own
+    (UPLOAD + b"Host: x\r\nContent-Length: 18446744073709551619\r\n\r\nabc", 400, "UNKNOWN"),
 ]
 
 
 @pytest.mark.services
 @pytest.mark.parametrize(("raw", "status", "code"), REFUSED_BY_THE_GATEWAY,
-                         ids=["gzip-chunked", "connect", "host-with-path", "host-with-space"])
+                         ids=["gzip-chunked", "connect", "host-with-path", "host-with-space", "length-past-int64"])
 def test_what_the_gateway_cannot_forward_as_sent_is_answered_by_regmw(docker_registry, regmw_serve, raw, status, code):
     """A request gunicorn accepts but the upstream would read otherwise is answered by regmw with an OCI
     body, and nothing reaches docker-registry (no upload started)."""
     served = regmw_serve(gateway_config(docker_registry.url), workers=1)
     with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
-        sock.sendall(raw)
-        sock.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        sock.sendall(raw)  # the write side stays open: a body cut short would be refused as such
+        answer = answer_or_close(sock, within=30)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % status), head
     assert b"content-type: application/json" in head.lower(), head
