@@ -12,18 +12,6 @@ from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
 
-STATUS_TEXT = {
-    400: "400 Bad Request",
-    401: "401 Unauthorized",
-    403: "403 Forbidden",
-    404: "404 Not Found",
-    429: "429 Too Many Requests",
-    500: "500 Internal Server Error",
-    502: "502 Bad Gateway",
-    503: "503 Service Unavailable",
-    504: "504 Gateway Timeout",
-}
-
 
 def error_body(code: str, message: str, detail: Any = None, *, each: Iterable[Any] | None = None) -> bytes:
     """The one OCI error body regmw writes: ``{"errors":[{"code","message"[,"detail"]}]}``, compact JSON.
@@ -81,7 +69,7 @@ class Refusal(Exception):
             *self.headers,
             *extra_headers,
         ]
-        start_response(STATUS_TEXT.get(self.status, f"{self.status} Error"), headers)
+        start_response(f"{self.status} {status_phrase(self.status)}", headers)  # any status a hook picks
         return [body] if environ.get("REQUEST_METHOD") != "HEAD" else [b""]
 
 

@@ -97,7 +97,7 @@ from .clients import ClientResolver
 from .config import Option, Section
 from .errors import UPSTREAM_TIMED_OUT, ConfigError, Refusal, status_phrase, unreadable_body
 from .plugins import hookimpl
-from .strict_http import StrictResponse
+from .strict_http import DIGITS, StrictResponse
 
 log = logging.getLogger("regmw.gateway")
 
@@ -281,6 +281,9 @@ class Gateway:
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
+        refusal = _unforwardable(environ, method)
+        if refusal is not None:
+            return refusal(environ, start_response)
         target = self._target(environ)
         headers = self._request_headers(environ)
         body = _RequestBody(environ, method)
@@ -309,7 +312,9 @@ class Gateway:
 
     def _target(self, environ: dict) -> str:
         # PATH_INFO is decoded (latin-1 code points for bytes); quote it back the way a client sends it.
-        raw = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1")
+        # An absolute-form target with no path (``GET http://host?x``) has an empty one: its origin-form is
+        # ``/`` (RFC 9112 3.2.1), not a bare ``?x`` that the upstream refuses as a request line.
+        raw = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1") or b"/"
         target = self.prefix + quote(raw, safe="/:@!$&'()*+,;=~")
         query = environ.get("QUERY_STRING")
         return f"{target}?{query}" if query else target  # the raw query, untouched
@@ -415,6 +420,60 @@ class Gateway:
         return f"{scheme}://{host}{path}" + (f"?{parts.query}" if parts.query else "")
 
 
+#: The largest Content-Length the gateway forwards: Go's (distribution's) int64.
+MAX_LENGTH = 2**63 - 1
+#: A Host header as RFC 9110 7.2 allows it: an RFC 3986 authority without userinfo, i.e. an IP literal or a
+#: reg-name (unreserved, pct-encoded, sub-delims), then an optional port; empty is allowed too.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+
+
+def _transfer_codings(environ: dict) -> list[str]:
+    """The request's transfer codings, lower case, in order (``[]`` without ``Transfer-Encoding``)."""
+    value = environ.get("HTTP_TRANSFER_ENCODING")
+    return [coding.strip(" \t").lower() for coding in value.split(",")] if value else []
+
+
+def _unforwardable(environ: dict, method: str) -> Refusal | None:
+    """The refusal for a request the gateway cannot pass on as the client meant it, else None.
+
+    The WSGI server let these through, and forwarding them would have the
+    upstream act on another request than the one regmw checked:
+
+    * ``CONNECT`` asks for a tunnel, which a registry never offers; its
+      authority-form target (``evil:443``) was forwarded as a path (``443``),
+      and an upstream that is (or sits behind) a proxy could open the tunnel
+      past every hook: 405 ``UNSUPPORTED`` (the OCI code for an operation the
+      registry does not offer);
+    * a transfer coding other than ``chunked`` alone (``gzip, chunked``, which
+      gunicorn accepts and only de-chunks) would reach the upstream as plain
+      ``chunked``: the coding silently dropped, the coded bytes taken as the
+      blob. 501, as RFC 9112 6.1 asks of a server that does not know a coding
+      (and as distribution's Go server answers);
+    * a ``Host`` that is not an authority (``evil.example/x?``, ``a b``) is
+      forwarded as the client's Host (``preserve_host``) and put into the
+      Location headers the upstream and the gateway build: distribution
+      answers it with a plain-text 400, another upstream might build a URL
+      from it. 400, with an OCI body;
+    * a ``Content-Length`` past 2^63 - 1 (gunicorn takes any number of
+      digits) is one no upstream reads as sent: distribution answers a
+      plain-text 400 once the gateway is streaming, and a parser that wraps
+      it (2^64 + 3 read as 3) would take the rest of the body as a request of
+      its own, none of whose checks regmw made. 400, as distribution answers.
+    """
+    if method == "CONNECT":
+        return Refusal(405, "UNSUPPORTED", "CONNECT is not supported")
+    codings = _transfer_codings(environ)
+    if codings and codings != ["chunked"]:
+        return Refusal(501, "UNSUPPORTED", "unsupported transfer encoding",
+                       detail={"transfer-encoding": environ["HTTP_TRANSFER_ENCODING"][:128]})
+    if not _HOST.fullmatch(environ.get("HTTP_HOST", "")):
+        return Refusal(400, "UNKNOWN", "malformed Host header")
+    length = environ.get("CONTENT_LENGTH") or "0"
+    if not codings and (not DIGITS.fullmatch(length) or len(length) > 19 or int(length) > MAX_LENGTH):
+        return Refusal(400, "UNKNOWN", "bad Content-Length", detail={"content-length": length[:32]})
+    return None
+
+
 def _reached_by(environ: dict) -> str:
     """The scheme the client reached this server by, whatever it claims.
 
@@ -508,13 +567,9 @@ class _RequestBody:
     def __init__(self, environ: dict, method: str) -> None:
         self.stream = environ.get("wsgi.input")
         self.consumed = False
-        try:
-            self.length: int | None = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            self.length = 0
-        self.chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        if self.chunked:
-            self.length = None
+        # Checked by _unforwardable: no transfer coding but chunked, and without one a Content-Length of 1*DIGIT.
+        self.chunked = _transfer_codings(environ) == ["chunked"]
+        self.length: int | None = None if self.chunked else int(environ.get("CONTENT_LENGTH") or 0)
         self.announce = self.chunked or self.length or method in ("POST", "PUT", "PATCH")
 
     def send(self, conn: http.client.HTTPConnection) -> None:

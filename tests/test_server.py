@@ -455,6 +455,60 @@ def test_what_gunicorn_refuses_is_answered_with_an_oci_body_not_html_and_logged(
                == before + len(REFUSED_BY_GUNICORN), timeout=10, what="the refusals counted")
 
 
+# --- what gunicorn lets through but the gateway must not forward ----------------------
+
+UPLOAD = b"POST /v2/group/project/blobs/uploads/ HTTP/1.1\r\nConnection: close\r\n"
+REFUSED_BY_THE_GATEWAY = [
+    # gunicorn de-chunks and accepts ``gzip``: forwarded as plain chunked, docker-registry took the coded bytes
+    (UPLOAD + b"Host: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 501, "UNSUPPORTED"),
+    # an authority-form target went upstream as ``CONNECT 443`` (docker-registry: a 301 to ``//443/``)
+    (b"CONNECT evil.example:443 HTTP/1.1\r\nConnection: close\r\nHost: evil.example:443\r\n\r\n", 405, "UNSUPPORTED"),
+    # forwarded as the client's Host: docker-registry's plain-text ``400 Bad Request: malformed Host header``
+    (UPLOAD + b"Host: evil.example/x?\r\nContent-Length: 0\r\n\r\n", 400, "UNKNOWN"),
+    (b"GET /v2/ HTTP/1.1\r\nConnection: close\r\nHost: a b\r\n\r\n", 400, "UNKNOWN"),
+    # 2^64 + 3: docker-registry's plain-text 400 once the gateway streamed, after the client's whole body or
+    # never (this one sends no more); a parser that wraps reads 3 and takes the rest as a request of its own
+    (UPLOAD + b"Host: x\r\nContent-Length: 18446744073709551619\r\n\r\nabc", 400, "UNKNOWN"),
+]
+
+
+@pytest.mark.services
+@pytest.mark.parametrize(("raw", "status", "code"), REFUSED_BY_THE_GATEWAY,
+                         ids=["gzip-chunked", "connect", "host-with-path", "host-with-space", "length-past-int64"])
+def test_what_the_gateway_cannot_forward_as_sent_is_answered_by_regmw(docker_registry, regmw_serve, raw, status, code):
+    """A request gunicorn accepts but the upstream would read otherwise is answered by regmw with an OCI
+    body, and nothing reaches docker-registry (no upload started)."""
+    served = regmw_serve(gateway_config(docker_registry.url), workers=1)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(raw)  # the write side stays open: a body cut short would be refused as such
+        answer = answer_or_close(sock, within=30)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert b"content-type: application/json" in head.lower(), head
+    assert json.loads(body)["errors"][0]["code"] == code, body
+    if docker_registry.root is not None:  # a registry of this run's own
+        uploads = docker_registry.root / "docker/registry/v2/repositories/group/project/_uploads"
+        assert not uploads.exists() or not any(uploads.iterdir())
+    # a good request right after is forwarded as usual
+    assert request(served.url, "POST", "/v2/group/project/blobs/uploads/")[0] == 202
+
+
+@pytest.mark.services
+def test_an_absolute_form_target_without_a_path_is_forwarded_in_origin_form(docker_registry, regmw_serve):
+    """``GET http://host?x`` has an empty path, which gunicorn passes on as such: forwarded as ``?x`` it was
+    no request line docker-registry takes (a plain-text 400); as ``/?x`` it answers as it answers ``/``."""
+    served = regmw_serve(gateway_config(docker_registry.url), workers=1)
+    answers = []
+    for target in (b"/?x", b"http://registry.example?x"):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+            sock.sendall(b"GET %b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        answers.append(answer.split(b"\r\n", 1)[0])
+    assert answers[1] == answers[0] == b"HTTP/1.1 200 OK", answers
+
+
 # --- clients that stall mid-request ------------------------------------------------
 
 
