@@ -453,7 +453,9 @@ def _unforwardable(environ: dict, method: str) -> Refusal | None:
       forwarded as the client's Host (``preserve_host``) and put into the
       Location headers the upstream and the gateway build: distribution
       answers it with a plain-text 400, another upstream might build a URL
-      from it. 400, with an OCI body;
+      from it. 400, with an OCI body; so is an HTTP/1.1 request with no
+      ``Host`` at all (RFC 9112 3.2: a server MUST answer it 400, as
+      distribution does), which would have gone upstream with the upstream's;
     * a ``Content-Length`` past 2^63 - 1 (gunicorn takes any number of
       digits) is one no upstream reads as sent: distribution answers a
       plain-text 400 once the gateway is streaming, and a parser that wraps
@@ -468,6 +470,8 @@ def _unforwardable(environ: dict, method: str) -> Refusal | None:
                        detail={"transfer-encoding": environ["HTTP_TRANSFER_ENCODING"][:128]})
     if not _HOST.fullmatch(environ.get("HTTP_HOST", "")):
         return Refusal(400, "UNKNOWN", "malformed Host header")
+    if "HTTP_HOST" not in environ and environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+        return Refusal(400, "UNKNOWN", "missing Host header")
     length = environ.get("CONTENT_LENGTH") or "0"
     if not codings and (not DIGITS.fullmatch(length) or len(length) > 19 or int(length) > MAX_LENGTH):
         return Refusal(400, "UNKNOWN", "bad Content-Length", detail={"content-length": length[:32]})

@@ -200,7 +200,7 @@ def test_the_connection_is_pooled_before_the_server_sends_the_bodys_last_byte(ra
     reader.start()
     statuses: list[str] = []
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/v2/group/project/blobs/{DIGEST}",
-               "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(), "gunicorn.socket": server_side}
+               "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "x", "wsgi.input": io.BytesIO(), "gunicorn.socket": server_side}
     body = gateway(environ, lambda status, headers: statuses.append(status))
     try:
         for piece in body:

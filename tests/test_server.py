@@ -466,6 +466,8 @@ REFUSED_BY_THE_GATEWAY = [
     # forwarded as the client's Host: docker-registry's plain-text ``400 Bad Request: malformed Host header``
     (UPLOAD + b"Host: evil.example/x?\r\nContent-Length: 0\r\n\r\n", 400, "UNKNOWN"),
     (b"GET /v2/ HTTP/1.1\r\nConnection: close\r\nHost: a b\r\n\r\n", 400, "UNKNOWN"),
+    # RFC 9112 3.2's MUST; forwarded, it went upstream with the upstream's own Host and was answered 200
+    (b"GET /v2/ HTTP/1.1\r\nConnection: close\r\n\r\n", 400, "UNKNOWN"),
     # 2^64 + 3: docker-registry's plain-text 400 once the gateway streamed, after the client's whole body or
     # never (this one sends no more); a parser that wraps reads 3 and takes the rest as a request of its own
     (UPLOAD + b"Host: x\r\nContent-Length: 18446744073709551619\r\n\r\nabc", 400, "UNKNOWN"),
@@ -474,7 +476,7 @@ REFUSED_BY_THE_GATEWAY = [
 
 @pytest.mark.services
 @pytest.mark.parametrize(("raw", "status", "code"), REFUSED_BY_THE_GATEWAY,
-                         ids=["gzip-chunked", "connect", "host-with-path", "host-with-space", "length-past-int64"])
+                         ids=["gzip-chunked", "connect", "host-with-path", "host-with-space", "no-host", "length-past-int64"])
 def test_what_the_gateway_cannot_forward_as_sent_is_answered_by_regmw(docker_registry, regmw_serve, raw, status, code):
     """A request gunicorn accepts but the upstream would read otherwise is answered by regmw with an OCI
     body, and nothing reaches docker-registry (no upload started)."""
