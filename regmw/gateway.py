@@ -281,12 +281,13 @@ class Gateway:
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
-        refusal = _unforwardable(environ, method)
+        codings = _transfer_codings(environ)
+        refusal = _unforwardable(environ, method, codings)
         if refusal is not None:
             return refusal(environ, start_response)
         target = self._target(environ)
         headers = self._request_headers(environ)
-        body = _RequestBody(environ, method)
+        body = _RequestBody(environ, method, chunked=codings == ["chunked"])
         start = time.perf_counter()
         try:
             conn, response = self._exchange(method, target, headers, body, environ)
@@ -433,8 +434,10 @@ def _transfer_codings(environ: dict) -> list[str]:
     return [coding.strip(" \t").lower() for coding in value.split(",")] if value else []
 
 
-def _unforwardable(environ: dict, method: str) -> Refusal | None:
+def _unforwardable(environ: dict, method: str, codings: list[str]) -> Refusal | None:
     """The refusal for a request the gateway cannot pass on as the client meant it, else None.
+
+    ``codings``: the request's transfer codings (:func:`_transfer_codings`), read once per request.
 
     The WSGI server let these through, and forwarding them would have the
     upstream act on another request than the one regmw checked:
@@ -464,7 +467,6 @@ def _unforwardable(environ: dict, method: str) -> Refusal | None:
     """
     if method == "CONNECT":
         return Refusal(405, "UNSUPPORTED", "CONNECT is not supported")
-    codings = _transfer_codings(environ)
     if codings and codings != ["chunked"]:
         return Refusal(501, "UNSUPPORTED", "unsupported transfer encoding",
                        detail={"transfer-encoding": environ["HTTP_TRANSFER_ENCODING"][:128]})
@@ -568,11 +570,11 @@ class _ClientGone(Exception):
 class _RequestBody:
     """The client's body, forwarded as it arrives: fixed length, chunked, or none."""
 
-    def __init__(self, environ: dict, method: str) -> None:
+    def __init__(self, environ: dict, method: str, chunked: bool) -> None:
         self.stream = environ.get("wsgi.input")
         self.consumed = False
         # Checked by _unforwardable: no transfer coding but chunked, and without one a Content-Length of 1*DIGIT.
-        self.chunked = _transfer_codings(environ) == ["chunked"]
+        self.chunked = chunked
         self.length: int | None = None if self.chunked else int(environ.get("CONTENT_LENGTH") or 0)
         self.announce = self.chunked or self.length or method in ("POST", "PUT", "PATCH")
 
