@@ -5,6 +5,10 @@ served by its own gunicorn (1 gthread worker, 4 threads) and driven by ``wrk``
 (C, so the load generator does not share the server's GIL):
 
 ``bare``                         the Flask app alone;
+``passthrough``                  the Flask app behind a WSGI middleware that only calls it (the
+                                 floor of any middleware: one more Python call and iterable);
+``regmw_core``                   regmw with nothing enabled: no plugins, no rules (request id,
+                                 route parsing, context, response wrapper, request metrics);
 ``regmw_embedded``               regmw on embedded defaults: classification (the ``migration``
                                  plugin) on the filesystem storage, one per-client and one
                                  per-repository rate-limit rule (the bounded in-memory limiter),
@@ -68,7 +72,7 @@ from _common import children, cpu_seconds, free_port, wait_port
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LIMIT = "100000000/hour"  # never reached
-SIDES = ("bare", "regmw_embedded", "regmw_embedded_absent", "regmw_redis", "flask_limiter_memory", "flask_limiter_memory_noheaders",
+SIDES = ("bare", "passthrough", "regmw_core", "regmw_embedded", "regmw_embedded_absent", "regmw_redis", "flask_limiter_memory", "flask_limiter_memory_noheaders",
          "flask_limiter_redis", "flask_limiter_redis_noheaders", "regmw_rules", "regmw_rules_1k")
 REPOSITORIES, CLIENTS, ZIPF_S = 1_000_000, 100_000, 1.1
 
@@ -101,6 +105,20 @@ def application():
         view = limiter.limit(LIMIT, key_func=lambda: request.view_args["repository"], scope="repository")(view)
         app.view_functions["manifest"] = view
         return app
+    if kind == "passthrough":
+        inner = app.wsgi_app
+
+        def passthrough(environ, start_response):
+            return inner(environ, start_response)
+
+        app.wsgi_app = passthrough
+        return app
+    if kind == "regmw_core":
+        from regmw import RegistryMiddleware
+
+        config = {"regmw": {"plugins": [], "entry_points": False, "log_level": "ERROR",
+                            "trusted_proxies": ["127.0.0.1/32"]}, "storage": {"root": root}}
+        return RegistryMiddleware(app.wsgi_app, config, environ={})
     if kind.startswith("regmw"):
         sys.path.insert(0, os.path.join(ROOT, "plugins"))
         from regmw import RegistryMiddleware
@@ -266,10 +284,10 @@ def check_headers(server: Server) -> None:
     conn.close()
     names = {name.lower() for name, _ in response.getheaders()}
     limited = any(name.startswith(("ratelimit", "x-ratelimit")) for name in names)
-    expect_limit = server.kind not in ("bare",) and not server.kind.endswith("noheaders")
+    expect_limit = server.kind not in ("bare", "passthrough", "regmw_core") and not server.kind.endswith("noheaders")
     if response.status != 200 or limited != expect_limit:
         raise RuntimeError(f"{server.kind}: status {response.status}, rate-limit headers {sorted(names)}")
-    if server.kind.startswith("regmw") and "rules" not in server.kind and "regmw-migration-path" not in names:
+    if server.kind.startswith("regmw") and server.kind != "regmw_core" and "rules" not in server.kind and "regmw-migration-path" not in names:
         raise RuntimeError(f"{server.kind}: not classified ({sorted(names)})")
 
 
@@ -349,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     result = summarise(rounds)
     bare = result["bare"]
     ratios = {
+        "passthrough_vs_bare_rps": round(result["passthrough"]["rps"] / bare["rps"], 3),
+        "regmw_core_vs_bare_rps": round(result["regmw_core"]["rps"] / bare["rps"], 3),
         "regmw_embedded_vs_bare_rps": round(result["regmw_embedded"]["rps"] / bare["rps"], 3),
         "regmw_embedded_absent_vs_bare_rps": round(result["regmw_embedded_absent"]["rps"] / bare["rps"], 3),
         "regmw_redis_vs_bare_rps": round(result["regmw_redis"]["rps"] / bare["rps"], 3),
