@@ -185,3 +185,18 @@ def test_a_manifest_naming_unknown_blobs_gets_one_error_per_blob(registry):
     errors = json.loads(answer)["errors"]
     assert status == 400 and [e["code"] for e in errors] == ["MANIFEST_BLOB_UNKNOWN"] * 2
     assert all(digest in json.dumps(error["detail"]) for error, digest in zip(errors, unknown, strict=True))
+
+
+def test_a_cancelled_upload_is_answered_204_with_its_uuid_and_is_gone(registry):
+    """DELETE on an upload: 204 naming it in Docker-Upload-UUID (as distribution's CancelBlobUpload); then unknown."""
+    def uuid(headers: dict) -> str | None:  # distribution sends it as Go spells it: Docker-Upload-Uuid
+        return {name.lower(): value for name, value in headers.items()}.get("docker-upload-uuid")
+
+    status, headers, _ = http_request(registry, "POST", f"/v2/{REPO}/blobs/uploads/")
+    assert status == 202 and uuid(headers)
+    location = urlsplit(headers["Location"])
+    target = f"{location.path}?{location.query}" if location.query else location.path
+    status, deleted, _ = http_request(registry, "DELETE", target)
+    assert status == 204 and uuid(deleted) == uuid(headers), (status, deleted)
+    status, _, body = http_request(registry, "GET", target)
+    assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"

@@ -239,7 +239,7 @@ class _Handlers:
         if self.store.upload_data(name, upload_id) is None:
             return _upload_unknown(upload_id)
         self.store.end_upload(name, upload_id)
-        return Response(status=204)
+        return Response(status=204, headers={"Docker-Upload-UUID": upload_id})  # as distribution's CancelBlobUpload
 
     def _finish(self, name: str, upload_id: str, digest: str | None) -> Response:
         """Append the request body, verify the digest, move the data into the blob store."""
