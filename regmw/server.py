@@ -275,6 +275,7 @@ class Arbiter(_GunicornArbiter):
         app.snapshot = snapshot
         app.section = dict(validated["serve"])
         app.log_level = validated["regmw"]["log_level"]
+        app.trusted_proxies = validated["regmw"]["trusted_proxies"]
         super().reload()
 
     def spawn_worker(self) -> int:
@@ -306,7 +307,7 @@ class RegmwServer(BaseApplication):
 
     def __init__(self, *, config: str | None, snapshot: tuple[dict[str, Any], str], bind: str,
                  section: dict[str, Any], log_level: str, app: str | None = None,
-                 registry_root: str | None = None) -> None:
+                 registry_root: str | None = None, trusted_proxies: Sequence[Any] = ()) -> None:
         self.regmw_config = config
         # The file as validated at start or at the last reload: a worker booting later (one replaced
         # after a crash) builds from this, not from a file edited since and not yet reloaded.
@@ -316,6 +317,7 @@ class RegmwServer(BaseApplication):
         self.log_level = log_level
         self.app_spec = app
         self.registry_root = registry_root
+        self.trusted_proxies = trusted_proxies
         super().__init__()
 
     def load_config(self) -> None:
@@ -329,6 +331,9 @@ class RegmwServer(BaseApplication):
             "timeout": section["timeout"],
             "graceful_timeout": section["graceful_timeout"],
             "keepalive": section["keepalive"],
+            # Whose X-Forwarded-Proto (-Ssl, -Protocol) sets wsgi.url_scheme, and SCRIPT_NAME/PATH_INFO
+            # headers the environ: regmw's trusted proxies, not gunicorn's own default (any loopback client).
+            "forwarded_allow_ips": ",".join(str(network) for network in self.trusted_proxies),
             "accesslog": None,  # regmw writes its own JSON access log (regmw.access)
             "errorlog": "-",
             "loglevel": self.log_level.lower(),
@@ -604,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     server = RegmwServer(config=args.config, snapshot=snapshot, bind=_bind(args.host, args.port),
                          section=dict(validated["serve"]), log_level=validated["regmw"]["log_level"], app=args.app,
-                         registry_root=args.registry_root)
+                         registry_root=args.registry_root, trusted_proxies=validated["regmw"]["trusted_proxies"])
     failure = trial_build(server, snapshot, validated["serve"]["timeout"])  # one line, before any worker starts
     if failure is not None:
         print(failure[1], file=sys.stderr)

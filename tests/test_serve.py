@@ -49,6 +49,30 @@ def test_serve_reference_registry(tmp_path, run_regmw):
     assert status == 400 and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
 
 
+def test_serve_takes_the_scheme_and_script_name_from_the_trusted_proxies_only(tmp_path, run_regmw):
+    """gunicorn's own default believes X-Forwarded-Proto (and SCRIPT_NAME headers) from any loopback
+    client; under ``regmw serve`` it believes ``[regmw] trusted_proxies``, as regmw does."""
+    import http.client
+
+    config = tmp_path / "regmw.toml"
+    config.write_text('[regmw]\ntrusted_proxies = ["127.0.0.2/32"]\n')
+    base = run_regmw("--config", str(config), "serve", "--app", "tests.servers.plain_app:scheme_app")
+    port = int(base.rsplit(":", 1)[1])
+
+    def seen_from(source: str) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+        try:
+            conn.request("GET", "/mounted/v2/", headers={"X-Forwarded-Proto": "https", "SCRIPT_NAME": "/mounted"})
+            response = conn.getresponse()
+            assert response.status == 200
+            return response.read().decode()
+        finally:
+            conn.close()
+
+    assert seen_from("127.0.0.1") == "http ''"  # a client on loopback, not a trusted proxy
+    assert seen_from("127.0.0.2") == "https '/mounted'"  # the trusted proxy
+
+
 def test_serve_as_gateway_in_front_of_a_registry(tmp_path, run_regmw, serve_wsgi):
     upstream = serve_wsgi(create_app(str(tmp_path / "upstream")))
     config = tmp_path / "gateway.toml"
@@ -61,7 +85,8 @@ def test_serve_as_gateway_in_front_of_a_registry(tmp_path, run_regmw, serve_wsgi
 
 def test_serve_refuses_an_api_path_a_client_starts_in_script_name(tmp_path, run_regmw, serve_wsgi):
     """gunicorn sets SCRIPT_NAME from a ``SCRIPT_NAME`` request header of a peer in its forwarded_allow_ips
-    (loopback by default) and the gateway forwards SCRIPT_NAME + PATH_INFO, while regmw checks PATH_INFO.
+    (``[regmw] trusted_proxies`` under ``regmw serve``: here loopback, as a proxy on the same host would be
+    listed) and the gateway forwards SCRIPT_NAME + PATH_INFO, while regmw checks PATH_INFO.
 
     A DELETE whose API path started in that header reached the upstream with no check, limit, lock or
     classification; a read named one repository to regmw (team/app) and another to the upstream.
@@ -74,7 +99,8 @@ def test_serve_refuses_an_api_path_a_client_starts_in_script_name(tmp_path, run_
         return [b""]
 
     config = tmp_path / "gateway.toml"
-    config.write_text(f'[gateway]\nupstream = "{serve_wsgi(upstream)}"\n[serve]\nworkers = 1\n')
+    config.write_text(f'[regmw]\ntrusted_proxies = ["127.0.0.1/32"]\n'
+                      f'[gateway]\nupstream = "{serve_wsgi(upstream)}"\n[serve]\nworkers = 1\n')
     base = run_regmw("--config", str(config), "serve")
     for method, target, script in [("DELETE", "/v2/team/app/manifests/latest", "/v2/team/app"),
                                    ("GET", "/v2/other/v2/team/app/tags/list", "/v2/other"),

@@ -202,7 +202,9 @@ SECTIONS = [
                 "cidrs", [], "Networks whose X-Forwarded-For and Forwarded (RFC 7239) headers are believed (e.g. your load "
                 "balancer), read right to left; hops may carry a port, and an IPv6 zone (`%eth0`) is dropped; `::ffff:a.b.c.d` (an IPv4 peer of a dual-stack "
                 "`--host ::`) is `a.b.c.d`. The gateway passes a client's X-Forwarded-For on to its upstream only from "
-                "these. Empty: the socket peer only."
+                "these. Under `regmw serve` they are also the only peers whose X-Forwarded-Proto (-Ssl, -Protocol) sets "
+                "the scheme the app sees, and whose SCRIPT_NAME header its mount point (gunicorn's `forwarded_allow_ips`; "
+                "gunicorn's own default believes any loopback client). Empty: the socket peer only."
             ),
             "ipv6_prefix": Option(
                 "int", 64, "IPv6 clients are counted per network of this prefix length.", minimum=1, maximum=128
