@@ -1,8 +1,4 @@
 """The embedded rate limiter: exact under threads, O(1) per hit, memory bounded by its cap."""
-import json
-import pathlib
-import subprocess
-import sys
 import threading
 import tracemalloc
 
@@ -13,7 +9,7 @@ from regmw.defaults.core import refused_by_limit
 from regmw.defaults.ratelimit import COUNTER_OVERHEAD, LimitsRateLimiter, MemoryRateLimiter, parse_rules
 from regmw.runtime import build
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from .servers._util import in_fresh_interpreter, rss
 
 
 class Ctx:
@@ -159,14 +155,8 @@ def test_the_least_recently_used_counters_are_evicted_first():
     assert lim.hit(Ctx(repository="cold/0000000000")).remaining == 4
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096
-
-
 def million_keys_run() -> dict:
-    """The run below, in a fresh interpreter (tracemalloc and RSS count every thread's
-    allocations; in a full test run, threads left by earlier tests allocate meanwhile)."""
+    """1M repositories and 100k clients through a limiter capped at 2 MiB (run in a fresh interpreter)."""
     cap = 2 * 1024 * 1024
     lim = MemoryRateLimiter(parse_rules([{"by": "client", "limit": "100/second"},
                                          {"by": "repository", "limit": "100/second"}]), max_bytes=cap)
@@ -178,12 +168,12 @@ def million_keys_run() -> dict:
             context.repository = f"group{index % 977}/project-{index}"
             assert lim.hit(context).allowed
 
-    rss_before = _rss()
+    rss_before = rss()
     over_cap = False
     for start in range(0, 1_000_000, 100_000):
         drive(start, 100_000)
         over_cap = over_cap or lim.size_bytes > cap
-    rss_grown, counters = _rss() - rss_before, lim.counters
+    rss_grown, counters = rss() - rss_before, lim.counters
 
     tracemalloc.start()
     try:
@@ -207,10 +197,7 @@ def test_a_million_repositories_and_100k_clients_stay_under_the_cap():
     (counters, keys, identities, links, hash table) was allocated under the
     tracer, and what it counts must stay under the cap too.
     """
-    run = subprocess.run([sys.executable, "-c", "import json; from tests.test_ratelimit import million_keys_run; "
-                          "print(json.dumps(million_keys_run()))"],
-                         capture_output=True, text=True, timeout=300, check=True, cwd=ROOT)
-    result = json.loads(run.stdout)
+    result = in_fresh_interpreter(million_keys_run)
     cap = result["cap"]
     assert not result["over_cap"]
     assert result["rss_grown"] <= cap + 8 * 1024 * 1024

@@ -11,12 +11,11 @@ from distinct clients behind the trusted proxy.
 from __future__ import annotations
 
 import http.client
-import os
 import subprocess
 import sys
 import threading
 
-from .servers._util import free_port, stop, wait_for_port, wait_until
+from .servers._util import free_port, rss, stop, wait_for_port, wait_until
 
 LIMITER_CAP = 16 * 1024
 CACHE_ENTRIES = 200
@@ -25,16 +24,10 @@ SLACK = 4 * 1024 * 1024
 THREADS = 4
 
 
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def worker_of(master: int) -> int:
+def workers_of(master: int) -> list[int]:
+    """gunicorn's worker processes: the master's children (none until it has forked them)."""
     with open(f"/proc/{master}/task/{master}/children") as handle:
-        children = handle.read().split()
-    assert len(children) == 1, children
-    return int(children[0])
+        return [int(child) for child in handle.read().split()]
 
 
 def repository(index: int) -> str:
@@ -101,21 +94,18 @@ workers = 1
 threads = {THREADS}
 """)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "regmw.cli", "-c", str(config), "serve", "--port", str(port),
          "--app", "tests.servers.plain_app:app"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc=proc, timeout=30)
-        wait_until(lambda: os.path.exists(f"/proc/{proc.pid}/task/{proc.pid}/children")
-                   and open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().strip(), what="a gunicorn worker")
-        worker = worker_of(proc.pid)
+        [worker] = wait_until(lambda: workers_of(proc.pid), what="a gunicorn worker")
         drive(port, 0, warm)  # fills both caps many times over, and warms pools, threads and arenas
         settled = rss(worker)
         drive(port, warm, more)
         grown = rss(worker) - settled
-        assert worker_of(proc.pid) == worker  # the same worker throughout (not restarted)
+        assert workers_of(proc.pid) == [worker]  # the same worker throughout (not restarted)
         # Unbounded, the same run grows by about 1 KiB per request (two counters, a cache entry): ~18 MiB.
         assert grown <= LIMITER_CAP + SLACK, f"the worker grew by {grown / 2**20:.1f} MiB over {more} new keys"
     finally:

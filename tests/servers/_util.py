@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import http.client
 import importlib
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from urllib.parse import urlsplit
 
@@ -95,3 +97,24 @@ def http_request(url: str, method: str, target: str, body=None, headers: dict | 
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
+
+
+def in_fresh_interpreter(function, *args):
+    """``function(*args)``'s JSON-able result, computed in a new Python process.
+
+    For memory measurements: tracemalloc and RSS count every thread's allocations, and in a
+    full test run threads left by earlier tests (checkers, pools, workers) allocate meanwhile.
+    """
+    code = (f"import json, sys; from {function.__module__} import {function.__name__} as f; "
+            "print(json.dumps(f(*json.loads(sys.argv[1]))))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def rss(pid: int | str = "self") -> int:
+    """Resident set size of ``pid`` (this process by default) in bytes, from /proc."""
+    with open(f"/proc/{pid}/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
