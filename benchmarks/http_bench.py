@@ -43,8 +43,12 @@ keys. Limits are never reached (we measure the cost of counting).
 
 Every round runs every side once, in a fresh random order; idle servers are
 SIGSTOPped so they do not compete for the 2 cores. Reported per side: requests
-per second, p50 and p99 latency (wrk's), and CPU microseconds per request of
-the gunicorn worker (utime + stime from /proc, Redis's own CPU not included).
+per second, p50 and p99 latency (wrk's), CPU microseconds per request of
+the gunicorn worker (utime + stime from /proc, Redis's own CPU not included),
+and the worker's RSS after all rounds (``rss_mib``: what it holds for the
+distinct keys it saw, at the sides' default caps: regmw's 32 MiB of counters
+and 10,000 cache entries; Flask-Limiter's ``memory://`` keeps a key until its
+window ends, an hour here).
 
     python benchmarks/http_bench.py [--rounds 5] [--seconds 8] [--connections 8] [--json]
 
@@ -67,7 +71,7 @@ import sys
 import tempfile
 import time
 
-from _common import children, cpu_seconds, free_port, wait_port
+from _common import children, cpu_seconds, free_port, rss_bytes, wait_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -358,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                     m = measured[side]
                     print(f"  {side:32s} {m['rps']:8.0f} req/s  p50 {m['p50_ms']:7.2f} ms  p99 {m['p99_ms']:7.2f} ms"
                           f"  cpu {m['cpu_us_per_request']:7.0f} us/req  ({m['requests']} requests)")
+            # every side's worker after all rounds (each saw its share of the distinct keys)
+            rss_mib = {side: round(rss_bytes(servers[side].worker) / 2**20, 1) for side in SIDES}
         finally:
             for server in servers.values():
                 server.stop()
@@ -365,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             redis_proc.wait()
         sent = {side: servers[side].offset for side in SIDES}
     result = summarise(rounds)
+    for side in SIDES:
+        result[side]["rss_mib"] = rss_mib[side]
     bare = result["bare"]
     ratios = {
         "passthrough_vs_bare_rps": round(result["passthrough"]["rps"] / bare["rps"], 3),
@@ -386,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in ratios.items():
         print(f"  {name}: {value}")
     print(f"  requests sent per side over all rounds: {sent}")
+    print(f"  worker RSS after all rounds, MiB: {rss_mib}")
     if args.json:
         out = {**result, "keys": {"repositories": REPOSITORIES, "clients": CLIENTS, "zipf_s": ZIPF_S},
                "ratios": ratios, "headers": {"flask_limiter_memory": "on", "flask_limiter_redis": "on",
