@@ -15,19 +15,13 @@ import subprocess
 import sys
 import threading
 
-from .servers._util import free_port, rss, stop, wait_for_port, wait_until
+from .servers._util import free_port, rss, stop, wait_for_port, wait_until, workers_of
 
 LIMITER_CAP = 16 * 1024
 CACHE_ENTRIES = 200
 # What a worker may grow by once its caps are full: allocator arenas, pools, per-thread state.
 SLACK = 4 * 1024 * 1024
 THREADS = 4
-
-
-def workers_of(master: int) -> list[int]:
-    """gunicorn's worker processes: the master's children (none until it has forked them)."""
-    with open(f"/proc/{master}/task/{master}/children") as handle:
-        return [int(child) for child in handle.read().split()]
 
 
 def repository(index: int) -> str:
@@ -103,12 +97,12 @@ threads = {THREADS}
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc=proc, timeout=30)
-        [worker] = wait_until(lambda: workers_of(proc.pid), what="a gunicorn worker")
+        [worker] = wait_until(lambda: workers_of(proc), what="a gunicorn worker")
         drive(port, 0, warm)  # fills both caps many times over, and warms pools, threads and arenas
         settled = rss(worker)
         drive(port, warm, more)
         grown = rss(worker) - settled
-        assert workers_of(proc.pid) == [worker]  # the same worker throughout (not restarted)
+        assert workers_of(proc) == {worker}  # the same worker throughout (not restarted)
         # Unbounded, the same run grows by about 1 KiB per request (two counters, a cache entry): ~18 MiB.
         assert grown <= LIMITER_CAP + SLACK, f"the worker grew by {grown / 2**20:.1f} MiB over {more} new keys"
     finally:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.oci_image import write_oci_layout
-from tests.servers._util import free_port, stop, wait_for_port, wait_until
+from tests.servers._util import free_port, stop, wait_for_port, wait_until, workers_of
 from tests.servers._util import http_request as request
 from tests.test_registry_e2e import assert_same_image, docker_ref, skopeo  # noqa: F401 - skopeo is a fixture
 
@@ -217,11 +217,6 @@ def test_sighup_to_plugins_that_fail_only_when_built_keeps_the_running_workers(t
     served.proc.send_signal(signal.SIGHUP)  # a good one after it still applies
     wait_until(lambda: request(served.url, "GET", "/v2/")[1].get("RateLimit-Limit") == "500",
                timeout=30, what="the new configuration served")
-
-
-def workers_of(proc: subprocess.Popen) -> set[int]:
-    """The gunicorn master's child processes (its workers)."""
-    return {int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()}
 
 
 def test_a_worker_replaced_after_a_crash_builds_the_configuration_last_loaded(regmw_serve):

@@ -118,3 +118,9 @@ def rss(pid: int | str = "self") -> int:
     """Resident set size of ``pid`` (this process by default) in bytes, from /proc."""
     with open(f"/proc/{pid}/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def workers_of(proc: subprocess.Popen) -> set[int]:
+    """The gunicorn master's child processes (its workers)."""
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as handle:
+        return {int(pid) for pid in handle.read().split()}
